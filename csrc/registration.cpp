@@ -1,0 +1,78 @@
+// Op schemas of the compiled extension and the record of how it was built.
+//
+// Every compiled kernel is an op of the `rest_kernels_C` namespace, defined here once and
+// implemented per dispatch key by the backend sources:
+//   csrc/cpu/   -> CPU key         (backend "cpu")
+//   csrc/cuda/  -> CUDA key        (backend "cuda")
+//   csrc/emu/   -> the *_emu ops on the CPU key (backend "cuda-emu": the CUDA kernels' source run
+//                  by the CPU emulation of CUDA's execution model)
+// The Python layer (rest_kernels/ops.py) wraps them in the public custom ops with autograd and
+// fake implementations; these ops themselves have no autograd.
+//
+// Conventions shared by every backend (see rest_kernels/backends/base.py):
+//   q (B,h,N,d), k/v (B,h,M,d), any strides. out is (B,h,N,d) with memory laid out as (B,N,h,d).
+//   lse  (B,h,N) float32: natural-log sum-exp of each row of the (mixed, scaled) logits.
+//   rsq  (B,h,N) float32: sum over keys of P^2 for each row (zeros when mix_weight is None).
+//   rstd (B,h)   float32: (var + eps)^-1/2 of each head map (zeros when mix_weight is None).
+//   dmix is (h,h) float32, or an empty tensor when mix_weight is None.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef REST_BUILT_TORCH
+#define REST_BUILT_TORCH "unknown"
+#endif
+#ifndef REST_BUILT_CUDA
+#define REST_BUILT_CUDA ""
+#endif
+#ifndef REST_BUILT_ARCHS
+#define REST_BUILT_ARCHS ""
+#endif
+#ifndef REST_BUILT_CPU_ARCH
+#define REST_BUILT_CPU_ARCH ""
+#endif
+
+TORCH_LIBRARY(rest_kernels_C, m) {
+  const char* emsa_fwd =
+      "(Tensor q, Tensor k, Tensor v, Tensor? mix_weight, float scale, float eps)"
+      " -> (Tensor out, Tensor lse, Tensor rsq, Tensor rstd)";
+  const char* emsa_bwd =
+      "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mix_weight, Tensor out, Tensor lse,"
+      " Tensor rsq, Tensor rstd, float scale, float eps)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmix)";
+  const char* pa_fwd = "(Tensor x, Tensor weight, Tensor? bias) -> Tensor";
+  const char* pa_bwd =
+      "(Tensor dout, Tensor x, Tensor weight, Tensor? bias) -> (Tensor dx, Tensor dweight, Tensor dbias)";
+  for (const char* suffix : {"", "_emu"}) {
+    m.def((std::string("emsa_fwd") + suffix + emsa_fwd).c_str());
+    m.def((std::string("emsa_bwd") + suffix + emsa_bwd).c_str());
+    m.def((std::string("pa_fwd") + suffix + pa_fwd).c_str());
+    m.def((std::string("pa_bwd") + suffix + pa_bwd).c_str());
+  }
+}
+
+static py::dict build_info() {
+  py::dict d;
+  d["torch"] = REST_BUILT_TORCH;
+  d["cuda"] = REST_BUILT_CUDA;
+  d["cuda_archs"] = REST_BUILT_ARCHS;
+  d["cpu_arch"] = REST_BUILT_CPU_ARCH;
+#ifdef REST_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+#if defined(__AVX512F__)
+  d["cpu_simd"] = "avx512";
+#elif defined(__AVX2__)
+  d["cpu_simd"] = "avx2";
+#else
+  d["cpu_simd"] = "baseline";
+#endif
+  d["compiler"] = __VERSION__;
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rest_kernels compiled ops (registered under torch.ops.rest_kernels_C)";
+  m.def("build_info", &build_info, "How this extension was built");
+}

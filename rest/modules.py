@@ -1,0 +1,100 @@
+"""ResT's attention (EMSA) and position gate (PA) as drop-in modules over the fused ops.
+
+Same parameters, state_dict keys and math as the official `Attention` and `PA` modules of
+ResT (Zhang & Yang, NeurIPS 2021); the attention core and the gate go through
+rest_kernels.emsa_attention / pa_gate and so through the chosen backend.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rest_kernels
+from rest_kernels.backends.reference import attention_map
+from rest_kernels.backends.registry import check_name
+
+logger = logging.getLogger("rest_kernels")
+_warned_attn_drop = False
+
+
+class EMSA(nn.Module):
+    """Efficient multi-head self-attention: q from x; k, v from a depthwise strided conv of the token
+    map (kernel sr+1, stride sr, pad sr//2) plus LayerNorm; with more than one head and
+    apply_transform, a 1x1 conv mixes the logits across heads and InstanceNorm follows the softmax."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
+                 sr_ratio=1, apply_transform=False, backend=None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.backend = check_name(backend) if backend is not None else None
+
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim)
+
+        self.apply_transform = apply_transform and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1, stride=1)
+            self.transform_norm = nn.InstanceNorm2d(num_heads)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        if N != H * W:
+            raise ValueError(f"x has {N} tokens but H*W = {H}*{W} = {H * W}")
+        h = self.num_heads
+        d = C // h
+        # Views, no copies: (B,N,C) -> (B,h,N,d) with strides of the projection output.
+        q = self.q(x).view(B, N, h, d).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x_ = x.transpose(1, 2).reshape(B, C, H, W)
+            x_ = self.sr_norm(self.sr(x_).flatten(2).transpose(1, 2))
+        else:
+            x_ = x
+        kv = self.kv(x_).view(B, -1, 2, h, d)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+        mix_weight = self.transform_conv.weight if self.apply_transform else None
+        mix_bias = self.transform_conv.bias if self.apply_transform else None
+        eps = self.transform_norm.eps if self.apply_transform else 1e-5
+        if self.training and self.attn_drop.p > 0:
+            out = self._forward_with_attn_dropout(q, k, v, mix_weight, mix_bias, eps)
+        else:
+            out = rest_kernels.emsa_attention(q, k, v, mix_weight, mix_bias, scale=self.scale, eps=eps,
+                                              backend=self.backend)
+        x = out.transpose(1, 2).reshape(B, N, C)  # a view: the op lays its output out as (B,N,h,d)
+        return self.proj_drop(self.proj(x))
+
+    def _forward_with_attn_dropout(self, q, k, v, mix_weight, mix_bias, eps):
+        """Dropout on the N x M map needs the map itself: the official eager math, logged once."""
+        global _warned_attn_drop
+        if not _warned_attn_drop:
+            _warned_attn_drop = True
+            logger.warning("EMSA: attn_drop=%s in training needs the N x M map; using the reference math "
+                           "instead of a fused backend", self.attn_drop.p)
+        attn = attention_map(q, k, mix_weight, mix_bias, self.scale, eps)
+        return self.attn_drop(attn) @ v
+
+
+class PA(nn.Module):
+    """Pixel attention: x * sigmoid(depthwise 3x3 conv(x))."""
+
+    def __init__(self, dim, backend=None):
+        super().__init__()
+        self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.backend = check_name(backend) if backend is not None else None
+
+    def forward(self, x):
+        return rest_kernels.pa_gate(x, self.pa_conv.weight, self.pa_conv.bias, backend=self.backend)

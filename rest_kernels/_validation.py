@@ -1,0 +1,98 @@
+"""Argument checks of the public ops, run before any backend is chosen or kernel launched.
+
+Each failure raises TypeError or ValueError naming the argument and saying what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _check_tensor(name, t, ndim=None, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {_dtype_name(t.dtype)}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(named):
+    devices = {n: t.device for n, t in named if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def _check_same_dtype(named):
+    dtypes = {n: t.dtype for n, t in named}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n} {_dtype_name(d)}" for n, d in dtypes.items())
+        raise TypeError(f"q, k and v must share one dtype, got {listing}")
+
+
+def _check_number(name, value, *, positive=False, allow_zero=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
+    """Validate emsa_attention's arguments; return (mix_weight as (h,h) or None, scale, eps)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4)
+    _check_tensor("mix_weight", mix_weight, ndim=(2, 4), optional=True)
+    _check_tensor("mix_bias", mix_bias, ndim=1, optional=True)
+    _check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
+    _check_same_dtype((("q", q), ("k", k), ("v", v)))
+    B, h, N, d = q.shape
+    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
+        raise ValueError(f"q, k and v must agree on batch and heads (B, h, ., .): got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"k must have head dim {d} like q, got k {tuple(k.shape)} for q {tuple(q.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have as many tokens as k (M={k.shape[2]}), got v {tuple(v.shape)}")
+    if v.shape[3] != d:
+        raise ValueError(f"v must have head dim {d} like q, got v {tuple(v.shape)}")
+    if k.shape[2] == 0 and B * h * N > 0:
+        raise ValueError(f"k and v must have at least one key token (M >= 1), got k {tuple(k.shape)}")
+    if mix_weight is not None:
+        if tuple(mix_weight.shape) not in ((h, h), (h, h, 1, 1)):
+            raise ValueError(f"mix_weight must have shape ({h}, {h}) or ({h}, {h}, 1, 1) for {h} heads, "
+                             f"got {tuple(mix_weight.shape)}")
+        mix_weight = mix_weight.reshape(h, h)
+    if mix_bias is not None:
+        if mix_weight is None:
+            raise ValueError("mix_bias is given but mix_weight is None: the bias belongs to the head mix")
+        if tuple(mix_bias.shape) != (h,):
+            raise ValueError(f"mix_bias must have shape ({h},), got {tuple(mix_bias.shape)}")
+    scale = d ** -0.5 if scale is None else _check_number("scale", scale)
+    eps = _check_number("eps", eps, positive=True)
+    return mix_weight, scale, eps
+
+
+def check_pa_args(x, weight, bias):
+    _check_tensor("x", x, ndim=4)
+    _check_tensor("weight", weight, ndim=4)
+    _check_tensor("bias", bias, ndim=1, optional=True)
+    _check_same_device((("x", x), ("weight", weight), ("bias", bias)))
+    C = x.shape[1]
+    if tuple(weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f"weight must have shape ({C}, 1, 3, 3) for x with {C} channels, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")

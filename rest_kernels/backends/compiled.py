@@ -1,0 +1,93 @@
+"""The backends served by the compiled extension: `cpu`, `cuda` and `cuda-emu`.
+
+They differ only in which ops of torch.ops.rest_kernels_C they call and what they accept:
+  cpu       rest_kernels_C.emsa_fwd & co. on CPU tensors (csrc/cpu)
+  cuda      the same ops on CUDA tensors (csrc/cuda), dispatched by the CUDA key
+  cuda-emu  rest_kernels_C.*_emu on CPU tensors: csrc/cuda's kernel source run by the CPU
+            emulation of CUDA's execution model (csrc/emu); for tests, never chosen by "auto"
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from .base import Backend
+
+
+class CompiledBackend(Backend):
+    #: suffix of the op names in torch.ops.rest_kernels_C ("" or "_emu")
+    op_suffix = ""
+    #: largest head dim the kernels take (they keep a row of d in registers / on chip)
+    max_head_dim: int | None = None
+
+    #: dispatch key the kernels are registered under in the extension
+    dispatch_key = "CPU"
+
+    def unavailable_reason(self):
+        reason = _extension.unavailable_reason()
+        if reason is not None:
+            return reason
+        missing = [op for op in ("emsa_fwd", "emsa_bwd", "pa_fwd", "pa_bwd")
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(
+                       f"rest_kernels_C::{op}{self.op_suffix}", self.dispatch_key)]
+        if missing:
+            return (f"the compiled extension has no {self.dispatch_key} kernel for "
+                    + ", ".join(m + self.op_suffix for m in missing))
+        return None
+
+    def emsa_unsupported_reason(self, q, k, v, mix_weight):
+        reason = super().emsa_unsupported_reason(q, k, v, mix_weight)
+        if reason is None and self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            reason = f"{self.name} supports head dims up to {self.max_head_dim}, got {q.shape[-1]}"
+        return reason
+
+    def _op(self, name):
+        return getattr(torch.ops.rest_kernels_C, name + self.op_suffix)
+
+    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
+        return tuple(self._op("emsa_fwd")(q, k, v, mix_weight, scale, eps))
+
+    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
+        dq, dk, dv, dmix = self._op("emsa_bwd")(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
+        return dq, dk, dv, (dmix if mix_weight is not None else None)
+
+    def pa_forward(self, x, weight, bias):
+        return self._op("pa_fwd")(x, weight, bias)
+
+    def pa_backward(self, dout, x, weight, bias):
+        dx, dw, db = self._op("pa_bwd")(dout, x, weight, bias)
+        return dx, dw, (db if bias is not None else None)
+
+
+class CpuBackend(CompiledBackend):
+    name = "cpu"
+    device_type = "cpu"
+    auto_device_type = "cpu"
+    dtypes = (torch.float32, torch.float64)
+
+
+class CudaBackend(CompiledBackend):
+    name = "cuda"
+    device_type = "cuda"
+    auto_device_type = "cuda"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    max_head_dim = 128
+    dispatch_key = "CUDA"
+
+    def unavailable_reason(self):
+        if _extension.unavailable_reason() is None and not _extension.build_info().get("with_cuda"):
+            return "the compiled extension was built without its CUDA part (see `python -m rest_kernels info`)"
+        reason = super().unavailable_reason()
+        if reason is not None:
+            return reason
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+
+
+class CudaEmuBackend(CompiledBackend):
+    name = "cuda-emu"
+    op_suffix = "_emu"
+    device_type = "cpu"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    max_head_dim = 128

@@ -1,0 +1,89 @@
+"""The `reference` backend: eager PyTorch with the official ResT math.
+
+It is the fallback everywhere (any device, any floating dtype) and the oracle of the tests. The
+public ops call `emsa_reference` / `pa_reference` directly when this backend is chosen, so autograd,
+torch.compile, torch.export and ONNX export see ordinary PyTorch operations. The Backend methods
+below additionally expose the kernel contract of base.py (statistics and explicit backward), so the
+fused backends' statistics can be checked against the official math.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+
+
+def mixed_logits(q, k, mix_weight=None, mix_bias=None, scale=1.0):
+    """S = (q k^T) * scale, then the official 1x1 conv over heads when mix_weight is given."""
+    attn = (q @ k.transpose(-2, -1)) * scale
+    if mix_weight is not None:
+        h = q.shape[1]
+        weight = mix_weight.reshape(h, h, 1, 1).to(attn.dtype)
+        bias = mix_bias.to(attn.dtype) if mix_bias is not None else None
+        attn = F.conv2d(attn, weight, bias)
+    return attn
+
+
+def attention_map(q, k, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
+    """The official N x M map: softmax, then InstanceNorm (no affine) when the head mix is on."""
+    attn = mixed_logits(q, k, mix_weight, mix_bias, scale).softmax(dim=-1)
+    if mix_weight is not None:
+        attn = F.instance_norm(attn, eps=eps)
+    return attn
+
+
+def emsa_reference(q, k, v, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
+    """Official EMSA core; returns (B,h,N,d) laid out in memory as (B,N,h,d) like every backend."""
+    out = attention_map(q, k, mix_weight, mix_bias, scale, eps) @ v
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def pa_reference(x, weight, bias=None):
+    """Official PA: x * sigmoid(depthwise 3x3 conv(x))."""
+    return x * torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]))
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def emsa_unsupported_reason(self, q, k, v, mix_weight):
+        return None
+
+    def pa_unsupported_reason(self, x, weight, bias):
+        return None
+
+    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
+        logits = mixed_logits(q, k, mix_weight, None, scale).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        B, h, N, M = logits.shape
+        if mix_weight is not None:
+            p = torch.softmax(logits, dim=-1)
+            rsq = (p * p).sum(-1)
+            var = rsq.sum(-1) / (N * M) - 1.0 / (M * M)
+            rstd = torch.rsqrt(var + eps)
+        else:
+            rsq = logits.new_zeros(B, h, N)
+            rstd = logits.new_zeros(B, h)
+        out = emsa_reference(q, k, v, mix_weight, None, scale, eps)
+        return out, lse, rsq, rstd
+
+    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        w = mix_weight.detach().requires_grad_(True) if mix_weight is not None else None
+        with torch.enable_grad():
+            o = emsa_reference(*inputs, w, None, scale, eps)
+            grads = torch.autograd.grad(o, inputs + ([w] if w is not None else []), dout)
+        dmix = grads[3].float() if w is not None else None
+        return grads[0], grads[1], grads[2], dmix
+
+    def pa_forward(self, x, weight, bias):
+        return pa_reference(x, weight, bias)
+
+    def pa_backward(self, dout, x, weight, bias):
+        leaves = [t.detach().requires_grad_(True) for t in (x, weight)]
+        b = bias.detach().requires_grad_(True) if bias is not None else None
+        with torch.enable_grad():
+            o = pa_reference(leaves[0], leaves[1], b)
+            grads = torch.autograd.grad(o, leaves + ([b] if b is not None else []), dout)
+        return grads[0], grads[1], (grads[2] if b is not None else None)

@@ -1,0 +1,113 @@
+"""Choosing a backend: names, the current default, "auto", and reasons for every refusal.
+
+The default is the innermost `use_backend(...)` of the calling thread, else the environment
+variable REST_KERNELS_BACKEND, else "auto". "auto" takes the first backend of AUTO_ORDER that is
+available here and can serve the inputs, else `reference`, logging the reasons once.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+
+from .base import Backend
+from .compiled import CpuBackend, CudaBackend, CudaEmuBackend
+from .reference import ReferenceBackend
+from .triton_backend import TritonBackend
+
+logger = logging.getLogger("rest_kernels")
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (ReferenceBackend(), TritonBackend(), CudaBackend(), CpuBackend(), CudaEmuBackend())
+}
+#: "auto" tries these in order (each only for tensors on its auto_device_type)
+AUTO_ORDER = ("triton", "cuda", "cpu")
+ENV_VAR = "REST_KERNELS_BACKEND"
+
+_local = threading.local()
+_logged_fallbacks: set[str] = set()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def check_name(name: str, allow_auto: bool = True) -> str:
+    if not isinstance(name, str) or not (name in BACKENDS or (allow_auto and name == "auto")):
+        choices = ", ".join(repr(n) for n in (["auto"] if allow_auto else []) + list(BACKENDS))
+        raise ValueError(f"backend must be one of {choices}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with use_backend("cpu"): ...` makes `name` the default of this thread inside the block."""
+    check_name(name)
+    _stack().append(name)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def default_backend() -> str:
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return check_name(env.strip())
+        except ValueError as e:
+            raise ValueError(f"environment variable {ENV_VAR}: {e}") from None
+    return "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str) -> str | None:
+    return BACKENDS[name].unavailable_reason()
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend's name mapped to None where it is usable here, else the reason it is not."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot serve the call; the message says why."""
+
+
+def _log_fallback_once(op: str, reasons: list[str]):
+    key = op + ": " + "; ".join(reasons)
+    if key not in _logged_fallbacks:
+        _logged_fallbacks.add(key)
+        logger.warning("rest_kernels.%s falls back to the reference backend: %s", op, "; ".join(reasons))
+
+
+def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
+    """Pick the backend for one call. `unsupported(backend)` returns None or a reason."""
+    name = default_backend() if name is None else check_name(name)
+    if name != "auto":
+        backend = BACKENDS[name]
+        reason = unavailable_reason(name) or unsupported(backend)
+        if reason is not None:
+            raise BackendUnavailableError(f"rest_kernels.{op}: backend {name!r} cannot serve this call: {reason}")
+        return backend
+    device_type = tensors[0].device.type
+    reasons = []
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        if backend.auto_device_type != device_type:
+            continue
+        reason = unavailable_reason(candidate) or unsupported(backend)
+        if reason is None:
+            return backend
+        reasons.append(f"{candidate}: {reason}")
+    if not reasons:
+        reasons.append(f"no fused backend serves {device_type} tensors")
+    _log_fallback_once(op, reasons)
+    return BACKENDS["reference"]

@@ -1,0 +1,154 @@
+"""The public ops, `emsa_attention` and `pa_gate`, and the custom ops behind them.
+
+Each fused call goes through one torch.library custom op per direction:
+  rest_kernels::emsa_fwd / emsa_bwd     rest_kernels::pa_fwd / pa_bwd
+with the backend's name as a string argument. The custom op is what autograd, torch.compile
+(one node, no graph break) and torch.export see; its implementation hands the tensors to the
+chosen backend (rest_kernels/backends). The `reference` backend is called directly instead: its
+official math is ordinary PyTorch, so autograd, compile, export and ONNX take it as it is.
+
+Saved for backward by emsa_fwd: q, k, v, mix_weight, out and the row / head statistics
+(lse and rsq of shape (B,h,N), rstd (B,h)): nothing of size N x M.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._validation import check_emsa_args, check_pa_args
+from .backends.reference import emsa_reference, pa_reference
+from .backends.registry import BACKENDS, select
+
+
+# --------------------------------------------------------------------------- EMSA custom ops
+@torch.library.custom_op("rest_kernels::emsa_fwd", mutates_args=())
+def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_bias: Optional[Tensor],
+             scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused EMSA forward on `backend`: (out, lse, rsq, rstd). mix_bias cannot change the result."""
+    w = mix_weight.float().contiguous() if mix_weight is not None else None
+    out, lse, rsq, rstd = BACKENDS[backend].emsa_forward(q, k, v, w, scale, eps)
+    if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, lse.contiguous(), rsq.contiguous(), rstd.contiguous()
+
+
+@emsa_fwd.register_fake
+def _emsa_fwd_fake(q, k, v, mix_weight, mix_bias, scale, eps, backend):
+    B, h, N, d = q.shape
+    out = q.new_empty(B, N, h, d).transpose(1, 2)
+    stats = dict(dtype=torch.float32, device=q.device)
+    return out, q.new_empty(B, h, N, **stats), q.new_empty(B, h, N, **stats), q.new_empty(B, h, **stats)
+
+
+@torch.library.custom_op("rest_kernels::emsa_bwd", mutates_args=())
+def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], out: Tensor,
+             lse: Tensor, rsq: Tensor, rstd: Tensor, scale: float, eps: float,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
+    w = mix_weight.float().contiguous() if mix_weight is not None else None
+    dq, dk, dv, dmix = BACKENDS[backend].emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
+    if dmix is None:
+        dmix = q.new_empty(0, dtype=torch.float32)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmix.contiguous()
+
+
+@emsa_bwd.register_fake
+def _emsa_bwd_fake(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps, backend):
+    h = q.shape[1]
+    dmix = q.new_empty((h, h) if mix_weight is not None else (0,), dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmix)
+
+
+def _emsa_setup_context(ctx, inputs, output):
+    q, k, v, mix_weight, mix_bias, scale, eps, backend = inputs
+    out, lse, rsq, rstd = output
+    ctx.save_for_backward(q, k, v, mix_weight, out, lse, rsq, rstd)
+    ctx.scale, ctx.eps, ctx.backend = scale, eps, backend
+    ctx.bias_like = (mix_bias.shape, mix_bias.dtype) if mix_bias is not None else None
+    ctx.mark_non_differentiable(lse, rsq, rstd)
+
+
+def _emsa_backward(ctx, dout, _dlse, _drsq, _drstd):
+    q, k, v, mix_weight, out, lse, rsq, rstd = ctx.saved_tensors
+    dq, dk, dv, dmix = emsa_bwd(dout, q, k, v, mix_weight, out, lse, rsq, rstd, ctx.scale, ctx.eps, ctx.backend)
+    dweight = dmix.reshape(mix_weight.shape).to(mix_weight.dtype) if mix_weight is not None else None
+    # Softmax ignores a per-row constant, so the mix bias has an exactly zero gradient.
+    dbias = q.new_zeros(ctx.bias_like[0], dtype=ctx.bias_like[1]) if ctx.bias_like is not None else None
+    return dq, dk, dv, dweight, dbias, None, None, None
+
+
+emsa_fwd.register_autograd(_emsa_backward, setup_context=_emsa_setup_context)
+
+
+# --------------------------------------------------------------------------- PA custom ops
+@torch.library.custom_op("rest_kernels::pa_fwd", mutates_args=())
+def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    """Fused PA forward on `backend`: x * sigmoid(depthwise 3x3 conv(x))."""
+    return BACKENDS[backend].pa_forward(x, weight, bias).contiguous()
+
+
+@pa_fwd.register_fake
+def _pa_fwd_fake(x, weight, bias, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("rest_kernels::pa_bwd", mutates_args=())
+def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused PA backward on `backend`: (dx, dweight, dbias); dbias is empty without a bias."""
+    dx, dw, db = BACKENDS[backend].pa_backward(dout, x, weight, bias)
+    if db is None:
+        db = x.new_empty(0)
+    return dx.contiguous(), dw.contiguous(), db.contiguous()
+
+
+@pa_bwd.register_fake
+def _pa_bwd_fake(dout, x, weight, bias, backend):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), (
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+def _pa_setup_context(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.backend = backend
+
+
+def _pa_backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = pa_bwd(dout, x, weight, bias, ctx.backend)
+    return dx, dw, (db if bias is not None else None), None
+
+
+pa_fwd.register_autograd(_pa_backward, setup_context=_pa_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1e-5, backend=None):
+    """ResT's EMSA core: softmax(mix(q k^T * scale)) [-> InstanceNorm] @ v.
+
+    q (B,h,N,d); k, v (B,h,M,d), any strides. mix_weight (h,h) or (h,h,1,1) turns on the head mix
+    and the InstanceNorm (no affine, biased variance, eps); None gives plain softmax attention.
+    Returns (B,h,N,d) laid out in memory as (B,N,h,d). See ../shared/API.md.
+    """
+    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: the reference defines the empty result
+        return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
+    chosen = select("emsa_attention", backend, (q, k, v),
+                    lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    if chosen.name == "reference":
+        return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
+    return emsa_fwd(q, k, v, mix_weight, mix_bias, scale, eps, chosen.name)[0]
+
+
+def pa_gate(x, weight, bias=None, *, backend=None):
+    """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W)."""
+    check_pa_args(x, weight, bias)
+    if x.numel() == 0:
+        return pa_reference(x, weight, bias)
+    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
+    if chosen.name == "reference":
+        return pa_reference(x, weight, bias)
+    return pa_fwd(x, weight, bias, chosen.name)

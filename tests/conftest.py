@@ -1,0 +1,29 @@
+"""Test-session setup.
+
+Without a GPU the Triton kernels run under the interpreter, which must be switched on before
+triton is first imported: that happens here, before any test module imports rest_kernels.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers: reference_data, conformance
+
+from rest_kernels import available_backends  # noqa: E402
+
+
+def require_backend(name: str):
+    """Skip (with the backend's own reason) when `name` is not usable here."""
+    reason = available_backends()[name]
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
