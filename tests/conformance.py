@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 import rest_kernels
+from rest_kernels.diagnostics import saved_tensor_bytes, saved_tensors_of  # noqa: F401 (re-exported)
 from rest import EMSA, PA
 from reference_data import attention_cases, fill_weights, pa_cases
 
@@ -280,19 +281,3 @@ def check_pa_op(backend, B, C, H, W, dtype, bias=True, device="cpu", channels_la
         ref_lowp = run(dtype, "reference")
         for name, a, r, e in zip(names, got, ref_lowp, oracle):
             assert_lowp_close(a, r, e, f"{name} [{tag}]")
-
-
-def saved_tensor_bytes(fn, *args):
-    """Bytes autograd saves for backward while fn(*args) runs (unique storages)."""
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, total[0]
