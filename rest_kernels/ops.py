@@ -134,8 +134,8 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
     Returns (B,h,N,d) laid out in memory as (B,N,h,d). See ../shared/API.md.
     """
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
-    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: the reference defines the empty result
-        return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
+    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
+        return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     chosen = select("emsa_attention", backend, (q, k, v),
                     lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
     if chosen.name == "reference":
@@ -147,7 +147,7 @@ def pa_gate(x, weight, bias=None, *, backend=None):
     """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W)."""
     check_pa_args(x, weight, bias)
     if x.numel() == 0:
-        return pa_reference(x, weight, bias)
+        return x * 0
     chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if chosen.name == "reference":
         return pa_reference(x, weight, bias)

@@ -7,10 +7,11 @@ available here and can serve the inputs, else `reference`, logging the reasons o
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
+
+import torch
 
 from .base import Backend
 from .compiled import CpuBackend, CudaBackend, CudaEmuBackend
@@ -67,9 +68,17 @@ def default_backend() -> str:
     return "auto"
 
 
-@functools.lru_cache(maxsize=None)
+_availability: dict[str, str | None] = {}
+
+
+# Evaluated eagerly even while torch.compile traces a caller: availability is a fact of this process
+# (imports, the extension, the device), not something to trace.
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str) -> str | None:
-    return BACKENDS[name].unavailable_reason()
+    """None when backend `name` can run in this process, else why not (computed once)."""
+    if name not in _availability:
+        _availability[name] = BACKENDS[name].unavailable_reason()
+    return _availability[name]
 
 
 def available_backends() -> dict[str, str | None]:
@@ -81,11 +90,13 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot serve the call; the message says why."""
 
 
-def _log_fallback_once(op: str, reasons: list[str]):
-    key = op + ": " + "; ".join(reasons)
-    if key not in _logged_fallbacks:
-        _logged_fallbacks.add(key)
-        logger.warning("rest_kernels.%s falls back to the reference backend: %s", op, "; ".join(reasons))
+# Run eagerly when torch.compile traces a caller, so logging never breaks the graph.
+@torch.compiler.assume_constant_result
+def _log_fallback_once(message: str) -> bool:
+    if message not in _logged_fallbacks:
+        _logged_fallbacks.add(message)
+        logger.warning("%s", message)
+    return True
 
 
 def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
@@ -109,5 +120,5 @@ def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
         reasons.append(f"{candidate}: {reason}")
     if not reasons:
         reasons.append(f"no fused backend serves {device_type} tensors")
-    _log_fallback_once(op, reasons)
+    _log_fallback_once(f"rest_kernels.{op} falls back to the reference backend: " + "; ".join(reasons))
     return BACKENDS["reference"]

@@ -1,0 +1,197 @@
+"""The public surface of rest_kernels (API.md): backend choice, reasons, validation, custom ops."""
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import conformance
+import rest_kernels
+from rest_kernels import BackendUnavailableError, emsa_attention, pa_gate, use_backend
+from rest_kernels.backends import registry
+
+
+def small_inputs(mix=True, dtype=torch.float32):
+    return conformance.emsa_inputs(2, 2, 5, 3, 4, dtype, mix)
+
+
+# --------------------------------------------------------------------------- backend choice
+def test_available_backends_lists_every_backend_with_reason_or_none():
+    status = rest_kernels.available_backends()
+    assert set(status) == {"reference", "triton", "cuda", "cpu", "cuda-emu"}
+    assert status["reference"] is None
+    for name, reason in status.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+
+
+def test_default_backend_precedence(monkeypatch):
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    assert rest_kernels.default_backend() == "auto"
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert rest_kernels.default_backend() == "reference"
+    with use_backend("cpu"):
+        assert rest_kernels.default_backend() == "cpu"
+        with use_backend("auto"):
+            assert rest_kernels.default_backend() == "auto"
+        assert rest_kernels.default_backend() == "cpu"
+    assert rest_kernels.default_backend() == "reference"
+
+
+def test_bad_backend_names_are_refused(monkeypatch):
+    q, k, v, w, b = small_inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        emsa_attention(q, k, v, backend="fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("nope"):
+            pass
+    monkeypatch.setenv(registry.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="REST_KERNELS_BACKEND"):
+        emsa_attention(q, k, v)
+
+
+def test_named_backend_that_cannot_serve_raises_with_reason():
+    q, k, v, w, b = small_inputs()
+    # The cuda backend never serves CPU tensors: the error says why.
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        emsa_attention(q, k, v, w, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        pa_gate(torch.randn(1, 2, 3, 3), torch.randn(2, 1, 3, 3), backend="cuda")
+
+
+def test_auto_falls_back_to_reference_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(registry, "AUTO_ORDER", ("cuda",))  # never serves CPU tensors
+    registry._logged_fallbacks.clear()
+    q, k, v, w, b = small_inputs()
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        out1 = emsa_attention(q, k, v, w, b, backend="auto")
+        out2 = emsa_attention(q, k, v, w, b, backend="auto")
+    messages = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(messages) == 1 and "reference" in messages[0]
+    torch.testing.assert_close(out1, out2)
+    torch.testing.assert_close(out1, rest_kernels.emsa_reference(q, k, v, w, b, scale=4 ** -0.5))
+
+
+# --------------------------------------------------------------------------- semantics
+def test_output_layout_is_bnhd_view():
+    q, k, v, w, b = small_inputs()
+    out = emsa_attention(q, k, v, w, b, backend="reference")
+    assert out.shape == (2, 2, 5, 4)
+    assert out.transpose(1, 2).is_contiguous()
+    flat = out.transpose(1, 2).reshape(2, 5, 8)
+    assert flat.data_ptr() == out.data_ptr()  # a view, not a copy
+
+
+def test_mix_weight_conv_shape_and_default_scale_match_explicit():
+    q, k, v, w, b = small_inputs()
+    a = emsa_attention(q, k, v, w.reshape(2, 2, 1, 1), b, backend="reference")
+    c = emsa_attention(q, k, v, w, b, scale=4 ** -0.5, backend="reference")
+    torch.testing.assert_close(a, c)
+
+
+def test_mix_bias_gradient_is_zero_in_exact_arithmetic():
+    q, k, v, w, b = small_inputs(dtype=torch.float64)
+    emsa_attention(q, k, v, w, b, backend="reference").sum().backward()
+    assert b.grad.abs().max() < 1e-12
+
+
+def test_empty_inputs_give_empty_results():
+    q = torch.randn(0, 2, 5, 4)
+    k = v = torch.randn(0, 2, 3, 4)
+    assert emsa_attention(q, k, v).shape == (0, 2, 5, 4)
+    q = torch.randn(1, 2, 0, 4)
+    k = v = torch.randn(1, 2, 3, 4)
+    assert emsa_attention(q, k, v, torch.eye(2)).shape == (1, 2, 0, 4)
+    assert pa_gate(torch.randn(0, 2, 3, 3), torch.randn(2, 1, 3, 3)).shape == (0, 2, 3, 3)
+
+
+# --------------------------------------------------------------------------- validation
+BAD_EMSA = [
+    (lambda q, k, v, w: dict(q=q[0]), ValueError, "q must be 4-dimensional"),
+    (lambda q, k, v, w: dict(k=k.int()), TypeError, "k must have a floating dtype"),
+    (lambda q, k, v, w: dict(v=torch.complex(v, v)), TypeError, "v must have a floating dtype"),
+    (lambda q, k, v, w: dict(q=q.double()), TypeError, "must share one dtype"),
+    (lambda q, k, v, w: dict(k=k[:1]), ValueError, "agree on batch and heads"),
+    (lambda q, k, v, w: dict(v=v[:, :1]), ValueError, "agree on batch and heads"),
+    (lambda q, k, v, w: dict(k=k[..., :3]), ValueError, "k must have head dim 4"),
+    (lambda q, k, v, w: dict(v=v[:, :, :2]), ValueError, "v must have as many tokens as k"),
+    (lambda q, k, v, w: dict(k=k[:, :, :0], v=v[:, :, :0]), ValueError, "at least one key"),
+    (lambda q, k, v, w: dict(mix_weight=torch.randn(3, 3)), ValueError, "mix_weight must have shape"),
+    (lambda q, k, v, w: dict(mix_bias=torch.randn(3)), ValueError, "mix_bias must have shape"),
+    (lambda q, k, v, w: dict(mix_weight=None, mix_bias=torch.randn(2)), ValueError, "mix_bias is given"),
+    (lambda q, k, v, w: dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (lambda q, k, v, w: dict(eps=float("nan")), ValueError, "eps must be finite"),
+    (lambda q, k, v, w: dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (lambda q, k, v, w: dict(scale="big"), TypeError, "scale must be a real number"),
+    (lambda q, k, v, w: dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v, w: dict(mix_weight=w.to("meta")), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", BAD_EMSA)
+@pytest.mark.parametrize("backend", ["reference", "auto", "cpu", "cuda", "triton", "cuda-emu"])
+def test_emsa_bad_input_names_the_argument(change, exc, message, backend):
+    q, k, v, w, b = small_inputs()
+    args = dict(q=q.detach(), k=k.detach(), v=v.detach(), mix_weight=w.detach(), mix_bias=b.detach())
+    args.update(change(args["q"], args["k"], args["v"], args["mix_weight"]))
+    with pytest.raises(exc, match=message):
+        emsa_attention(args.pop("q"), args.pop("k"), args.pop("v"), backend=backend, **args)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(x=torch.randn(2, 3, 4)), ValueError, "x must be 4-dimensional"),
+    (dict(weight=torch.randn(3, 1, 5, 5)), ValueError, r"weight must have shape \(3, 1, 3, 3\)"),
+    (dict(weight=torch.randn(2, 1, 3, 3)), ValueError, r"weight must have shape \(3, 1, 3, 3\)"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
+    (dict(x=torch.randint(0, 3, (1, 3, 4, 4))), TypeError, "x must have a floating dtype"),
+])
+def test_pa_bad_input_names_the_argument(kwargs, exc, message):
+    args = dict(x=torch.randn(1, 3, 4, 4), weight=torch.randn(3, 1, 3, 3), bias=torch.randn(3))
+    args.update(kwargs)
+    with pytest.raises(exc, match=message):
+        pa_gate(args["x"], args["weight"], args["bias"])
+
+
+# --------------------------------------------------------------------------- the custom-op layer
+# The reference backend implements the kernel contract too, so the custom ops' registrations (fake,
+# autograd, schema) are checked here independently of any compiled or Triton kernel.
+@pytest.mark.parametrize("mix", [True, False])
+def test_opcheck_custom_ops_with_reference_kernels(mix):
+    conformance.opcheck_emsa("reference", mix=mix)
+
+
+def test_opcheck_pa_custom_ops_with_reference_kernels():
+    conformance.opcheck_pa("reference", bias=True)
+    conformance.opcheck_pa("reference", bias=False)
+
+
+def test_custom_op_autograd_matches_reference_gradients():
+    q, k, v, w, b = small_inputs(dtype=torch.float64)
+    out = torch.ops.rest_kernels.emsa_fwd(q, k, v, w, b, 0.5, 1e-5, "reference")[0]
+    grads = torch.autograd.grad(out.sum(), (q, k, v, w, b))
+    ref = torch.autograd.grad(rest_kernels.emsa_reference(q, k, v, w, b, 0.5, 1e-5).sum(), (q, k, v, w, b))
+    for g, r in zip(grads[:4], ref[:4]):
+        torch.testing.assert_close(g, r)
+    assert torch.count_nonzero(grads[4]) == 0  # the mix bias gradient is exactly zero
+
+
+def test_gradcheck_reference_ops():
+    conformance.gradcheck_emsa("reference")
+    conformance.gradcheck_pa("reference")
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    q, k, v, w, b = small_inputs()
+
+    def fn(q, k, v, w, b):
+        return emsa_attention(q, k, v, w, b) * 2
+
+    explanation = torch._dynamo.explain(fn)(q, k, v, w, b)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, w, b), fn(q, k, v, w, b))
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "rest_kernels", "info"], capture_output=True, text=True, check=True)
+    assert "backends:" in out.stdout and "reference  available" in out.stdout
