@@ -102,6 +102,9 @@ def _log_fallback_once(message: str) -> bool:
 def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
     """Pick the backend for one call. `unsupported(backend)` returns None or a reason."""
     name = default_backend() if name is None else check_name(name)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no fused kernels: export the official math as standard operators.
+        return BACKENDS["reference"]
     if name != "auto":
         backend = BACKENDS[name]
         reason = unavailable_reason(name) or unsupported(backend)

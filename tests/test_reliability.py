@@ -1,0 +1,166 @@
+"""Numerical extremes, NaN/Inf propagation, determinism, concurrency and property-based agreement,
+for every fused backend that runs on this machine's CPU (skipped with its reason otherwise)."""
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import conformance
+import rest_kernels
+from conftest import require_backend
+from rest_kernels.backends.registry import BACKENDS
+
+CPU_FUSED = ["cpu", "cuda-emu", "triton"]
+
+
+def fused_dtypes(backend):
+    return [d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16) if d in BACKENDS[backend].dtypes]
+
+
+def run(backend, q, k, v, w=None):
+    return rest_kernels.emsa_attention(q, k, v, w, backend=backend)
+
+
+# --------------------------------------------------------------------------- numerical extremes
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("mix", [True, False])
+def test_huge_logits_stay_finite_and_match(backend, mix):
+    require_backend(backend)
+    # |logits| up to ~1e4: the online softmax must subtract the running max, never overflow.
+    for dtype in fused_dtypes(backend):
+        q, k, v, w, _ = conformance.emsa_inputs(1, 2, 9, 7, 4, dtype, mix, logit_scale=3e3)
+        with torch.no_grad():
+            logits = (q.double() @ k.double().transpose(-2, -1)) * 0.5
+            assert logits.abs().max() > 1e3
+            out = run(backend, q, k, v, w)
+            ref = run("reference", q.double(), k.double(), v.double(), w.double() if mix else None)
+        assert torch.isfinite(out).all(), f"{backend} {dtype}: non-finite output"
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+        conformance.assert_close_scaled(out, ref, tol, f"{backend} {dtype} huge logits")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_uniform_attention_variance_below_eps(backend):
+    require_backend(backend)
+    # q = 0: every probability is exactly 1/M, the variance is 0 << eps, the normalised map is 0.
+    for dtype in fused_dtypes(backend):
+        q = torch.zeros(2, 2, 6, 4, dtype=dtype)
+        k, v = torch.randn(2, 2, 5, 4, dtype=dtype), torch.randn(2, 2, 5, 4, dtype=dtype)
+        w = torch.randn(2, 2, dtype=dtype)
+        out = run(backend, q, k, v, w)
+        assert torch.count_nonzero(out.float().abs() > 1e-6) == 0, f"{backend} {dtype}: {out.abs().max()}"
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_single_key_gives_zero_normalised_map(backend):
+    require_backend(backend)
+    for dtype in fused_dtypes(backend):
+        q, k, v, w, _ = conformance.emsa_inputs(2, 3, 4, 1, 5, dtype, True)
+        with torch.no_grad():
+            out = run(backend, q, k, v, w)
+        assert torch.count_nonzero(out) == 0  # P == 1 everywhere, minus the mean 1/M = 1
+        plain = run(backend, q.detach(), k.detach(), v.detach(), None)
+        torch.testing.assert_close(plain, v.detach().expand(2, 3, 4, 5))  # softmax over one key is 1
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_the_reference(backend, mix, poison):
+    require_backend(backend)
+    q, k, v, w, _ = conformance.emsa_inputs(2, 2, 5, 4, 3, torch.float32, mix)
+    q, k, v = q.detach().clone(), k.detach(), v.detach()
+    q[0, 1, 2, 0] = poison
+    with torch.no_grad():
+        out = run(backend, q, k, v, w.detach() if mix else None)
+        ref = run("reference", q, k, v, w.detach() if mix else None)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{backend}: NaN pattern differs"
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- determinism
+def _outputs_and_grads(backend, seed=0):
+    q, k, v, w, b = conformance.emsa_inputs(2, 3, 37, 11, 8, torch.float32, True, seed=seed)
+    out = rest_kernels.emsa_attention(q, k, v, w, b, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v, w), torch.ones_like(out))
+    return (out.detach(),) + grads
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_bitwise_repeatable(backend):
+    require_backend(backend)
+    first, second = _outputs_and_grads(backend), _outputs_and_grads(backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_bitwise_independent_of_thread_count(backend):
+    require_backend(backend)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _outputs_and_grads(backend)
+        torch.set_num_threads(2)
+        two = _outputs_and_grads(backend)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_concurrent_python_threads_are_correct(backend):
+    require_backend(backend)
+    expected = {s: _outputs_and_grads(backend, seed=s) for s in range(4)}
+    results, errors = {}, []
+
+    def worker(seed):
+        try:
+            results[seed] = _outputs_and_grads(backend, seed=seed)
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for s in range(4):
+        for a, b in zip(results[s], expected[s]):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- property-based agreement
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_property_backend_agrees_with_reference(backend):
+    require_backend(backend)
+    dtypes = fused_dtypes(backend)
+
+    @settings(max_examples=12, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(B=st.integers(1, 2), h=st.integers(1, 4), N=st.integers(1, 40), M=st.integers(1, 40),
+           d=st.integers(1, 20), mix=st.booleans(), layout=st.sampled_from(["model", "contiguous", "transposed"]),
+           dtype=st.sampled_from(dtypes), seed=st.integers(0, 2 ** 16))
+    def check(B, h, N, M, d, mix, layout, dtype, seed):
+        conformance.check_emsa_op(backend, B, h, N, M, d, dtype, mix=mix, layout=layout, seed=seed)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_property_pa_agrees_with_reference(backend):
+    require_backend(backend)
+    dtypes = fused_dtypes(backend)
+
+    @settings(max_examples=12, deadline=None, derandomize=True)
+    @given(B=st.integers(1, 2), C=st.integers(1, 9), H=st.integers(1, 13), W=st.integers(1, 13),
+           bias=st.booleans(), channels_last=st.booleans(), dtype=st.sampled_from(dtypes), seed=st.integers(0, 99))
+    def check(B, C, H, W, bias, channels_last, dtype, seed):
+        conformance.check_pa_op(backend, B, C, H, W, dtype, bias=bias, channels_last=channels_last, seed=seed)
+
+    check()
