@@ -215,6 +215,13 @@ def _build(variant: str, pretrained, kwargs) -> ResT:
     return model
 
 
+# Every constructor: pretrained = None (the official random init), or an official checkpoint: a file
+# path (a plain state_dict, or one under "model" / "state_dict", "module." prefixes allowed) or an
+# already loaded dict; loaded strictly (rest.checkpoint.load_checkpoint). Other keyword arguments go
+# to ResT (num_classes, drop_path_rate, drop_rate, attn_drop_rate, qk_scale, in_chans, backend, ...).
+# For another number of classes: load the 1000-class checkpoint, then model.reset_classifier(n).
+
+
 def rest_lite(pretrained=None, **kwargs) -> ResT:
     """ResT-Lite: dims 64/128/256/512, depths 2/2/2/2 (10.5 M parameters)."""
     return _build("rest_lite", pretrained, kwargs)
