@@ -419,7 +419,8 @@ def test_pretrained_constructor(tmp_path):
     model = rest_lite(pretrained=str(path))
     for (k, a), b in zip(model.state_dict().items(), _perturbed_state(source).values()):
         assert torch.equal(a, b), k
-    model = rest_lite(pretrained=path)  # a PathLike works too
+    model = rest_lite(pretrained=path, num_classes=1000)  # a PathLike works too
+    assert torch.equal(model.head.bias, source.head.bias + 1.0)
 
 
 def test_checkpoint_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
