@@ -29,7 +29,13 @@ def attention_map(q, k, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
     """The official N x M map: softmax, then InstanceNorm (no affine) when the head mix is on."""
     attn = mixed_logits(q, k, mix_weight, mix_bias, scale).softmax(dim=-1)
     if mix_weight is not None:
-        attn = F.instance_norm(attn, eps=eps)
+        if attn.shape[-2] * attn.shape[-1] == 1:
+            # one query and one key (a 1x1 map, e.g. stage 4 of a <= 32 px input): the normalised
+            # entry is (x - mean(x)) * rstd = 0 with gradient 0, but F.instance_norm refuses maps
+            # of one element; the same formula, written out
+            attn = attn - attn.mean(dim=(-2, -1), keepdim=True)
+        else:
+            attn = F.instance_norm(attn, eps=eps)
     return attn
 
 

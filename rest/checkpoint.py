@@ -1,0 +1,129 @@
+"""Loading official ResT checkpoints into the models of this package.
+
+A checkpoint is read by the first reader in READERS that claims its path (by file name), then
+unwrapped ({"model": ...} / {"state_dict": ...} wrappers, "module." prefixes of DataParallel /
+DistributedDataParallel) and matched strictly against the model: every key present with the
+right shape, and nothing left over. Anything else is a CheckpointError that lists what is wrong.
+
+To add a file format (safetensors, say), append a reader: a (claims(path) -> bool,
+read(path) -> mapping) pair, placed before the catch-all torch.load reader.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "READERS", "read_checkpoint", "extract_state_dict", "load_checkpoint"]
+
+#: wrapper keys of training scripts (timm / DeiT-style: "model"; Lightning and others: "state_dict")
+WRAPPER_KEYS = ("model", "state_dict")
+#: buffers that older checkpoints may lack and that carry no learned value: tolerated when missing
+OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message says why."""
+
+
+def _read_torch(path: str) -> Mapping:
+    try:
+        # weights_only: tensors and plain containers only, no arbitrary code from the file
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds: zip, pickle, EOF, ...)
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            hint = (" The file holds objects other than tensors and plain containers; if you trust it, "
+                    "load it yourself with torch.load(path, weights_only=False) and pass the state_dict "
+                    "(or the dict) as pretrained=.")
+        else:
+            hint = ""
+        raise CheckpointError(f"cannot read checkpoint {path!r} with torch.load: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
+
+
+#: (claims(path), read(path)) pairs, tried in order; the last one takes every path
+READERS: list[tuple[Callable[[str], bool], Callable[[str], Mapping]]] = [
+    (lambda path: True, _read_torch),
+]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path!r}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint path is not a file: {path!r}")
+    for claims, read in READERS:
+        if claims(path):
+            return read(path)
+    raise CheckpointError(f"no reader for checkpoint {path!r}")  # unreachable with the catch-all reader
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model's state_dict inside a loaded checkpoint: plain, or under one of WRAPPER_KEYS
+    (nested wrappers too), with a common "module." prefix removed."""
+    seen = []
+    while not _is_state_dict(obj):
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{source}: expected a state_dict (a mapping of names to tensors), "
+                                  f"found {type(obj).__name__}")
+        inner = next((k for k in WRAPPER_KEYS if k in obj), None)
+        if inner is None:
+            keys = ", ".join(repr(k) for k in list(obj)[:10])
+            raise CheckpointError(f"{source}: not a state_dict and no {' or '.join(map(repr, WRAPPER_KEYS))} "
+                                  f"entry to unwrap; top-level keys: {keys}{', ...' if len(obj) > 10 else ''}")
+        seen.append(inner)
+        obj = obj[inner]
+    state = dict(obj)
+    # DataParallel / DDP save "module.<name>"; strip it when every key carries it (possibly repeatedly)
+    while state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(OPTIONAL_SUFFIXES)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape))
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def _format_list(title: str, items: list, limit: int = 20) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def load_checkpoint(model: nn.Module, checkpoint, source: str | None = None) -> nn.Module:
+    """Load `checkpoint` (a path, or an already loaded dict / state_dict) into `model`, strictly.
+
+    Raises CheckpointError naming the file and listing missing keys, unexpected keys and shape
+    mismatches when the checkpoint does not fit."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = source or os.fspath(checkpoint)
+        checkpoint = read_checkpoint(checkpoint)
+    source = source or "checkpoint"
+    state = extract_state_dict(checkpoint, source)
+    missing, unexpected, shapes = _mismatch_report(model, state)
+    if missing or unexpected or shapes:
+        parts = [f"checkpoint {source!r} does not match {type(model).__name__}:"]
+        if missing:
+            parts.append(_format_list("missing keys", missing))
+        if unexpected:
+            parts.append(_format_list("unexpected keys", unexpected))
+        if shapes:
+            parts.append(_format_list("shape mismatches (checkpoint vs model)",
+                                      [f"{k}: {a} vs {b}" for k, a, b in shapes]))
+        raise CheckpointError("\n".join(parts))
+    # strict=False only to tolerate the OPTIONAL_SUFFIXES buffers; everything else was checked above
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,118 @@
+"""The building blocks of ResT v1 around the attention: stochastic depth, the MLP, the encoder
+block, the convolutional stem and the stage-to-stage patch embedding.
+
+Parameter names match the official code (github wofmanaf/ResT, models/rest.py) so that its
+checkpoints load unchanged. Stage sizes are always read from a convolution's actual output, so
+any input height and width works (the official PatchEmbed reports H // 2, which is wrong for odd
+sizes, where its stride-2 convolution yields ceil(H / 2)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .modules import EMSA, PA
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p and scale the
+    kept ones by 1 / (1 - p), so the branch's expectation is unchanged."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    # one Bernoulli draw per sample, broadcast over every other dim
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    """Module form of drop_path (no parameters)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1); got {p}")
+        self.p = float(p)
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, over the last dim."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on tokens (B, H*W, C): x + EMSA(LN(x)), then x + MLP(LN(x)),
+    each residual branch under stochastic depth."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
+                 attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm, sr_ratio=1,
+                 apply_transform=False, backend=None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = EMSA(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                         proj_drop=drop, sr_ratio=sr_ratio, apply_transform=apply_transform, backend=backend)
+        # no module (and so no state_dict entry) either way; Identity keeps the repr honest
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x, H: int, W: int):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class BasicStem(nn.Module):
+    """Stride-4 stem: conv3x3/2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3/2 -> PA."""
+
+    def __init__(self, in_ch=3, out_ch=64, with_pos=True, backend=None):
+        super().__init__()
+        hidden = out_ch // 2
+        self.conv1 = nn.Conv2d(in_ch, hidden, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, kernel_size=3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden)
+        self.conv3 = nn.Conv2d(hidden, out_ch, kernel_size=3, stride=2, padding=1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.with_pos = with_pos
+        if with_pos:
+            self.pos = PA(out_ch, backend=backend)
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        x = self.conv3(x)
+        return self.pos(x) if self.with_pos else x
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling between stages: conv (kernel s+1, stride s, padding s//2) -> BN -> PA, on a
+    (B, C, H, W) map; returns the new map (its H, W are the convolution's real output size)."""
+
+    def __init__(self, patch_size=2, in_ch=3, out_ch=768, with_pos=True, backend=None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=patch_size + 1, stride=patch_size,
+                              padding=patch_size // 2)
+        self.norm = nn.BatchNorm2d(out_ch)
+        self.with_pos = with_pos
+        if with_pos:
+            self.pos = PA(out_ch, backend=backend)
+
+    def forward(self, x):
+        x = self.norm(self.conv(x))
+        return self.pos(x) if self.with_pos else x

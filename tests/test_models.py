@@ -1,0 +1,473 @@
+"""The ResT v1 model zoo against the official outputs (tests/data, produced by the authors' code in
+float64), and by consistency where the official code has no answer (inputs that are not multiples
+of 32), plus checkpoint loading.
+
+Weights come from the fixtures' recipe (reference_data.fill_weights) applied in float64 and then
+cast, so float32 runs see the float64 weights rounded once.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import pytest
+import torch
+
+import rest
+from rest import EMSA, PA, ResT, rest_base, rest_large, rest_lite, rest_small
+from rest.checkpoint import CheckpointError, load_checkpoint
+from rest.layers import drop_path
+from rest_kernels import use_backend
+
+from conformance import RTOL, ZERO_GRAD_KEYS, ZERO_GRAD_RTOL, assert_close_scaled, assert_zero_grad_close
+from reference_data import fill_weights, load, randn
+
+VARIANTS = {"rest_lite": rest_lite, "rest_small": rest_small, "rest_base": rest_base, "rest_large": rest_large}
+# float32 eval logits vs the float64 official ones. The official math itself in float32 (the
+# reference backend) lands at 1.4e-5 / 4.6e-5 / 1.9e-5 / 1.9e-4 of the logits' scale for lite /
+# small / base / large with the fixture weights (float64 math on the float32-rounded weights and
+# input: 2e-6 / 3e-6 / 4e-6 / 2e-5): the error is float32 arithmetic accumulated over the depth,
+# largest through rest_large's 18 stage-3 blocks. So 1e-4 everywhere but large.
+FLOAT32_LOGITS_RTOL = {"rest_lite": 1e-4, "rest_small": 1e-4, "rest_base": 1e-4, "rest_large": 5e-4}
+ODD_SIZES = [(200, 232), (97, 131), (33, 47)]
+
+
+def is_zero_grad_key(name: str) -> bool:
+    """Parameters whose gradient is exactly zero in exact arithmetic, so the official values are
+    rounding noise: the attention's (reference README), and in train mode the bias of each
+    PatchEmbed conv, which the following BatchNorm's batch mean cancels."""
+    return name.endswith(ZERO_GRAD_KEYS) or re.fullmatch(r"patch_embed_\d\.conv\.bias", name) is not None
+
+
+def official_model(variant: str, seed: int, dtype=torch.float64, **kwargs) -> ResT:
+    model = VARIANTS[variant](**kwargs).double()
+    fill_weights(model, seed)
+    return model.to(dtype)
+
+
+def tiny_model(seed: int, dtype=torch.float64, **kwargs) -> ResT:
+    model = ResT(**{**load("rest_tiny.pt")["config"], **kwargs}).double()
+    fill_weights(model, seed)
+    return model.to(dtype)
+
+
+def train_step(model: ResT, x: torch.Tensor, dlogits: torch.Tensor):
+    """The fixtures' train-mode step: BatchNorm on batch statistics, grads of (logits * dlogits).sum()."""
+    model.train()
+    x = x.detach().clone().requires_grad_(True)
+    logits = model(x)
+    (logits * dlogits.to(logits.dtype)).sum().backward()
+    return logits, x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def check_grad_summaries(grads, norms, sums, dtype, what):
+    """Per-parameter gradient norms and sums against the official ones. A sum is checked against
+    sqrt(numel) x the gradient norm: the most an error of relative size rtol can move it."""
+    rtol = RTOL[dtype]
+    assert set(grads) == set(norms) == set(sums)
+    largest = max(norms.values())
+    for name, g in grads.items():
+        assert g is not None, f"{what}: no gradient for {name}"
+        scale = max(norms[name], 1e-3 * largest) if is_zero_grad_key(name) else norms[name]
+        tol = (ZERO_GRAD_RTOL[dtype] if is_zero_grad_key(name) else rtol) * scale
+        assert abs(g.norm().item() - norms[name]) <= tol, f"{what}: grad norm of {name}"
+        assert abs(g.double().sum().item() - sums[name]) <= tol * math.sqrt(g.numel()), f"{what}: grad sum of {name}"
+
+
+def check_full_grads(grads, expected, dtype, what):
+    largest = max(g.norm().item() for g in expected.values())
+    assert set(grads) == set(expected)
+    for name, e in expected.items():
+        if is_zero_grad_key(name):
+            assert_zero_grad_close(grads[name], e, largest, dtype, f"{what} grad {name}")
+        else:
+            assert_close_scaled(grads[name], e, RTOL[dtype], f"{what} grad {name}")
+
+
+# --------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_keys_shapes_and_parameter_count(variant):
+    expected = load("rest_v1_keys.json")[variant]
+    model = VARIANTS[variant]()
+    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == expected["keys"]
+    assert sum(p.numel() for p in model.parameters()) == expected["params"]
+
+
+def test_exports():
+    assert set(rest.__all__) >= {"ResT", "EMSA", "PA", "rest_lite", "rest_small", "rest_base", "rest_large"}
+
+
+def test_official_init():
+    model = rest_lite()
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            w = m.weight.detach()
+            assert w.abs().max() <= 2.0, name  # trunc_normal_ cuts at +-2 (absolute)
+            if w.numel() >= 10_000:
+                assert abs(w.std().item() - 0.02) < 0.002, f"{name}: std {w.std().item()}"
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                assert torch.all(m.bias == 0), name
+        elif isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+
+
+def test_variant_configuration_is_fixed_and_options_pass_through():
+    model = rest_lite(num_classes=10, drop_path_rate=0.1)
+    assert model.head.out_features == 10
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    with pytest.raises(TypeError, match="embed_dims"):
+        rest_lite(embed_dims=[8, 16, 32, 64])
+    with pytest.raises(ValueError, match="path"):
+        rest_lite(pretrained=True)
+
+
+def test_headless_model_and_reset_classifier():
+    model = tiny_model(11, num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert model(x).shape == (2, 128)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.head.weight.dtype == torch.float64
+    assert torch.all(model.head.bias == 0)
+
+
+# --------------------------------------------------------------------------- official outputs
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_eval_logits_match_official(variant, dtype):
+    ref = load("rest_v1_models.pt")
+    model = official_model(variant, ref[variant]["seed"], dtype).eval()
+    with torch.no_grad():
+        logits = model(ref["input"].to(dtype))
+    rtol = FLOAT32_LOGITS_RTOL[variant] if dtype == torch.float32 else RTOL[dtype]
+    assert_close_scaled(logits, ref[variant]["logits_eval"], rtol, f"{variant} {dtype} logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_lite_stage_outputs_match_official(dtype):
+    ref = load("rest_v1_models.pt")
+    model = official_model("rest_lite", ref["rest_lite"]["seed"], dtype).eval()
+    x = ref["input"].to(dtype)
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        feats = model.forward_features(x)
+    for i, (tokens, (H, W)) in enumerate(stages, start=1):
+        expected = ref["rest_lite"][f"stage{i}_tokens"]
+        assert tokens.shape == expected.shape and H * W == expected.shape[1]
+        assert_close_scaled(tokens, expected, RTOL[dtype], f"stage{i} tokens")
+    # forward_features: the same stages as (B, C, H, W) maps, stage 4 after the final norm
+    for i, (f, (tokens, (H, W))) in enumerate(zip(feats, stages)):
+        B, N, C = tokens.shape
+        assert f.shape == (B, C, H, W) and (H, W) == (56 // 2 ** i, 56 // 2 ** i)
+        expected_tokens = model.norm(tokens) if i == 3 else tokens
+        torch.testing.assert_close(f.flatten(2).transpose(1, 2), expected_tokens, rtol=0, atol=0)
+
+
+def test_stage_maps_are_views_of_the_tokens(monkeypatch):
+    """No copies between stages: each stage map (what the next PatchEmbed reads, and what
+    forward_features returns for stages 1-3) is a view of the block output, and each EMSA's q/k/v
+    reach the op as views of the projections."""
+    model = tiny_model(11).eval()
+    seen = []
+    original = rest.modules.rest_kernels.emsa_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(all(t._base is not None for t in (q, k, v)))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(rest.modules.rest_kernels, "emsa_attention", spy)
+    x = randn((1, 3, 97, 131), 17)
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        feats = model.forward_features(x)
+    assert seen == [True] * 8
+    for (tokens, hw), f in zip(stages[:3], feats[:3]):
+        assert ResT._to_map(tokens, hw)._base is tokens
+        assert f._base is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_lite_train_mode_gradients_match_official(dtype):
+    ref = load("rest_v1_models.pt")
+    case = ref["rest_lite"]
+    model = official_model("rest_lite", case["seed"], dtype)
+    logits, grad_input, grads = train_step(model, ref["input"].to(dtype), case["dlogits"])
+    rtol = RTOL[dtype]
+    assert_close_scaled(logits, case["logits_train"], rtol, "train logits")
+    assert_close_scaled(grad_input, case["grad_input"], rtol, "grad_input")
+    check_grad_summaries(grads, case["grad_norms"], case["grad_sums"], dtype, f"rest_lite {dtype}")
+
+
+@pytest.mark.parametrize("size", ["224x224", "64x96"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_tiny_model_matches_official(size, dtype):
+    case = load("rest_tiny.pt")[size]
+    rtol = RTOL[dtype]
+    model = tiny_model(case["seed"], dtype).eval()
+    x = case["input"].to(dtype)
+    with torch.no_grad():
+        assert_close_scaled(model(x), case["logits_eval"], rtol, f"tiny {size} eval logits")
+    logits, grad_input, grads = train_step(model, x, case["dlogits"])
+    assert_close_scaled(logits, case["logits_train"], rtol, f"tiny {size} train logits")
+    assert_close_scaled(grad_input, case["grad_input"], rtol, f"tiny {size} grad_input")
+    check_full_grads(grads, case["grads"], dtype, f"tiny {size} {dtype}")
+    check_grad_summaries(grads, case["grad_norms"], case["grad_sums"], dtype, f"tiny {size} {dtype}")
+
+
+# --------------------------------------------------------------------------- any input size
+def expected_stage_sizes(n):
+    """Every stride-2 convolution of ResT (kernel 3, padding 1) maps n to ceil(n / 2)."""
+    return [-(-n // 2 ** (i + 2)) for i in range(4)]
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_odd_sizes_forward_and_feature_shapes(size):
+    H, W = size
+    model = tiny_model(11).eval()
+    x = randn((2, 3, H, W), 5)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model(x)
+    hs, ws = expected_stage_sizes(H), expected_stage_sizes(W)
+    assert [tuple(f.shape) for f in feats] == [(2, c, h, w) for c, h, w in zip(model.embed_dims, hs, ws)]
+    assert model.stage_sizes(H, 0) == hs and model.stage_sizes(W, 1) == ws
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    # the head reads the normed stage-4 map
+    torch.testing.assert_close(model.forward_head(feats[3]), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_odd_sizes_batch_composition_does_not_matter(size):
+    model = tiny_model(12).eval()
+    x = randn((3, 3, *size), 6)
+    with torch.no_grad():
+        batched = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        feats_batched = model.forward_features(x)
+        feats_single = model.forward_features(x[1:2])
+    assert_close_scaled(single, batched, 1e-12, f"{size} per-sample vs batched logits")
+    for i, (a, b) in enumerate(zip(feats_single, feats_batched)):
+        assert_close_scaled(a, b[1:2], 1e-12, f"{size} stage {i + 1} map")
+
+
+@torch.no_grad()
+def transpose_spatial_kernels(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            assert m.kernel_size[0] == m.kernel_size[1] and m.stride[0] == m.stride[1]
+            m.weight.copy_(m.weight.transpose(-1, -2).clone())
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_odd_sizes_transposition_equivariance(size):
+    """Transposing the image and every conv kernel transposes every stage map and leaves the logits
+    unchanged (attention does not care about the order of the tokens). A model that mixed up H
+    and W of a non-square map, or took a stage size from the wrong place, would fail this."""
+    model = tiny_model(11).eval()
+    x = randn((2, 3, *size), 7)
+    with torch.no_grad():
+        feats, logits = model.forward_features(x), model(x)
+        transpose_spatial_kernels(model)
+        xt = x.transpose(-1, -2).contiguous()
+        feats_t, logits_t = model.forward_features(xt), model(xt)
+    assert_close_scaled(logits_t, logits, 1e-12, f"{size} logits")
+    for i, (a, b) in enumerate(zip(feats_t, feats)):
+        assert_close_scaled(a, b.transpose(-1, -2), 1e-12, f"{size} stage {i + 1} map")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_default_backend_agrees_with_reference(dtype):
+    """The default (auto: a fused backend where one is built, else the reference) against the
+    reference pinned with backend=, at an odd size, eval and train."""
+    H, W = ODD_SIZES[1]
+    x = randn((2, 3, H, W), 8).to(dtype)
+    dlogits = randn((2, 10), 9)
+    results = []
+    for backend in (None, "reference"):
+        model = tiny_model(11, dtype, backend=backend)
+        model.eval()
+        with torch.no_grad():
+            eval_logits = model(x)
+        results.append((eval_logits, *train_step(model, x, dlogits)))
+    (e0, l0, gi0, g0), (e1, l1, gi1, g1) = results
+    rtol = RTOL[dtype]
+    assert_close_scaled(e0, e1, rtol, "eval logits")
+    assert_close_scaled(l0, l1, rtol, "train logits")
+    assert_close_scaled(gi0, gi1, rtol, "grad_input")
+    check_full_grads(g0, g1, dtype, "default vs reference")
+
+
+@pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_odd_sizes_train_backward(size):
+    model = tiny_model(12)
+    logits, grad_input, grads = train_step(model, randn((2, 3, *size), 10), randn((2, 10), 11))
+    assert grad_input.shape == (2, 3, *size) and torch.isfinite(grad_input).all()
+    for name, g in grads.items():
+        assert g is not None and torch.isfinite(g).all(), name
+
+
+def test_smallest_inputs():
+    model = tiny_model(11).eval()
+    assert model.min_input_size == (1, 1)  # stock strides/paddings leave >= 1 pixel for any size
+    with torch.no_grad():
+        for size in [(1, 1), (1, 7), (5, 3)]:
+            feats = model.forward_features(randn((1, 3, *size), 12))
+            assert [f.shape[-2:] for f in feats] == [torch.Size(s) for s in zip(*map(expected_stage_sizes, size))]
+    with pytest.raises(ValueError, match=r"0x5 is too small.*at least 1x1"):
+        model(torch.zeros(1, 3, 0, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        model(torch.zeros(3, 32, 32, dtype=torch.float64))
+
+
+def test_one_pixel_stage_4_in_training():
+    """A 32x32 input leaves stage 4 one pixel: a 1x1 attention map, whose InstanceNorm output is
+    exactly zero (F.instance_norm refuses such maps; the official code fails here)."""
+    model = tiny_model(11)
+    logits, grad_input, grads = train_step(model, randn((2, 3, 32, 32), 15), randn((2, 10), 16))
+    assert torch.isfinite(logits).all() and torch.isfinite(grad_input).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # with a zero attention output, stage 4's q, k and v projections get no gradient at all
+    attn = model.stage4[0].attn
+    for p in (attn.q.weight, attn.kv.weight, attn.transform_conv.weight):
+        assert torch.all(p.grad == 0)
+
+
+def test_too_small_input_names_size_and_minimum():
+    # a stage-4 spatial reduction of 3 (kernel 4, padding 1) needs 2 pixels there: 33 input pixels
+    model = tiny_model(11, sr_ratios=[8, 4, 2, 3]).eval()
+    assert model.min_input_size == (33, 33)
+    with pytest.raises(ValueError, match=r"input size 32x40 is too small.*at least 33x33"):
+        model(torch.zeros(1, 3, 32, 40, dtype=torch.float64))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 33, 33, dtype=torch.float64)).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------- options
+def test_backend_pinning():
+    model = tiny_model(11, backend="reference")
+    pinned = [m.backend for m in model.modules() if isinstance(m, (EMSA, PA))]
+    assert len(pinned) == 4 + 4 and set(pinned) == {"reference"}  # 4 blocks, stem + 3 patch embeddings
+    # pinned modules ignore the surrounding default, even one that could not serve these tensors
+    with use_backend("cuda"):
+        with torch.no_grad():
+            model.eval()(randn((1, 3, 40, 40), 13))
+    model.set_backend(None)
+    assert {m.backend for m in model.modules() if isinstance(m, (EMSA, PA))} == {None}
+    with pytest.raises(ValueError, match="backend"):
+        ResT(backend="no-such-backend")
+
+
+def test_drop_path():
+    torch.manual_seed(1)
+    x = torch.ones(4000, 3, 5, dtype=torch.float64)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y.flatten(1)
+    kept = (per_sample[:, 0] != 0)
+    # each sample is dropped whole, or kept and scaled by 1 / (1 - p)
+    assert torch.all(per_sample[kept] == 1 / 0.75) and torch.all(per_sample[~kept] == 0)
+    assert abs(kept.double().mean().item() - 0.75) < 0.03
+    assert drop_path(x, 0.25, training=False) is x
+    model = rest_lite(drop_path_rate=0.3)
+    rates = [blk.drop_path.p if hasattr(blk.drop_path, "p") else 0.0
+             for stage in (model.stage1, model.stage2, model.stage3, model.stage4) for blk in stage]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 8).tolist())
+
+
+def test_drop_path_in_training_only():
+    model = tiny_model(11, drop_path_rate=0.5)
+    x = randn((4, 3, 32, 32), 14)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        c = model(x)
+        d = model(x)
+    assert not torch.equal(c, d)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _perturbed_state(model):
+    """The model's state_dict with every float tensor changed, so a load is visible."""
+    return {k: (v + 1.0 if v.is_floating_point() else v + 3) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module.", "model+module."])
+def test_checkpoint_round_trip(tmp_path, wrap):
+    source = tiny_model(11)
+    state = _perturbed_state(source)
+    if "module." in wrap:
+        state = {"module." + k: v for k, v in state.items()}
+    if wrap.startswith("model"):
+        state = {"model": state, "epoch": 3}
+    elif wrap == "state_dict":
+        state = {"state_dict": state, "optimizer": {"lr": 0.1}}
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    target = load_checkpoint(ResT(**load("rest_tiny.pt")["config"]).double(), path)
+    expected = _perturbed_state(source)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_pretrained_constructor(tmp_path):
+    source = rest_lite()
+    path = tmp_path / "rest_lite.pth"
+    torch.save(_perturbed_state(source), path)
+    model = rest_lite(pretrained=str(path))
+    for (k, a), b in zip(model.state_dict().items(), _perturbed_state(source).values()):
+        assert torch.equal(a, b), k
+    model = rest_lite(pretrained=path, num_classes=1000)  # a PathLike works too
+    assert torch.equal(model.head.bias, source.head.bias + 1.0)
+
+
+def test_checkpoint_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
+    cfg = load("rest_tiny.pt")["config"]
+    state = ResT(**cfg).state_dict()
+    del state["stage2.0.attn.q.weight"]
+    state["stage9.0.extra.weight"] = torch.zeros(3)
+    state["head.weight"] = torch.zeros(5, 128)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(ResT(**cfg), path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "missing keys (1)" in msg and "stage2.0.attn.q.weight" in msg
+    assert "unexpected keys (1)" in msg and "stage9.0.extra.weight" in msg
+    assert "head.weight: (5, 128) vs (10, 128)" in msg
+
+
+def test_checkpoint_without_num_batches_tracked_loads(tmp_path):
+    cfg = load("rest_tiny.pt")["config"]
+    state = {k: v for k, v in _perturbed_state(ResT(**cfg)).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save(state, path)
+    model = load_checkpoint(ResT(**cfg), path)
+    assert torch.equal(model.stem.norm1.running_var, state["stem.norm1.running_var"])
+
+
+def test_checkpoint_unreadable_files(tmp_path):
+    model = ResT(**load("rest_tiny.pt")["config"])
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(CheckpointError, match="not found.*nowhere.pth"):
+        load_checkpoint(model, missing)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint.*garbage.pth"):
+        load_checkpoint(model, garbage)
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint(model, tmp_path)
+    # objects beyond tensors and containers are refused by weights_only loading, with a hint
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(CheckpointError, match="pickled.pth.*weights_only=False"):
+        load_checkpoint(model, pickled)
+    # ... and such a dict, loaded by the caller, is accepted
+    load_checkpoint(model, torch.load(pickled, weights_only=False))
+    not_a_state = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_a_state)
+    with pytest.raises(CheckpointError, match="list.pth.*expected a state_dict"):
+        load_checkpoint(model, not_a_state)
