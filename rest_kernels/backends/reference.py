@@ -26,7 +26,20 @@ def mixed_logits(q, k, mix_weight=None, mix_bias=None, scale=1.0):
 
 
 def attention_map(q, k, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
-    """The official N x M map: softmax, then InstanceNorm (no affine) when the head mix is on."""
+    """The official N x M map: softmax, then InstanceNorm (no affine) when the head mix is on.
+
+    float16 / bfloat16 inputs: logits, softmax and InstanceNorm are computed in float32 and the map is
+    returned in the input dtype. With near-uniform attention the variance is of the order of eps and
+    InstanceNorm divides by its root, so statistics kept in 16 bits would amplify rounding noise.
+    The fused kernels likewise keep logits and every statistic in float32, and the low-precision tests
+    (the flash-attention rule) compare them with this.
+    """
+    dtype = q.dtype
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    if low_precision:
+        q, k = q.float(), k.float()
+        mix_weight = mix_weight.float() if mix_weight is not None else None
+        mix_bias = mix_bias.float() if mix_bias is not None else None
     attn = mixed_logits(q, k, mix_weight, mix_bias, scale).softmax(dim=-1)
     if mix_weight is not None:
         if attn.shape[-2] * attn.shape[-1] == 1:
@@ -36,7 +49,7 @@ def attention_map(q, k, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
             attn = attn - attn.mean(dim=(-2, -1), keepdim=True)
         else:
             attn = F.instance_norm(attn, eps=eps)
-    return attn
+    return attn.to(dtype)
 
 
 def emsa_reference(q, k, v, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
