@@ -42,6 +42,7 @@
 #include <cmath>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 #include "tile_gemm.h"
 
@@ -214,17 +215,26 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
   const T shift = mix ? T(1) / T(M) : T(0);
   View4<T> qv(q);
   const int64_t plane = BN * Mp;
-  at::parallel_for(0, B * nblk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> Qb(h * BN * dp, T(0)), Lb(h * plane, T(0)), Sb(mix ? h * plane : 0, T(0)), Ob(BN * dp);
-    T* P = mix ? Sb.data() : Lb.data();
-    for (int64_t task = lo; task < hi; ++task) {
+  struct Buffers {
+    std::vector<T> Qb, Lb, Sb, Ob;
+  };
+  auto make = [&] {
+    return Buffers{std::vector<T>(h * BN * dp, T(0)), std::vector<T>(h * plane, T(0)),
+                   std::vector<T>(mix ? h * plane : 0, T(0)), std::vector<T>(BN * dp)};
+  };
+  parallel_tasks(B * nblk, make, [&](int64_t task, Buffers& buf) {
+    auto& Qb = buf.Qb;
+    auto& Lb = buf.Lb;
+    auto& Ob = buf.Ob;
+    T* P = mix ? buf.Sb.data() : Lb.data();
+    {
       const int64_t b = task / nblk, i0 = (task % nblk) * BN, nr = std::min(BN, N - i0);
       for (int64_t j = 0; j < h; ++j) {
         load_block(qv, b, j, i0, nr, d, Qb.data() + j * BN * dp, dp);
         tile_gemm<T>(nr, Mp, d, Qb.data() + j * BN * dp, dp, 1, kt + (b * h + j) * d * Mp, Mp,
                      Lb.data() + j * plane, Mp, false);
       }
-      if (mix) mix_heads<T>(W.data(), h, Lb.data(), Sb.data(), plane, nr * Mp);
+      if (mix) mix_heads<T>(W.data(), h, Lb.data(), buf.Sb.data(), plane, nr * Mp);
       for (int64_t g = 0; g < h; ++g) {
         for (int64_t r = 0; r < nr; ++r) {
           T mx, sum, q2;
@@ -385,11 +395,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   const T* vtp = vt.data_ptr<T>();
   const T* ksp = ks.data_ptr<T>();
 
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> Qb(h * BN * dp, T(0)), dOb(h * BN * dp, T(0)), Lb(h * plane, T(0)),
-        Pb(mix ? h * plane : 0, T(0)), dSb(h * plane, T(0)), Yb(mix ? plane : 0, T(0)), Dq(BN * dp);
+  struct Buffers {
+    std::vector<T> Qb, dOb, Lb, Pb, dSb, Yb, Dq;
+  };
+  auto make = [&] {
+    return Buffers{std::vector<T>(h * BN * dp, T(0)), std::vector<T>(h * BN * dp, T(0)),
+                   std::vector<T>(h * plane, T(0)),   std::vector<T>(mix ? h * plane : 0, T(0)),
+                   std::vector<T>(h * plane, T(0)),   std::vector<T>(mix ? plane : 0, T(0)),
+                   std::vector<T>(BN * dp)};
+  };
+  parallel_tasks(B * nchunk, make, [&](int64_t task, Buffers& buf) {
+    auto& Qb = buf.Qb;
+    auto& dOb = buf.dOb;
+    auto& Lb = buf.Lb;
+    auto& Pb = buf.Pb;
+    auto& dSb = buf.dSb;
+    auto& Yb = buf.Yb;
+    auto& Dq = buf.Dq;
     T* P = mix ? Pb.data() : Lb.data();
-    for (int64_t task = lo; task < hi; ++task) {
+    {
       const int64_t b = task / nchunk, ch = task % nchunk;
       T* dK = dkp + task * part;
       T* dV = dvp + task * part;

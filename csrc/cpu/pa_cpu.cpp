@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace rest_cpu {
@@ -64,9 +65,15 @@ at::Tensor pa_fwd_impl(const at::Tensor& x_in, const at::Tensor& weight, const c
   const T* bp = b.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t HW = H * W;
-  at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> pad((H + 2) * (W + 2)), z(HW), s(HW);
-    for (int64_t bc = lo; bc < hi; ++bc) {
+  struct Buffers {
+    std::vector<T> pad, z, s;
+  };
+  auto make = [&] { return Buffers{std::vector<T>((H + 2) * (W + 2)), std::vector<T>(HW), std::vector<T>(HW)}; };
+  parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
+    auto& pad = buf.pad;
+    auto& z = buf.z;
+    auto& s = buf.s;
+    {
       const int64_t c = bc % C;
       const T* xs = xp + bc * HW;
       fill_bordered(xs, H, W, pad.data());
@@ -97,9 +104,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_impl(const at::Tensor& dou
   const int64_t HW = H * W, Wp = W + 2;
   // Per plane: 9 dweight sums and the dbias sum, in double.
   std::vector<double> part(B * C * 10, 0.0);
-  at::parallel_for(0, B * C, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> pad((H + 2) * Wp), dzpad((H + 2) * Wp), z(HW), s(HW);
-    for (int64_t bc = lo; bc < hi; ++bc) {
+  struct Buffers {
+    std::vector<T> pad, dzpad, z, s;
+  };
+  auto make = [&] {
+    return Buffers{std::vector<T>((H + 2) * Wp), std::vector<T>((H + 2) * Wp), std::vector<T>(HW),
+                   std::vector<T>(HW)};
+  };
+  parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
+    auto& pad = buf.pad;
+    auto& dzpad = buf.dzpad;
+    auto& z = buf.z;
+    auto& s = buf.s;
+    {
       const int64_t c = bc % C;
       const T* xs = xp + bc * HW;
       const T* gs = gp + bc * HW;
