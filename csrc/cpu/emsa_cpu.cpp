@@ -137,46 +137,47 @@ void mix_heads(const T* W, int64_t h, const T* L, T* S, int64_t plane, int64_t n
   }
 }
 
-// Softmax of one row of M logits, in place. Returns (max, sum of exp) and, when `rsq` is non-null,
-// sum_m P^2; `shift` is subtracted from P afterwards (1/M under InstanceNorm, else 0).
+// Softmax of one row of M logits, in place, over whole vectors: the row buffer is padded to a multiple
+// of the vector width and the last vector is masked (padding lanes become P = 0), so there is no
+// scalar tail. Returns (max, sum of exp) and, when `rsq` is non-null, sum_m P^2; `shift` is
+// subtracted from P afterwards (1/M under InstanceNorm, else 0).
 template <typename T>
 inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rsq) {
   constexpr int Wd = Simd<T>::W;
-  const int64_t Mv = M / Wd * Wd;
-  T mx = -std::numeric_limits<T>::infinity();
-  if (Mv) {
-    vec_t<T> vm = vload(row);
-    for (int64_t m = Wd; m < Mv; m += Wd) vm = vmax<T>(vm, vload(row + m));
-    mx = hmax<T>(vm);
-  }
-  for (int64_t m = Mv; m < M; ++m) mx = std::max(mx, row[m]);
+  const int64_t last = (M - 1) / Wd * Wd;  // start of the last (possibly partial) vector
+  const auto keep = lanes_below<T>(M - last);
+  const vec_t<T> ninf = vset<T>(-std::numeric_limits<T>::infinity());
+  vec_t<T> vm = ninf;
+  for (int64_t m = 0; m < last; m += Wd) vm = vmax<T>(vm, vload(row + m));
+  vm = vmax<T>(vm, keep ? vload(row + last) : ninf);
+  const T mx = hmax(vm);
   vec_t<T> vs = vset<T>(T(0));
-  for (int64_t m = 0; m < Mv; m += Wd) {
+  for (int64_t m = 0; m < last; m += Wd) {
     vec_t<T> e = vexp(vload(row + m) - mx);
     vstore(row + m, e);
     vs += e;
   }
-  T sum = hsum<T>(vs);
-  for (int64_t m = Mv; m < M; ++m) {
-    row[m] = sexp<T>(row[m] - mx);
-    sum += row[m];
+  {
+    vec_t<T> e = keep ? vexp(vload(row + last) - mx) : vset<T>(T(0));
+    vstore(row + last, e);
+    vs += e;
   }
+  const T sum = hsum(vs);
   const T inv = T(1) / sum;
   vec_t<T> vq = vset<T>(T(0));
-  for (int64_t m = 0; m < Mv; m += Wd) {
+  for (int64_t m = 0; m < last; m += Wd) {
     vec_t<T> p = vload(row + m) * inv;
     vq += p * p;
     vstore(row + m, p - shift);
   }
-  T q2 = hsum<T>(vq);
-  for (int64_t m = Mv; m < M; ++m) {
-    const T p = row[m] * inv;
-    q2 += p * p;
-    row[m] = p - shift;
+  {
+    vec_t<T> p = vload(row + last) * inv;
+    vq += p * p;
+    vstore(row + last, keep ? p - shift : vset<T>(T(0)));
   }
   *mx_out = mx;
   *sum_out = sum;
-  if (rsq) *rsq = q2;
+  if (rsq) *rsq = hsum(vq);
 }
 
 // mix weight as a dense h x h array of T (float32 or float64 input).
@@ -460,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
               }
               vD += vload(p_row + m) * x;
             }
-            T D = hsum<T>(vD);
+            T D = hsum(vD);
             for (int64_t m = Mv; m < M; ++m) {
               T x = dp_row[m];
               if (mix) {
@@ -488,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
                 for (int64_t m = 0; m < Mv; m += Wd) acc += vload(s + r * Mp + m) * vload(l + r * Mp + m);
                 for (int64_t m = Mv; m < M; ++m) tail += s[r * Mp + m] * l[r * Mp + m];
               }
-              dW[g * h + j] += double(hsum<T>(acc)) + double(tail);
+              dW[g * h + j] += double(hsum(acc)) + double(tail);
             }
           for (int64_t j = 0; j < h; ++j) {
             T* l = Lb.data() + j * plane;

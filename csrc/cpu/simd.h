@@ -37,28 +37,50 @@ inline __attribute__((always_inline)) vec_t<T> vset(T s) {
   return vec_t<T>{} + s;
 }
 template <typename T>
-inline __attribute__((always_inline)) T hsum(vec_t<T> v) {
-  // Fixed pairwise order so that the result never depends on anything but the lanes.
-  constexpr int W = Simd<T>::W;
-  T t[W];
-  std::memcpy(t, &v, sizeof(v));
-  for (int s = W / 2; s >= 1; s /= 2)
-    for (int i = 0; i < s; ++i) t[i] += t[i + s];
-  return t[0];
-}
-template <typename T>
-inline __attribute__((always_inline)) T hmax(vec_t<T> v) {
-  constexpr int W = Simd<T>::W;
-  T t[W];
-  std::memcpy(t, &v, sizeof(v));
-  T m = t[0];
-  for (int i = 1; i < W; ++i) m = t[i] > m ? t[i] : m;
-  return m;
-}
-template <typename T>
 inline __attribute__((always_inline)) vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
   return a > b ? a : b;
 }
+
+// Horizontal sum / max by halving (fixed pairing: the result depends only on the lanes).
+inline __attribute__((always_inline)) float hsum(vec_t<float> v) {
+  typedef Simd<float>::ivec iv;
+  v += __builtin_shuffle(v, iv{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+inline __attribute__((always_inline)) double hsum(vec_t<double> v) {
+  typedef Simd<double>::ivec iv;
+  v += __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+inline __attribute__((always_inline)) float hmax(vec_t<float> v) {
+  typedef Simd<float>::ivec iv;
+  v = vmax<float>(v, __builtin_shuffle(v, iv{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return v[0];
+}
+inline __attribute__((always_inline)) double hmax(vec_t<double> v) {
+  typedef Simd<double>::ivec iv;
+  v = vmax<double>(v, __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3}));
+  v = vmax<double>(v, __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5}));
+  v = vmax<double>(v, __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6}));
+  return v[0];
+}
+
+// Lanes [0, n) true, the rest false (n in [0, W]).
+template <typename T>
+inline __attribute__((always_inline)) typename Simd<T>::ivec lanes_below(int64_t n) {
+  typename Simd<T>::ivec idx;
+  for (int i = 0; i < Simd<T>::W; ++i) idx[i] = i;
+  return idx < (typename Simd<T>::ivec{} + (int)n);
+}
+
 
 // exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two for exactness).
 // float: Cephes' degree-6 polynomial (about 1 ulp); double: degree-12 Taylor (|r| <= ln2/2, error
