@@ -1,10 +1,10 @@
 // PA (pixel attention gate) forward and backward for CPU tensors: the `cpu` backend's
 // rest_kernels_C::pa_fwd / pa_bwd.  out = x * sigmoid(depthwise3x3(x) + bias), zero padding 1.
 //
-// One task per (batch, channel) plane (at::parallel_for). The plane is copied once into a buffer
-// with a one-pixel zero border, so the 3x3 taps are branch-free loops over contiguous columns that
-// the compiler vectorises; the conv, the sigmoid (vectorised exp) and the product happen in one
-// pass. The backward recomputes the gate for the plane, forms dz = dout * x * s (1 - s) into a
+// One task per (batch, channel) plane (dynamic tasks over at::parallel_for's threads). The plane is
+// copied once into a buffer with a one-pixel zero border and the 3x3 conv runs as one contiguous
+// loop over the flattened padded rows (see FlatPlane), which the compiler vectorises even for 7x7
+// planes; the conv, the sigmoid (vectorised exp) and the product happen in one pass. The backward recomputes the gate for the plane, forms dz = dout * x * s (1 - s) into a
 // bordered buffer and gives dx = dout * s + (3x3 correlation of dz with the flipped taps); dweight
 // and dbias are summed per plane (in double) and then over the batch in batch order for each channel:
 // deterministic whatever the thread count. Inputs of any layout (channels_last included) are made
@@ -27,30 +27,62 @@ inline void sigmoid_row(const T* z, T* s, int64_t n) {
   constexpr int Wd = Simd<T>::W;
   int64_t x = 0;
   for (; x + Wd <= n; x += Wd) vstore(s + x, T(1) / (vexp(-vload(z + x)) + T(1)));
-  for (; x < n; ++x) s[x] = T(1) / (sexp<T>(-z[x]) + T(1));
-}
-
-// Copy an H x W plane into the interior of a zeroed (H+2) x (W+2) buffer.
-template <typename T>
-inline void fill_bordered(const T* src, int64_t H, int64_t W, T* pad) {
-  const int64_t Wp = W + 2;
-  std::fill(pad, pad + (H + 2) * Wp, T(0));
-  for (int64_t y = 0; y < H; ++y) std::copy(src + y * W, src + (y + 1) * W, pad + (y + 1) * Wp + 1);
-}
-
-// z (H x W) = bias + 3x3 correlation of the bordered plane with taps w[9].
-template <typename T>
-inline void conv_plane(const T* pad, int64_t H, int64_t W, const T* w, T bias, T* z) {
-  const int64_t Wp = W + 2;
-  for (int64_t y = 0; y < H; ++y) {
-    T* zr = z + y * W;
-    for (int64_t x = 0; x < W; ++x) zr[x] = bias;
-    for (int ky = 0; ky < 3; ++ky) {
-      const T* r = pad + (y + ky) * Wp;
-      const T w0 = w[ky * 3], w1 = w[ky * 3 + 1], w2 = w[ky * 3 + 2];
-      for (int64_t x = 0; x < W; ++x) zr[x] += w0 * r[x] + w1 * r[x + 1] + w2 * r[x + 2];
-    }
+  if (x < n) {  // the tail as one zero-padded vector
+    T t[Wd] = {};
+    std::copy(z + x, z + n, t);
+    vstore(t, T(1) / (vexp(-vload(t)) + T(1)));
+    std::copy(t, t + (n - x), s + x);
   }
+}
+
+// sum_i a[i] * b[i] with fixed vector lanes (deterministic, vectorised).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int Wd = Simd<T>::W;
+  vec_t<T> acc = vset<T>(T(0));
+  int64_t i = 0;
+  for (; i + Wd <= n; i += Wd) acc += vload(a + i) * vload(b + i);
+  T r = hsum(acc);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// A plane in "flat padded" form: (H+2) x (W+2) with a zero border, stored with one spare zero before
+// and after, so that every 3x3 neighbour of an interior-row position p (p in [Wp, (H+1) Wp)), border
+// columns included, is base[p + off] with off in {-Wp-1, ..., Wp+1}. The conv then runs as one long
+// contiguous loop over the H x Wp interior rows whatever W is (small planes vectorise too); values
+// computed at the border columns are never used.
+struct FlatPlane {
+  int64_t H, W, Wp, n;  // n = H * Wp positions computed
+  int64_t off[9];
+  FlatPlane(int64_t H_, int64_t W_) : H(H_), W(W_), Wp(W_ + 2), n(H_ * (W_ + 2)) {
+    for (int t = 0; t < 9; ++t) off[t] = (t / 3 - 1) * Wp + (t % 3 - 1);
+  }
+  int64_t size() const { return (H + 2) * Wp + 2; }
+  int64_t p0() const { return Wp; }  // first interior-row position (relative to base)
+};
+
+// buf (size fp.size()) <- zero-bordered copy of the H x W plane src; returns base = buf + 1.
+template <typename T>
+inline T* fill_flat(const FlatPlane& fp, const T* src, T* buf) {
+  std::fill(buf, buf + fp.size(), T(0));
+  T* base = buf + 1;
+  for (int64_t y = 0; y < fp.H; ++y) std::copy(src + y * fp.W, src + (y + 1) * fp.W, base + (y + 1) * fp.Wp + 1);
+  return base;
+}
+
+// z[i] = bias + sum_t w[t] x[p0 + i + off[t]] for i < n; sign = -1 correlates with the flipped taps.
+template <typename T>
+inline void conv_flat(const FlatPlane& fp, const T* base, const T* w, T bias, int sign, T* z) {
+  const T* x = base + fp.p0();
+  int64_t o[9];
+  for (int t = 0; t < 9; ++t) o[t] = sign * fp.off[t];
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+  const T *x0 = x + o[0], *x1 = x + o[1], *x2 = x + o[2], *x3 = x + o[3], *x4 = x + o[4], *x5 = x + o[5],
+          *x6 = x + o[6], *x7 = x + o[7], *x8 = x + o[8];
+  for (int64_t i = 0; i < fp.n; ++i)
+    z[i] = bias + w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i] + w4 * x4[i] + w5 * x5[i] + w6 * x6[i] +
+           w7 * x7[i] + w8 * x8[i];
 }
 
 template <typename T>
@@ -65,23 +97,21 @@ at::Tensor pa_fwd_impl(const at::Tensor& x_in, const at::Tensor& weight, const c
   const T* bp = b.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t HW = H * W;
+  const FlatPlane fp(H, W);
   struct Buffers {
-    std::vector<T> pad, z, s;
+    std::vector<T> pad, z;
   };
-  auto make = [&] { return Buffers{std::vector<T>((H + 2) * (W + 2)), std::vector<T>(HW), std::vector<T>(HW)}; };
+  auto make = [&] { return Buffers{std::vector<T>(fp.size()), std::vector<T>(fp.n)}; };
   parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
-    auto& pad = buf.pad;
-    auto& z = buf.z;
-    auto& s = buf.s;
-    {
-      const int64_t c = bc % C;
-      const T* xs = xp + bc * HW;
-      fill_bordered(xs, H, W, pad.data());
-      conv_plane(pad.data(), H, W, wp + c * 9, bp[c], z.data());
-      sigmoid_row(z.data(), s.data(), HW);
-      T* o = op + bc * HW;
-      for (int64_t t = 0; t < HW; ++t) o[t] = xs[t] * s[t];
-    }
+    const int64_t c = bc % C;
+    const T* base = fill_flat(fp, xp + bc * HW, buf.pad.data());
+    T* z = buf.z.data();
+    conv_flat(fp, base, wp + c * 9, bp[c], 1, z);
+    sigmoid_row(z, z, fp.n);
+    T* o = op + bc * HW;
+    const T* xin = base + fp.p0() + 1;
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t u = 0; u < W; ++u) o[y * W + u] = xin[y * fp.Wp + u] * z[y * fp.Wp + u + 1];
   });
   return out;
 }
@@ -101,70 +131,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_impl(const at::Tensor& dou
   const T* wp = w.data_ptr<T>();
   const T* bp = b.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
-  const int64_t HW = H * W, Wp = W + 2;
+  const int64_t HW = H * W;
+  const FlatPlane fp(H, W);
   // Per plane: 9 dweight sums and the dbias sum, in double.
   std::vector<double> part(B * C * 10, 0.0);
   struct Buffers {
-    std::vector<T> pad, dzpad, z, s;
+    std::vector<T> xpad, gpad, dzpad, s, t;
   };
   auto make = [&] {
-    return Buffers{std::vector<T>((H + 2) * Wp), std::vector<T>((H + 2) * Wp), std::vector<T>(HW),
-                   std::vector<T>(HW)};
+    return Buffers{std::vector<T>(fp.size()), std::vector<T>(fp.size()), std::vector<T>(fp.size(), T(0)),
+                   std::vector<T>(fp.n), std::vector<T>(fp.n)};
   };
   parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
-    auto& pad = buf.pad;
-    auto& dzpad = buf.dzpad;
-    auto& z = buf.z;
-    auto& s = buf.s;
+    const int64_t c = bc % C;
+    const T* wc = wp + c * 9;
+    const T* xb = fill_flat(fp, xp + bc * HW, buf.xpad.data());
+    const T* gb = fill_flat(fp, gp + bc * HW, buf.gpad.data());
+    T* s = buf.s.data();
+    conv_flat(fp, xb, wc, bp[c], 1, s);
+    sigmoid_row(s, s, fp.n);
+    // dz = dout * x * s (1 - s): zero on the border columns because dout is zero there; the border
+    // rows and spares of dzpad stay zero from its allocation.
+    T* dzb = buf.dzpad.data() + 1;
+    T* dz = dzb + fp.p0();
+    const T* xi = xb + fp.p0();
+    const T* gi = gb + fp.p0();
+    for (int64_t i = 0; i < fp.n; ++i) dz[i] = gi[i] * xi[i] * s[i] * (T(1) - s[i]);
+    double* pp = part.data() + bc * 10;
+    for (int t = 0; t < 9; ++t) pp[t] = double(dot(dz, xi + fp.off[t], fp.n));
     {
-      const int64_t c = bc % C;
-      const T* xs = xp + bc * HW;
-      const T* gs = gp + bc * HW;
-      const T* wc = wp + c * 9;
-      fill_bordered(xs, H, W, pad.data());
-      conv_plane(pad.data(), H, W, wc, bp[c], z.data());
-      sigmoid_row(z.data(), s.data(), HW);
-      std::fill(dzpad.begin(), dzpad.end(), T(0));
-      double* pp = part.data() + bc * 10;
-      for (int64_t y = 0; y < H; ++y) {
-        T* dzr = dzpad.data() + (y + 1) * Wp + 1;
-        const T* sr = s.data() + y * W;
-        const T* xr = xs + y * W;
-        const T* gr = gs + y * W;
-        T dbs = 0;
-        for (int64_t t = 0; t < W; ++t) {
-          dzr[t] = gr[t] * xr[t] * sr[t] * (T(1) - sr[t]);
-          dbs += dzr[t];
-        }
-        pp[9] += double(dbs);
-      }
-      // dweight[ky][kx] = sum_y,x dz[y][x] * x[y+ky-1][x+kx-1]
-      for (int t = 0; t < 9; ++t) {
-        const int ky = t / 3, kx = t % 3;
-        double acc = 0;
-        for (int64_t y = 0; y < H; ++y) {
-          const T* dzr = dzpad.data() + (y + 1) * Wp + 1;
-          const T* xr = pad.data() + (y + ky) * Wp + kx;
-          T rs = 0;
-          for (int64_t u = 0; u < W; ++u) rs += dzr[u] * xr[u];
-          acc += double(rs);
-        }
-        pp[t] = acc;
-      }
-      // dx = dout * s + sum_taps w[ky][kx] * dz[y - ky + 1][x - kx + 1]
-      T* dxs = dxp + bc * HW;
-      for (int64_t y = 0; y < H; ++y) {
-        T* o = dxs + y * W;
-        const T* sr = s.data() + y * W;
-        const T* gr = gs + y * W;
-        for (int64_t u = 0; u < W; ++u) o[u] = gr[u] * sr[u];
-        for (int ky = 0; ky < 3; ++ky) {
-          const T* r = dzpad.data() + (y + 2 - ky) * Wp;
-          const T w0 = wc[ky * 3], w1 = wc[ky * 3 + 1], w2 = wc[ky * 3 + 2];
-          for (int64_t u = 0; u < W; ++u) o[u] += w0 * r[u + 2] + w1 * r[u + 1] + w2 * r[u];
-        }
-      }
+      vec_t<T> acc = vset<T>(T(0));
+      int64_t i = 0;
+      constexpr int Wd = Simd<T>::W;
+      for (; i + Wd <= fp.n; i += Wd) acc += vload(dz + i);
+      T r = hsum(acc);
+      for (; i < fp.n; ++i) r += dz[i];
+      pp[9] = double(r);
     }
+    // dx = dout * s + correlation of dz with the flipped taps
+    T* t = buf.t.data();
+    conv_flat(fp, dzb, wc, T(0), -1, t);
+    T* o = dxp + bc * HW;
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t u = 0; u < W; ++u) {
+        const int64_t i = y * fp.Wp + u + 1;
+        o[y * W + u] = gi[i] * s[i] + t[i];
+      }
   });
   at::Tensor dw = at::empty({C, 1, 3, 3}, weight.options());
   at::Tensor db = at::empty({C}, bias.has_value() ? bias->options() : weight.options());
