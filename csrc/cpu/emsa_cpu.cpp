@@ -54,6 +54,14 @@ constexpr int64_t kBwdBufferBytes = 640 * 1024;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Grain (items per thread) for the light, memory-bound passes (packing, sums, the normalisation):
+// they run inline unless each thread gets at least ~256K elements. Every parallel region costs a
+// rendezvous of all threads, which on a shared machine can wait a whole scheduler slice for a
+// descheduled thread; the light passes are not worth that.
+inline int64_t light_grain(int64_t elements_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(elements_per_item, 1));
+}
+
 // Rows per block: a multiple of the micro-tile height such that the block buffers take about
 // `budget` bytes; depends on shapes only.
 inline int64_t block_rows(int64_t bytes_per_row, int64_t budget, int64_t N) {
@@ -77,7 +85,7 @@ template <typename T>
 void pack_transposed(const at::Tensor& src, T scale, int64_t Mp, T* dst) {
   const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
   View4<T> s(src);
-  at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
     for (int64_t bj = lo; bj < hi; ++bj) {
       const int64_t b = bj / h, j = bj % h;
       T* o = dst + bj * d * Mp;
@@ -95,7 +103,7 @@ template <typename T>
 void pack_rows(const at::Tensor& src, T scale, int64_t dp, T* dst) {
   const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
   View4<T> s(src);
-  at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
     for (int64_t bj = lo; bj < hi; ++bj) {
       const int64_t b = bj / h, j = bj % h;
       T* o = dst + bj * M * dp;
@@ -296,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
     for (int64_t x = 0; x < B * h * N; ++x) rsq_f[x] = float(rsq_acc[x]);
     for (int64_t x = 0; x < B * h; ++x) rstd_f[x] = float(rs[x]);
     // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
-    at::parallel_for(0, B * N, 64, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
       for (int64_t bi = lo; bi < hi; ++bi) {
         const int64_t b = bi / N;
         for (int64_t g = 0; g < h; ++g) {
@@ -321,10 +329,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   const std::vector<T> W = mix_as<T>(mix_weight, h);
   const bool mix = !W.empty();
   auto opt = q.options();
-  at::Tensor dq = at::zeros({B, h, N, d}, opt), dk = at::zeros({B, h, M, d}, opt), dv = at::zeros({B, h, M, d}, opt);
+  // dq: every row is written by its block; dk, dv: by the reduction of the chunks' partials.
+  at::Tensor dq = at::empty({B, h, N, d}, opt), dk = at::empty({B, h, M, d}, opt), dv = at::empty({B, h, M, d}, opt);
   at::Tensor dmix = mix ? at::zeros({h, h}, opt.dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat))
                         : at::empty({0}, opt.dtype(at::kFloat));
-  if (B * h * N == 0 || M == 0 || d == 0) return {dq, dk, dv, dmix};
+  if (B * h * N == 0 || M == 0 || d == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dmix};
 
   // Packed operands: scale*K^T (logits), V^T (dO v^T), scale*K rows (dq).
   at::Tensor kt = at::empty({B * h * d * Mp}, opt), vt = at::empty({B * h * d * Mp}, opt),
@@ -346,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
       at::Tensor r = rstd_in.to(at::kFloat).contiguous();
       for (int64_t x = 0; x < B * h; ++x) rs[x] = r.data_ptr<float>()[x];
     }
-    at::parallel_for(0, B * h, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * h, light_grain((N + M) * d), [&](int64_t lo, int64_t hi) {
       std::vector<double> sdo(d), sv(d);
       for (int64_t bg = lo; bg < hi; ++bg) {
         const int64_t b = bg / h, g = bg % h;
@@ -384,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   const int64_t nchunk = std::min<int64_t>(nblk, std::max<int64_t>(1, (32 + B - 1) / B));
   const int64_t per_chunk = (nblk + nchunk - 1) / nchunk;
   const int64_t part = h * M * dp;
-  at::Tensor dk_part = at::zeros({B * nchunk * part}, opt), dv_part = at::zeros({B * nchunk * part}, opt);
+  at::Tensor dk_part = at::empty({B * nchunk * part}, opt), dv_part = at::empty({B * nchunk * part}, opt);
   std::vector<double> dw_part(mix ? B * nchunk * h * h : 0, 0.0);
   View4<T> qv(q);
   const T shift = mix ? T(1) / T(M) : T(0);
@@ -418,6 +427,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
       const int64_t b = task / nchunk, ch = task % nchunk;
       T* dK = dkp + task * part;
       T* dV = dvp + task * part;
+      std::fill(dK, dK + part, T(0));  // each task owns (and zeroes) its partials
+      std::fill(dV, dV + part, T(0));
       double* dW = mix ? dw_part.data() + task * h * h : nullptr;
       for (int64_t blk = ch * per_chunk; blk < std::min(nblk, (ch + 1) * per_chunk); ++blk) {
         const int64_t i0 = blk * BN, nr = std::min(BN, N - i0);
@@ -516,11 +527,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   T* dko = dk.data_ptr<T>();
   T* dvo = dv.data_ptr<T>();
   const T sc = T(scale);
-  at::parallel_for(0, B * h * M, 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * h * M, light_grain(2 * nchunk * d), [&](int64_t lo, int64_t hi) {
     for (int64_t bjm = lo; bjm < hi; ++bjm) {
       const int64_t b = bjm / (h * M), jm = bjm % (h * M);
       T* ko = dko + bjm * d;
       T* vo = dvo + bjm * d;
+      std::fill(ko, ko + d, T(0));
+      std::fill(vo, vo + d, T(0));
       for (int64_t ch = 0; ch < nchunk; ++ch) {
         const T* kp = dkp + (b * nchunk + ch) * part + jm * dp;
         const T* vp2 = dvp + (b * nchunk + ch) * part + jm * dp;
