@@ -4,8 +4,13 @@
 // Design
 // ------
 // Grid. Work is split into tasks of one batch b and one block of BN query rows (BN a multiple of the
-// 6-row GEMM micro-tile, chosen from the shapes alone so that the per-task buffers stay in L2).
-// at::parallel_for spreads the tasks over the threads.
+// 6-row GEMM micro-tile, chosen from the shapes alone so that the per-task buffers, BN x M x h values
+// a few times over, stay in L2). The threads of at::parallel_for take tasks from an atomic counter
+// (parallel.h), so a thread slowed down by another process does not hold the others up. The light
+// passes (packing k and v, per-(b, g) sums, the normalisation scale, the chunk reduction) run inline
+// unless they are large, so a call has a single thread rendezvous in the common case.
+// All products are one register-blocked tile GEMM (tile_gemm.h: 6 rows x 4 vectors of 16 floats,
+// explicit 64-byte vectors = AVX-512 FMAs); softmax uses a vectorised exp (simd.h).
 //
 // Forward task: packs the block's q rows of every head, computes all heads' logits
 // L_j = q_j (scale k_j)^T (BN x M each) with the register-blocked tile GEMM, mixes them across heads
