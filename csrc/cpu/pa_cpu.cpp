@@ -62,10 +62,10 @@ struct FlatPlane {
   int64_t p0() const { return Wp; }  // first interior-row position (relative to base)
 };
 
-// buf (size fp.size()) <- zero-bordered copy of the H x W plane src; returns base = buf + 1.
+// Copy the H x W plane src into the interior of buf (size fp.size()); returns base = buf + 1. The
+// border and spares are never written, so a buffer zeroed once at allocation stays zero-bordered.
 template <typename T>
 inline T* fill_flat(const FlatPlane& fp, const T* src, T* buf) {
-  std::fill(buf, buf + fp.size(), T(0));
   T* base = buf + 1;
   for (int64_t y = 0; y < fp.H; ++y) std::copy(src + y * fp.W, src + (y + 1) * fp.W, base + (y + 1) * fp.Wp + 1);
   return base;
@@ -85,6 +85,9 @@ inline void conv_flat(const FlatPlane& fp, const T* base, const T* w, T bias, in
            w7 * x7[i] + w8 * x8[i];
 }
 
+// Small planes are grouped so that a task holds at least ~4K pixels (task hand-out costs little then).
+inline int64_t planes_per_task(int64_t HW) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)); }
+
 template <typename T>
 at::Tensor pa_fwd_impl(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const at::Tensor x = x_in.contiguous();
@@ -101,17 +104,20 @@ at::Tensor pa_fwd_impl(const at::Tensor& x_in, const at::Tensor& weight, const c
   struct Buffers {
     std::vector<T> pad, z;
   };
-  auto make = [&] { return Buffers{std::vector<T>(fp.size()), std::vector<T>(fp.n)}; };
-  parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
-    const int64_t c = bc % C;
-    const T* base = fill_flat(fp, xp + bc * HW, buf.pad.data());
-    T* z = buf.z.data();
-    conv_flat(fp, base, wp + c * 9, bp[c], 1, z);
-    sigmoid_row(z, z, fp.n);
-    T* o = op + bc * HW;
-    const T* xin = base + fp.p0() + 1;
-    for (int64_t y = 0; y < H; ++y)
-      for (int64_t u = 0; u < W; ++u) o[y * W + u] = xin[y * fp.Wp + u] * z[y * fp.Wp + u + 1];
+  auto make = [&] { return Buffers{std::vector<T>(fp.size(), T(0)), std::vector<T>(fp.n)}; };
+  const int64_t per_task = planes_per_task(HW), planes = B * C;
+  parallel_tasks((planes + per_task - 1) / per_task, make, [&](int64_t task, Buffers& buf) {
+    for (int64_t bc = task * per_task; bc < std::min(planes, (task + 1) * per_task); ++bc) {
+      const int64_t c = bc % C;
+      const T* base = fill_flat(fp, xp + bc * HW, buf.pad.data());
+      T* z = buf.z.data();
+      conv_flat(fp, base, wp + c * 9, bp[c], 1, z);
+      sigmoid_row(z, z, fp.n);
+      T* o = op + bc * HW;
+      const T* xin = base + fp.p0() + 1;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t u = 0; u < W; ++u) o[y * W + u] = xin[y * fp.Wp + u] * z[y * fp.Wp + u + 1];
+    }
   });
   return out;
 }
@@ -139,44 +145,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_impl(const at::Tensor& dou
     std::vector<T> xpad, gpad, dzpad, s, t;
   };
   auto make = [&] {
-    return Buffers{std::vector<T>(fp.size()), std::vector<T>(fp.size()), std::vector<T>(fp.size(), T(0)),
+    return Buffers{std::vector<T>(fp.size(), T(0)), std::vector<T>(fp.size(), T(0)), std::vector<T>(fp.size(), T(0)),
                    std::vector<T>(fp.n), std::vector<T>(fp.n)};
   };
-  parallel_tasks(B * C, make, [&](int64_t bc, Buffers& buf) {
-    const int64_t c = bc % C;
-    const T* wc = wp + c * 9;
-    const T* xb = fill_flat(fp, xp + bc * HW, buf.xpad.data());
-    const T* gb = fill_flat(fp, gp + bc * HW, buf.gpad.data());
-    T* s = buf.s.data();
-    conv_flat(fp, xb, wc, bp[c], 1, s);
-    sigmoid_row(s, s, fp.n);
-    // dz = dout * x * s (1 - s): zero on the border columns because dout is zero there; the border
-    // rows and spares of dzpad stay zero from its allocation.
-    T* dzb = buf.dzpad.data() + 1;
-    T* dz = dzb + fp.p0();
-    const T* xi = xb + fp.p0();
-    const T* gi = gb + fp.p0();
-    for (int64_t i = 0; i < fp.n; ++i) dz[i] = gi[i] * xi[i] * s[i] * (T(1) - s[i]);
-    double* pp = part.data() + bc * 10;
-    for (int t = 0; t < 9; ++t) pp[t] = double(dot(dz, xi + fp.off[t], fp.n));
-    {
-      vec_t<T> acc = vset<T>(T(0));
-      int64_t i = 0;
-      constexpr int Wd = Simd<T>::W;
-      for (; i + Wd <= fp.n; i += Wd) acc += vload(dz + i);
-      T r = hsum(acc);
-      for (; i < fp.n; ++i) r += dz[i];
-      pp[9] = double(r);
-    }
-    // dx = dout * s + correlation of dz with the flipped taps
-    T* t = buf.t.data();
-    conv_flat(fp, dzb, wc, T(0), -1, t);
-    T* o = dxp + bc * HW;
-    for (int64_t y = 0; y < H; ++y)
-      for (int64_t u = 0; u < W; ++u) {
-        const int64_t i = y * fp.Wp + u + 1;
-        o[y * W + u] = gi[i] * s[i] + t[i];
+  const int64_t per_task = planes_per_task(HW), planes = B * C;
+  parallel_tasks((planes + per_task - 1) / per_task, make, [&](int64_t task, Buffers& buf) {
+    for (int64_t bc = task * per_task; bc < std::min(planes, (task + 1) * per_task); ++bc) {
+      const int64_t c = bc % C;
+      const T* wc = wp + c * 9;
+      const T* xb = fill_flat(fp, xp + bc * HW, buf.xpad.data());
+      const T* gb = fill_flat(fp, gp + bc * HW, buf.gpad.data());
+      T* s = buf.s.data();
+      conv_flat(fp, xb, wc, bp[c], 1, s);
+      sigmoid_row(s, s, fp.n);
+      // dz = dout * x * s (1 - s): zero on the border columns because dout is zero there; the border
+      // rows and spares of dzpad stay zero from its allocation.
+      T* dzb = buf.dzpad.data() + 1;
+      T* dz = dzb + fp.p0();
+      const T* xi = xb + fp.p0();
+      const T* gi = gb + fp.p0();
+      for (int64_t i = 0; i < fp.n; ++i) dz[i] = gi[i] * xi[i] * s[i] * (T(1) - s[i]);
+      double* pp = part.data() + bc * 10;
+      for (int t = 0; t < 9; ++t) pp[t] = double(dot(dz, xi + fp.off[t], fp.n));
+      {
+        vec_t<T> acc = vset<T>(T(0));
+        int64_t i = 0;
+        constexpr int Wd = Simd<T>::W;
+        for (; i + Wd <= fp.n; i += Wd) acc += vload(dz + i);
+        T r = hsum(acc);
+        for (; i < fp.n; ++i) r += dz[i];
+        pp[9] = double(r);
       }
+      // dx = dout * s + correlation of dz with the flipped taps
+      T* t = buf.t.data();
+      conv_flat(fp, dzb, wc, T(0), -1, t);
+      T* o = dxp + bc * HW;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t u = 0; u < W; ++u) {
+          const int64_t i = y * fp.Wp + u + 1;
+          o[y * W + u] = gi[i] * s[i] + t[i];
+        }
+    }
   });
   at::Tensor dw = at::empty({C, 1, 3, 3}, weight.options());
   at::Tensor db = at::empty({C}, bias.has_value() ? bias->options() : weight.options());
