@@ -42,6 +42,7 @@ inline __attribute__((always_inline)) vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
 }
 
 // Horizontal sum / max by halving (fixed pairing: the result depends only on the lanes).
+#if defined(__GNUC__) && !defined(__clang__)
 inline __attribute__((always_inline)) float hsum(vec_t<float> v) {
   typedef Simd<float>::ivec iv;
   v += __builtin_shuffle(v, iv{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
@@ -72,6 +73,22 @@ inline __attribute__((always_inline)) double hmax(vec_t<double> v) {
   v = vmax<double>(v, __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6}));
   return v[0];
 }
+#else
+// Other compilers: the same halving order on an array (no GCC __builtin_shuffle).
+template <typename V, typename T = decltype(V{}[0] + 0)>
+inline T halve_reduce(V v, bool is_max) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  T t[W];
+  std::memcpy(t, &v, sizeof(v));
+  for (int s = W / 2; s >= 1; s /= 2)
+    for (int i = 0; i < s; ++i) t[i] = is_max ? (t[i + s] > t[i] ? t[i + s] : t[i]) : t[i] + t[i + s];
+  return t[0];
+}
+inline float hsum(vec_t<float> v) { return halve_reduce(v, false); }
+inline double hsum(vec_t<double> v) { return halve_reduce(v, false); }
+inline float hmax(vec_t<float> v) { return halve_reduce(v, true); }
+inline double hmax(vec_t<double> v) { return halve_reduce(v, true); }
+#endif
 
 // Lanes [0, n) true, the rest false (n in [0, W]).
 template <typename T>
