@@ -14,7 +14,8 @@
 //   lse  (B,h,N) float32: natural-log sum-exp of each row of the (mixed, scaled) logits.
 //   rsq  (B,h,N) float32: sum over keys of P^2 for each row (zeros when mix_weight is None).
 //   rstd (B,h)   float32: (var + eps)^-1/2 of each head map (zeros when mix_weight is None).
-//   dmix is (h,h) float32, or an empty tensor when mix_weight is None.
+//   mix_weight is (h,h) float32, float64 when q is float64; dmix is (h,h) of mix_weight's dtype, or an
+//   empty tensor when mix_weight is None.
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -23,11 +23,17 @@ from .backends.registry import BACKENDS, select
 
 
 # --------------------------------------------------------------------------- EMSA custom ops
+def _mix_dtype(q):
+    """dtype of the mix weight handed to the kernels and of their dmix: float32, or float64 for
+    float64 inputs (a float32 copy of the weight would cap float64 results near 1e-7)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("rest_kernels::emsa_fwd", mutates_args=())
 def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_bias: Optional[Tensor],
              scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA forward on `backend`: (out, lse, rsq, rstd). mix_bias cannot change the result."""
-    w = mix_weight.float().contiguous() if mix_weight is not None else None
+    w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
     out, lse, rsq, rstd = BACKENDS[backend].emsa_forward(q, k, v, w, scale, eps)
     if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -47,7 +53,7 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
              lse: Tensor, rsq: Tensor, rstd: Tensor, scale: float, eps: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
-    w = mix_weight.float().contiguous() if mix_weight is not None else None
+    w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
     dq, dk, dv, dmix = BACKENDS[backend].emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
     if dmix is None:
         dmix = q.new_empty(0, dtype=torch.float32)
@@ -57,7 +63,7 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
 @emsa_bwd.register_fake
 def _emsa_bwd_fake(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps, backend):
     h = q.shape[1]
-    dmix = q.new_empty((h, h) if mix_weight is not None else (0,), dtype=torch.float32)
+    dmix = q.new_empty((h, h), dtype=_mix_dtype(q)) if mix_weight is not None else q.new_empty(0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmix)
 
 

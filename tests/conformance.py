@@ -217,7 +217,8 @@ def check_emsa_stats(backend, B, h, N, M, d, dtype=torch.float32, mix=True, devi
         if not mix and name in ("rsq", "rstd"):
             continue
         assert a.dtype == (dtype if name == "out" else torch.float32), f"{name} dtype {a.dtype}"
-        assert_close_scaled(a, e, tol, f"stat {name} [{backend}]")
+        # the statistics are float32 whatever the input dtype: float32 rounding bounds them
+        assert_close_scaled(a, e, tol if name == "out" else max(tol, 1e-6), f"stat {name} [{backend}]")
 
 
 def opcheck_emsa(backend, dtype=torch.float32, device="cpu", mix=True, N=5, M=3):

@@ -1,0 +1,604 @@
+// EMSA forward and backward for CPU tensors: the `cpu` backend (ops rest_kernels_C::emsa_fwd / emsa_bwd,
+// CPU dispatch key). Contract: rest_kernels/backends/base.py; math: shared/notes/emsa_math.md.
+//
+// Design
+// ------
+// Grid. Work is split into tasks of one batch b and one block of BN query rows (BN a multiple of the
+// 6-row GEMM micro-tile, chosen from the shapes alone so that the per-task buffers, BN x M x h values
+// a few times over, stay in L2). The threads of at::parallel_for take tasks from an atomic counter
+// (parallel.h), so a thread slowed down by another process does not hold the others up. The light
+// passes (packing k and v, per-(b, g) sums, the normalisation scale, the chunk reduction) run inline
+// unless they are large, so a call has a single thread rendezvous in the common case.
+// All products are one register-blocked tile GEMM (tile_gemm.h: 6 rows x 4 vectors of 16 floats,
+// explicit 64-byte vectors = AVX-512 FMAs); softmax uses a vectorised exp (simd.h).
+//
+// Forward task: packs the block's q rows of every head, computes all heads' logits
+// L_j = q_j (scale k_j)^T (BN x M each) with the register-blocked tile GEMM, mixes them across heads
+// (S_g = sum_j W[g,j] L_j), takes each row's softmax (max, exp, sum: lse), the row's sum of squares
+// r_i = sum_m P_im^2 in the same pass, subtracts the InstanceNorm mean, which is exactly 1/M because
+// every row of P sums to one, and multiplies (P - 1/M) by v. Without the mix it is plain softmax
+// attention (P v). K^T * scale and V are packed once per call, zero padded to the vector width,
+// from any strides of k and v (q is read through its strides while packing a block).
+//
+// Normalisation is exact: InstanceNorm over the (b, g) map is (P - mean) * rstd with mean = 1/M
+// (rows sum to one) and var = sum_i r_i / (N M) - 1/M^2 (biased variance of a map whose mean is
+// known), so out = rstd * ((P - 1/M) v). The tasks leave (P - 1/M) v in `out` and r_i per row; a
+// per-(b, g) serial sum of r_i gives rstd, and one light pass scales each (b, g) slice of `out`.
+//
+// Backward (per task: b and a fixed chunk of query blocks) recomputes L, S and P of each block exactly
+// like the forward (full rows, so lse is not needed), then per output head g:
+// Y = (P - 1/M) rstd, dv_g += Y^T dO_g, dP = rstd (dO_g v_g^T - a_g - Y c_g) with the per-(b, g) scalars
+// a_g = mean(dO v^T), c_g = mean(dO v^T * Y) computed beforehand from sums over rows, D_i = sum_m P dP,
+// dS = P (dP - D_i); then dW[g,j] += sum dS_g L_j, dL_j = sum_g W[g,j] dS_g, dq_j = dL_j (scale k_j),
+// dk_j += dL_j^T q_j * scale. Nothing of size N x M exists outside the per-thread block buffers.
+// float64 recomputes rstd in float64 with a statistics-only forward pass (the saved rstd is float32).
+//
+// Determinism. Every value is computed in an order fixed by the shapes alone: each row's sums run
+// over keys in increasing order with fixed vector lanes; the GEMM sums over k in increasing order;
+// the sums over query rows (r_i -> rstd, a_g, c_g) are serial per (b, g); dk, dv and dW, which sum
+// over query blocks, are accumulated per (b, chunk) where the chunks are a partition of the blocks
+// fixed by the shapes (not by the thread count) and then added chunk after chunk. No atomics and no
+// per-thread accumulators: outputs and gradients are bitwise identical for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+#include "tile_gemm.h"
+
+namespace rest_cpu {
+namespace {
+
+constexpr int64_t kFwdBufferBytes = 384 * 1024;
+constexpr int64_t kBwdBufferBytes = 640 * 1024;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Grain (items per thread) for the light, memory-bound passes (packing, sums, the normalisation):
+// they run inline unless each thread gets at least ~256K elements. Every parallel region costs a
+// rendezvous of all threads, which on a shared machine can wait a whole scheduler slice for a
+// descheduled thread; the light passes are not worth that.
+inline int64_t light_grain(int64_t elements_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(elements_per_item, 1));
+}
+
+// Rows per block: a multiple of the micro-tile height such that the block buffers take about
+// `budget` bytes; depends on shapes only.
+inline int64_t block_rows(int64_t bytes_per_row, int64_t budget, int64_t N) {
+  int64_t bn = budget / std::max<int64_t>(bytes_per_row, 1);
+  bn = std::clamp<int64_t>(bn / GEMM_MR * GEMM_MR, GEMM_MR, 96);
+  return std::min(bn, round_up(N, GEMM_MR));
+}
+
+// A 4-d tensor read through its strides.
+template <typename T>
+struct View4 {
+  const T* p;
+  int64_t s0, s1, s2, s3;
+  explicit View4(const at::Tensor& t)
+      : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  const T* row(int64_t b, int64_t j, int64_t i) const { return p + b * s0 + j * s1 + i * s2; }
+};
+
+// dst[(b*h + j)][c][m] = scale * src[b, j, m, c], zero padded to Mp columns (the transposed pack).
+template <typename T>
+void pack_transposed(const at::Tensor& src, T scale, int64_t Mp, T* dst) {
+  const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
+  View4<T> s(src);
+  at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
+    for (int64_t bj = lo; bj < hi; ++bj) {
+      const int64_t b = bj / h, j = bj % h;
+      T* o = dst + bj * d * Mp;
+      for (int64_t c = 0; c < d; ++c) std::fill(o + c * Mp + M, o + (c + 1) * Mp, T(0));
+      for (int64_t m = 0; m < M; ++m) {
+        const T* r = s.row(b, j, m);
+        for (int64_t c = 0; c < d; ++c) o[c * Mp + m] = r[c * s.s3] * scale;
+      }
+    }
+  });
+}
+
+// dst[(b*h + j)][m][c] = scale * src[b, j, m, c], zero padded to dp columns (the row-major pack).
+template <typename T>
+void pack_rows(const at::Tensor& src, T scale, int64_t dp, T* dst) {
+  const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
+  View4<T> s(src);
+  at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
+    for (int64_t bj = lo; bj < hi; ++bj) {
+      const int64_t b = bj / h, j = bj % h;
+      T* o = dst + bj * M * dp;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* r = s.row(b, j, m);
+        for (int64_t c = 0; c < d; ++c) o[m * dp + c] = r[c * s.s3] * scale;
+        std::fill(o + m * dp + d, o + (m + 1) * dp, T(0));
+      }
+    }
+  });
+}
+
+// Copy rows i0..i0+nr of head j of a strided (B,h,N,d) tensor into a dense (nr x dp) block; the
+// padding columns of the block are zero from its allocation and never written.
+template <typename T>
+inline void load_block(const View4<T>& s, int64_t b, int64_t j, int64_t i0, int64_t nr, int64_t d, T* dst,
+                       int64_t dp) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = s.row(b, j, i0 + r);
+    T* o = dst + r * dp;
+    if (s.s3 == 1)
+      std::copy(src, src + d, o);
+    else
+      for (int64_t c = 0; c < d; ++c) o[c] = src[c * s.s3];
+  }
+}
+
+// S_g = sum_j W[g, j] L_j over the block (all nr x Mp entries; Mp is a multiple of the vector width).
+template <typename T>
+void mix_heads(const T* W, int64_t h, const T* L, T* S, int64_t plane, int64_t n) {
+  constexpr int Wd = Simd<T>::W;
+  for (int64_t g = 0; g < h; ++g) {
+    T* s = S + g * plane;
+    for (int64_t x = 0; x < n; x += Wd) {
+      vec_t<T> acc = vload(L + x) * W[g * h + 0];
+      for (int64_t j = 1; j < h; ++j) acc += vload(L + j * plane + x) * W[g * h + j];
+      vstore(s + x, acc);
+    }
+  }
+}
+
+// Softmax of one row of M logits, in place, over whole vectors: the row buffer is padded to a multiple
+// of the vector width and the last vector is masked (padding lanes become P = 0), so there is no
+// scalar tail. Returns (max, sum of exp) and, when `rsq` is non-null, sum_m P^2; `shift` is
+// subtracted from P afterwards (1/M under InstanceNorm, else 0).
+template <typename T>
+inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rsq) {
+  constexpr int Wd = Simd<T>::W;
+  const int64_t last = (M - 1) / Wd * Wd;  // start of the last (possibly partial) vector
+  const auto keep = lanes_below<T>(M - last);
+  const vec_t<T> ninf = vset<T>(-std::numeric_limits<T>::infinity());
+  vec_t<T> vm = ninf;
+  for (int64_t m = 0; m < last; m += Wd) vm = vmax<T>(vm, vload(row + m));
+  vm = vmax<T>(vm, keep ? vload(row + last) : ninf);
+  const T mx = hmax(vm);
+  vec_t<T> vs = vset<T>(T(0));
+  for (int64_t m = 0; m < last; m += Wd) {
+    vec_t<T> e = vexp(vload(row + m) - mx);
+    vstore(row + m, e);
+    vs += e;
+  }
+  {
+    vec_t<T> e = keep ? vexp(vload(row + last) - mx) : vset<T>(T(0));
+    vstore(row + last, e);
+    vs += e;
+  }
+  const T sum = hsum(vs);
+  const T inv = T(1) / sum;
+  vec_t<T> vq = vset<T>(T(0));
+  for (int64_t m = 0; m < last; m += Wd) {
+    vec_t<T> p = vload(row + m) * inv;
+    vq += p * p;
+    vstore(row + m, p - shift);
+  }
+  {
+    vec_t<T> p = vload(row + last) * inv;
+    vq += p * p;
+    vstore(row + last, keep ? p - shift : vset<T>(T(0)));
+  }
+  *mx_out = mx;
+  *sum_out = sum;
+  if (rsq) *rsq = hsum(vq);
+}
+
+// mix weight as a dense h x h array of T (float32 or float64 input).
+template <typename T>
+std::vector<T> mix_as(const c10::optional<at::Tensor>& w, int64_t h) {
+  std::vector<T> out;
+  if (!w.has_value()) return out;
+  at::Tensor wd = w->to(at::kDouble).contiguous().reshape({h, h});
+  const double* p = wd.data_ptr<double>();
+  out.assign(h * h, T(0));
+  for (int64_t x = 0; x < h * h; ++x) out[x] = T(p[x]);
+  return out;
+}
+
+struct Shapes {
+  int64_t B, h, N, M, d, Mp, dp;
+};
+
+inline Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, int W) {
+  Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0, 0};
+  s.Mp = round_up(std::max<int64_t>(s.M, 1), W);
+  s.dp = round_up(std::max<int64_t>(s.d, 1), W);
+  return s;
+}
+
+// The forward pass over all tasks. With `out` null it only computes the row statistics (used by the
+// float64 backward to get rstd in float64). rsq_acc (B,h,N) receives r_i in T; lse may be null.
+template <typename T>
+void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* vp, const std::vector<T>& W,
+                   T* out, float* lse, T* rsq_acc) {
+  const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
+  const bool mix = !W.empty();
+  const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 2 : 1) * h * Mp + h * dp + dp);
+  const int64_t BN = block_rows(row_bytes, kFwdBufferBytes, N);
+  const int64_t nblk = (N + BN - 1) / BN;
+  const T shift = mix ? T(1) / T(M) : T(0);
+  View4<T> qv(q);
+  const int64_t plane = BN * Mp;
+  struct Buffers {
+    std::vector<T> Qb, Lb, Sb, Ob;
+  };
+  auto make = [&] {
+    return Buffers{std::vector<T>(h * BN * dp, T(0)), std::vector<T>(h * plane, T(0)),
+                   std::vector<T>(mix ? h * plane : 0, T(0)), std::vector<T>(BN * dp)};
+  };
+  parallel_tasks(B * nblk, make, [&](int64_t task, Buffers& buf) {
+    auto& Qb = buf.Qb;
+    auto& Lb = buf.Lb;
+    auto& Ob = buf.Ob;
+    T* P = mix ? buf.Sb.data() : Lb.data();
+    {
+      const int64_t b = task / nblk, i0 = (task % nblk) * BN, nr = std::min(BN, N - i0);
+      for (int64_t j = 0; j < h; ++j) {
+        load_block(qv, b, j, i0, nr, d, Qb.data() + j * BN * dp, dp);
+        tile_gemm<T>(nr, Mp, d, Qb.data() + j * BN * dp, dp, 1, kt + (b * h + j) * d * Mp, Mp,
+                     Lb.data() + j * plane, Mp, false);
+      }
+      if (mix) mix_heads<T>(W.data(), h, Lb.data(), buf.Sb.data(), plane, nr * Mp);
+      for (int64_t g = 0; g < h; ++g) {
+        for (int64_t r = 0; r < nr; ++r) {
+          T mx, sum, q2;
+          softmax_row<T>(P + g * plane + r * Mp, M, shift, &mx, &sum, &q2);
+          const int64_t row = (b * h + g) * N + i0 + r;
+          if (lse) lse[row] = float(mx + std::log(sum));
+          if (rsq_acc) rsq_acc[row] = q2;
+        }
+        if (!out) continue;
+        tile_gemm<T>(nr, dp, M, P + g * plane, Mp, 1, vp + (b * h + g) * M * dp, dp, Ob.data(), dp, false);
+        for (int64_t r = 0; r < nr; ++r)  // out is (B, N, h, d) in memory
+          std::copy(Ob.data() + r * dp, Ob.data() + r * dp + d, out + ((b * N + i0 + r) * h + g) * d);
+      }
+    }
+  });
+}
+
+// rstd[b, g] from the rows' r_i: a serial sum per (b, g), in double.
+template <typename T>
+void rstd_from_rsq(const Shapes& sh, const T* rsq_acc, double eps, double* rstd) {
+  const int64_t N = sh.N, M = sh.M;
+  for (int64_t bg = 0; bg < sh.B * sh.h; ++bg) {
+    double s = 0;
+    for (int64_t i = 0; i < N; ++i) s += double(rsq_acc[bg * N + i]);
+    const double var = s / (double(N) * double(M)) - 1.0 / (double(M) * double(M));
+    rstd[bg] = 1.0 / std::sqrt(var + eps);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mix_weight,
+    double scale, double eps) {
+  const Shapes sh = shapes_of(q, k, Simd<T>::W);
+  const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d;
+  const std::vector<T> W = mix_as<T>(mix_weight, h);
+  const bool mix = !W.empty();
+  at::Tensor out = at::empty({B, N, h, d}, q.options());
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({B, h, N}, f32);
+  at::Tensor rsq = at::zeros({B, h, N}, f32);
+  at::Tensor rstd = at::zeros({B, h}, f32);
+  if (B * h * N == 0 || d == 0) return {out.transpose(1, 2), lse, rsq, rstd};
+
+  auto opt = q.options();
+  at::Tensor kt = at::empty({B * h * d * sh.Mp}, opt), vp = at::empty({B * h * M * sh.dp}, opt);
+  pack_transposed<T>(k, T(scale), sh.Mp, kt.data_ptr<T>());
+  pack_rows<T>(v, T(1), sh.dp, vp.data_ptr<T>());
+  std::vector<T> rsq_acc(mix ? B * h * N : 0);
+  T* o = out.data_ptr<T>();
+  forward_tasks<T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<float>(),
+                   mix ? rsq_acc.data() : nullptr);
+  if (mix) {
+    std::vector<double> rs(B * h);
+    rstd_from_rsq<T>(sh, rsq_acc.data(), eps, rs.data());
+    float* rsq_f = rsq.data_ptr<float>();
+    float* rstd_f = rstd.data_ptr<float>();
+    for (int64_t x = 0; x < B * h * N; ++x) rsq_f[x] = float(rsq_acc[x]);
+    for (int64_t x = 0; x < B * h; ++x) rstd_f[x] = float(rs[x]);
+    // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
+    at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi) {
+        const int64_t b = bi / N;
+        for (int64_t g = 0; g < h; ++g) {
+          const T s = T(rs[b * h + g]);
+          T* row = o + (bi * h + g) * d;
+          for (int64_t c = 0; c < d; ++c) row[c] *= s;
+        }
+      }
+    });
+  }
+  return {out.transpose(1, 2), lse, rsq, rstd};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out, const at::Tensor& rstd_in, double scale,
+    double eps) {
+  constexpr int Wd = Simd<T>::W;
+  const Shapes sh = shapes_of(q, k, Wd);
+  const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
+  const std::vector<T> W = mix_as<T>(mix_weight, h);
+  const bool mix = !W.empty();
+  auto opt = q.options();
+  // dq: every row is written by its block; dk, dv: by the reduction of the chunks' partials.
+  at::Tensor dq = at::empty({B, h, N, d}, opt), dk = at::empty({B, h, M, d}, opt), dv = at::empty({B, h, M, d}, opt);
+  at::Tensor dmix = mix ? at::zeros({h, h}, opt.dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat))
+                        : at::empty({0}, opt.dtype(at::kFloat));
+  if (B * h * N == 0 || M == 0 || d == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dmix};
+
+  // Packed operands: scale*K^T (logits), V^T (dO v^T), scale*K rows (dq).
+  at::Tensor kt = at::empty({B * h * d * Mp}, opt), vt = at::empty({B * h * d * Mp}, opt),
+             ks = at::empty({B * h * M * dp}, opt);
+  pack_transposed<T>(k, T(scale), Mp, kt.data_ptr<T>());
+  pack_transposed<T>(v, T(1), Mp, vt.data_ptr<T>());
+  pack_rows<T>(k, T(scale), dp, ks.data_ptr<T>());
+
+  // Per-(b, g) scalars: rstd, a_g = mean(dO v^T), c_g = mean(dO v^T * Y) = sum_i dO_i . O_i / (N M).
+  std::vector<double> rs(B * h, 0.0), a(B * h, 0.0), c(B * h, 0.0);
+  View4<T> dov(dout), ov(out), vv(v);
+  if (mix) {
+    if constexpr (std::is_same_v<T, double>) {
+      // The saved rstd is float32; float64 recomputes it (statistics-only forward, no P v).
+      std::vector<T> rsq_acc(B * h * N);
+      forward_tasks<T>(sh, q, kt.data_ptr<T>(), nullptr, W, nullptr, nullptr, rsq_acc.data());
+      rstd_from_rsq<T>(sh, rsq_acc.data(), eps, rs.data());
+    } else {
+      at::Tensor r = rstd_in.to(at::kFloat).contiguous();
+      for (int64_t x = 0; x < B * h; ++x) rs[x] = r.data_ptr<float>()[x];
+    }
+    at::parallel_for(0, B * h, light_grain((N + M) * d), [&](int64_t lo, int64_t hi) {
+      std::vector<double> sdo(d), sv(d);
+      for (int64_t bg = lo; bg < hi; ++bg) {
+        const int64_t b = bg / h, g = bg % h;
+        std::fill(sdo.begin(), sdo.end(), 0.0);
+        std::fill(sv.begin(), sv.end(), 0.0);
+        double cs = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          const T* x = dov.row(b, g, i);
+          const T* y = ov.row(b, g, i);
+          double dot = 0;
+          for (int64_t t = 0; t < d; ++t) {
+            const double dx = x[t * dov.s3];
+            sdo[t] += dx;
+            dot += dx * double(y[t * ov.s3]);
+          }
+          cs += dot;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const T* x = vv.row(b, g, m);
+          for (int64_t t = 0; t < d; ++t) sv[t] += double(x[t * vv.s3]);
+        }
+        double as = 0;
+        for (int64_t t = 0; t < d; ++t) as += sdo[t] * sv[t];
+        const double nm = double(N) * double(M);
+        a[bg] = as / nm;
+        c[bg] = cs / nm;
+      }
+    });
+  }
+
+  const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 3 : 2) * h * Mp + (mix ? Mp : 0) + 2 * h * dp + dp);
+  const int64_t BN = block_rows(row_bytes, kBwdBufferBytes, N);
+  const int64_t nblk = (N + BN - 1) / BN;
+  // Fixed partition of each batch's blocks into chunks (shapes only): enough tasks for parallelism.
+  const int64_t nchunk = std::min<int64_t>(nblk, std::max<int64_t>(1, (32 + B - 1) / B));
+  const int64_t per_chunk = (nblk + nchunk - 1) / nchunk;
+  const int64_t part = h * M * dp;
+  at::Tensor dk_part = at::empty({B * nchunk * part}, opt), dv_part = at::empty({B * nchunk * part}, opt);
+  std::vector<double> dw_part(mix ? B * nchunk * h * h : 0, 0.0);
+  View4<T> qv(q);
+  const T shift = mix ? T(1) / T(M) : T(0);
+  const int64_t plane = BN * Mp;
+  T* dkp = dk_part.data_ptr<T>();
+  T* dvp = dv_part.data_ptr<T>();
+  T* dqo = dq.data_ptr<T>();
+  const T* ktp = kt.data_ptr<T>();
+  const T* vtp = vt.data_ptr<T>();
+  const T* ksp = ks.data_ptr<T>();
+
+  struct Buffers {
+    std::vector<T> Qb, dOb, Lb, Pb, dSb, Yb, Dq;
+  };
+  auto make = [&] {
+    return Buffers{std::vector<T>(h * BN * dp, T(0)), std::vector<T>(h * BN * dp, T(0)),
+                   std::vector<T>(h * plane, T(0)),   std::vector<T>(mix ? h * plane : 0, T(0)),
+                   std::vector<T>(h * plane, T(0)),   std::vector<T>(mix ? plane : 0, T(0)),
+                   std::vector<T>(BN * dp)};
+  };
+  parallel_tasks(B * nchunk, make, [&](int64_t task, Buffers& buf) {
+    auto& Qb = buf.Qb;
+    auto& dOb = buf.dOb;
+    auto& Lb = buf.Lb;
+    auto& Pb = buf.Pb;
+    auto& dSb = buf.dSb;
+    auto& Yb = buf.Yb;
+    auto& Dq = buf.Dq;
+    T* P = mix ? Pb.data() : Lb.data();
+    {
+      const int64_t b = task / nchunk, ch = task % nchunk;
+      T* dK = dkp + task * part;
+      T* dV = dvp + task * part;
+      std::fill(dK, dK + part, T(0));  // each task owns (and zeroes) its partials
+      std::fill(dV, dV + part, T(0));
+      double* dW = mix ? dw_part.data() + task * h * h : nullptr;
+      for (int64_t blk = ch * per_chunk; blk < std::min(nblk, (ch + 1) * per_chunk); ++blk) {
+        const int64_t i0 = blk * BN, nr = std::min(BN, N - i0);
+        for (int64_t j = 0; j < h; ++j) {
+          load_block(qv, b, j, i0, nr, d, Qb.data() + j * BN * dp, dp);
+          load_block(dov, b, j, i0, nr, d, dOb.data() + j * BN * dp, dp);
+          tile_gemm<T>(nr, Mp, d, Qb.data() + j * BN * dp, dp, 1, ktp + (b * h + j) * d * Mp, Mp,
+                       Lb.data() + j * plane, Mp, false);
+        }
+        if (mix) mix_heads<T>(W.data(), h, Lb.data(), Pb.data(), plane, nr * Mp);
+        for (int64_t g = 0; g < h; ++g) {
+          T* Pg = P + g * plane;
+          T* dSg = dSb.data() + g * plane;
+          const T* dOg = dOb.data() + g * BN * dp;
+          for (int64_t r = 0; r < nr; ++r) {
+            T mx, sum;
+            softmax_row<T>(Pg + r * Mp, M, T(0), &mx, &sum, nullptr);
+          }
+          const T rstd = T(rs[b * h + g]), ag = T(a[b * h + g]), cg = T(c[b * h + g]);
+          const T* Y = Pg;
+          if (mix) {  // Y = (P - 1/M) rstd, the normalised map
+            for (int64_t r = 0; r < nr; ++r)
+              for (int64_t m = 0; m < M; ++m) Yb[r * Mp + m] = (Pg[r * Mp + m] - shift) * rstd;
+            Y = Yb.data();
+          }
+          // dv_g += Y^T dO_g (rows m of dV, reduction over the block's query rows)
+          tile_gemm<T>(M, dp, nr, Y, 1, Mp, dOg, dp, dV + g * M * dp, dp, true);
+          // dP = dO_g v_g^T, then through InstanceNorm and softmax to dS, row by row
+          tile_gemm<T>(nr, Mp, d, dOg, dp, 1, vtp + (b * h + g) * d * Mp, Mp, dSg, Mp, false);
+          const int64_t Mv = M / Wd * Wd;
+          for (int64_t r = 0; r < nr; ++r) {
+            T* dp_row = dSg + r * Mp;
+            const T* p_row = Pg + r * Mp;
+            const T* y_row = Y + r * Mp;
+            vec_t<T> vD = vset<T>(T(0));
+            for (int64_t m = 0; m < Mv; m += Wd) {
+              vec_t<T> x = vload(dp_row + m);
+              if (mix) {
+                x = (x - ag - vload(y_row + m) * cg) * rstd;
+                vstore(dp_row + m, x);
+              }
+              vD += vload(p_row + m) * x;
+            }
+            T D = hsum(vD);
+            for (int64_t m = Mv; m < M; ++m) {
+              T x = dp_row[m];
+              if (mix) {
+                x = (x - ag - y_row[m] * cg) * rstd;
+                dp_row[m] = x;
+              }
+              D += p_row[m] * x;
+            }
+            for (int64_t m = 0; m < Mv; m += Wd)
+              vstore(dp_row + m, vload(p_row + m) * (vload(dp_row + m) - D));
+            for (int64_t m = Mv; m < M; ++m) dp_row[m] = p_row[m] * (dp_row[m] - D);
+          }
+        }
+        T* dL = dSb.data();
+        if (mix) {
+          // dW[g, j] += sum dS_g * L_j; then dL_j = sum_g W[g, j] dS_g, written over L_j.
+          const int64_t Mv = M / Wd * Wd;
+          for (int64_t g = 0; g < h; ++g)
+            for (int64_t j = 0; j < h; ++j) {
+              const T* s = dSb.data() + g * plane;
+              const T* l = Lb.data() + j * plane;
+              vec_t<T> acc = vset<T>(T(0));
+              T tail = 0;
+              for (int64_t r = 0; r < nr; ++r) {
+                for (int64_t m = 0; m < Mv; m += Wd) acc += vload(s + r * Mp + m) * vload(l + r * Mp + m);
+                for (int64_t m = Mv; m < M; ++m) tail += s[r * Mp + m] * l[r * Mp + m];
+              }
+              dW[g * h + j] += double(hsum(acc)) + double(tail);
+            }
+          for (int64_t j = 0; j < h; ++j) {
+            T* l = Lb.data() + j * plane;
+            for (int64_t x = 0; x < nr * Mp; x += Wd) {
+              vec_t<T> acc = vload(dSb.data() + x) * W[0 * h + j];
+              for (int64_t g = 1; g < h; ++g) acc += vload(dSb.data() + g * plane + x) * W[g * h + j];
+              vstore(l + x, acc);
+            }
+          }
+          dL = Lb.data();
+        }
+        for (int64_t j = 0; j < h; ++j) {
+          const T* dLj = dL + j * plane;
+          tile_gemm<T>(nr, dp, M, dLj, Mp, 1, ksp + (b * h + j) * M * dp, dp, Dq.data(), dp, false);
+          for (int64_t r = 0; r < nr; ++r)
+            std::copy(Dq.data() + r * dp, Dq.data() + r * dp + d, dqo + ((b * h + j) * N + i0 + r) * d);
+          tile_gemm<T>(M, dp, nr, dLj, 1, Mp, Qb.data() + j * BN * dp, dp, dK + j * M * dp, dp, true);
+        }
+      }
+    }
+  });
+
+  // Sum the chunks' partials in chunk order.
+  T* dko = dk.data_ptr<T>();
+  T* dvo = dv.data_ptr<T>();
+  const T sc = T(scale);
+  at::parallel_for(0, B * h * M, light_grain(2 * nchunk * d), [&](int64_t lo, int64_t hi) {
+    for (int64_t bjm = lo; bjm < hi; ++bjm) {
+      const int64_t b = bjm / (h * M), jm = bjm % (h * M);
+      T* ko = dko + bjm * d;
+      T* vo = dvo + bjm * d;
+      std::fill(ko, ko + d, T(0));
+      std::fill(vo, vo + d, T(0));
+      for (int64_t ch = 0; ch < nchunk; ++ch) {
+        const T* kp = dkp + (b * nchunk + ch) * part + jm * dp;
+        const T* vp2 = dvp + (b * nchunk + ch) * part + jm * dp;
+        for (int64_t t = 0; t < d; ++t) {
+          ko[t] += kp[t];
+          vo[t] += vp2[t];
+        }
+      }
+      for (int64_t t = 0; t < d; ++t) ko[t] *= sc;
+    }
+  });
+  if (mix) {
+    std::vector<double> acc(h * h, 0.0);
+    for (int64_t x = 0; x < B * nchunk; ++x)
+      for (int64_t y = 0; y < h * h; ++y) acc[y] += dw_part[x * h * h + y];
+    if (dmix.scalar_type() == at::kDouble)
+      for (int64_t y = 0; y < h * h; ++y) dmix.data_ptr<double>()[y] = acc[y];
+    else
+      for (int64_t y = 0; y < h * h; ++y) dmix.data_ptr<float>()[y] = float(acc[y]);
+  }
+  return {dq, dk, dv, dmix};
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "emsa: q, k, v must be 4-d");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "emsa: q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "emsa (cpu backend): float32 or float64 only, got ", q.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+                  v.sizes() == k.sizes(),
+              "emsa: shapes q (B,h,N,d), k and v (B,h,M,d) expected");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mix_weight,
+    double scale, double eps) {
+  check_inputs(q, k, v);
+  if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
+  return emsa_fwd_impl<float>(q, k, v, mix_weight, scale, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& rsq, const at::Tensor& rstd, double scale, double eps) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "emsa_bwd: dout and out must match q");
+  const at::Tensor dO = dout.scalar_type() == q.scalar_type() ? dout : dout.to(q.scalar_type());
+  (void)lse;  // the backward recomputes whole rows, so the row statistics are not needed
+  (void)rsq;
+  if (q.scalar_type() == at::kDouble)
+    return emsa_bwd_impl<double>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+  return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+}
+
+}  // namespace
+}  // namespace rest_cpu
+
+TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
+  m.impl("emsa_fwd", &rest_cpu::emsa_fwd_cpu);
+  m.impl("emsa_bwd", &rest_cpu::emsa_bwd_cpu);
+}

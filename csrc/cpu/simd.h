@@ -1,0 +1,168 @@
+// Portable SIMD for the cpu backend: GCC/Clang vector extensions of 64 bytes (one AVX-512
+// register; the compiler splits them into two AVX2 or four SSE registers on smaller machines),
+// plus a vectorised exp. No intrinsics, so the same source builds for any x86-64 or AArch64 target.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace rest_cpu {
+
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+  typedef float vec __attribute__((vector_size(64)));
+  typedef int32_t ivec __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <> struct Simd<double> {
+  typedef double vec __attribute__((vector_size(64)));
+  typedef int64_t ivec __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename T> using vec_t = typename Simd<T>::vec;
+
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline __attribute__((always_inline)) void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> vset(T s) {
+  return vec_t<T>{} + s;
+}
+template <typename T>
+inline __attribute__((always_inline)) vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+  return a > b ? a : b;
+}
+
+// Horizontal sum / max by halving (fixed pairing: the result depends only on the lanes).
+#if defined(__GNUC__) && !defined(__clang__)
+inline __attribute__((always_inline)) float hsum(vec_t<float> v) {
+  typedef Simd<float>::ivec iv;
+  v += __builtin_shuffle(v, iv{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+inline __attribute__((always_inline)) double hsum(vec_t<double> v) {
+  typedef Simd<double>::ivec iv;
+  v += __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+inline __attribute__((always_inline)) float hmax(vec_t<float> v) {
+  typedef Simd<float>::ivec iv;
+  v = vmax<float>(v, __builtin_shuffle(v, iv{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  v = vmax<float>(v, __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return v[0];
+}
+inline __attribute__((always_inline)) double hmax(vec_t<double> v) {
+  typedef Simd<double>::ivec iv;
+  v = vmax<double>(v, __builtin_shuffle(v, iv{4, 5, 6, 7, 0, 1, 2, 3}));
+  v = vmax<double>(v, __builtin_shuffle(v, iv{2, 3, 0, 1, 6, 7, 4, 5}));
+  v = vmax<double>(v, __builtin_shuffle(v, iv{1, 0, 3, 2, 5, 4, 7, 6}));
+  return v[0];
+}
+#else
+// Other compilers: the same halving order on an array (no GCC __builtin_shuffle).
+template <typename V, typename T = decltype(V{}[0] + 0)>
+inline T halve_reduce(V v, bool is_max) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  T t[W];
+  std::memcpy(t, &v, sizeof(v));
+  for (int s = W / 2; s >= 1; s /= 2)
+    for (int i = 0; i < s; ++i) t[i] = is_max ? (t[i + s] > t[i] ? t[i + s] : t[i]) : t[i] + t[i + s];
+  return t[0];
+}
+inline float hsum(vec_t<float> v) { return halve_reduce(v, false); }
+inline double hsum(vec_t<double> v) { return halve_reduce(v, false); }
+inline float hmax(vec_t<float> v) { return halve_reduce(v, true); }
+inline double hmax(vec_t<double> v) { return halve_reduce(v, true); }
+#endif
+
+// Lanes [0, n) true, the rest false (n in [0, W]).
+template <typename T>
+inline __attribute__((always_inline)) typename Simd<T>::ivec lanes_below(int64_t n) {
+  typename Simd<T>::ivec idx;
+  for (int i = 0; i < Simd<T>::W; ++i) idx[i] = i;
+  return idx < (typename Simd<T>::ivec{} + (int)n);
+}
+
+
+// exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two for exactness).
+// float: Cephes' degree-6 polynomial (about 1 ulp); double: degree-12 Taylor (|r| <= ln2/2, error
+// below 2e-16 relative). Inputs are clamped to the normal range: softmax only feeds x <= 0 and
+// values below -87 (float) / -708 (double) contribute nothing next to the row maximum's exp(0) = 1.
+inline __attribute__((always_inline)) vec_t<float> vexp(vec_t<float> x) {
+  typedef Simd<float>::ivec ivec;
+  x = x < vset<float>(-87.3f) ? vset<float>(-87.3f) : x;
+  x = x > vset<float>(88.7f) ? vset<float>(88.7f) : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  vec_t<float> n = (x * 1.44269504088896341f + magic) - magic;
+  vec_t<float> r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec_t<float> p = vset<float>(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * (r * r) + r + 1.0f;
+  ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec_t<float> scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+inline __attribute__((always_inline)) vec_t<double> vexp(vec_t<double> x) {
+  typedef Simd<double>::ivec ivec;
+  x = x < vset<double>(-708.0) ? vset<double>(-708.0) : x;
+  x = x > vset<double>(709.0) ? vset<double>(709.0) : x;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  vec_t<double> n = (x * 1.4426950408889634074 + magic) - magic;
+  vec_t<double> r = x - n * 6.93147180369123816490e-01;
+  r = r - n * 1.90821492927058770002e-10;
+  // Taylor series of exp(r) to degree 12, Horner form.
+  vec_t<double> p = vset<double>(1.0 / 479001600.0);
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  ivec e = (__builtin_convertvector(n, ivec) + 1023) << 52;
+  vec_t<double> scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// Scalar exp of the same accuracy as the vector lanes (used for row tails), so that a value does not
+// change with its position in a row.
+template <typename T>
+inline T sexp(T x) {
+  constexpr int W = Simd<T>::W;
+  T t[W] = {};
+  t[0] = x;
+  vec_t<T> v = vload(t);
+  v = vexp(v);
+  vstore(t, v);
+  return t[0];
+}
+
+}  // namespace rest_cpu

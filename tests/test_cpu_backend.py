@@ -1,0 +1,152 @@
+"""The `cpu` backend (fused C++ kernels of csrc/cpu) against the reference and the official cases."""
+import pytest
+import torch
+
+import conformance
+import rest_kernels
+from conftest import require_backend
+
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    require_backend("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_cases(dtype):
+    conformance.check_attention_cases("cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pa_cases(dtype):
+    conformance.check_pa_cases("cpu", dtype)
+
+
+# (B, h, N, M, d): tiny and awkward sizes; N not a multiple of the 6-row tile or of a block,
+# M not a multiple of the vector width and larger than a GEMM K panel (256), odd head dims.
+EMSA_SIZES = [
+    (1, 1, 1, 1, 1),
+    (1, 2, 1, 5, 3),
+    (2, 3, 7, 1, 5),
+    (1, 2, 13, 17, 64),
+    (2, 8, 9, 6, 3),
+    (1, 2, 101, 300, 5),
+    (1, 3, 25, 19, 96),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("size", EMSA_SIZES, ids=lambda s: "B%d-h%d-N%d-M%d-d%d" % s)
+def test_emsa_op_sizes(size, mix, dtype):
+    try:
+        conformance.check_emsa_op("cpu", *size, dtype, mix=mix)
+    except ValueError as e:  # a reference without the 1 x 1 map rule: F.instance_norm refuses it
+        if mix and size[2] * size[3] == 1 and "spatial element" in str(e):
+            pytest.skip("the reference cannot normalise a 1 x 1 map here")
+        raise
+
+
+@pytest.mark.parametrize("layout", ["model", "contiguous", "transposed"])
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_layouts(layout, mix):
+    for dtype in DTYPES:
+        conformance.check_emsa_op("cpu", 2, 2, 11, 7, 8, dtype, mix=mix, layout=layout)
+
+
+def test_emsa_op_many_blocks_and_chunks():
+    # Enough rows for many query blocks and several backward chunks per batch.
+    conformance.check_emsa_op("cpu", 1, 2, 700, 33, 16, torch.float64, mix=True)
+
+
+def test_emsa_sharp_logits():
+    # Large logits: peaked softmax rows, exp far into the clamped range.
+    conformance.check_emsa_op("cpu", 2, 2, 19, 23, 8, torch.float32, mix=True, logit_scale=30.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_stats(mix, dtype):
+    conformance.check_emsa_stats("cpu", 2, 3, 29, 21, 8, dtype, mix=mix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pa_op(dtype, bias, channels_last):
+    for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 17, 33)]:
+        conformance.check_pa_op("cpu", *shape, dtype, bias=bias, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_opcheck_emsa(mix):
+    conformance.opcheck_emsa("cpu", mix=mix)
+    conformance.opcheck_emsa("cpu", torch.float64, mix=mix)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_pa(bias):
+    conformance.opcheck_pa("cpu", bias=bias)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_gradcheck_emsa(mix):
+    conformance.gradcheck_emsa("cpu", mix=mix)
+    conformance.gradcheck_emsa("cpu", mix=mix, B=2, h=3, N=7, M=5, d=2)
+
+
+def test_gradcheck_pa():
+    conformance.gradcheck_pa("cpu")
+
+
+def _emsa_run(mix):
+    q, k, v, w, b = conformance.emsa_inputs(2, 2, 301, 29, 16, torch.float32, mix)
+    out = rest_kernels.emsa_attention(q, k, v, w, b, backend="cpu")
+    leaves = [t for t in (q, k, v, w) if t is not None]
+    return (out,) + torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+
+
+def _pa_run():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 13, 11, generator=g).requires_grad_(True)
+    w = torch.randn(8, 1, 3, 3, generator=g).requires_grad_(True)
+    b = torch.randn(8, generator=g).requires_grad_(True)
+    out = rest_kernels.pa_gate(x, w, b, backend="cpu")
+    return (out,) + torch.autograd.grad(out, (x, w, b), torch.randn(out.shape, generator=g))
+
+
+def test_thread_count_bitwise_identical():
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results[n] = [_emsa_run(True), _emsa_run(False), _pa_run()]
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        for got, ref in zip(results[n], results[1]):
+            for a, e in zip(got, ref):
+                assert torch.equal(a, e), f"{n} threads differ from 1 thread"
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    from rest import EMSA, PA
+    from rest_kernels.backends.registry import BACKENDS
+
+    calls = []
+    backend = BACKENDS["cpu"]
+    orig_e, orig_p = backend.emsa_forward, backend.pa_forward
+    backend.emsa_forward = lambda *a: calls.append("emsa") or orig_e(*a)
+    backend.pa_forward = lambda *a: calls.append("pa") or orig_p(*a)
+    try:
+        attn = EMSA(16, num_heads=2, sr_ratio=2, apply_transform=True).eval()
+        pa = PA(16).eval()
+        with torch.no_grad():
+            attn(torch.randn(2, 36, 16), 6, 6)
+            pa(torch.randn(2, 16, 6, 6))
+    finally:
+        backend.emsa_forward, backend.pa_forward = orig_e, orig_p
+    assert calls == ["emsa", "pa"]
