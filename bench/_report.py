@@ -34,13 +34,17 @@ def _ratio(num: dict | None, den: dict | None, key: str):
 
 
 # --------------------------------------------------------------------------- formatting
+def _num(x):
+    return f"{x:.3g}" if x < 999.5 else f"{x:.0f}"
+
+
 def fmt_time(s):
     if s is None:
         return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if s >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
+            return f"{_num(s / scale)} {unit}"
+    return f"{_num(s / 1e-9)} ns"
 
 
 def fmt_bytes(n):
@@ -48,7 +52,7 @@ def fmt_bytes(n):
         return "-"
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{_num(n / scale)} {unit}"
     return f"{n} B"
 
 
