@@ -181,11 +181,19 @@ def write_plot(path: str, rows: list[dict], env: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ran = [r for r in rows if r["status"] == "ok" and r["backend"] != EAGER and r.get("speedup_vs_eager")]
     cases = list(dict.fromkeys(case_cell(r) for r in ran))
     backends = list(dict.fromkeys(r["backend"] for r in ran))
     index = {c: i for i, c in enumerate(cases)}
+    if not cases:  # nothing to compare (e.g. only eager ran): say so in the picture
+        fig, ax = plt.subplots(figsize=(8, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no rows to compare with eager PyTorch in this run", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     height = max(3.0, 0.22 * len(cases) * max(1, len(backends)) + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(14, height), sharey=True)
     bar = 0.8 / max(1, len(backends))
@@ -195,9 +203,12 @@ def write_plot(path: str, rows: list[dict], env: dict) -> None:
         for j, backend in enumerate(backends):
             pts = [(index[case_cell(r)], r[key]) for r in ran if r["backend"] == backend and r.get(key)]
             if pts:
-                ax.barh([i + j * bar for i, _ in pts], [v for _, v in pts], height=bar, label=backend)
+                # bars grow from 1 (= eager) to the ratio, rightwards when above, leftwards below
+                ax.barh([i + j * bar for i, _ in pts], [v - 1.0 for _, v in pts], left=1.0, height=bar, label=backend)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(title)
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks([i + bar * (len(backends) - 1) / 2 for i in range(len(cases))])

@@ -3,7 +3,7 @@
     python -m pytest bench/ --benchmark-only                          # time every op row
     python -m pytest bench/ --benchmark-only --benchmark-autosave     # ... and keep the run in .benchmarks/
     python -m pytest bench/ --benchmark-only --benchmark-compare      # ... against the last saved run
-    python -m pytest-benchmark compare 0001 0002 --group-by=group     # (or `pytest-benchmark compare`)
+    pytest-benchmark compare 0001 0002 --group-by=group               # two saved runs side by side
 
 pyproject's addopts carry --benchmark-disable so that the test suite never spends time timing, and
 pytest-benchmark refuses --benchmark-only together with --benchmark-disable. Benchmarks being the

@@ -69,7 +69,7 @@ class Defaults:
 
 
 DEFAULTS = {
-    "cpu": Defaults(batch=8, det_batch=1, model_batch=4, repeats=10, warmup=2, min_time=0.02),
+    "cpu": Defaults(batch=8, det_batch=1, model_batch=4, repeats=5, warmup=1, min_time=0.02),
     "cuda": Defaults(batch=64, det_batch=8, model_batch=64, repeats=20, warmup=5, min_time=0.01),
     ("cpu", "quick"): Defaults(batch=2, det_batch=1, model_batch=2, repeats=3, warmup=1, min_time=0.01),
     ("cuda", "quick"): Defaults(batch=16, det_batch=2, model_batch=16, repeats=5, warmup=2, min_time=0.005),
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "1 / 8 at the detection size)")
     p.add_argument("--model-batch", type=_positive_int, help="model batch size (default 4 on CPU, 64 on GPU)")
     p.add_argument("--image-size", type=_positive_int, default=224, help="model input size (default 224)")
-    p.add_argument("--repeats", type=_positive_int, help="timed repeats per row (default 10 on CPU, 20 on GPU)")
-    p.add_argument("--warmup", type=_nonnegative_int, help="untimed calls after the first (default 2 CPU, 5 GPU)")
+    p.add_argument("--repeats", type=_positive_int, help="timed repeats per row (default 5 on CPU, 20 on GPU; 3 / 5 with --quick)")
+    p.add_argument("--warmup", type=_nonnegative_int, help="untimed calls after the first (default 1 CPU, 5 GPU)")
     p.add_argument("--min-time", type=_positive_float,
                    help="seconds one repeat lasts at least; short calls repeat in a loop (default 0.02 CPU, 0.01 GPU)")
     p.add_argument("--threads", type=_positive_int,
