@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 
 _DTYPE_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}

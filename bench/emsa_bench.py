@@ -77,7 +77,7 @@ DEFAULTS = {
 
 
 # --------------------------------------------------------------------------- options
-def _list_type(option: str, choices, aliases=None, special=("all", "none")):
+def _list_type(choices, aliases=None, special=("all", "none")):
     """A comma-separated list of choices; a bad value is an argparse error naming the choices."""
     aliases = aliases or {}
 
@@ -160,16 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced run: shapes {', '.join(QUICK_SHAPES)}, rest_lite only, small batches, few repeats")
-    p.add_argument("--ops", type=_list_type("--ops", _cases.OPS), help="ops to run (default all; 'none' for models only)")
-    p.add_argument("--passes", type=_list_type("--passes", _cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
+    p.add_argument("--ops", type=_list_type(_cases.OPS), help="ops to run (default all; 'none' for models only)")
+    p.add_argument("--passes", type=_list_type(_cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
                    help="op passes: fwd (inference), fwd+bwd (default both)")
-    p.add_argument("--models", type=_list_type("--models", _cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
+    p.add_argument("--models", type=_list_type(_cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
                    help="ResT variants (default all, lite with --quick; 'none' for ops only)")
-    p.add_argument("--modes", type=_list_type("--modes", _cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
+    p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
                    help="model modes: infer, train (default both)")
-    p.add_argument("--backends", type=_list_type("--backends", BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
+    p.add_argument("--backends", type=_list_type(BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
                    help="backends (default: reference, compile and every fused backend except test emulators)")
-    p.add_argument("--dtypes", type=_list_type("--dtypes", tuple(DTYPES), DTYPE_ALIASES, special=("all",)),
+    p.add_argument("--dtypes", type=_list_type(tuple(DTYPES), DTYPE_ALIASES, special=("all",)),
                    help="dtypes (default: float32 on the CPU, plus bfloat16 where a fused CPU backend takes it; "
                         "float32, float16, bfloat16 on a GPU; models use autocast for float16/bfloat16)")
     p.add_argument("--shapes", type=_shapes_type,
