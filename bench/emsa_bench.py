@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""Throughput and memory of rest-kernels' EMSA and PA ops and of the ResT models, per backend,
+side by side with eager PyTorch and torch.compile of it.
+
+    python bench/emsa_bench.py                   # everything this device can run (long on a CPU)
+    python bench/emsa_bench.py --quick           # a few minutes on a 2-core CPU
+    python bench/emsa_bench.py --ops emsa-mix --passes fwd+bwd --shapes s1,s2 --models none \\
+        --json results.json --plot results.png --markdown
+
+Rows. Op level: emsa_attention without ("emsa") and with the head mix ("emsa-mix"), and pa_gate
+("pa"), forward (inference, no autograd) and forward + backward, at every stage of ResT's two
+shape families (lite/small, base/large) at 224 x 224 and at a detection-size 800 x 1216 input,
+for every dtype the device supports. Model level: rest_lite / small / base / large inference and
+one training step (forward, cross-entropy, backward, AdamW step), images/s.
+Backends, measured in the same run: every fused backend of rest_kernels usable here, "reference"
+(eager PyTorch with the official math: the "eager" baseline) and "compile" (torch.compile of the
+reference, op or model pinned to backend="reference"). A row a backend cannot run is listed as
+skipped with the reason. The cuda-emu backend (an emulator for tests) and the triton backend under
+the Triton interpreter (TRITON_INTERPRET=1, also for tests) are only timed when named in --backends.
+
+Methods (also written into the report and the JSON): see bench/_timing.py and bench/_memory.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import traceback
+
+if __package__ in (None, ""):  # run as a script: make `bench` and (in a plain checkout) `rest_kernels` importable
+    _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import rest_kernels  # noqa: F401  (an installed package wins: it has the built extension)
+    except ImportError:
+        sys.path.insert(0, _REPO)
+    if _REPO not in sys.path:
+        sys.path.append(_REPO)
+
+import torch  # noqa: E402
+
+import rest_kernels  # noqa: E402
+from rest_kernels.backends.registry import BACKENDS  # noqa: E402
+from rest_kernels.backends.triton_backend import interpreter_on  # noqa: E402
+
+from bench import _cases, _env, _memory, _progress, _report, _timing  # noqa: E402
+
+FUSED = tuple(n for n in BACKENDS if n != "reference")       # triton, cuda, cpu, cuda-emu
+BACKEND_CHOICES = ("reference", "compile") + FUSED
+BACKEND_ALIASES = {"eager": "reference", "compiled": "compile", "torch.compile": "compile"}
+EMULATORS = ("cuda-emu",)                                    # timed only when named
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
+                 "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "double": "float64"}
+#: one classification and one detection-size shape; torch.compile dominates a quick run on a small CPU
+QUICK_SHAPES = ("224-s1-lite/small", "det-s4-lite/small")
+
+
+@dataclasses.dataclass
+class Defaults:
+    """Per-device defaults (and the --quick ones); explicit options override them."""
+    batch: int            # op batch at 224 px
+    det_batch: int        # op batch at the detection-size input
+    model_batch: int
+    repeats: int
+    warmup: int
+    min_time: float       # seconds per repeat at least (short calls run in a loop)
+
+
+DEFAULTS = {
+    "cpu": Defaults(batch=8, det_batch=1, model_batch=4, repeats=5, warmup=1, min_time=0.02),
+    "cuda": Defaults(batch=64, det_batch=8, model_batch=64, repeats=20, warmup=5, min_time=0.01),
+    ("cpu", "quick"): Defaults(batch=2, det_batch=1, model_batch=2, repeats=3, warmup=1, min_time=0.01),
+    ("cuda", "quick"): Defaults(batch=16, det_batch=2, model_batch=16, repeats=5, warmup=2, min_time=0.005),
+}
+
+
+# --------------------------------------------------------------------------- options
+def _list_type(choices, aliases=None, special=("all", "none")):
+    """A comma-separated list of choices; a bad value is an argparse error naming the choices."""
+    aliases = aliases or {}
+
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty list; choose from {', '.join(choices)}")
+        if len(items) == 1 and items[0].lower() in special:
+            return list(choices) if items[0].lower() == "all" else []
+        out = []
+        for item in items:
+            key = aliases.get(item.lower(), item.lower())
+            if key not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice {item!r} (choose from {', '.join(choices)}"
+                    + (f"; or {' / '.join(repr(x) for x in special)}" if special else "") + ")")
+            if key not in out:
+                out.append(key)
+        return out
+    return parse
+
+
+def _shapes_type(text: str):
+    labels = [s.label for s in _cases.stage_shapes()]
+    tokens = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise argparse.ArgumentTypeError("empty list")
+    if tokens == ["all"]:
+        return labels
+    picked = []
+    for token in tokens:
+        needle = "-s" + token[len("stage"):] + "-" if token.startswith("stage") else token
+        if needle.startswith("s") and needle[1:].isdigit():
+            needle = "-" + needle + "-"
+        hits = [label for label in labels if needle in label.lower()]
+        if not hits:
+            raise argparse.ArgumentTypeError(
+                f"{token!r} matches no shape (a substring of one of: {', '.join(labels)}; or stage1..stage4, s1..s4, all)")
+        picked += [h for h in hits if h not in picked]
+    return [label for label in labels if label in picked]
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="emsa_bench.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Lists are comma-separated. Shapes: " + ", ".join(s.label for s in _cases.stage_shapes())
+               + ". Ops: " + "; ".join(f"{k}: {v}" for k, v in _cases.OP_HELP.items()) + ".")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"reduced run: shapes {', '.join(QUICK_SHAPES)}, rest_lite only, small batches, few repeats")
+    p.add_argument("--ops", type=_list_type(_cases.OPS), help="ops to run (default all; 'none' for models only)")
+    p.add_argument("--passes", type=_list_type(_cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
+                   help="op passes: fwd (inference), fwd+bwd (default both)")
+    p.add_argument("--models", type=_list_type(_cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
+                   help="ResT variants (default all, lite with --quick; 'none' for ops only)")
+    p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
+                   help="model modes: infer, train (default both)")
+    p.add_argument("--backends", type=_list_type(BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
+                   help="backends (default: reference, compile and every fused backend except test emulators)")
+    p.add_argument("--dtypes", type=_list_type(tuple(DTYPES), DTYPE_ALIASES, special=("all",)),
+                   help="dtypes (default: float32 on the CPU, plus bfloat16 where a fused CPU backend takes it; "
+                        "float32, float16, bfloat16 on a GPU; models use autocast for float16/bfloat16)")
+    p.add_argument("--shapes", type=_shapes_type,
+                   help="op shapes: substrings of the shape names (e.g. 224, det, s1, stage2, lite) or all")
+    p.add_argument("--batch", type=_positive_int, help="op batch size (default 8 on CPU / 64 on GPU at 224 px, "
+                                                        "1 / 8 at the detection size)")
+    p.add_argument("--model-batch", type=_positive_int, help="model batch size (default 4 on CPU, 64 on GPU)")
+    p.add_argument("--image-size", type=_positive_int, default=224, help="model input size (default 224)")
+    p.add_argument("--repeats", type=_positive_int, help="timed repeats per row (default 5 on CPU, 20 on GPU; 3 / 5 with --quick)")
+    p.add_argument("--warmup", type=_nonnegative_int, help="untimed calls after the first (default 1 CPU, 5 GPU)")
+    p.add_argument("--min-time", type=_positive_float,
+                   help="seconds one repeat lasts at least; short calls repeat in a loop (default 0.02 CPU, 0.01 GPU)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's own choice)")
+    p.add_argument("--json", metavar="PATH", help="write every measurement, versions, device and commit as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and memory against eager (needs matplotlib)")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--list", action="store_true", help="list the rows that would run, and exit")
+    return p
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: 'cuda' asked for but no CUDA device is visible (choose from auto, cpu, cuda)")
+    for option in ("json", "plot"):
+        path = getattr(args, option)
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                parser.error(f"argument --{option}: folder {folder!r} does not exist")
+    if args.plot is not None:
+        reason = _report.plot_unavailable_reason()
+        if reason:
+            parser.error(f"argument --plot: {reason}")
+    d = DEFAULTS[(args.device, "quick") if args.quick else args.device]
+    args.det_batch = args.batch or d.det_batch
+    args.batch = args.batch or d.batch
+    args.model_batch = args.model_batch or d.model_batch
+    args.repeats = args.repeats or d.repeats
+    args.warmup = d.warmup if args.warmup is None else args.warmup
+    args.min_time = args.min_time or d.min_time
+    if args.ops is None:
+        args.ops = list(_cases.OPS)
+    if args.passes is None:
+        args.passes = list(_cases.PASSES)
+    if args.models is None:
+        args.models = ["lite"] if args.quick else list(_cases.MODELS)
+    if args.modes is None:
+        args.modes = list(_cases.MODEL_MODES)
+    if args.shapes is None:
+        args.shapes = list(QUICK_SHAPES) if args.quick else [s.label for s in _cases.stage_shapes()]
+    args.explicit_backends = args.backends is not None
+    if args.backends is None:
+        args.backends = [b for b in BACKEND_CHOICES if b not in EMULATORS]
+    if args.dtypes is None:
+        args.dtypes = default_dtypes(args.device)
+    return args
+
+
+def default_dtypes(device: str) -> list[str]:
+    if device == "cuda":
+        return ["float32", "float16", "bfloat16"]
+    out = ["float32"]
+    for name in FUSED:  # bfloat16 on the CPU only where a timed fused CPU backend takes it
+        b = BACKENDS[name]
+        if (name not in EMULATORS and not (name == "triton") and b.device_type == "cpu"
+                and rest_kernels.available_backends()[name] is None and torch.bfloat16 in b.dtypes):
+            out.append("bfloat16")
+            break
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+def plan(args) -> list:
+    """The cases, in report order: ops (per shape, op, pass, dtype), then models."""
+    shapes = {s.label: s for s in _cases.stage_shapes()}
+    cases = []
+    for label in args.shapes:
+        shape = shapes[label]
+        batch = args.det_batch if shape.input == "det" else args.batch
+        for op in args.ops:
+            for pass_ in args.passes:
+                for dt in args.dtypes:
+                    cases.append(_cases.OpCase(op, pass_, shape, batch, DTYPES[dt], args.device))
+    for model in args.models:
+        for mode in args.modes:
+            for dt in args.dtypes:
+                cases.append(_cases.ModelCase(model, mode, args.model_batch, args.image_size, DTYPES[dt], args.device))
+    return cases
+
+
+def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
+    """Why a backend cannot have rows on this device at all (None: try it, per case)."""
+    if backend in ("reference", "compile"):
+        return None
+    reason = rest_kernels.available_backends()[backend]
+    if reason is not None:
+        return reason
+    b = BACKENDS[backend]
+    if b.device_type != device:
+        return f"{backend} serves {b.device_type} tensors; this run is on {device} (--device)"
+    if backend in EMULATORS and not explicit:
+        return "a test emulator of the cuda kernels on the CPU, not timed unless named in --backends"
+    if backend == "triton" and interpreter_on() and not explicit:
+        return ("runs under the Triton interpreter here (TRITON_INTERPRET=1), an emulator for tests; "
+                "not timed unless named in --backends")
+    return None
+
+
+# --------------------------------------------------------------------------- measuring
+def base_row(case, backend: str) -> dict:
+    return dict(kind=case.kind, name=case.name, **{"pass": case.pass_},
+                shape_label=case.shape.label if case.kind == "op" else f"{case.image}px",
+                shape=case.dims(), dtype=_cases.dtype_name(case.dtype), device=case.device,
+                autocast=(case.kind == "model" and case.dtype in (torch.float16, torch.bfloat16)),
+                backend=backend, status="ok", reason=None, group=case.group())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def measure_row(case, backend: str, args) -> dict:
+    row = base_row(case, backend)
+    reason = skip_reason(backend, args.device, args.explicit_backends)
+    if reason is not None:
+        return dict(row, status="skipped", reason=reason)
+    runner = None
+    try:
+        runner = _cases.runner(case, backend)
+        timing = _timing.measure(runner.fn, device=args.device, warmup=args.warmup,
+                                 repeats=args.repeats, min_time=args.min_time)
+        row.update(timing.as_dict())
+        row["throughput"] = runner.items / timing.median
+        row["throughput_unit"] = runner.unit
+        try:
+            row["peak_memory_bytes"] = _memory.peak_memory(runner.fn, args.device)
+        except Exception as e:  # the row keeps its time; say why the memory is missing
+            row["peak_memory_bytes"], row["peak_memory_error"] = None, _first_line(e)
+        row["saved_bytes"] = runner.saved_bytes() if runner.saved_bytes is not None else None
+    except (rest_kernels.BackendUnavailableError, _cases.ModelUnavailable) as e:
+        row.update(status="skipped", reason=str(e))
+    except torch.OutOfMemoryError as e:
+        row.update(status="skipped", reason="out of memory: " + _first_line(e))
+    except Exception as e:  # a failing backend is a row of the report, not the end of the run
+        row.update(status="error", reason=_first_line(e), traceback=traceback.format_exc())
+    finally:
+        del runner
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def settings_of(args) -> dict:
+    return dict(device=args.device, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
+                modes=args.modes, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
+                batch=args.batch, det_batch=args.det_batch, model_batch=args.model_batch,
+                image_size=args.image_size, threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
+                timing_method=_timing.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
+                memory_method=_memory.method(args.device),
+                saved_bytes_method=("rest_kernels.diagnostics.saved_tensor_bytes: the distinct storages "
+                                    "autograd saves for backward during one forward (inputs and weights "
+                                    "included); fwd+bwd op rows and train model rows"))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = plan(args)
+    jobs = [(case, backend) for case in cases for backend in args.backends]
+    if args.list:
+        for case, backend in jobs:
+            reason = skip_reason(backend, args.device, args.explicit_backends)
+            print(f"{_report.case_cell(base_row(case, backend)):50s} {backend:10s}"
+                  + (f" skipped: {reason}" if reason else ""))
+        return 0
+    env = _env.environment(args.device, argv)
+    settings = settings_of(args)
+    rows, interrupted = [], False
+    bar = _progress.progress(len(jobs), enabled=not args.no_progress)
+    try:
+        for case, backend in jobs:
+            bar.set_description(f"{case.label} {backend}")
+            rows.append(measure_row(case, backend, args))
+            bar.update(1)
+    except KeyboardInterrupt:  # report what was measured so far
+        interrupted = True
+    finally:
+        bar.close()
+    _report.add_ratios(rows)
+    settings["interrupted"] = interrupted
+    env["load_average_end"] = _env.load_average()
+    print(_report.table(rows, env, settings, markdown=args.markdown))
+    if args.json:
+        _report.write_json(args.json, env, settings, rows)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        _report.write_plot(args.plot, rows, env)
+        print(f"wrote {args.plot}")
+    if interrupted:
+        return 130
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

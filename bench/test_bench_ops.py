@@ -1,0 +1,53 @@
+"""pytest-benchmark suite: emsa_attention (without and with the head mix) and pa_gate, forward and
+forward + backward, at two ResT stage shapes, on every fused backend usable here, eager PyTorch
+("reference") and torch.compile of it ("compile"). Same cases and callables as bench/emsa_bench.py.
+
+Run (see bench/conftest.py):  python -m pytest bench/ --benchmark-only [--benchmark-autosave]
+Compare commits:              python -m pytest bench/ --benchmark-only --benchmark-compare=0001
+Benchmarks of one case share a pytest-benchmark group, so each table compares the backends.
+"""
+import pytest
+import torch
+
+import rest_kernels
+from bench import _cases, emsa_bench
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH = 32 if DEVICE == "cuda" else 2
+SHAPES = ("224-s1-lite/small", "224-s3-lite/small")
+DTYPES = ("float32", "bfloat16") if DEVICE == "cuda" else ("float32",)
+BACKENDS = tuple(b for b in emsa_bench.BACKEND_CHOICES if b not in emsa_bench.EMULATORS)
+_SHAPES = {s.label: s for s in _cases.stage_shapes()}
+
+
+def _synced(fn):
+    if DEVICE != "cuda":
+        return fn
+
+    def run():  # the time of the work, not of its launch
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pass_", _cases.PASSES)
+@pytest.mark.parametrize("op", _cases.OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op(benchmark, backend, op, pass_, shape, dtype):
+    reason = emsa_bench.skip_reason(backend, DEVICE, explicit=False)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    case = _cases.OpCase(op, pass_, _SHAPES[shape], BATCH, emsa_bench.DTYPES[dtype], DEVICE)
+    try:
+        runner = _cases.runner(case, backend)
+        runner.fn()  # first call outside the timing: compilation, JIT, and the "cannot serve" check
+    except rest_kernels.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    benchmark.group = f"{op} {pass_} {shape} {dtype} B={BATCH} {DEVICE}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE, dtype=dtype, **case.dims())
+    if runner.saved_bytes is not None:
+        benchmark.extra_info["saved_bytes"] = runner.saved_bytes()
+    benchmark(_synced(runner.fn))
