@@ -28,6 +28,11 @@
 #endif
 
 #define REST_DEVICE __device__ __forceinline__
+#ifdef REST_EMU
+#define REST_UNROLL
+#else
+#define REST_UNROLL _Pragma("unroll")
+#endif
 
 namespace REST_NS {
 namespace rk {
@@ -47,7 +52,10 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, Stream, Args... arg
 #else
 using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
-using DeviceGuard = c10::cuda::CUDAGuard;
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
 constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
 
 template <class... KArgs, class... Args>
