@@ -16,24 +16,12 @@ def _needs_backend():
     require_backend(BACKEND)
 
 
-class _OnCuda:
-    """Runs the official cases with the module and inputs on the GPU."""
-
-
 def test_official_attention_cases():
-    from reference_data import attention_cases
-    cases = []
-    for c in attention_cases():
-        c = dict(c)
-        c["x"], c["dout"] = c["x"].cuda(), c["dout"].cuda()
-        cases.append(c)
-    with torch.device("cuda"):
-        check_attention_cases(BACKEND, torch.float32, cases)
+    check_attention_cases(BACKEND, torch.float32, device="cuda")
 
 
 def test_official_pa_cases():
-    with torch.device("cuda"):
-        check_pa_cases(BACKEND, torch.float32)
+    check_pa_cases(BACKEND, torch.float32, device="cuda")
 
 
 SHAPES = [

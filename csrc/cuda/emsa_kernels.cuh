@@ -198,7 +198,7 @@ REST_UNROLL
 // sum(P^2) - 1/M would lose most of its digits, and eps ~ var turns that into visible errors in
 // rstd and in the backward's c rstd^2 rc_i term. The price is one more pass over the logits.
 template <class T>
-__global__ void __launch_bounds__(kThreads) emsa_rowvar_kernel(EmsaArgs<T> a, const float* __restrict__ lse,
+__global__ void __launch_bounds__(kThreads, 1) emsa_rowvar_kernel(EmsaArgs<T> a, const float* __restrict__ lse,
                                                                float* __restrict__ rc, float* __restrict__ rsq) {
   REST_SHARED(ChunkTile, Ac);
   REST_SHARED(ChunkTile, Bc);
