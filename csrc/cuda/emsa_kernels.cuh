@@ -477,6 +477,8 @@ inline void emsa_check(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "emsa: tensors on different devices");
   TORCH_CHECK(q.size(3) <= 128, "emsa: head dim ", q.size(3), " > 128");
   TORCH_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "emsa: too many rows");
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "emsa: batch x heads = ", q.size(0) * q.size(1),
+              " exceeds the grid's y dimension (65535); split the batch");
   if (w) {
     TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->dim() == 2 && w->size(0) == q.size(1) &&
                     w->size(1) == q.size(1) && w->device() == q.device(),
