@@ -79,7 +79,7 @@ def test_opcheck_pa(bias):
     opcheck_pa(BACKEND, bias=bias, device="cuda")
 
 
-def test_matches_emulation_bitwise_close():
+def test_gpu_matches_emulation():
     """The GPU and the emulation run the same source: results agree to float32 rounding."""
     require_backend("cuda-emu")
     from conformance import emsa_inputs
