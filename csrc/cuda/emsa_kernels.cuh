@@ -180,13 +180,15 @@ REST_UNROLL
 
   const int i = i0 + row;
   if (i < a.N) {
-    const float inv = 1.f / l;
     float* o = ws + ((int64_t(b) * a.N + i) * a.h + g) * a.d;
 REST_UNROLL
     for (int c = 0; c < NC; ++c) {
       const int col = quad + 4 * c;
-      // subtract vbar here, in float32, before any rounding to a low-precision dtype
-      if (col < a.d) o[col] = acc[c] * inv - (mix ? vbar[int64_t(bg) * a.d + col] : 0.f);
+      // subtract vbar here, in float32, before any rounding to a low-precision dtype. A true
+      // division (not * 1/l): for a uniform row (every p = 1, l = M) acc / l then rounds exactly
+      // like emsa_vbar_kernel's sum / M (same summation order), so P v - vbar is exactly 0, as
+      // InstanceNorm of a constant map must be, instead of rounding noise times rstd ~ 316.
+      if (col < a.d) o[col] = acc[c] / l - (mix ? vbar[int64_t(bg) * a.d + col] : 0.f);
     }
     if (quad == 0) lse[int64_t(bg) * a.N + i] = mrow + logf(l);
   }
