@@ -162,6 +162,15 @@ def test_divergent_barrier_is_an_error():
         torch.ops.rest_kernels_C.emu_selftest_diverge(torch.zeros(128))
 
 
+def test_error_inside_a_thread_surfaces():
+    # raised on a fiber's stack (shared memory over the 228 KiB of a block), rethrown by the scheduler
+    with pytest.raises(RuntimeError, match="shared memory"):
+        torch.ops.rest_kernels_C.emu_selftest_oversized_shared(torch.zeros(128))
+    # and the emulation still works afterwards
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(torch.ops.rest_kernels_C.emu_selftest_reduce(x, True), x.sum(1))
+
+
 def test_unknown_schedule_rejected(schedule):
     with pytest.raises(RuntimeError, match="unknown schedule"):
         schedule("sideways")

@@ -5,6 +5,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <exception>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -46,6 +47,7 @@ struct BlockRun {
   ucontext_t sched;
   Fiber* cur = nullptr;
   const std::function<void()>* body = nullptr;
+  std::exception_ptr error;  // thrown inside a fiber; rethrown by the scheduler on its own stack
 };
 thread_local BlockRun* t_run = nullptr;
 
@@ -75,7 +77,12 @@ void yield_to_scheduler(Wait w, const std::source_location& loc) {
 }
 
 void fiber_entry() {
-  (*t_run->body)();
+  // An exception must not unwind through makecontext's frame: park it for the scheduler.
+  try {
+    (*t_run->body)();
+  } catch (...) {
+    t_run->error = std::current_exception();
+  }
   t_run->cur->wait = Wait::Exited;
   // returning resumes uc_link: the scheduler
 }
@@ -126,6 +133,11 @@ void run_block(BlockRun& run, unsigned block_linear) {
       run.cur = &f;
       g_thread = &f.view;
       swapcontext(&run.sched, &f.ctx);
+      if (run.error) {
+        std::exception_ptr e = run.error;
+        run.error = nullptr;
+        std::rethrow_exception(e);
+      }
     }
     // Nobody can run: release a barrier whose every participant has arrived, or report divergence.
     bool released = false, all_exited = true;

@@ -6,6 +6,8 @@
 //                            barrier=False drops the __syncthreads between the stores and the tree:
 //                            a race that the emulation must expose (NaN or a wrong sum)
 //   emu_selftest_diverge(x)  a __syncthreads reached by half the block: must raise, not hang
+//   emu_selftest_oversized_shared(x)  a block asking for more than 228 KiB of shared memory: the
+//                            error raised inside a fiber must surface as a RuntimeError
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,6 +33,22 @@ __global__ void reduce_kernel(const float* x, float* out, bool barrier) {
 __global__ void diverge_kernel(float* x) {
   if (threadIdx.x < kThreads / 2) __syncthreads();
   x[threadIdx.x] += 1.f;
+}
+
+__global__ void oversized_shared_kernel(float* x) {
+  using Big = float[60 * 1024];  // 240 KiB
+  REST_SHARED(Big, big);
+  big[threadIdx.x] = x[threadIdx.x];
+  __syncthreads();
+  x[threadIdx.x] = big[(threadIdx.x + 1) % kThreads];
+}
+
+at::Tensor selftest_oversized_shared(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == kThreads, "x must be 128 float32");
+  at::Tensor y = x.contiguous().clone();
+  float* p = y.data_ptr<float>();
+  emu::launch_impl(dim3(1), dim3(kThreads), [&] { oversized_shared_kernel(p); });
+  return y;
 }
 
 at::Tensor selftest_reduce(const at::Tensor& x, bool barrier) {
@@ -61,9 +79,11 @@ TORCH_LIBRARY_FRAGMENT(rest_kernels_C, m) {
   m.def("emu_get_schedule() -> str", &rest_emu_selftest::get_schedule);
   m.def("emu_selftest_reduce(Tensor x, bool barrier) -> Tensor");
   m.def("emu_selftest_diverge(Tensor x) -> Tensor");
+  m.def("emu_selftest_oversized_shared(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
   m.impl("emu_selftest_reduce", &rest_emu_selftest::selftest_reduce);
   m.impl("emu_selftest_diverge", &rest_emu_selftest::selftest_diverge);
+  m.impl("emu_selftest_oversized_shared", &rest_emu_selftest::selftest_oversized_shared);
 }
