@@ -1,0 +1,629 @@
+// EMSA kernels (forward and backward) and their host launchers; SIMT design, see docs/cuda_design.md.
+//
+// Same source for nvcc (csrc/cuda/ops.cu) and for the CPU emulation (csrc/emu/ops_emu.cpp).
+//
+// Math (shared/notes/emsa_math.md): per batch b and output head g
+//   S_g = scale * sum_j W[g, j] q_j k_j^T   (only j = g with weight 1 when there is no mix)
+//   P_g = softmax_keys(S_g);  out_g = rstd_g (P_g v_g - 1 vbar_g^T)  (plain P_g v_g without mix)
+//   rstd_g = (sum_i rc_i / (N M) + eps)^-1/2,  rc_i = sum_m (P_im - 1/M)^2 = rsq_i - 1/M.
+// The N x M map never leaves the chip: a block owns a 32 x 32 tile of it at a time.
+//
+// Thread mapping of a 32 x 32 tile with 128 threads (4 warps): thread t owns row t / 4 and the 8
+// columns (t % 4) + 4 s, s < 8. The 4 threads of a row are adjacent lanes of one warp, so row
+// reductions are two xor-shuffles. Accumulators over the head dim (out, dq, dk, dv rows) use the
+// same split: thread t owns row t / 4 and columns (t % 4) + 4 c, c < DPAD / 4 (DPAD = 64 or 128;
+// smaller and odd head dims are zero-padded on load and masked on store).
+#pragma once
+
+#include <cmath>
+
+#include "cuda/portability.cuh"
+
+namespace REST_NS {
+
+constexpr int kTile = 32;      // query rows and keys per tile
+constexpr int kChunk = 32;     // head-dim chunk of the logits' dot products
+constexpr int kThreads = 128;  // 4 warps
+constexpr unsigned kFull = 0xffffffffu;
+
+template <class T>
+struct EmsaArgs {
+  const T* q;
+  const T* k;
+  const T* v;
+  int64_t qs[4], ks[4], vs[4];  // strides of (B, h, rows, d) in elements
+  const float* w;               // mix weight (h, h) row-major, or nullptr
+  int B, h, N, M, d;
+  float scale;
+};
+
+using ChunkTile = float[kTile][kChunk + 1];  // +1: row-wise and column-wise reads hit distinct banks
+
+// dst[r][c] = f * (X[row0 + r, c0 + c] - shift[c0 + c]) (0 outside the matrix): a kTile x kChunk
+// slice. shift (optional) is subtracted in float32 before any product (vbar, see the backward).
+template <class T>
+REST_DEVICE void load_chunk(ChunkTile& dst, const T* __restrict__ X, int64_t srow, int64_t scol, int row0,
+                            int nrows, int c0, int d, float f, const float* __restrict__ shift = nullptr) {
+  for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
+    const int r = e / kChunk, c = e % kChunk, gr = row0 + r, gc = c0 + c;
+    dst[r][c] = (gr < nrows && gc < d) ? f * (rk::to_f(X[gr * srow + gc * scol]) - (shift ? shift[gc] : 0.f)) : 0.f;
+  }
+}
+
+// dst[r][c] = X[row0 + r, c] for c < DPAD (0 outside the matrix): a kTile x DPAD block.
+template <class T, int DPAD>
+REST_DEVICE void load_rows(float (&dst)[kTile][DPAD], const T* __restrict__ X, int64_t srow, int64_t scol, int row0,
+                           int nrows, int d) {
+  for (int e = threadIdx.x; e < kTile * DPAD; e += kThreads) {
+    const int r = e / DPAD, c = e % DPAD, gr = row0 + r;
+    dst[r][c] = (gr < nrows && c < d) ? rk::to_f(X[gr * srow + c * scol]) : 0.f;
+  }
+}
+
+// acc[s] += f * A[i0 + row, :] . B[m0 + quad + 4 s, :] over the head dim, through shared chunks.
+template <class T>
+REST_DEVICE void tile_dot(float (&acc)[8], const T* __restrict__ A, int64_t sa_row, int64_t sa_col, int nA, int i0,
+                          const T* __restrict__ Bm, int64_t sb_row, int64_t sb_col, int nB, int m0, int d, float f,
+                          ChunkTile& Ac, ChunkTile& Bc, const float* __restrict__ b_shift = nullptr) {
+  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
+  for (int c0 = 0; c0 < d; c0 += kChunk) {
+    load_chunk(Ac, A, sa_row, sa_col, i0, nA, c0, d, 1.f);
+    load_chunk(Bc, Bm, sb_row, sb_col, m0, nB, c0, d, f, b_shift);
+    __syncthreads();
+    const int cend = d - c0 < kChunk ? d - c0 : kChunk;
+    for (int c = 0; c < cend; ++c) {
+      const float a = Ac[row][c];
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) acc[s] += a * Bc[quad + 4 * s][c];
+    }
+    __syncthreads();
+  }
+}
+
+// Mixed, scaled logits of output head g for the tile (i0.., m0..).
+template <class T>
+REST_DEVICE void tile_logits(float (&S)[8], const EmsaArgs<T>& a, int b, int g, int i0, int m0, ChunkTile& Ac,
+                             ChunkTile& Bc) {
+REST_UNROLL
+  for (int s = 0; s < 8; ++s) S[s] = 0.f;
+  const bool mix = a.w != nullptr;
+  const int jb = mix ? 0 : g, je = mix ? a.h : g + 1;
+  for (int j = jb; j < je; ++j) {
+    const float f = (mix ? a.w[g * a.h + j] : 1.f) * a.scale;
+    tile_dot(S, a.q + b * a.qs[0] + j * a.qs[1], a.qs[2], a.qs[3], a.N, i0,
+             a.k + b * a.ks[0] + j * a.ks[1], a.ks[2], a.ks[3], a.M, m0, a.d, f, Ac, Bc);
+  }
+}
+
+REST_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(kFull, x, 1);
+  return x + __shfl_xor_sync(kFull, x, 2);
+}
+REST_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFull, x, 2));
+}
+REST_DEVICE float warp_sum(float x) {
+REST_UNROLL
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+// vbar[b, g, :] = mean over keys of v[b, g]; one block per (b, g), fixed summation order.
+template <class T>
+__global__ void __launch_bounds__(kThreads) emsa_vbar_kernel(EmsaArgs<T> a, float* __restrict__ vbar) {
+  const int bg = blockIdx.x, b = bg / a.h, g = bg % a.h;
+  const T* v = a.v + b * a.vs[0] + g * a.vs[1];
+  for (int c = threadIdx.x; c < a.d; c += kThreads) {
+    float s = 0.f;
+    for (int m = 0; m < a.M; ++m) s += rk::to_f(v[m * a.vs[2] + c * a.vs[3]]);
+    vbar[int64_t(bg) * a.d + c] = s / a.M;
+  }
+}
+
+// ---------------------------------------------------------------------------------- forward
+// Grid (ceil(N / 32), B h). Online softmax over key tiles; writes the unscaled
+// (P v - vbar) rows (float32, (B, N, h, d)) and lse. The row variances come from
+// emsa_rowvar_kernel once lse is known, and the per-head rstd (which needs every row of the head)
+// is applied by emsa_finalize_kernel.
+template <class T, int DPAD>
+__global__ void __launch_bounds__(kThreads, 1) emsa_fwd_kernel(EmsaArgs<T> a, float* __restrict__ ws,
+                                                            float* __restrict__ lse, const float* __restrict__ vbar) {
+  using Rows = float[kTile][DPAD];
+  REST_SHARED(ChunkTile, Ac);
+  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(ChunkTile, Ps);
+  REST_SHARED(Rows, Vs);
+  constexpr int NC = DPAD / 4;
+  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
+  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h;
+  const bool mix = a.w != nullptr;
+  const T* v = a.v + b * a.vs[0] + g * a.vs[1];
+
+  float acc[NC];
+REST_UNROLL
+  for (int c = 0; c < NC; ++c) acc[c] = 0.f;
+  float mrow = -INFINITY, l = 0.f;  // running max and sum of exp
+
+  for (int m0 = 0; m0 < a.M; m0 += kTile) {
+    float S[8];
+    tile_logits(S, a, b, g, i0, m0, Ac, Bc);
+    float mloc = -INFINITY;
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) {
+      if (m0 + quad + 4 * s >= a.M) S[s] = -INFINITY;
+      mloc = fmaxf(mloc, S[s]);
+    }
+    // every key tile holds at least one valid key, so mnew is finite and alpha well defined
+    const float mnew = fmaxf(mrow, quad_max(mloc));
+    const float alpha = expf(mrow - mnew);
+    float ls = 0.f;
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) {
+      const float p = (m0 + quad + 4 * s < a.M) ? expf(S[s] - mnew) : 0.f;
+      Ps[row][quad + 4 * s] = p;
+      ls += p;
+    }
+    l = l * alpha + quad_sum(ls);
+    mrow = mnew;
+    load_rows<T, DPAD>(Vs, v, a.vs[2], a.vs[3], m0, a.M, a.d);
+    __syncthreads();
+REST_UNROLL
+    for (int c = 0; c < NC; ++c) acc[c] *= alpha;
+    for (int mm = 0; mm < kTile; ++mm) {
+      const float p = Ps[row][mm];
+REST_UNROLL
+      for (int c = 0; c < NC; ++c) acc[c] += p * Vs[mm][quad + 4 * c];
+    }
+    __syncthreads();
+  }
+
+  const int i = i0 + row;
+  if (i < a.N) {
+    float* o = ws + ((int64_t(b) * a.N + i) * a.h + g) * a.d;
+REST_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      const int col = quad + 4 * c;
+      // subtract vbar here, in float32, before any rounding to a low-precision dtype. A true
+      // division (not * 1/l): for a uniform row (every p = 1, l = M) acc / l then rounds exactly
+      // like emsa_vbar_kernel's sum / M (same summation order), so P v - vbar is exactly 0, as
+      // InstanceNorm of a constant map must be, instead of rounding noise times rstd ~ 316.
+      if (col < a.d) o[col] = acc[c] / l - (mix ? vbar[int64_t(bg) * a.d + col] : 0.f);
+    }
+    if (quad == 0) lse[int64_t(bg) * a.N + i] = mrow + logf(l);
+  }
+}
+
+// Grid (ceil(N / 32), B h), after lse is known: rc_i = sum_m (P_im - 1/M)^2, the centred sum of
+// squares of a row, and (forward) rsq_i = rc_i + 1/M. Summing the centred terms directly keeps
+// InstanceNorm's variance accurate: var is often far below 1/M^2 (near-uniform rows), so
+// sum(P^2) - 1/M would lose most of its digits, and eps ~ var turns that into visible errors in
+// rstd and in the backward's c rstd^2 rc_i term. The price is one more pass over the logits.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) emsa_rowvar_kernel(EmsaArgs<T> a, const float* __restrict__ lse,
+                                                               float* __restrict__ rc, float* __restrict__ rsq) {
+  REST_SHARED(ChunkTile, Ac);
+  REST_SHARED(ChunkTile, Bc);
+  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
+  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h, i = i0 + row;
+  const float lse_i = i < a.N ? lse[int64_t(bg) * a.N + i] : 0.f, invM = 1.f / a.M;
+  float acc = 0.f;
+  for (int m0 = 0; m0 < a.M; m0 += kTile) {
+    float S[8];
+    tile_logits(S, a, b, g, i0, m0, Ac, Bc);
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) {
+      const float dev = (m0 + quad + 4 * s < a.M) ? expf(S[s] - lse_i) - invM : 0.f;
+      acc += dev * dev;
+    }
+  }
+  acc = quad_sum(acc);
+  if (i < a.N && quad == 0) {
+    rc[int64_t(bg) * a.N + i] = acc;
+    if (rsq) rsq[int64_t(bg) * a.N + i] = acc + invM;
+  }
+}
+
+// Sum of a head's rc over its N rows, in one fixed order (identical in every block).
+REST_DEVICE float head_rc_sum(const float* __restrict__ rc_bg, int N, float (&red)[kThreads]) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < N; i += kThreads) s += rc_bg[i];
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (int(threadIdx.x) < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const float total = red[0];
+  __syncthreads();
+  return total;
+}
+
+REST_DEVICE float head_rstd(float rc_total, int N, int M, float eps) {
+  const double var = double(rc_total) / (double(N) * M);
+  return static_cast<float>(1.0 / sqrt(var + eps));
+}
+
+// Grid (ceil(N / 32), B h): out = rstd * ws in the output dtype (rstd = 1 without the mix);
+// block x = 0 also stores rstd. In place when the output is float32 (ws is out then).
+template <class T>
+__global__ void __launch_bounds__(kThreads) emsa_finalize_kernel(const float* ws, T* out,
+                                                                 const float* __restrict__ rc,
+                                                                 float* __restrict__ rstd, int h, int N, int M, int d,
+                                                                 float eps, bool mix) {
+  using Red = float[kThreads];
+  REST_SHARED(Red, red);
+  const int bg = blockIdx.y, b = bg / h, g = bg % h, i0 = blockIdx.x * kTile;
+  float rs = 1.f;
+  if (mix) {
+    rs = head_rstd(head_rc_sum(rc + int64_t(bg) * N, N, red), N, M, eps);
+    if (blockIdx.x == 0 && threadIdx.x == 0) rstd[bg] = rs;
+  }
+  for (int e = threadIdx.x; e < kTile * d; e += kThreads) {
+    const int i = i0 + e / d, col = e % d;
+    if (i >= N) break;
+    const int64_t idx = ((int64_t(b) * N + i) * h + g) * d + col;
+    out[idx] = rk::from_f<T>(ws[idx] * rs);
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+struct BwdRowArgs {
+  int64_t os[4], dos[4];  // strides of out and dout
+};
+
+// Per row i of head (b, g): u_i = dO_i . O_i. One warp per row.
+template <class T>
+__global__ void __launch_bounds__(kThreads) emsa_bwd_rowdot_kernel(const T* __restrict__ dout, const T* __restrict__ out,
+                                                                   BwdRowArgs s, int h, int N, int d,
+                                                                   float* __restrict__ u_out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int i = blockIdx.x * (kThreads / 32) + warp, bg = blockIdx.y, b = bg / h, g = bg % h;
+  if (i >= N) return;  // whole warp: the shuffles below stay converged
+  const T* o = out + b * s.os[0] + g * s.os[1] + i * s.os[2];
+  const T* dO = dout + b * s.dos[0] + g * s.dos[1] + i * s.dos[2];
+  float u = 0.f;
+  for (int c = lane; c < d; c += 32) u += rk::to_f(dO[c * s.dos[3]]) * rk::to_f(o[c * s.os[3]]);
+  u = warp_sum(u);
+  if (lane == 0) u_out[int64_t(bg) * N + i] = u;
+}
+
+// One block per (b, g): c_g = sum_i u_i / (N M) in a fixed order, then per row
+//   E_i = u_i - c_g rstd_g^2 rc_i        (mix; E_i = u_i without it; rc_i = rsq_i - 1/M, centred)
+// With the mix, dP - D_i (notes: dP = rstd (dO v^T - a - Y c), D_i = sum_m P dP) simplifies to
+//   dP_im - D_i = rstd (dO_i . (v_m - vbar) - c Y_im) - E_i:
+// the scalar a cancels, and v - vbar is formed in float32 before the dot product, so nothing
+// large (rstd ~ eps^-1/2 times dO . v) is subtracted from something large.
+__global__ void __launch_bounds__(kThreads) emsa_bwd_rowstat_kernel(const float* __restrict__ u,
+                                                                    const float* __restrict__ rc,
+                                                                    const float* __restrict__ rstd, int N, int M,
+                                                                    bool mix, float* __restrict__ E,
+                                                                    float* __restrict__ cg) {
+  using Red = float[kThreads];
+  REST_SHARED(Red, red);
+  const int bg = blockIdx.x;
+  const float* ub = u + int64_t(bg) * N;
+  float* Eb = E + int64_t(bg) * N;
+  if (!mix) {
+    for (int i = threadIdx.x; i < N; i += kThreads) Eb[i] = ub[i];
+    return;
+  }
+  float su = 0.f;
+  for (int i = threadIdx.x; i < N; i += kThreads) su += ub[i];
+  red[threadIdx.x] = su;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (int(threadIdx.x) < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const float c = static_cast<float>(double(red[0]) / (double(N) * M));
+  const float rs = rstd[bg];
+  if (threadIdx.x == 0) cg[bg] = c;
+  for (int i = threadIdx.x; i < N; i += kThreads) Eb[i] = ub[i] - c * rs * rs * rc[int64_t(bg) * N + i];
+}
+
+template <class T>
+struct BwdArgs {
+  EmsaArgs<T> a;
+  const T* dout;
+  int64_t dos[4];
+  const float* lse;
+  const float* E;     // (B h, N): see emsa_bwd_rowstat_kernel
+  const float* cg;    // (B h): c_g (mix only)
+  const float* rstd;  // (B h) (mix only)
+  const float* vbar;  // (B h, d) (mix only)
+};
+
+// The backward's main kernel. KEYS: grid (ceil(M / 32), B h), a block owns key tile m0 of input
+// head j and walks every query tile: dk_j, dv_j and the dW partials. !KEYS: grid (ceil(N / 32), B h),
+// a block owns query tile i0 of input head j and walks every key tile: dq_j. Both recompute
+// dL_j = sum_g W[g, j] dS_g for each 32 x 32 tile; the two-kernel split keeps every sum
+// deterministic (no atomics).
+template <class T, int DPAD, bool KEYS>
+__global__ void __launch_bounds__(kThreads, 1) emsa_bwd_kernel(BwdArgs<T> p, T* __restrict__ grad_a,
+                                                            T* __restrict__ grad_b, float* __restrict__ dw_part) {
+  using Rows = float[kTile][DPAD];
+  REST_SHARED(ChunkTile, Ac);
+  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(ChunkTile, Ts);  // Y tile (for dv) then the dL tile
+  REST_SHARED(Rows, Fs);       // dO rows (for dv), then q rows (dk) or k rows (dq)
+  using Red = float[kThreads / 32];
+  REST_SHARED(Red, red);
+  constexpr int NC = DPAD / 4;
+  const EmsaArgs<T>& a = p.a;
+  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int bj = blockIdx.y, b = bj / a.h, j = bj % a.h;
+  const bool mix = a.w != nullptr;
+  const float invM = 1.f / a.M;
+  const int own0 = blockIdx.x * kTile;  // first key (KEYS) or query row (!KEYS) of this block
+  const int walk_end = KEYS ? a.N : a.M;
+
+  float acc1[NC], acc2[NC];  // KEYS: dk, dv rows of key own0 + row; !KEYS: dq row own0 + row
+REST_UNROLL
+  for (int c = 0; c < NC; ++c) acc1[c] = acc2[c] = 0.f;
+
+  for (int t0 = 0; t0 < walk_end; t0 += kTile) {
+    const int i0 = KEYS ? t0 : own0, m0 = KEYS ? own0 : t0;
+    const int i = i0 + row;
+    float dL[8], Lj[8];
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) dL[s] = Lj[s] = 0.f;
+    if (KEYS && mix)
+      tile_dot(Lj, a.q + b * a.qs[0] + j * a.qs[1], a.qs[2], a.qs[3], a.N, i0,
+               a.k + b * a.ks[0] + j * a.ks[1], a.ks[2], a.ks[3], a.M, m0, a.d, a.scale, Ac, Bc);
+    const int gb = mix ? 0 : j, ge = mix ? a.h : j + 1;
+    for (int g = gb; g < ge; ++g) {
+      const int bg = b * a.h + g;
+      float S[8], dOv[8];
+      tile_logits(S, a, b, g, i0, m0, Ac, Bc);
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) dOv[s] = 0.f;
+      const T* dO = p.dout + b * p.dos[0] + g * p.dos[1];
+      // dOv = dO_g (v_g - vbar_g)^T with the mix, dO_g v_g^T without
+      tile_dot(dOv, dO, p.dos[2], p.dos[3], a.N, i0, a.v + b * a.vs[0] + g * a.vs[1], a.vs[2], a.vs[3], a.M, m0,
+               a.d, 1.f, Ac, Bc, mix ? p.vbar + int64_t(bg) * a.d : nullptr);
+      const bool row_ok = i < a.N;
+      const float lse_i = row_ok ? p.lse[int64_t(bg) * a.N + i] : 0.f;
+      const float E_i = row_ok ? p.E[int64_t(bg) * a.N + i] : 0.f;
+      const float rs = mix ? p.rstd[bg] : 1.f;
+      const float cg = mix ? p.cg[bg] : 0.f;
+      const float wgj = mix ? a.w[g * a.h + j] : 1.f;
+      // a softmax over a single key is the constant 1: P exactly 1 and dS exactly 0 (the
+      // recomputed terms below would cancel only to rounding)
+      const bool one_key = a.M == 1;
+      float dwp = 0.f;
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) {
+        const bool ok = row_ok && (m0 + quad + 4 * s < a.M);
+        const float P = ok ? (one_key ? 1.f : expf(S[s] - lse_i)) : 0.f;
+        const float Y = mix ? (ok ? (P - invM) * rs : 0.f) : P;
+        const float dPmD = mix ? rs * (dOv[s] - cg * Y) - E_i : dOv[s] - E_i;  // dP - D_i
+        const float dS = one_key ? 0.f : P * dPmD;
+        dL[s] += wgj * dS;
+        dwp += dS * Lj[s];
+        if (KEYS && g == j) Ts[row][quad + 4 * s] = Y;
+      }
+      if (KEYS && mix) {  // dW[g, j] partial of this tile: warp tree, then the 4 warps in order
+        dwp = warp_sum(dwp);
+        if (lane == 0) red[warp] = dwp;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          float* dst = dw_part + (int64_t(bj) * gridDim.x + blockIdx.x) * a.h + g;
+          *dst += (red[0] + red[1]) + (red[2] + red[3]);
+        }
+        __syncthreads();
+      }
+      if (KEYS && g == j) {  // dv_j += Y_j^T dO_j
+        load_rows<T, DPAD>(Fs, dO, p.dos[2], p.dos[3], i0, a.N, a.d);
+        __syncthreads();
+        for (int ii = 0; ii < kTile; ++ii) {
+          const float y = Ts[ii][row];
+REST_UNROLL
+          for (int c = 0; c < NC; ++c) acc2[c] += y * Fs[ii][quad + 4 * c];
+        }
+        __syncthreads();
+      }
+    }
+    // dL tile -> shared, then dk_j += dL^T q_j (KEYS) or dq_j += dL k_j (!KEYS)
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) Ts[row][quad + 4 * s] = dL[s];
+    if (KEYS)
+      load_rows<T, DPAD>(Fs, a.q + b * a.qs[0] + j * a.qs[1], a.qs[2], a.qs[3], i0, a.N, a.d);
+    else
+      load_rows<T, DPAD>(Fs, a.k + b * a.ks[0] + j * a.ks[1], a.ks[2], a.ks[3], m0, a.M, a.d);
+    __syncthreads();
+    for (int x = 0; x < kTile; ++x) {
+      const float t = KEYS ? Ts[x][row] : Ts[row][x];
+REST_UNROLL
+      for (int c = 0; c < NC; ++c) acc1[c] += t * Fs[x][quad + 4 * c];
+    }
+    __syncthreads();
+  }
+
+  // grads are contiguous (B, h, rows, d)
+  const int r = own0 + row, nrows = KEYS ? a.M : a.N;
+  if (r < nrows) {
+    T* g1 = grad_a + (int64_t(bj) * nrows + r) * a.d;
+    T* g2 = KEYS ? grad_b + (int64_t(bj) * nrows + r) * a.d : nullptr;
+REST_UNROLL
+    for (int c = 0; c < NC; ++c) {
+      const int col = quad + 4 * c;
+      if (col < a.d) {
+        g1[col] = rk::from_f<T>(acc1[c] * a.scale);
+        if (KEYS) g2[col] = rk::from_f<T>(acc2[c]);
+      }
+    }
+  }
+}
+
+// dmix[g, j] = sum over (b, key tile) of the partials, in a fixed order. One thread per (g, j).
+__global__ void __launch_bounds__(kThreads) emsa_dmix_kernel(const float* __restrict__ dw_part, int B, int h,
+                                                             int ntiles, float* __restrict__ dmix) {
+  const int e = blockIdx.x * kThreads + threadIdx.x;
+  if (e >= h * h) return;
+  const int g = e / h, j = e % h;
+  float s = 0.f;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < ntiles; ++t) s += dw_part[((int64_t(b) * h + j) * ntiles + t) * h + g];
+  dmix[e] = s;
+}
+
+// ----------------------------------------------------------------------------------- host side
+inline void emsa_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& w) {
+  TORCH_CHECK(q.device().type() == rk::kDevice, "emsa: q on ", q.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "emsa: q, k, v must be 4-d");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "emsa: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "emsa: mixed dtypes");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "emsa: tensors on different devices");
+  TORCH_CHECK(q.size(3) <= 128, "emsa: head dim ", q.size(3), " > 128");
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "emsa: too many rows");
+  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "emsa: batch x heads = ", q.size(0) * q.size(1),
+              " exceeds the grid's y dimension (65535); split the batch");
+  if (w) {
+    TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->dim() == 2 && w->size(0) == q.size(1) &&
+                    w->size(1) == q.size(1) && w->device() == q.device(),
+                "emsa: mix_weight must be a contiguous float32 (h, h) tensor");
+  }
+}
+
+template <class T>
+EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const c10::optional<at::Tensor>& w, double scale) {
+  EmsaArgs<T> a;
+  a.q = q.data_ptr<T>();
+  a.k = k.data_ptr<T>();
+  a.v = v.data_ptr<T>();
+  for (int i = 0; i < 4; ++i) {
+    a.qs[i] = q.stride(i);
+    a.ks[i] = k.stride(i);
+    a.vs[i] = v.stride(i);
+  }
+  a.w = w ? w->data_ptr<float>() : nullptr;
+  a.B = static_cast<int>(q.size(0));
+  a.h = static_cast<int>(q.size(1));
+  a.N = static_cast<int>(q.size(2));
+  a.M = static_cast<int>(k.size(2));
+  a.d = static_cast<int>(q.size(3));
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                                          const at::Tensor& v,
+                                                                          const c10::optional<at::Tensor>& w,
+                                                                          double scale, double eps) {
+  emsa_check(q, k, v, w);
+  rk::DeviceGuard guard(q);
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
+  const bool mix = w.has_value();
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({B, N, h, d}, q.options());
+  at::Tensor lse = at::empty({B, h, N}, f32);
+  at::Tensor rsq = at::zeros({B, h, N}, f32);
+  at::Tensor rstd = at::zeros({B, h}, f32);
+  if (B * h * N * d == 0 || M == 0) {
+    out.zero_();
+    lse.fill_(M == 0 ? -INFINITY : 0.f);
+    return {out.transpose(1, 2), lse, rsq, rstd};
+  }
+  const bool f32_out = q.scalar_type() == at::kFloat;
+  at::Tensor ws = f32_out ? out : at::empty({B, N, h, d}, f32);
+  at::Tensor vbar = mix ? at::empty({B, h, d}, f32) : at::Tensor();
+  at::Tensor rc = mix ? at::empty({B, h, N}, f32) : at::Tensor();
+  REST_DISPATCH_DTYPES(q.scalar_type(), "emsa_fwd", [&] {
+    const EmsaArgs<scalar_t> a = emsa_args<scalar_t>(q, k, v, w, scale);
+    auto stream = rk::current_stream();
+    const dim3 grid(rk::ceil_div(N, kTile), static_cast<unsigned>(B * h));
+    if (mix) rk::launch(emsa_vbar_kernel<scalar_t>, dim3(static_cast<unsigned>(B * h)), dim3(kThreads), stream, a,
+                        vbar.data_ptr<float>());
+    auto fwd = d <= 64 ? &emsa_fwd_kernel<scalar_t, 64> : &emsa_fwd_kernel<scalar_t, 128>;
+    rk::launch(fwd, grid, dim3(kThreads), stream, a, ws.data_ptr<float>(), lse.data_ptr<float>(),
+               mix ? static_cast<const float*>(vbar.data_ptr<float>()) : nullptr);
+    if (mix)
+      rk::launch(emsa_rowvar_kernel<scalar_t>, grid, dim3(kThreads), stream, a,
+                 static_cast<const float*>(lse.data_ptr<float>()), rc.data_ptr<float>(), rsq.data_ptr<float>());
+    if (mix || !f32_out)
+      rk::launch(emsa_finalize_kernel<scalar_t>, grid, dim3(kThreads), stream,
+                 static_cast<const float*>(ws.data_ptr<float>()), out.data_ptr<scalar_t>(),
+                 mix ? static_cast<const float*>(rc.data_ptr<float>()) : nullptr, rstd.data_ptr<float>(), a.h, a.N,
+                 a.M, a.d, static_cast<float>(eps), mix);
+  });
+  return {out.transpose(1, 2), lse, rsq, rstd};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& w, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
+    const at::Tensor& rstd, double scale, double eps) {
+  emsa_check(q, k, v, w);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "emsa_bwd: dout and out must match q");
+  rk::DeviceGuard guard(q);
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
+  const bool mix = w.has_value();
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), q.options());
+  at::Tensor dv = at::zeros(v.sizes(), q.options());
+  at::Tensor dmix = mix ? at::zeros({h, h}, f32) : at::empty({0}, f32);
+  if (B * h * N * d == 0 || M == 0) return {dq, dk, dv, dmix};
+  at::Tensor lse_c = lse.to(at::kFloat).contiguous();
+  at::Tensor rc = mix ? at::empty({B, h, N}, f32) : at::Tensor();
+  at::Tensor rstd_c = rstd.to(at::kFloat).contiguous();
+  at::Tensor vbar = mix ? at::empty({B, h, d}, f32) : at::Tensor();
+  at::Tensor u = at::empty({B, h, N}, f32);
+  at::Tensor E = at::empty({B, h, N}, f32);
+  at::Tensor cg = at::zeros({B, h}, f32);
+  const int64_t nMt = (M + kTile - 1) / kTile;
+  at::Tensor dw_part = mix ? at::zeros({B, h, nMt, h}, f32) : at::Tensor();
+  REST_DISPATCH_DTYPES(q.scalar_type(), "emsa_bwd", [&] {
+    const EmsaArgs<scalar_t> a = emsa_args<scalar_t>(q, k, v, w, scale);
+    auto stream = rk::current_stream();
+    const unsigned BH = static_cast<unsigned>(B * h);
+    if (mix) {
+      rk::launch(emsa_vbar_kernel<scalar_t>, dim3(BH), dim3(kThreads), stream, a, vbar.data_ptr<float>());
+      // the centred row sums again (rsq as saved lost their digits below 1/M; see emsa_rowvar_kernel)
+      rk::launch(emsa_rowvar_kernel<scalar_t>, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, a,
+                 static_cast<const float*>(lse_c.data_ptr<float>()), rc.data_ptr<float>(),
+                 static_cast<float*>(nullptr));
+    }
+    BwdRowArgs rs;
+    for (int i = 0; i < 4; ++i) {
+      rs.os[i] = out.stride(i);
+      rs.dos[i] = dout.stride(i);
+    }
+    rk::launch(emsa_bwd_rowdot_kernel<scalar_t>, dim3(rk::ceil_div(N, kThreads / 32), BH), dim3(kThreads), stream,
+               dout.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rs, a.h, a.N, a.d, u.data_ptr<float>());
+    rk::launch(emsa_bwd_rowstat_kernel, dim3(BH), dim3(kThreads), stream,
+               static_cast<const float*>(u.data_ptr<float>()),
+               mix ? static_cast<const float*>(rc.data_ptr<float>()) : nullptr,
+               static_cast<const float*>(rstd_c.data_ptr<float>()), a.N, a.M, mix, E.data_ptr<float>(),
+               cg.data_ptr<float>());
+    BwdArgs<scalar_t> p;
+    p.a = a;
+    p.dout = dout.data_ptr<scalar_t>();
+    for (int i = 0; i < 4; ++i) p.dos[i] = dout.stride(i);
+    p.lse = lse_c.data_ptr<float>();
+    p.E = E.data_ptr<float>();
+    p.cg = cg.data_ptr<float>();
+    p.rstd = rstd_c.data_ptr<float>();
+    p.vbar = mix ? vbar.data_ptr<float>() : nullptr;
+    float* dwp = mix ? dw_part.data_ptr<float>() : nullptr;
+    auto keys = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, true> : &emsa_bwd_kernel<scalar_t, 128, true>;
+    auto rows = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, false> : &emsa_bwd_kernel<scalar_t, 128, false>;
+    rk::launch(keys, dim3(static_cast<unsigned>(nMt), BH), dim3(kThreads), stream, p, dk.data_ptr<scalar_t>(),
+               dv.data_ptr<scalar_t>(), dwp);
+    rk::launch(rows, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
+               static_cast<scalar_t*>(nullptr), static_cast<float*>(nullptr));
+    if (mix)
+      rk::launch(emsa_dmix_kernel, dim3(rk::ceil_div(h * h, kThreads)), dim3(kThreads), stream,
+                 static_cast<const float*>(dw_part.data_ptr<float>()), a.B, a.h, static_cast<int>(nMt),
+                 dmix.data_ptr<float>());
+  });
+  return {dq, dk, dv, dmix};
+}
+
+}  // namespace REST_NS

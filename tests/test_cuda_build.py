@@ -1,0 +1,38 @@
+"""The built extension's CUDA code: every kernel compiled for every requested arch (sm_80 and sm_90
+by default), no local-memory spills in the hot kernels. Needs no GPU; skipped when the extension
+was built without its CUDA part."""
+import os
+import sys
+
+import pytest
+
+from rest_kernels import _extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import cuda_resources  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def usage():
+    info = _extension.build_info()
+    if info is None or not info.get("with_cuda"):
+        pytest.skip("the extension was built without CUDA")
+    if cuda_resources.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump not found")
+    return cuda_resources.resource_usage(_extension.load()[0].__file__), cuda_resources.built_archs()
+
+
+def test_default_archs_built(usage):
+    rows, archs = usage
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") is None and "sm_80" in archs:
+        assert {"sm_80", "sm_90"} <= set(archs)
+    assert archs, "build record names no CUDA arch"
+
+
+def test_every_kernel_for_every_arch_without_spills(usage):
+    rows, archs = usage
+    assert cuda_resources.problems(rows, archs) == []
+    for fam in cuda_resources.FAMILIES:
+        have = {r["arch"] for r in rows if r["family"] == fam}
+        assert set(archs) <= have, f"{fam}: archs {sorted(have)}"

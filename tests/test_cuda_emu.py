@@ -1,0 +1,176 @@
+"""The `cuda` backend's kernel source run on the CPU by the emulation of CUDA's execution model
+(backend "cuda-emu", csrc/emu). Every CUDA kernel goes through the shared checks of
+tests/conformance.py, plus the emulation's own guarantees: results identical under every thread
+schedule, and a planted race / divergent barrier detected.
+"""
+import pytest
+import torch
+
+from conftest import require_backend
+from conformance import (check_attention_cases, check_emsa_op, check_emsa_stats, check_pa_cases, check_pa_op,
+                         opcheck_emsa, opcheck_pa)
+
+BACKEND = "cuda-emu"
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend():
+    require_backend(BACKEND)
+
+
+@pytest.fixture
+def schedule():
+    """Set the emulation's thread schedule for one test, restoring it afterwards."""
+    ops = torch.ops.rest_kernels_C
+    before = ops.emu_get_schedule()
+    yield ops.emu_set_schedule
+    ops.emu_set_schedule(before)
+
+
+# ------------------------------------------------------------------------------ official cases
+def test_official_attention_cases():
+    # all of them, N = 3136 included (about 7 s under the emulation on this 2-core box)
+    check_attention_cases(BACKEND, torch.float32)
+
+
+def test_official_pa_cases():
+    check_pa_cases(BACKEND, torch.float32)
+
+
+# ------------------------------------------------------------------------------- op level EMSA
+# (B, h, N, M, d): partial tiles, several key tiles (M > 32), several query tiles, N or M of 1,
+# head dims 3..128 including 96 and odd sizes, h 1..8
+SHAPES = [
+    (1, 1, 1, 3, 32),
+    (2, 3, 37, 45, 32),
+    (1, 2, 70, 33, 96),
+    (1, 8, 9, 7, 64),
+    (2, 1, 33, 1, 3),
+    (1, 4, 1, 65, 128),
+    (1, 5, 40, 70, 17),
+]
+
+
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}h{}N{}M{}d{}".format(*s))
+def test_emsa_op_float32(shape, mix):
+    check_emsa_op(BACKEND, *shape, torch.float32, mix=mix)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_layouts(layout, mix):
+    check_emsa_op(BACKEND, 2, 3, 35, 34, 24, torch.float32, mix=mix, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 45, 32), (1, 2, 40, 17, 96), (1, 1, 5, 1, 3)],
+                         ids=lambda s: "B{}h{}N{}M{}d{}".format(*s))
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_low_precision(shape, dtype, mix):
+    check_emsa_op(BACKEND, *shape, dtype, mix=mix)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_large_logits(mix):
+    # logits far from 0: the online softmax's running max and rescaling carry the result
+    check_emsa_op(BACKEND, 1, 2, 33, 70, 16, torch.float32, mix=mix, logit_scale=8.0)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emsa_stats(mix, dtype):
+    check_emsa_stats(BACKEND, 2, 3, 37, 45, 32, dtype=dtype, mix=mix)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_opcheck_emsa(mix):
+    opcheck_emsa(BACKEND, mix=mix)
+
+
+# --------------------------------------------------------------------------------- op level PA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_pa_op(dtype, bias):
+    check_pa_op(BACKEND, 2, 5, 7, 9, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 4, 1, 9), (1, 2, 17, 3)], ids=str)
+def test_pa_op_shapes(shape):
+    check_pa_op(BACKEND, *shape, torch.float32, channels_last=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_pa(bias):
+    opcheck_pa(BACKEND, bias=bias)
+
+
+# ------------------------------------------------------------------------- the emulation itself
+SCHEDULES = ["forward", "reverse", "shuffle:1", "shuffle:2"]
+
+
+def _all_kernels(mix):
+    """Outputs of every EMSA and PA kernel on one fixed input (no autograd)."""
+    from conformance import emsa_inputs
+    q, k, v, w, _ = emsa_inputs(2, 3, 37, 45, 24, torch.float32, mix, "model")
+    ops = torch.ops.rest_kernels_C
+    w32 = w.detach() if w is not None else None
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse, rsq, rstd = ops.emsa_fwd_emu(q, k, v, w32, 24 ** -0.5, 1e-5)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = ops.emsa_bwd_emu(dout, q, k, v, w32, out, lse, rsq, rstd, 24 ** -0.5, 1e-5)
+    g = torch.Generator().manual_seed(4)
+    x, pw, pb = torch.randn(2, 3, 9, 11, generator=g), torch.randn(3, 1, 3, 3, generator=g), torch.randn(3, generator=g)
+    pa = ops.pa_fwd_emu(x, pw, pb)
+    pa_grads = ops.pa_bwd_emu(torch.randn(x.shape, generator=g), x, pw, pb)
+    return (out, lse, rsq, rstd) + tuple(grads) + (pa,) + tuple(pa_grads)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_kernels_identical_under_every_schedule(schedule, mix):
+    results = {}
+    for spec in SCHEDULES:
+        schedule(spec)
+        results[spec] = _all_kernels(mix)
+    first = results[SCHEDULES[0]]
+    for spec in SCHEDULES[1:]:
+        for a, b in zip(first, results[spec]):
+            assert torch.equal(a, b), f"result differs between schedules {SCHEDULES[0]} and {spec}"
+
+
+def test_planted_race_is_detected(schedule):
+    x = torch.randn(6, 128, dtype=torch.float32)
+    expected = x.double().sum(1)
+    ops = torch.ops.rest_kernels_C
+    for spec in SCHEDULES:
+        schedule(spec)
+        good = ops.emu_selftest_reduce(x, True)
+        torch.testing.assert_close(good.double(), expected, rtol=1e-5, atol=1e-5)
+    detected = []
+    for spec in SCHEDULES:
+        schedule(spec)
+        racy = ops.emu_selftest_reduce(x, False)
+        ok = torch.isfinite(racy).all() and torch.allclose(racy.double(), expected, rtol=1e-5, atol=1e-5)
+        detected.append(not ok)
+    # the racy reduction reads slots nobody has written yet (poisoned with NaN) unless every
+    # writer happens to run first (the reverse order): the forward and shuffled orders expose it
+    assert detected[0] and detected[2] and detected[3], detected
+
+
+def test_divergent_barrier_is_an_error():
+    with pytest.raises(RuntimeError, match="barrier divergence"):
+        torch.ops.rest_kernels_C.emu_selftest_diverge(torch.zeros(128))
+
+
+def test_error_inside_a_thread_surfaces():
+    # raised on a fiber's stack (shared memory over the 228 KiB of a block), rethrown by the scheduler
+    with pytest.raises(RuntimeError, match="shared memory"):
+        torch.ops.rest_kernels_C.emu_selftest_oversized_shared(torch.zeros(128))
+    # and the emulation still works afterwards
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(torch.ops.rest_kernels_C.emu_selftest_reduce(x, True), x.sum(1))
+
+
+def test_unknown_schedule_rejected(schedule):
+    with pytest.raises(RuntimeError, match="unknown schedule"):
+        schedule("sideways")

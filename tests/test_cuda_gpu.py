@@ -1,0 +1,92 @@
+"""The `cuda` backend on a real GPU: the same checks as tests/test_cuda_emu.py on device "cuda".
+Skipped without a GPU (or without the extension's CUDA part)."""
+import pytest
+import torch
+
+from conftest import require_backend
+from conformance import (check_attention_cases, check_emsa_op, check_emsa_stats, check_pa_cases, check_pa_op,
+                         opcheck_emsa, opcheck_pa)
+
+pytestmark = pytest.mark.gpu
+BACKEND = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend():
+    require_backend(BACKEND)
+
+
+def test_official_attention_cases():
+    check_attention_cases(BACKEND, torch.float32, device="cuda")
+
+
+def test_official_pa_cases():
+    check_pa_cases(BACKEND, torch.float32, device="cuda")
+
+
+SHAPES = [
+    (1, 1, 1, 3, 32),
+    (2, 3, 37, 45, 32),
+    (1, 2, 70, 33, 96),
+    (1, 8, 9, 7, 64),
+    (2, 1, 33, 1, 3),
+    (1, 4, 1, 65, 128),
+    (1, 5, 40, 70, 17),
+    (2, 1, 3136, 49, 64),
+]
+
+
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}h{}N{}M{}d{}".format(*s))
+def test_emsa_op_float32(shape, mix):
+    check_emsa_op(BACKEND, *shape, torch.float32, mix=mix, device="cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_layouts(layout, mix):
+    check_emsa_op(BACKEND, 2, 3, 35, 34, 24, torch.float32, mix=mix, layout=layout, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 45, 32), (1, 2, 40, 17, 96), (2, 2, 784, 49, 64)],
+                         ids=lambda s: "B{}h{}N{}M{}d{}".format(*s))
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_low_precision(shape, dtype, mix):
+    check_emsa_op(BACKEND, *shape, dtype, mix=mix, device="cuda")
+
+
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emsa_stats(mix, dtype):
+    check_emsa_stats(BACKEND, 2, 3, 37, 45, 32, dtype=dtype, mix=mix, device="cuda")
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_opcheck_emsa(mix):
+    opcheck_emsa(BACKEND, mix=mix, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_pa_op(dtype, bias):
+    check_pa_op(BACKEND, 2, 5, 7, 9, dtype, bias=bias, device="cuda")
+    check_pa_op(BACKEND, 1, 64, 56, 56, dtype, bias=bias, device="cuda", channels_last=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_pa(bias):
+    opcheck_pa(BACKEND, bias=bias, device="cuda")
+
+
+def test_gpu_matches_emulation():
+    """The GPU and the emulation run the same source: results agree to float32 rounding."""
+    require_backend("cuda-emu")
+    from conformance import emsa_inputs
+    q, k, v, w, _ = emsa_inputs(2, 3, 37, 45, 24, torch.float32, True, "model")
+    ops = torch.ops.rest_kernels_C
+    args = (q.detach(), k.detach(), v.detach(), w.detach().float())
+    emu = ops.emsa_fwd_emu(*args, 24 ** -0.5, 1e-5)
+    gpu = ops.emsa_fwd(*(t.cuda() for t in args), 24 ** -0.5, 1e-5)
+    for a, b in zip(emu, gpu):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
