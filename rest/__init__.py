@@ -5,3 +5,17 @@ from .modules import EMSA, PA
 
 __all__ = ["ResT", "EMSA", "PA", "rest_lite", "rest_small", "rest_base", "rest_large",
            "load_checkpoint", "save_checkpoint", "CheckpointError"]
+
+# timm integration: register the variants in timm's model registry when timm is installed (no hard
+# dependency). A broken timm install must not break `import rest`: it is skipped with a warning.
+try:
+    import timm as _timm  # noqa: F401
+except ImportError:
+    _timm = None
+if _timm is not None:
+    try:
+        from . import timm_integration  # noqa: F401
+    except Exception as _e:  # noqa: BLE001  (an incompatible timm version: any error at import)
+        import warnings as _warnings
+        _warnings.warn(f"rest: timm is installed but registering ResT in it failed ({type(_e).__name__}: {_e}); "
+                       "timm.create_model('rest_*') will not work", RuntimeWarning, stacklevel=2)
