@@ -59,7 +59,7 @@ def test_classifier_protocol():
     assert isinstance(headless.head, torch.nn.Identity)
 
 
-@pytest.mark.parametrize("name,channels", [("rest_lite", [64, 128, 256, 512]), ("rest_large", [96, 192, 384, 768])])
+@pytest.mark.parametrize("name,channels", [("rest_lite", [64, 128, 256, 512]), ("rest_base", [96, 192, 384, 768])])
 def test_features_only_gives_the_stage_maps(name, channels):
     backbone = timm.create_model(name, features_only=True).eval()
     info = backbone.feature_info
