@@ -5,8 +5,12 @@ unwrapped ({"model": ...} / {"state_dict": ...} wrappers, "module." prefixes of 
 DistributedDataParallel) and matched strictly against the model: every key present with the
 right shape, and nothing left over. Anything else is a CheckpointError that lists what is wrong.
 
-To add a file format (safetensors, say), append a reader: a (claims(path) -> bool,
-read(path) -> mapping) pair, placed before the catch-all torch.load reader.
+Readers: safetensors files (suffix .safetensors, read with the `safetensors` package: tensors
+only, no code) and everything else through torch.load(weights_only=True). To add a file format,
+insert a (claims(path) -> bool, read(path) -> mapping) pair before the catch-all torch.load reader.
+
+save_checkpoint(model, path) writes the model's state_dict in the format the suffix names
+(.safetensors, else torch.save), so that pretrained= reads it back.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "READERS", "read_checkpoint", "extract_state_dict", "load_checkpoint"]
+__all__ = ["CheckpointError", "READERS", "read_checkpoint", "extract_state_dict", "load_checkpoint",
+           "save_checkpoint"]
 
 #: wrapper keys of training scripts (timm / DeiT-style: "model"; Lightning and others: "state_dict")
 WRAPPER_KEYS = ("model", "state_dict")
@@ -43,8 +48,34 @@ def _read_torch(path: str) -> Mapping:
                               f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def _is_safetensors(path: str) -> bool:
+    return path.lower().endswith(SAFETENSORS_SUFFIX)
+
+
+def _safetensors_module():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise CheckpointError("reading or writing .safetensors files needs the `safetensors` package "
+                              "(pip install safetensors)") from e
+    return safetensors.torch
+
+
+def _read_safetensors(path: str) -> Mapping:
+    st = _safetensors_module()
+    try:
+        return st.load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for bad headers)
+        raise CheckpointError(f"cannot read checkpoint {path!r} as safetensors: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
 #: (claims(path), read(path)) pairs, tried in order; the last one takes every path
 READERS: list[tuple[Callable[[str], bool], Callable[[str], Mapping]]] = [
+    (_is_safetensors, _read_safetensors),
     (lambda path: True, _read_torch),
 ]
 
@@ -127,3 +158,35 @@ def load_checkpoint(model: nn.Module, checkpoint, source: str | None = None) -> 
     # strict=False only to tolerate the OPTIONAL_SUFFIXES buffers; everything else was checked above
     model.load_state_dict(state, strict=False)
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile / DataParallel / DistributedDataParallel wrappers, so
+    that a saved checkpoint has the official keys (no "_orig_mod." or "module." prefixes)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> str:
+    """Write `model`'s state_dict to `path`: safetensors when the name ends in .safetensors (tensors
+    only, loadable without pickle), else torch.save of the plain state_dict (.pth / .pt / any other
+    name). Either loads back with load_checkpoint(model, path) or pretrained=path. `metadata`
+    (str -> str) goes into the safetensors header and is refused for the torch format. Returns
+    the path."""
+    path = os.fspath(path)
+    state = {k: v.detach().to("cpu") for k, v in unwrap_model(model).state_dict().items()}
+    if _is_safetensors(path):
+        st = _safetensors_module()
+        # safetensors refuses tensors that share memory or are not contiguous: give each its own copy
+        st.save_file({k: v.contiguous().clone() for k, v in state.items()}, path,
+                     metadata=dict(metadata) if metadata else None)
+    else:
+        if metadata:
+            raise ValueError("metadata= is only stored in .safetensors files")
+        torch.save(state, path)
+    return path

@@ -44,7 +44,10 @@ def _check_number(name, value, *, positive=False, allow_zero=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons rather than math.isfinite: under torch.compile a float that changed between calls
+    # (the scale of two models with other head dims) is traced as a symbolic float, on which
+    # comparisons become guards while math.isfinite breaks the graph. NaN fails both comparisons.
+    if not (-math.inf < value < math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and (value < 0 or (value == 0 and not allow_zero)):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

@@ -132,6 +132,21 @@ pa_fwd.register_autograd(_pa_backward, setup_context=_pa_setup_context)
 
 
 # --------------------------------------------------------------------------- public API
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when torch.autocast is on for t's device type, else None."""
+    device_type = t.device.type
+    if device_type not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _amp_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # autocast's own eligibility rule: floating tensors other than float64 are cast
+    if t is None or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1e-5, backend=None):
     """ResT's EMSA core: softmax(mix(q k^T * scale)) [-> InstanceNorm] @ v.
 
@@ -140,6 +155,19 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
     Returns (B,h,N,d) laid out in memory as (B,N,h,d). See ../shared/API.md.
     """
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
+    amp = _autocast_dtype(q)
+    if amp is not None:
+        # Like a matmul under autocast: q, k, v in the autocast dtype; the mix weight stays float32
+        # (every backend applies it in float32). Autocast is then switched off so that the official
+        # math keeps its float32 logits, softmax and InstanceNorm statistics instead of having its
+        # matmul and conv cast back down; the fused kernels keep theirs in float32 anyway.
+        q, k, v = (_amp_cast(t, amp) for t in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend)
+    return _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend)
+
+
+def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
     if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     chosen = select("emsa_attention", backend, (q, k, v),
@@ -152,6 +180,16 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
 def pa_gate(x, weight, bias=None, *, backend=None):
     """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W)."""
     check_pa_args(x, weight, bias)
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        # Like the depthwise conv2d it contains under autocast: x, weight and bias in the autocast dtype.
+        x, weight, bias = (_amp_cast(t, amp) for t in (x, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            return _pa_gate(x, weight, bias, backend)
+    return _pa_gate(x, weight, bias, backend)
+
+
+def _pa_gate(x, weight, bias, backend):
     if x.numel() == 0:
         return x * 0
     chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
