@@ -566,8 +566,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "emsa: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "emsa: q, k, v must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "emsa (cpu backend): float32 or float64 only, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
+                  q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "emsa (cpu backend): float32, float64, bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
                   v.sizes() == k.sizes(),
               "emsa: shapes q (B,h,N,d), k and v (B,h,M,d) expected");
@@ -578,6 +579,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     double scale, double eps) {
   check_inputs(q, k, v);
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
+  if (q.scalar_type() != at::kFloat) {
+    // bfloat16 / float16: computed in float32 on float32 copies (the CPU has no fast 16-bit FMAs to
+    // use here); out is rounded once at the end, keeping its (B, N, h, d) memory layout.
+    auto r = emsa_fwd_impl<float>(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), mix_weight, scale, eps);
+    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+  }
   return emsa_fwd_impl<float>(q, k, v, mix_weight, scale, eps);
 }
 
@@ -592,6 +599,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
   (void)rsq;
   if (q.scalar_type() == at::kDouble)
     return emsa_bwd_impl<double>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+  if (q.scalar_type() != at::kFloat) {  // bfloat16 / float16: in float32, gradients rounded at the end
+    const auto f = at::kFloat;
+    auto r = emsa_bwd_impl<float>(dO.to(f), q.to(f), k.to(f), v.to(f), mix_weight, out.to(f), rstd, scale, eps);
+    const auto t = q.scalar_type();
+    return {std::get<0>(r).to(t), std::get<1>(r).to(t), std::get<2>(r).to(t), std::get<3>(r)};
+  }
   return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
 }
 
