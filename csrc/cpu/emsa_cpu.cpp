@@ -60,11 +60,11 @@ constexpr int64_t kBwdBufferBytes = 640 * 1024;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Grain (items per thread) for the light, memory-bound passes (packing, sums, the normalisation):
-// they run inline unless each thread gets at least ~256K elements. Every parallel region costs a
+// they run inline unless each thread gets at least ~1M elements. Every parallel region costs a
 // rendezvous of all threads, which on a shared machine can wait a whole scheduler slice for a
 // descheduled thread; the light passes are not worth that.
 inline int64_t light_grain(int64_t elements_per_item) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(elements_per_item, 1));
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(elements_per_item, 1));
 }
 
 // Rows per block: a multiple of the micro-tile height such that the block buffers take about
