@@ -37,8 +37,12 @@
 // over keys in increasing order with fixed vector lanes; the GEMM sums over k in increasing order;
 // the sums over query rows (r_i -> rstd, a_g, c_g) are serial per (b, g); dk, dv and dW, which sum
 // over query blocks, are accumulated per (b, chunk) where the chunks are a partition of the blocks
-// fixed by the shapes (not by the thread count) and then added chunk after chunk. No atomics and no
+// fixed by the shapes (not by the thread count: min(blocks, ceil(32 / B)) chunks per batch) and then
+// added chunk after chunk. No atomic accumulation (the only atomic hands out task indices) and no
 // per-thread accumulators: outputs and gradients are bitwise identical for any number of threads.
+//
+// Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 on float32
+// copies and rounded once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
