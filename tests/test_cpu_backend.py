@@ -56,6 +56,19 @@ def test_emsa_op_layouts(layout, mix):
         conformance.check_emsa_op("cpu", 2, 2, 11, 7, 8, dtype, mix=mix, layout=layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_op_low_precision(dtype, mix):
+    # computed in float32 inside: held to the flash-attention rule against the float64 oracle
+    conformance.check_emsa_op("cpu", 2, 2, 37, 19, 16, dtype, mix=mix)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pa_op_low_precision(dtype):
+    conformance.check_pa_op("cpu", 2, 3, 9, 7, dtype)
+    conformance.check_pa_op("cpu", 1, 4, 5, 6, dtype, bias=False, channels_last=True)
+
+
 def test_emsa_op_many_blocks_and_chunks():
     # Enough rows for many query blocks and several backward chunks per batch.
     conformance.check_emsa_op("cpu", 1, 2, 700, 33, 16, torch.float64, mix=True)
@@ -84,6 +97,7 @@ def test_pa_op(dtype, bias, channels_last):
 def test_opcheck_emsa(mix):
     conformance.opcheck_emsa("cpu", mix=mix)
     conformance.opcheck_emsa("cpu", torch.float64, mix=mix)
+    conformance.opcheck_emsa("cpu", torch.bfloat16, mix=mix)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -37,8 +37,12 @@
 // over keys in increasing order with fixed vector lanes; the GEMM sums over k in increasing order;
 // the sums over query rows (r_i -> rstd, a_g, c_g) are serial per (b, g); dk, dv and dW, which sum
 // over query blocks, are accumulated per (b, chunk) where the chunks are a partition of the blocks
-// fixed by the shapes (not by the thread count) and then added chunk after chunk. No atomics and no
+// fixed by the shapes (not by the thread count: min(blocks, ceil(32 / B)) chunks per batch) and then
+// added chunk after chunk. No atomic accumulation (the only atomic hands out task indices) and no
 // per-thread accumulators: outputs and gradients are bitwise identical for any number of threads.
+//
+// Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 on float32
+// copies and rounded once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -60,11 +64,11 @@ constexpr int64_t kBwdBufferBytes = 640 * 1024;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Grain (items per thread) for the light, memory-bound passes (packing, sums, the normalisation):
-// they run inline unless each thread gets at least ~256K elements. Every parallel region costs a
+// they run inline unless each thread gets at least ~1M elements. Every parallel region costs a
 // rendezvous of all threads, which on a shared machine can wait a whole scheduler slice for a
 // descheduled thread; the light passes are not worth that.
 inline int64_t light_grain(int64_t elements_per_item) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(elements_per_item, 1));
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(elements_per_item, 1));
 }
 
 // Rows per block: a multiple of the micro-tile height such that the block buffers take about
@@ -566,8 +570,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "emsa: q, k, v must be 4-d");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "emsa: q, k, v must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "emsa (cpu backend): float32 or float64 only, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
+                  q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "emsa (cpu backend): float32, float64, bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
                   v.sizes() == k.sizes(),
               "emsa: shapes q (B,h,N,d), k and v (B,h,M,d) expected");
@@ -578,6 +583,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     double scale, double eps) {
   check_inputs(q, k, v);
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
+  if (q.scalar_type() != at::kFloat) {
+    // bfloat16 / float16: computed in float32 on float32 copies (the CPU has no fast 16-bit FMAs to
+    // use here); out is rounded once at the end, keeping its (B, N, h, d) memory layout.
+    auto r = emsa_fwd_impl<float>(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), mix_weight, scale, eps);
+    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+  }
   return emsa_fwd_impl<float>(q, k, v, mix_weight, scale, eps);
 }
 
@@ -592,6 +603,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
   (void)rsq;
   if (q.scalar_type() == at::kDouble)
     return emsa_bwd_impl<double>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+  if (q.scalar_type() != at::kFloat) {  // bfloat16 / float16: in float32, gradients rounded at the end
+    const auto f = at::kFloat;
+    auto r = emsa_bwd_impl<float>(dO.to(f), q.to(f), k.to(f), v.to(f), mix_weight, out.to(f), rstd, scale, eps);
+    const auto t = q.scalar_type();
+    return {std::get<0>(r).to(t), std::get<1>(r).to(t), std::get<2>(r).to(t), std::get<3>(r)};
+  }
   return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
 }
 

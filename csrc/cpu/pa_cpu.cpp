@@ -206,13 +206,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_impl(const at::Tensor& dou
 void check_pa(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4, "pa: x must be (B, C, H, W)");
   TORCH_CHECK(weight.numel() == x.size(1) * 9, "pa: weight must be (C, 1, 3, 3)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "pa (cpu backend): float32 or float64 only, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "pa (cpu backend): float32, float64, bfloat16 or float16, got ", x.scalar_type());
 }
 
 at::Tensor pa_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_pa(x, weight);
   if (x.scalar_type() == at::kDouble) return pa_fwd_impl<double>(x, weight, bias);
+  if (x.scalar_type() != at::kFloat)  // bfloat16 / float16: in float32, rounded once at the end
+    return pa_fwd_impl<float>(x.to(at::kFloat), weight, bias).to(x.scalar_type());
   return pa_fwd_impl<float>(x, weight, bias);
 }
 
@@ -222,6 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_cpu(const at::Tensor& dout
   check_pa(x, weight);
   TORCH_CHECK(dout.sizes() == x.sizes(), "pa_bwd: dout must match x");
   if (x.scalar_type() == at::kDouble) return pa_bwd_impl<double>(dout, x, weight, bias);
+  if (x.scalar_type() != at::kFloat) {  // bfloat16 / float16: in float32, rounded once at the end
+    auto r = pa_bwd_impl<float>(dout.to(at::kFloat), x.to(at::kFloat), weight, bias);
+    return {std::get<0>(r).to(x.scalar_type()), std::get<1>(r), std::get<2>(r)};
+  }
   return pa_bwd_impl<float>(dout, x, weight, bias);
 }
 

@@ -63,7 +63,8 @@ class CpuBackend(CompiledBackend):
     name = "cpu"
     device_type = "cpu"
     auto_device_type = "cpu"
-    dtypes = (torch.float32, torch.float64)
+    # bfloat16 / float16 are computed in float32 by the kernels and rounded once at the end
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class CudaBackend(CompiledBackend):
