@@ -25,5 +25,8 @@ def require_backend(name: str):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_fresh_dynamo():
     torch.manual_seed(0)
+    # Each test compiles its own models; compiled frames left by earlier tests would count toward
+    # dynamo's recompile limit for the shared forward() code objects and fail fullgraph compiles.
+    torch._dynamo.reset()
