@@ -59,24 +59,24 @@ def assert_lowp_close(actual, ref_lowp, oracle, what, atol_rounding=None):
 
 
 # --------------------------------------------------------------------------- official cases
-def run_attention_case(case, backend, dtype):
+def run_attention_case(case, backend, dtype, device="cpu"):
     cfg = case["config"]
     m = EMSA(cfg["dim"], cfg["num_heads"], qkv_bias=True, sr_ratio=cfg["sr_ratio"],
              apply_transform=cfg["apply_transform"], backend=backend).double()
     fill_weights(m, cfg["seed"])
-    m = m.to(dtype)
-    x = case["x"].detach().to(dtype, copy=True).requires_grad_(True)
+    m = m.to(device=device, dtype=dtype)
+    x = case["x"].detach().to(device=device, dtype=dtype, copy=True).requires_grad_(True)
     out = m(x, cfg["H"], cfg["W"])
-    out.backward(case["dout"].to(dtype))
-    return out, x.grad, {n: p.grad for n, p in m.named_parameters()}
+    out.backward(case["dout"].to(device=device, dtype=dtype))
+    return out.cpu(), x.grad.cpu(), {n: p.grad.cpu() for n, p in m.named_parameters()}
 
 
-def check_attention_cases(backend, dtype, cases=None):
+def check_attention_cases(backend, dtype, cases=None, device="cpu"):
     """Every official attention case through `backend` in `dtype` (float32 or float64)."""
     rtol = RTOL[dtype]
     for case in cases if cases is not None else attention_cases():
         cfg = case["config"]
-        out, grad_x, grads = run_attention_case(case, backend, dtype)
+        out, grad_x, grads = run_attention_case(case, backend, dtype, device)
         tag = f"{backend} {dtype} {cfg}"
         assert_close_scaled(out, case["out"], rtol, f"out [{tag}]")
         assert_close_scaled(grad_x, case["grad_x"], rtol, f"grad_x [{tag}]")
@@ -88,21 +88,21 @@ def check_attention_cases(backend, dtype, cases=None):
                 assert_close_scaled(grads[name], expected, rtol, f"grad {name} [{tag}]")
 
 
-def check_pa_cases(backend, dtype):
+def check_pa_cases(backend, dtype, device="cpu"):
     rtol = RTOL[dtype]
     for case in pa_cases():
         cfg = case["config"]
         m = PA(cfg["C"], backend=backend).double()
         fill_weights(m, cfg["seed"])
-        m = m.to(dtype)
-        x = case["x"].detach().to(dtype, copy=True).requires_grad_(True)
+        m = m.to(device=device, dtype=dtype)
+        x = case["x"].detach().to(device=device, dtype=dtype, copy=True).requires_grad_(True)
         out = m(x)
-        out.backward(case["dout"].to(dtype))
+        out.backward(case["dout"].to(device=device, dtype=dtype))
         tag = f"{backend} {dtype} {cfg}"
-        assert_close_scaled(out, case["out"], rtol, f"out [{tag}]")
-        assert_close_scaled(x.grad, case["grad_x"], rtol, f"grad_x [{tag}]")
+        assert_close_scaled(out.cpu(), case["out"], rtol, f"out [{tag}]")
+        assert_close_scaled(x.grad.cpu(), case["grad_x"], rtol, f"grad_x [{tag}]")
         for name, p in m.named_parameters():
-            assert_close_scaled(p.grad, case["grads"][name], rtol, f"grad {name} [{tag}]")
+            assert_close_scaled(p.grad.cpu(), case["grads"][name], rtol, f"grad {name} [{tag}]")
 
 
 # --------------------------------------------------------------------------- op level

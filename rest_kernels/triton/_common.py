@@ -62,6 +62,17 @@ def dot(a, b, DTYPE: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
+def trans(x, DOT: tl.constexpr):
+    """Swap the last two axes of a 3-D tile. Under the interpreter the permuted numpy view is copied
+    to C order (a flatten forces it): np.matmul falls back to a ~1000x slower loop on
+    non-contiguous operands with an explicit dtype, which is how the interpreter calls it."""
+    t = tl.permute(x, (0, 2, 1))
+    if DOT == 0:
+        t = tl.reshape(tl.reshape(t, (t.shape[0] * t.shape[1] * t.shape[2],)), t.shape)
+    return t
+
+
+@triton.jit
 def load_tile(ptr, sb, sh, sr, sd, b, h0, r0, H, R, D,
               HP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """[HP, BR, BD] tile of a (B, H, R, D) tensor with any strides, zero outside; as fp32."""
@@ -123,7 +134,7 @@ def mixed_logits(q, k, w, scale, MIX: tl.constexpr, DTYPE: tl.constexpr, DOT: tl
     """S[g] = sum_j w[g, j] (q_j k_j^T) scale for the tile: q [HP,BN,BD], k [HP,BM,BD] -> [HP,BN,BM].
 
     Also returns the unmixed logits L (needed by the backward for d(mix_weight))."""
-    logits = dot(q, tl.permute(k, (0, 2, 1)), DTYPE, DOT) * scale
+    logits = dot(q, trans(k, DOT), DTYPE, DOT) * scale
     if MIX:
         s = tl.sum(w[:, :, None, None] * logits[None, :, :, :], axis=1)
     else:

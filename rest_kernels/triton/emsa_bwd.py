@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TORCH_TO_TL, dot, dot_mode, load_heads, load_mix, load_rows, load_tile,
+from ._common import (TORCH_TO_TL, dot, trans, dot_mode, load_heads, load_mix, load_rows, load_tile,
                       mixed_logits, pow2, store_rows, store_tile)
 from .emsa_fwd import _attn_kernel, block_sizes, rowsum
 
@@ -83,12 +83,12 @@ def _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, h0, n0, m0, H, N, M, scale
         inv_m = 1.0 / M
         rs = rstd[:, None]
         y = tl.where(valid, (p - inv_m) * rs[:, :, None], 0.0)
-        dpv = dot(do, tl.permute(vc, (0, 2, 1)), DTYPE, DOT)
+        dpv = dot(do, trans(vc, DOT), DTYPE, DOT)
         dp_minus_d = (rs[:, :, None] * dpv - c[:, None, None] * rs[:, :, None] * (y - (rs * (r - inv_m))[:, :, None])
                       - delta[:, :, None])
         pw = y
     else:
-        dpv = dot(do, tl.permute(vc, (0, 2, 1)), DTYPE, DOT)  # dP = dO v^T
+        dpv = dot(do, trans(vc, DOT), DTYPE, DOT)  # dP = dO v^T
         dp_minus_d = dpv - delta[:, :, None]
         pw = p
     ds = p * dp_minus_d
@@ -122,13 +122,13 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq_ptr
         r = load_rows(rsq_ptr, b, h0, n0, H, N, HP, BN, 0.0)
         ds, pw, logits = _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, h0, n0, m0, H, N, M,
                                   scale, MIX, NORM, DTYPE, DOT, HP, BN, BM)
-        dv += dot(tl.permute(pw, (0, 2, 1)), do, DTYPE, DOT)  # dv = Y^T dO (P^T dO without the norm)
+        dv += dot(trans(pw, DOT), do, DTYPE, DOT)  # dv = Y^T dO (P^T dO without the norm)
         if MIX:
             dl = tl.sum(w[:, :, None, None] * ds[:, None, :, :], axis=0)  # dL_j = sum_g W[g,j] dS_g
             dw += tl.sum(tl.sum(ds[:, None, :, :] * logits[None, :, :, :], axis=3), axis=2)
         else:
             dl = ds
-        dk += dot(tl.permute(dl, (0, 2, 1)), q, DTYPE, DOT)
+        dk += dot(trans(dl, DOT), q, DTYPE, DOT)
     store_tile(dk_ptr, dk * scale, H * M * D, M * D, D, 1, b, h0, m0, H, M, D, HP, BM, BD)
     store_tile(dv_ptr, dv, H * M * D, M * D, D, 1, b, h0, m0, H, M, D, HP, BM, BD)
     if MIX:

@@ -176,8 +176,9 @@ def block_sizes(hp: int, bd: int, m: int):
     """Fixed tiles (no autotune: it needs a driver). Register tiles scale with HP * BLOCK * BD and
     the mix with HP^2 * BLOCK_N * BLOCK_M, so the blocks shrink as heads and head dim grow.
     The interpreter prefers large blocks (fewer numpy calls)."""
-    if interpreting():
-        return 32, min(64, pow2(m, 16))
+    if interpreting():  # numpy per op: big tiles, bounded so the HP^2 BN BM mix stays small
+        bn = 64 if hp <= 4 else 32
+        return bn, min(128 if hp <= 2 else 64, pow2(m, 16))
     budget = 64 * 64 * 64  # elements of the [HP, BN, BD] / [HP, BN, BM] / HP^2 BN BM tiles, roughly
     bn = 64
     while bn > 16 and (hp * bn * bd > budget or hp * hp * bn * 32 > budget):
