@@ -54,6 +54,8 @@ EMSA_CASES = [
     (2, 1, 65, 140, 8, True, "model"),         # h = 1 with a mix (a scalar weight)
     (1, 2, 50, 130, 16, False, "contiguous"),
     (1, 8, 20, 9, 4, True, "model"),           # 8 heads mixed
+    (1, 8, 49, 49, 96, True, "model"),         # 8 heads of dim 96 (stage-4-like)
+    (1, 2, 130, 950, 32, True, "model"),       # detection-like M ~ 1000
 ]
 
 
@@ -67,6 +69,13 @@ def _case_id(c):
 def test_emsa_op(case, dtype, device):
     B, h, N, M, d, mix, layout = case
     conformance.check_emsa_op("triton", B, h, N, M, d, dtype, mix=mix, layout=layout, device=device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_emsa_op_detection_size(device):
+    # ResT-lite stage 1 at a 760 x 1280 detection input: N = 190 x 80 = 15200, M = 950 (sr 4), 2 heads
+    conformance.check_emsa_op("triton", 1, 2, 15200, 950, 64, torch.float32, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -53,7 +53,9 @@ def _pa_fwd_kernel(x_ptr, w_ptr, b_ptr, o_ptr, sb, sc, sh, sw, C, H, W, n_tw, n_
                    HAS_BIAS: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     b, cc, mc, yy, xx = _tile_coords(C, n_tw, n_cb, BC, BH, BW)
     base = x_ptr + b.to(tl.int64) * sb
-    bias = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    bias = tl.zeros((BC, 1, 1), tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     z = _preact(base, w_ptr, cc, mc, bias, yy, xx, sc, sh, sw, H, W)
     inside = mc & (yy < H) & (xx < W)
     offs = cc.to(tl.int64) * sc + yy.to(tl.int64) * sh + xx.to(tl.int64) * sw
@@ -70,11 +72,14 @@ def _pa_bwd_kernel(x_ptr, w_ptr, b_ptr, do_ptr, dx_ptr, part_ptr,
     b, cc, mc, yy, xx = _tile_coords(C, n_tw, n_cb, BC, BH, BW)
     base = x_ptr + b.to(tl.int64) * sb
     dbase = do_ptr + b.to(tl.int64) * db_
-    bias = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    bias = tl.zeros((BC, 1, 1), tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     dx = tl.zeros((BC, BH, BW), tl.float32)
     # partial sums of (dweight taps 0..8, dbias) of this program: part[c, k, b * tiles + tile]
     n_part = tl.num_programs(0) * (tl.num_programs(1) // n_cb)
-    c1 = cc.reshape(BC)
+    c1 = (tl.program_id(1) % n_cb) * BC + tl.arange(0, BC)
+    inside = mc & (yy < H) & (xx < W)
     part = part_ptr + c1.to(tl.int64) * 10 * n_part + b * tl.num_programs(0) + tl.program_id(0)
     mc1 = c1 < C
     for t in tl.static_range(9):
@@ -90,7 +95,6 @@ def _pa_bwd_kernel(x_ptr, w_ptr, b_ptr, do_ptr, dx_ptr, part_ptr,
         dz = gq * xq * s * (1.0 - s)
         dx += tl.load(w_ptr + cc * 9 + t, mask=mc, other=0.0).to(tl.float32) * dz
         if t == 4:  # the unshifted tap: dz on the tile itself
-            inside = mq
             dx += gq * s
             tl.store(part + 9 * n_part, tl.sum(tl.sum(dz, axis=2), axis=1), mask=mc1)
             for u in tl.static_range(9):
