@@ -177,7 +177,7 @@ def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
     mix = mix_weight is not None
     HP = pow2(H) if mix else 1
     BD = pow2(D, 16)
-    BN, BM = block_sizes(HP, BD, M)
+    BN, BM = block_sizes(HP, BD, M, q.dtype != torch.float32)
     DTYPE, DOT = TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -189,9 +189,10 @@ def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
         # amplifies the fp16 / bf16 rounding of the stored O: recompute O in fp32 instead (one
         # forward sweep, fp32 "ieee" PV dot, into a transient buffer that autograd never saves).
         out = torch.empty(B, N, H, D, **f32).transpose(1, 2)
-        _attn_kernel[(triton.cdiv(N, BN), B, 1)](
+        BN32, BM32 = block_sizes(HP, BD, M, False)  # fp32 operands: the fp32 tiles
+        _attn_kernel[(triton.cdiv(N, BN32), B, 1)](
             q, k, v, mix_weight.contiguous(), out, lse, rstd, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), H, N, M, D, float(scale), HP=HP, BN=BN, BM=BM, BD=BD, NORM=True, DTYPE=tl.float32,
+            *out.stride(), H, N, M, D, float(scale), HP=HP, BN=BN32, BM=BM32, BD=BD, NORM=True, DTYPE=tl.float32,
             DOT=0 if DOT == 0 else 1)
     BNR = 64
     _row_terms_kernel[(triton.cdiv(N, BNR), B, H)](out, dout, delta, *out.stride(), *dout.stride(),

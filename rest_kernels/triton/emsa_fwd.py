@@ -172,18 +172,25 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
     store_tile(o_ptr, acc, sob, soh, son, sod, b, h0, n0, H, N, D, HP, BN, BD)
 
 
-def block_sizes(hp: int, bd: int, m: int):
-    """Fixed tiles (no autotune: it needs a driver). Register tiles scale with HP * BLOCK * BD and
-    the mix with HP^2 * BLOCK_N * BLOCK_M, so the blocks shrink as heads and head dim grow.
-    The interpreter prefers large blocks (fewer numpy calls)."""
+# GPU tiles (BLOCK_N, BLOCK_M) by (heads per program, 16-bit inputs?). Chosen from the shared
+# memory that Triton 3.8 reports for sm_90 compiles of the three big kernels (attention, dkdv, dq;
+# the layout conversions of the [HP, BN, BM] tiles and of the HP^2 mix dominate), kept under
+# ~160 KiB of the 227 KiB an H100 block may use: e.g. bf16 HP 2, 64 x 64: 99 KiB; bf16 HP 4,
+# 64 x 32: 134 KiB; fp32 HP 1, 64 x 64: 113 KiB. fp32 needs twice the bytes per staged operand.
+_GPU_TILES = {
+    (1, True): (64, 64), (2, True): (64, 64), (4, True): (64, 32), (8, True): (16, 32),
+    (1, False): (64, 64), (2, False): (32, 32), (4, False): (16, 32), (8, False): (16, 16),
+}
+
+
+def block_sizes(hp: int, bd: int, m: int, low_precision: bool = True):
+    """Fixed tiles (no autotune: it needs a driver, and the interpreter cannot time configs)."""
     if interpreting():  # numpy per op: big tiles, bounded so the HP^2 BN BM mix stays small
         bn = 64 if hp <= 4 else 32
         return bn, min(128 if hp <= 2 else 64, pow2(m, 16))
-    budget = 64 * 64 * 64  # elements of the [HP, BN, BD] / [HP, BN, BM] / HP^2 BN BM tiles, roughly
-    bn = 64
-    while bn > 16 and (hp * bn * bd > budget or hp * hp * bn * 32 > budget):
-        bn //= 2
-    bm = 32 if hp * hp * bn * 64 > budget or bd > 128 else 64
+    bn, bm = _GPU_TILES[(hp, low_precision)]
+    if bd > 64:  # head dims 65..256: the [HP, BLOCK, BD] operands grow with BD
+        bn, bm = max(16, bn // (bd // 64)), max(16, bm // 2)
     return bn, min(bm, pow2(m, 16))
 
 
@@ -193,7 +200,7 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     mix = mix_weight is not None
     HP = pow2(H) if mix else 1
     BD = pow2(D, 16)
-    BN, BM = block_sizes(HP, BD, M)
+    BN, BM = block_sizes(HP, BD, M, q.dtype != torch.float32)
     DTYPE, DOT = TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
     dev = q.device
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev).transpose(1, 2)
