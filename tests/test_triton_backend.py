@@ -68,6 +68,12 @@ def _case_id(c):
 @pytest.mark.parametrize("case", EMSA_CASES, ids=_case_id)
 def test_emsa_op(case, dtype, device):
     B, h, N, M, d, mix, layout = case
+    if device == "cuda":  # GPU resource limits (shared memory) are reasons, not failures
+        from rest_kernels.backends.registry import BACKENDS
+        q = torch.empty(B, h, N, d, dtype=dtype, device=device)
+        reason = BACKENDS["triton"].emsa_unsupported_reason(q, q, q, torch.empty(h, h) if mix else None)
+        if reason is not None:
+            pytest.skip(reason)
     conformance.check_emsa_op("triton", B, h, N, M, d, dtype, mix=mix, layout=layout, device=device)
 
 
@@ -130,6 +136,15 @@ def test_head_dim_limit_is_a_reason():
     from rest_kernels.backends.registry import BACKENDS
     q = torch.empty(1, 1, 2, 300)
     assert "head dims up to" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreter_on(), reason="needs a CUDA device")
+def test_mix_tile_limit_is_a_reason_on_gpu():
+    from rest_kernels.backends.registry import BACKENDS
+    q = torch.empty(1, 8, 4, 96, device="cuda")
+    assert "shared memory" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, torch.empty(8, 8, device="cuda"))
+    assert BACKENDS["triton"].emsa_unsupported_reason(q.half(), q.half(), q.half(), torch.empty(8, 8, device="cuda")) is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
