@@ -4,17 +4,22 @@ Saved from the forward: q, k, v, W, out, lse, rsq (B,h,N) and rstd (B,h). Nothin
 
 Kernels (all deterministic: fixed loop orders, per-program partials, no atomics):
 1. `_vbar_kernel` (mix only), grid (B, h): vbar = mean over keys of v, fp32.
-2. `_row_terms_kernel`, grid (cdiv(N, BLOCK_N), B, h): per row delta_i = dO_i . O_i and, with the
-   mix, e_i = dO_i . vbar. Per (b, g) sums (fixed-order rowsum) give the two InstanceNorm scalars
-   a = mean(dY) = sum_i e_i / N and c = mean(dY * Y) = sum_i delta_i / (N M).
-3. `_dkdv_kernel`, grid (cdiv(M, BLOCK_M), B, heads-groups): a program owns a key block of all
-   (mixed) heads, walks the query blocks, recomputes S, P = exp(S - lse), Y = (P - 1/M) rstd,
-   dP = rstd (dO v^T - a - Y c), D_i = delta_i + rstd e_i - rstd a - c rstd^2 (r_i - 1/M),
-   dS = P (dP - D_i), the head-mix transpose dL_j = sum_g W[g, j] dS_g, and accumulates
-   dv = Y^T dO, dk = dL^T q scale and a per-program partial dW[g, j] = sum dS_g L_j.
-4. `_dq_kernel`, grid (cdiv(N, BLOCK_N), B, heads-groups): the same tile recomputation per query
+2. `_row_terms_kernel`, grid (cdiv(N, 64), B, h): delta_i = dO_i . O_i per row. For fp16 / bf16
+   with the mix, O is first recomputed in fp32 by the forward's `_attn_kernel` into a transient
+   buffer: rstd (up to eps^-1/2) amplifies the rounding of the stored 16-bit O in the norm terms.
+   A fixed-order rowsum gives c = mean(dY * Y) = sum_i delta_i / (N M) per (b, g).
+3. `_dkdv_kernel`, grid (cdiv(M, BLOCK_M), B, head groups): a program owns a key block of all
+   mixed heads, walks the query blocks and recomputes per tile S, P = exp(S - lse),
+   Y = (P - 1/M) rstd and
+       dP - D_i = rstd dO_i (v_m - vbar) - c rstd (Y_im - rstd (r_i - 1/M)) - delta_i
+   (the notes' dP = rstd (dO v^T - a - Y c) and D_i = delta_i + rstd dO_i.vbar - rstd a
+   - c rstd^2 (r_i - 1/M) with the a terms cancelled and v centred before the dot, so no
+   difference of two large numbers is formed: it is exactly 0 when M = 1), dS = P (dP - D_i), the
+   head-mix transpose dL_j = sum_g W[g, j] dS_g, and accumulates dv = Y^T dO, dk = dL^T q scale
+   and a per-program partial dW[g, j] = sum dS_g L_j.
+4. `_dq_kernel`, grid (cdiv(N, BLOCK_N), B, head groups): the same tile recomputation per query
    block over all key blocks, dq = dL k scale.
-The dW partials (B * key blocks, h, h) are summed in a fixed order by the rowsum kernel.
+The dW partials (h, h, B * key blocks) are summed in a fixed order by the rowsum kernel.
 Without the mix: plain attention backward (Y = P, dP = dO v^T, D_i = delta_i), one head per program.
 """
 from __future__ import annotations

@@ -16,7 +16,9 @@ logits L = q k^T scale (one batched tensor-core dot), the mix S[g] = sum_j W[g,j
 contraction in registers) and the softmax pieces. Only [HP, BLOCK_N, BLOCK_M] exists at a time:
 the N x M map never reaches global memory. Without the mix the heads are independent, a program
 owns one head (HP = 1) and the grid is (cdiv(N, BLOCK_N), B, h). BD = next_pow2(d) >= 16, masked,
-so d = 3, 5, 96 work; d <= 256 (register budget).
+so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix, and on a GPU next_pow2(h) * BD <= 512
+(fp32) / 1024 (16-bit): the shared memory Triton stages the tiles in (measured on sm_90 compiles;
+anything beyond is refused with that reason, so "auto" falls back).
 
 Three kernels, all with fixed block order (deterministic, no atomics):
 1. `_stats_kernel` (mix only): online softmax over the key blocks. Per row it keeps the running
