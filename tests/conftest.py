@@ -6,8 +6,12 @@ triton is first imported: that happens here, before any test module imports rest
 import os
 import sys
 
-import pytest
-import torch
+# The Triton interpreter runs tl.dot as numpy matmul; numpy's multithreaded OpenBLAS spins on busy
+# small machines and makes those small matmuls ~1000x slower. One thread; set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

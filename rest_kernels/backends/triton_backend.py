@@ -41,4 +41,38 @@ class TritonBackend(Backend):
             return reason
         if not interpreter_on() and not torch.cuda.is_available():
             return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
-        return "the Triton kernels are not implemented yet"
+        return None
+
+    def emsa_unsupported_reason(self, q, k, v, mix_weight):
+        reason = self._common_reason((q, k, v), "q")
+        if reason is not None:
+            return reason
+        from ..triton._common import MAX_HEAD_DIM, MAX_MIX_HEADS, mix_tile_limit, pow2
+        d, h = q.shape[3], q.shape[1]
+        if d > MAX_HEAD_DIM:
+            return f"triton supports head dims up to {MAX_HEAD_DIM}, got {d}"
+        if mix_weight is not None and h > MAX_MIX_HEADS:
+            return f"triton fuses the head mix for up to {MAX_MIX_HEADS} heads, got {h}"
+        if mix_weight is not None and not interpreter_on():
+            # a GPU block's shared memory (227 KiB on H100) bounds heads x padded head dim of a program
+            limit = mix_tile_limit(q.dtype)
+            if pow2(h) * pow2(d, 16) > limit:
+                return (f"triton fuses the head mix in {str(q.dtype).replace('torch.', '')} for "
+                        f"next_pow2(h) * next_pow2(d) <= {limit} (shared memory), got h {h}, d {d}")
+        return None
+
+    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
+        from ..triton.emsa_fwd import emsa_forward
+        return emsa_forward(q, k, v, mix_weight, scale, eps)
+
+    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
+        from ..triton.emsa_bwd import emsa_backward
+        return emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
+
+    def pa_forward(self, x, weight, bias):
+        from ..triton.pa import pa_forward
+        return pa_forward(x, weight, bias)
+
+    def pa_backward(self, dout, x, weight, bias):
+        from ..triton.pa import pa_backward
+        return pa_backward(dout, x, weight, bias)

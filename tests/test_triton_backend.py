@@ -1,0 +1,253 @@
+"""The `triton` backend: official cases, op-level checks, statistics, opcheck, saved bytes,
+torch.compile / torch.export as single nodes.
+
+Without a GPU everything runs on the CPU under TRITON_INTERPRET=1 (tests/conftest.py). The same
+checks run on device "cuda" (marked `gpu`) when a GPU is present; then the interpreter is off and
+the CPU variants skip (the backend serves one device type per process).
+"""
+import pytest
+import torch
+
+import conformance
+import rest_kernels
+from conftest import require_backend
+from rest_kernels.backends.registry import BackendUnavailableError
+from rest_kernels.backends.triton_backend import interpreter_on
+
+
+@pytest.fixture(autouse=True)
+def _triton_available():
+    require_backend("triton")
+
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not interpreter_on(), reason="triton serves CPU tensors only "
+                                                                               "under TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or interpreter_on(),
+                                                                    reason="needs a CUDA device (interpreter off)")]),
+]
+LOWP = [torch.float16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------- official cases
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_cases(device):
+    conformance.check_attention_cases("triton", torch.float32, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pa_cases(device):
+    conformance.check_pa_cases("triton", torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------- op level, awkward sizes
+#  (B, h, N, M, d, mix, layout): N, M of 1; odd and non-power-of-two head dims; M spanning several
+#  key blocks (the interpreter's key block is 64 or 128 wide, a GPU's 32 or 64); N not a multiple
+#  of the query block; every layout rest.EMSA and users produce.
+EMSA_CASES = [
+    (1, 1, 1, 1, 3, False, "model"),
+    (1, 1, 1, 3, 3, True, "contiguous"),       # one query row
+    (1, 2, 4, 1, 5, True, "model"),            # one key: P = 1, var = 0, out = 0
+    (2, 3, 37, 11, 5, True, "model"),
+    (2, 3, 37, 11, 5, False, "transposed"),
+    (1, 2, 70, 300, 96, True, "transposed"),   # d = 96, M over several key blocks
+    (2, 1, 65, 140, 8, True, "model"),         # h = 1 with a mix (a scalar weight)
+    (1, 2, 50, 130, 16, False, "contiguous"),
+    (1, 8, 20, 9, 4, True, "model"),           # 8 heads mixed
+    (1, 8, 49, 49, 96, True, "model"),         # 8 heads of dim 96 (stage-4-like)
+    (1, 2, 130, 950, 32, True, "model"),       # detection-like M ~ 1000
+]
+
+
+def _case_id(c):
+    return "B{}h{}N{}M{}d{}-{}-{}".format(*c[:5], "mix" if c[5] else "plain", c[6])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP, ids=str)
+@pytest.mark.parametrize("case", EMSA_CASES, ids=_case_id)
+def test_emsa_op(case, dtype, device):
+    B, h, N, M, d, mix, layout = case
+    if device == "cuda":  # GPU resource limits (shared memory) are reasons, not failures
+        from rest_kernels.backends.registry import BACKENDS
+        q = torch.empty(B, h, N, d, dtype=dtype, device=device)
+        reason = BACKENDS["triton"].emsa_unsupported_reason(q, q, q, torch.empty(h, h) if mix else None)
+        if reason is not None:
+            pytest.skip(reason)
+    conformance.check_emsa_op("triton", B, h, N, M, d, dtype, mix=mix, layout=layout, device=device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_emsa_op_detection_size(device):
+    # ResT-lite stage 1 at a 760 x 1280 detection input: N = 190 x 80 = 15200, M = 950 (sr 4), 2 heads
+    conformance.check_emsa_op("triton", 1, 2, 15200, 950, 64, torch.float32, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_emsa_op_sharp_logits(device):
+    # Large logits: the online max matters (a naive exp overflows), rows close to one-hot.
+    conformance.check_emsa_op("triton", 2, 2, 33, 150, 8, torch.float32, device=device, logit_scale=12.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mix", [True, False])
+def test_emsa_stats(mix, dtype, device):
+    conformance.check_emsa_stats("triton", 2, 3, 45, 140, 24, dtype, mix=mix, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP, ids=str)
+@pytest.mark.parametrize("case", [(2, 3, 5, 7, True, False), (1, 2, 1, 1, False, False),
+                                  (2, 4, 9, 70, True, True), (1, 3, 33, 2, True, False)],
+                         ids=lambda c: "B{}C{}H{}W{}-bias{}-cl{}".format(*c))
+def test_pa_op(case, dtype, device):
+    B, C, H, W, bias, channels_last = case
+    conformance.check_pa_op("triton", B, C, H, W, dtype, bias=bias, device=device, channels_last=channels_last)
+
+
+# --------------------------------------------------------------------------- custom-op plumbing
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [True, False])
+def test_opcheck_emsa(mix, device):
+    conformance.opcheck_emsa("triton", device=device, mix=mix)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_pa(bias, device):
+    conformance.opcheck_pa("triton", device=device, bias=bias)
+
+
+def test_float64_refused_with_reason():
+    # The kernels take float32 / float16 / bfloat16 (fp32 accumulation); float64 gradcheck is the
+    # reference's and the compiled backends' job. Asked by name, triton says why it cannot serve.
+    device = "cpu" if interpreter_on() else "cuda"
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64, device=device)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        rest_kernels.emsa_attention(q, q, q, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        rest_kernels.pa_gate(torch.randn(1, 2, 3, 3, dtype=torch.float64, device=device),
+                             torch.randn(2, 1, 3, 3, dtype=torch.float64, device=device), backend="triton")
+
+
+def test_head_dim_limit_is_a_reason():
+    from rest_kernels.backends.registry import BACKENDS
+    q = torch.empty(1, 1, 2, 300)
+    assert "head dims up to" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or interpreter_on(), reason="needs a CUDA device")
+def test_mix_tile_limit_is_a_reason_on_gpu():
+    from rest_kernels.backends.registry import BACKENDS
+    q = torch.empty(1, 8, 4, 96, device="cuda")
+    assert "shared memory" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, torch.empty(8, 8, device="cuda"))
+    assert BACKENDS["triton"].emsa_unsupported_reason(q.half(), q.half(), q.half(), torch.empty(8, 8, device="cuda")) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [True, False])
+def test_backward_deterministic(mix, device):
+    q, k, v, w, b = conformance.emsa_inputs(2, 3, 40, 150, 8, torch.float32, mix, "model", device)
+    leaves = [t for t in (q, k, v, w) if t is not None]
+    runs = []
+    for _ in range(2):
+        out = rest_kernels.emsa_attention(q, k, v, w, b, backend="triton")
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [True, False])
+def test_saved_for_backward_has_no_map(mix, device):
+    B, h, N, M, d = 2, 2, 60, 50, 4
+    q, k, v, w, b = conformance.emsa_inputs(B, h, N, M, d, torch.float32, mix, "model", device)
+    out, saved = conformance.saved_tensors_of(rest_kernels.emsa_attention, q, k, v, w, b, backend="triton")
+    assert saved, "nothing saved: the probe did not see the custom op's autograd"
+    for t in saved:
+        assert t.numel() < B * h * N * M, f"saved a tensor of shape {tuple(t.shape)}: as large as the N x M map"
+    _, nbytes = conformance.saved_tensor_bytes(rest_kernels.emsa_attention, q, k, v, w, b, backend="triton")
+    # q (views of its projection), k and v (one kv storage), out, lse, rsq, rstd, W: all O((N + M) d)
+    assert nbytes < 4 * B * h * N * M
+
+
+# --------------------------------------------------------------------------- compile / export
+def _fn(q, k, v, w, b, x, pw, pb):
+    y = rest_kernels.emsa_attention(q, k, v, w, b, backend="triton")
+    return y.sum(-1, keepdim=True) + 0.0, rest_kernels.pa_gate(x, pw, pb, backend="triton")
+
+
+def _inputs(device):
+    q, k, v, w, b = conformance.emsa_inputs(2, 2, 9, 5, 8, torch.float32, True, "model", device)
+    x = torch.randn(2, 3, 5, 6, device=device, requires_grad=True)
+    pw = torch.randn(3, 1, 3, 3, device=device, requires_grad=True)
+    pb = torch.randn(3, device=device, requires_grad=True)
+    return q, k, v, w, b, x, pw, pb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_single_nodes(device):
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = _inputs(device)
+    compiled = torch.compile(_fn, backend=counting_backend, fullgraph=True)
+    got = compiled(*args)
+    expected = _fn(*args)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: a graph break"
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rest_kernels.emsa_fwd.default) == 1, targets
+    assert targets.count(torch.ops.rest_kernels.pa_fwd.default) == 1, targets
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    # the compiled function differentiates through the custom ops' registered backward
+    g_c = torch.autograd.grad(sum(t.sum() for t in got), [args[0], args[3], args[5]])
+    g_e = torch.autograd.grad(sum(t.sum() for t in expected), [args[0], args[3], args[5]])
+    for a, e in zip(g_c, g_e):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_aot_eager_matches(device):
+    # aot_eager traces forward and backward with the fake implementations of the custom ops
+    torch._dynamo.reset()
+    args = _inputs(device)
+    got = torch.compile(_fn, backend="aot_eager", fullgraph=True)(*args)
+    expected = _fn(*args)
+    leaves = [args[0], args[1], args[2], args[3], args[5], args[6], args[7]]
+    g_c = torch.autograd.grad(sum(t.sum() for t in got), leaves)
+    g_e = torch.autograd.grad(sum(t.sum() for t in expected), leaves)
+    for a, e in zip(list(got) + list(g_c), list(expected) + list(g_e)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+class _Small(torch.nn.Module):
+    def __init__(self, h=2):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.randn(h, h) / h)
+        self.pa = torch.nn.Conv2d(3, 3, 3, padding=1, groups=3)
+
+    def forward(self, q, k, v, x):
+        y = rest_kernels.emsa_attention(q, k, v, self.mix, backend="triton")
+        return y, rest_kernels.pa_gate(x, self.pa.weight, self.pa.bias, backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_single_nodes(device):
+    m = _Small().to(device)
+    q, k, v = (t.detach() for t in conformance.emsa_inputs(2, 2, 9, 5, 8, torch.float32, False, "model", device)[:3])
+    x = torch.randn(2, 3, 5, 6, device=device)
+    ep = torch.export.export(m, (q, k, v, x))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rest_kernels.emsa_fwd.default) == 1, targets
+    assert targets.count(torch.ops.rest_kernels.pa_fwd.default) == 1, targets
+    for a, e in zip(ep.module()(q, k, v, x), m(q, k, v, x)):
+        torch.testing.assert_close(a, e)
