@@ -44,13 +44,16 @@ def test_huge_logits_stay_finite_and_match(backend, mix):
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_uniform_attention_variance_below_eps(backend):
     require_backend(backend)
-    # q = 0: every probability is exactly 1/M, the variance is 0 << eps, the normalised map is 0.
+    # q = 0: every probability is 1/M, the variance is 0 << eps and the normalised map is 0 in exact
+    # arithmetic; rounding of P (about 1e-8) is scaled by rstd = eps^-1/2 ~ 316, so the output must be
+    # zero to the dtype's tolerance relative to the scale of v.
     for dtype in fused_dtypes(backend):
         q = torch.zeros(2, 2, 6, 4, dtype=dtype)
         k, v = torch.randn(2, 2, 5, 4, dtype=dtype), torch.randn(2, 2, 5, 4, dtype=dtype)
         w = torch.randn(2, 2, dtype=dtype)
         out = run(backend, q, k, v, w)
-        assert torch.count_nonzero(out.float().abs() > 1e-6) == 0, f"{backend} {dtype}: {out.abs().max()}"
+        tol = conformance.RTOL.get(dtype, 1e-2)
+        assert out.double().abs().max() <= tol * v.double().abs().max(), f"{backend} {dtype}: {out.abs().max()}"
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)

@@ -5,8 +5,10 @@ before triton is imported), which is how the kernels are tested on machines with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -63,16 +65,30 @@ class TritonBackend(Backend):
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
         from ..triton.emsa_fwd import emsa_forward
-        return emsa_forward(q, k, v, mix_weight, scale, eps)
+        with _launch_guard():
+            return emsa_forward(q, k, v, mix_weight, scale, eps)
 
     def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
         from ..triton.emsa_bwd import emsa_backward
-        return emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
+        with _launch_guard():
+            return emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
 
     def pa_forward(self, x, weight, bias):
         from ..triton.pa import pa_forward
-        return pa_forward(x, weight, bias)
+        with _launch_guard():
+            return pa_forward(x, weight, bias)
 
     def pa_backward(self, dout, x, weight, bias):
         from ..triton.pa import pa_backward
-        return pa_backward(dout, x, weight, bias)
+        with _launch_guard():
+            return pa_backward(dout, x, weight, bias)
+
+
+# The Triton interpreter keeps the grid of the running launch in process-global state, so two Python
+# threads launching at once corrupt each other ("x >= grid_dim[0]"). Interpreted launches are
+# therefore serialised; on a GPU launches are thread-safe and run unguarded.
+_interpreter_lock = threading.Lock()
+
+
+def _launch_guard():
+    return _interpreter_lock if interpreter_on() else contextlib.nullcontext()
