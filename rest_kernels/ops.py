@@ -190,6 +190,11 @@ def pa_gate(x, weight, bias=None, *, backend=None):
 
 
 def _pa_gate(x, weight, bias, backend):
+    # After any autocast cast: the depthwise conv takes one dtype, as conv2d itself requires.
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {str(x.dtype).replace('torch.', '')}, "
+                            f"got {str(t.dtype).replace('torch.', '')}")
     if x.numel() == 0:
         return x * 0
     chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))

@@ -43,6 +43,7 @@
 //
 // Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 on float32
 // copies and rounded once at the end.
+#include "op_checks.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -616,6 +617,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
 }  // namespace rest_cpu
 
 TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
-  m.impl("emsa_fwd", &rest_cpu::emsa_fwd_cpu);
-  m.impl("emsa_bwd", &rest_cpu::emsa_bwd_cpu);
+  m.impl("emsa_fwd", &rest_checks::checked_emsa_fwd<&rest_cpu::emsa_fwd_cpu>);
+  m.impl("emsa_bwd", &rest_checks::checked_emsa_bwd<&rest_cpu::emsa_bwd_cpu>);
 }

@@ -9,6 +9,7 @@
 // and dbias are summed per plane (in double) and then over the batch in batch order for each channel:
 // deterministic whatever the thread count. Inputs of any layout (channels_last included) are made
 // NCHW-contiguous once.
+#include "op_checks.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -236,6 +237,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_cpu(const at::Tensor& dout
 }  // namespace rest_cpu
 
 TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
-  m.impl("pa_fwd", &rest_cpu::pa_fwd_cpu);
-  m.impl("pa_bwd", &rest_cpu::pa_bwd_cpu);
+  m.impl("pa_fwd", &rest_checks::checked_pa_fwd<&rest_cpu::pa_fwd_cpu>);
+  m.impl("pa_bwd", &rest_checks::checked_pa_bwd<&rest_cpu::pa_bwd_cpu>);
 }

@@ -1,0 +1,128 @@
+// Argument checks of the compiled ops, shared by every backend's registration (cpu, cuda, cuda-emu).
+//
+// The Python layer validates the public API before any backend is chosen, but the raw ops
+// (torch.ops.rest_kernels_C.*) are callable directly: each one checks ranks, shapes, dtypes and
+// devices here, raising a Python exception (RuntimeError / ValueError) instead of reading out of
+// bounds. Found by tests/fuzz/raw_ops_fuzz.py. Kernels are registered through the checked_* wrappers.
+#pragma once
+#include <cmath>
+#include <tuple>
+
+#include <torch/library.h>
+
+namespace rest_checks {
+
+inline void same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), " like q/x, got ",
+                    t.device());
+}
+
+inline void floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.defined() && at::isFloatingType(t.scalar_type()), op, ": ", name,
+                    " must be a floating tensor");
+}
+
+inline void shape_is(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+inline void stats_tensor(const at::Tensor& q, const at::Tensor& t, at::IntArrayRef expected, const char* op,
+                         const char* name) {
+  shape_is(t, expected, op, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  same_device(q, t, op, name);
+}
+
+inline void emsa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& mix_weight, double scale, double eps, const char* op) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    floating(*t, op, name);
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-dimensional (B, h, tokens, d), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type(), op, ": q, k and v must share one dtype");
+    same_device(q, *t, op, name);
+  }
+  const auto B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
+  shape_is(k, {B, h, M, d}, op, "k");
+  shape_is(v, {B, h, M, d}, op, "v");
+  TORCH_CHECK_VALUE(M >= 1 || B * h * N == 0, op, ": k and v need at least one key token");
+  if (mix_weight.has_value()) {
+    floating(*mix_weight, op, "mix_weight");
+    shape_is(*mix_weight, {h, h}, op, "mix_weight");
+    same_device(q, *mix_weight, op, "mix_weight");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0");
+}
+
+inline void emsa_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out,
+                                 const at::Tensor& lse, const at::Tensor& rsq, const at::Tensor& rstd, double scale,
+                                 double eps) {
+  const char* op = "emsa_bwd";
+  emsa_inputs(q, k, v, mix_weight, scale, eps, op);
+  for (auto [t, name] : {std::pair{&dout, "dout"}, {&out, "out"}}) {
+    floating(*t, op, name);
+    shape_is(*t, q.sizes(), op, name);
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype");
+    same_device(q, *t, op, name);
+  }
+  const auto B = q.size(0), h = q.size(1), N = q.size(2);
+  stats_tensor(q, lse, {B, h, N}, op, "lse");
+  stats_tensor(q, rsq, {B, h, N}, op, "rsq");
+  stats_tensor(q, rstd, {B, h}, op, "rstd");
+}
+
+inline void pa_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      const char* op) {
+  floating(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-dimensional (B, C, H, W), got ", x.sizes());
+  const auto C = x.size(1);
+  floating(weight, op, "weight");
+  shape_is(weight, {C, 1, 3, 3}, op, "weight");
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
+  same_device(x, weight, op, "weight");
+  if (bias.has_value()) {
+    floating(*bias, op, "bias");
+    shape_is(*bias, {C}, op, "bias");
+    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype");
+    same_device(x, *bias, op, "bias");
+  }
+}
+
+using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Opt = c10::optional<at::Tensor>;
+
+template <T4 (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, double, double)>
+T4 checked_emsa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& w, double scale,
+                    double eps) {
+  emsa_inputs(q, k, v, w, scale, eps, "emsa_fwd");
+  return Kernel(q, k, v, w, scale, eps);
+}
+
+template <T4 (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&,
+                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>
+T4 checked_emsa_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const Opt& w, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
+                    const at::Tensor& rstd, double scale, double eps) {
+  emsa_backward_inputs(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps);
+  return Kernel(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps);
+}
+
+template <at::Tensor (*Kernel)(const at::Tensor&, const at::Tensor&, const Opt&)>
+at::Tensor checked_pa_fwd(const at::Tensor& x, const at::Tensor& weight, const Opt& bias) {
+  pa_inputs(x, weight, bias, "pa_fwd");
+  return Kernel(x, weight, bias);
+}
+
+template <T3 (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&)>
+T3 checked_pa_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const Opt& bias) {
+  pa_inputs(x, weight, bias, "pa_bwd");
+  floating(dout, "pa_bwd", "dout");
+  shape_is(dout, x.sizes(), "pa_bwd", "dout");
+  TORCH_CHECK_VALUE(dout.scalar_type() == x.scalar_type(), "pa_bwd: dout must have x's dtype");
+  same_device(x, dout, "pa_bwd", "dout");
+  return Kernel(dout, x, weight, bias);
+}
+
+}  // namespace rest_checks
