@@ -272,20 +272,22 @@ struct BwdRowArgs {
   int64_t os[4], dos[4];  // strides of out and dout
 };
 
-// Per row i of head (b, g): u_i = dO_i . O_i. One warp per row.
-template <class T>
-__global__ void __launch_bounds__(kThreads) emsa_bwd_rowdot_kernel(const T* __restrict__ dout, const T* __restrict__ out,
-                                                                   BwdRowArgs s, int h, int N, int d,
-                                                                   float* __restrict__ u_out) {
+// Per row i of head (b, g): u_i = dO_i . O_i with O_i = oscale_g * out_i (oscale null: 1). One warp
+// per row. out is the saved output (TO = T), or for fp16 / bf16 with the mix the float32 unscaled
+// rows P v - vbar recomputed by emsa_fwd_kernel with oscale = rstd (see emsa_bwd).
+template <class T, class TO>
+__global__ void __launch_bounds__(kThreads) emsa_bwd_rowdot_kernel(const T* __restrict__ dout, const TO* __restrict__ out,
+                                                                   const float* __restrict__ oscale, BwdRowArgs s,
+                                                                   int h, int N, int d, float* __restrict__ u_out) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * (kThreads / 32) + warp, bg = blockIdx.y, b = bg / h, g = bg % h;
   if (i >= N) return;  // whole warp: the shuffles below stay converged
-  const T* o = out + b * s.os[0] + g * s.os[1] + i * s.os[2];
+  const TO* o = out + b * s.os[0] + g * s.os[1] + i * s.os[2];
   const T* dO = dout + b * s.dos[0] + g * s.dos[1] + i * s.dos[2];
   float u = 0.f;
   for (int c = lane; c < d; c += 32) u += rk::to_f(dO[c * s.dos[3]]) * rk::to_f(o[c * s.os[3]]);
   u = warp_sum(u);
-  if (lane == 0) u_out[int64_t(bg) * N + i] = u;
+  if (lane == 0) u_out[int64_t(bg) * N + i] = oscale ? oscale[bg] * u : u;
 }
 
 // One block per (b, g): c_g = sum_i u_i / (N M) in a fixed order, then per row
@@ -579,6 +581,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   at::Tensor cg = at::zeros({B, h}, f32);
   const int64_t nMt = (M + kTile - 1) / kTile;
   at::Tensor dw_part = mix ? at::zeros({B, h, nMt, h}, f32) : at::Tensor();
+  // float32 outputs are stored exactly as computed; only 16-bit ones need O rebuilt (see below)
+  const bool recompute_out = mix && q.scalar_type() != at::kFloat;
   REST_DISPATCH_DTYPES(q.scalar_type(), "emsa_bwd", [&] {
     const EmsaArgs<scalar_t> a = emsa_args<scalar_t>(q, k, v, w, scale);
     auto stream = rk::current_stream();
@@ -591,12 +595,29 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
                  static_cast<float*>(nullptr));
     }
     BwdRowArgs rs;
-    for (int i = 0; i < 4; ++i) {
-      rs.os[i] = out.stride(i);
-      rs.dos[i] = dout.stride(i);
+    for (int i = 0; i < 4; ++i) rs.dos[i] = dout.stride(i);
+    const dim3 rowdot_grid(rk::ceil_div(N, kThreads / 32), BH);
+    if (recompute_out) {
+      // u_i = dO_i . O_i enters dS through c_g and E_i, where rstd (up to eps^-1/2) amplifies the
+      // fp16 / bf16 rounding of the saved O: rebuild the rows P v - vbar in float32 with the
+      // forward kernel (same deterministic order; its lse goes to a scratch buffer) and take
+      // u_i = rstd_g (dO_i . (P v - vbar)_i). The buffer is transient, never saved for backward.
+      at::Tensor ws = at::empty({B, N, h, d}, f32);
+      at::Tensor lse_scratch = at::empty({B, h, N}, f32);
+      auto fwd = d <= 64 ? &emsa_fwd_kernel<scalar_t, 64> : &emsa_fwd_kernel<scalar_t, 128>;
+      rk::launch(fwd, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, a, ws.data_ptr<float>(),
+                 lse_scratch.data_ptr<float>(), static_cast<const float*>(vbar.data_ptr<float>()));
+      at::Tensor wsv = ws.transpose(1, 2);  // (B, h, N, d) view
+      for (int i = 0; i < 4; ++i) rs.os[i] = wsv.stride(i);
+      rk::launch(emsa_bwd_rowdot_kernel<scalar_t, float>, rowdot_grid, dim3(kThreads), stream,
+                 dout.data_ptr<scalar_t>(), static_cast<const float*>(ws.data_ptr<float>()),
+                 static_cast<const float*>(rstd_c.data_ptr<float>()), rs, a.h, a.N, a.d, u.data_ptr<float>());
+    } else {
+      for (int i = 0; i < 4; ++i) rs.os[i] = out.stride(i);
+      rk::launch(emsa_bwd_rowdot_kernel<scalar_t, scalar_t>, rowdot_grid, dim3(kThreads), stream,
+                 dout.data_ptr<scalar_t>(), static_cast<const scalar_t*>(out.data_ptr<scalar_t>()),
+                 static_cast<const float*>(nullptr), rs, a.h, a.N, a.d, u.data_ptr<float>());
     }
-    rk::launch(emsa_bwd_rowdot_kernel<scalar_t>, dim3(rk::ceil_div(N, kThreads / 32), BH), dim3(kThreads), stream,
-               dout.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rs, a.h, a.N, a.d, u.data_ptr<float>());
     rk::launch(emsa_bwd_rowstat_kernel, dim3(BH), dim3(kThreads), stream,
                static_cast<const float*>(u.data_ptr<float>()),
                mix ? static_cast<const float*>(rc.data_ptr<float>()) : nullptr,
