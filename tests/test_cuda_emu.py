@@ -2,6 +2,9 @@
 (backend "cuda-emu", csrc/emu). Every CUDA kernel goes through the shared checks of
 tests/conformance.py, plus the emulation's own guarantees: results identical under every thread
 schedule, and a planted race / divergent barrier detected.
+
+Executes csrc/cuda/emsa_kernels.cuh and csrc/cuda/pa_kernels.cuh (with csrc/cuda/portability.cuh) as
+compiled into csrc/emu/ops_emu.cpp against csrc/emu/cuda_emu.h.
 """
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
 tests/fuzz/raw_ops_fuzz.py runs in a child process for a bounded time, so a segfault or abort fails
 this test instead of killing the test run. REST_KERNELS_FUZZ_SECONDS / _SEED change the budget.
+The checks under test are csrc/op_checks.h, shared by every backend's registration.
 """
 import os
 import subprocess
