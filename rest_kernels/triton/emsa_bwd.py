@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TORCH_TO_TL, dot, trans, dot_mode, load_heads, load_mix, load_rows, load_tile,
-                      mixed_logits, pow2, store_rows, store_tile)
-from .emsa_fwd import _attn_kernel, block_sizes, rowsum
+from ._common import (dot, trans, load_heads, load_mix, load_rows, load_tile,
+                      mixed_logits, store_rows, store_tile)
+from .emsa_fwd import _attn_kernel, block_sizes, launch_config, rowsum
 
 
 @triton.jit
@@ -177,13 +177,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq_ptr, 
 
 
 def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    mix = mix_weight is not None
-    HP = pow2(H) if mix else 1
-    BD = pow2(D, 16)
-    BN, BM = block_sizes(HP, BD, M, q.dtype != torch.float32)
-    DTYPE, DOT = TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
+    B, H, N, D, M, mix, HP, BD, BN, BM, DTYPE, DOT = launch_config(q, k, mix_weight)
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     lse, rsq, rstd = lse.contiguous(), rsq.contiguous(), rstd.contiguous()

@@ -196,7 +196,9 @@ def block_sizes(hp: int, bd: int, m: int, low_precision: bool = True):
     return bn, min(bm, pow2(m, 16))
 
 
-def emsa_forward(q, k, v, mix_weight, scale, eps):
+def launch_config(q, k, mix_weight):
+    """Problem sizes and tile configuration shared by the forward and backward launches:
+    (B, H, N, D, M, mix, HP, BD, BN, BM, DTYPE, DOT)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     mix = mix_weight is not None
@@ -204,6 +206,11 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     BD = pow2(D, 16)
     BN, BM = block_sizes(HP, BD, M, q.dtype != torch.float32)
     DTYPE, DOT = TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
+    return B, H, N, D, M, mix, HP, BD, BN, BM, DTYPE, DOT
+
+
+def emsa_forward(q, k, v, mix_weight, scale, eps):
+    B, H, N, D, M, mix, HP, BD, BN, BM, DTYPE, DOT = launch_config(q, k, mix_weight)
     dev = q.device
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev).transpose(1, 2)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=dev)
