@@ -18,6 +18,7 @@ import torch.nn as nn
 from rest_kernels.backends.registry import check_name
 
 from .checkpoint import load_checkpoint
+from .dense import Linear
 from .layers import BasicStem, Block, PatchEmbed
 from .modules import EMSA, PA
 
@@ -181,11 +182,12 @@ class ResT(nn.Module):
         self.head.apply(self._init_weights)
 
     def set_backend(self, backend: str | None):
-        """Pin every EMSA and PA of the model to `backend` (None: follow the current default)."""
+        """Pin every EMSA, PA and linear layer of the model to `backend` (None: follow the current
+        default)."""
         name = check_name(backend) if backend is not None else None
         self.backend = name
         for m in self.modules():
-            if isinstance(m, (EMSA, PA)):
+            if isinstance(m, (EMSA, PA, Linear)):
                 m.backend = name
         return self
 

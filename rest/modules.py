@@ -15,6 +15,8 @@ import rest_kernels
 from rest_kernels.backends.reference import attention_map
 from rest_kernels.backends.registry import check_name
 
+from .dense import Linear
+
 logger = logging.getLogger("rest_kernels")
 _warned_attn_drop = False
 
@@ -34,10 +36,11 @@ class EMSA(nn.Module):
         self.scale = qk_scale or head_dim ** -0.5
         self.backend = check_name(backend) if backend is not None else None
 
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        # rest.dense.Linear: nn.Linear whose CPU float32 inference runs on oneDNN (see rest/dense.py)
+        self.q = Linear(dim, dim, bias=qkv_bias, backend=backend)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias, backend=backend)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim, backend=backend)
         self.proj_drop = nn.Dropout(proj_drop)
 
         self.sr_ratio = sr_ratio

@@ -1,0 +1,125 @@
+"""The model zoo's linear layers: nn.Linear whose CPU float32 inference runs on oneDNN.
+
+Why: at 224 px the linear layers (q, kv, proj, the MLP) are about 60% of rest_base's CPU inference
+time, and the matrix multiply PyTorch uses for them (MKL's sgemm) does not take an AVX-512 path on
+every x86 CPU. Measured on the 2-core AMD EPYC this project is developed on, same 2 threads, float32:
+MKL (torch.addmm) 100-180 GFLOP/s at ResT's shapes, oneDNN's matmul 300-410 GFLOP/s (README, "Whole
+models"). oneDNN also applies the bias and the MLP's GELU inside the matmul, which saves the bias
+broadcast copy and a pass over the 4x-wide hidden activations.
+
+When oneDNN is used (all must hold; otherwise the layer is exactly nn.Linear):
+- the layer's backend (its `backend`, else the current default, see rest_kernels.use_backend) is not
+  "reference": the reference model stays the official eager math, the benchmarks' baseline;
+- the input is a float32 CPU tensor, CPU autocast is off (under autocast nn.Linear runs in the
+  autocast dtype, on oneDNN already) and no gradient is needed (oneDNN's entry point has no autograd
+  formula; training keeps nn.Linear);
+- nothing is tracing the model (torch.compile, torch.export, ONNX, TorchScript): those see plain
+  F.linear, which their own backends lower as they see fit;
+- torch was built with oneDNN and its linear entry point answers a self-test (checked once; the
+  reason it is unusable is logged once).
+
+The results are the float32 products of a different GEMM: equal to nn.Linear's up to rounding
+(tests/test_dense.py compares both with float64).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rest_kernels.backends.registry import check_name, default_backend
+
+logger = logging.getLogger("rest_kernels")
+
+#: set to "0" to keep every linear layer on nn.Linear's own path (for comparisons)
+ENV_VAR = "REST_KERNELS_ONEDNN_LINEAR"
+
+_unavailable: list[str | None] = []  # [reason or None], computed once
+
+
+def onednn_unavailable_reason() -> str | None:
+    """None when oneDNN's fused linear can run in this process, else why not (computed once)."""
+    if not _unavailable:
+        _unavailable.append(_probe())
+        if _unavailable[0] is not None:
+            logger.info("rest: linear layers use nn.Linear's own CPU path: %s", _unavailable[0])
+    return _unavailable[0]
+
+
+def _probe() -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None:
+        return "this torch build has no torch.ops.mkldnn._linear_pointwise"
+    try:
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        with torch.no_grad():
+            got = op(x, w, b, "gelu", [], "none")
+        want = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    except Exception as e:  # noqa: BLE001  (any failure of a private entry point means: do not use it)
+        return f"torch.ops.mkldnn._linear_pointwise failed its self-test ({type(e).__name__}: {e})"
+    if got.shape != want.shape or not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5):
+        return "torch.ops.mkldnn._linear_pointwise failed its self-test (wrong values)"
+    return None
+
+
+def _tracing() -> bool:
+    return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
+def uses_onednn(x: torch.Tensor, layer: nn.Linear, backend: str | None) -> bool:
+    """Whether `layer(x)` takes the oneDNN path (see the module docstring for the rule)."""
+    if _tracing():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        return False
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return False
+    if (backend if backend is not None else default_backend()) == "reference":
+        return False
+    return onednn_unavailable_reason() is None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # A fused fc1+GELU would skip hooks on either module; only fuse when there are none.
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
+    """x @ weight.T + bias (then the exact GELU) in one oneDNN matmul; callers check uses_onednn."""
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state_dict keys, init and results up to rounding) whose CPU float32
+    inference runs on oneDNN; `backend` pins the rest_kernels backend the rule above looks at."""
+
+    def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = check_name(backend) if backend is not None else None
+
+    def forward(self, x):
+        if uses_onednn(x, self, self.backend):
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_gelu(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(fc(x)), with the exact (erf) GELU applied inside oneDNN's matmul where the rule allows and
+    neither module has hooks that fusing would skip."""
+    if (isinstance(fc, Linear) and type(act) is nn.GELU and act.approximate == "none"
+            and not _has_hooks(fc) and not _has_hooks(act) and uses_onednn(x, fc, fc.backend)):
+        return onednn_linear(x, fc.weight, fc.bias, gelu=True)
+    return act(fc(x))

@@ -1,0 +1,167 @@
+"""rest/dense.py: the model zoo's linear layers, oneDNN for CPU float32 inference, nn.Linear otherwise."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rest
+import rest_kernels
+from rest import dense
+
+pytestmark = pytest.mark.skipif(dense.onednn_unavailable_reason() is not None,
+                                reason=f"oneDNN linear unavailable: {dense.onednn_unavailable_reason()}")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the oneDNN path (fused GELU or not) while passing them through."""
+    calls = {"plain": 0, "gelu": 0}
+    real = dense.onednn_linear
+
+    def counting(x, weight, bias, gelu=False):
+        calls["gelu" if gelu else "plain"] += 1
+        return real(x, weight, bias, gelu)
+
+    monkeypatch.setattr(dense, "onednn_linear", counting)
+    return calls
+
+
+def _max_abs(t):
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def f64_linear(x, layer):
+    return F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3, 13), (2, 3, 4, 13), (13,), (0, 13), (1, 1, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_float64_like_nn_linear(shape, bias, spy):
+    torch.manual_seed(0)
+    layer = dense.Linear(13, 11, bias=bias)
+    ref_layer = nn.Linear(13, 11, bias=bias)
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(shape)
+    with torch.no_grad():
+        got, theirs = layer(x), ref_layer(x)
+    want = f64_linear(x, layer)
+    assert got.shape == theirs.shape == want.shape and got.dtype == torch.float32
+    # oneDNN's error vs float64 is of the order of MKL's (both float32 sums over 13 terms)
+    tol = 4 * _max_abs(theirs.double() - want) + 1e-6
+    assert _max_abs(got.double() - want) <= tol
+    assert spy["plain"] == 1
+
+
+def test_non_contiguous_input_and_weight(spy):
+    layer = dense.Linear(8, 6)
+    with torch.no_grad():
+        layer.weight.set_(torch.randn(8, 6).t())  # a transposed (non-contiguous) weight
+    x = torch.randn(8, 5).t()
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got.double(), f64_linear(x, layer), rtol=1e-5, atol=1e-5)
+    assert spy["plain"] == 1
+
+
+def test_linear_gelu_fuses_the_exact_gelu(spy):
+    torch.manual_seed(1)
+    fc, act = dense.Linear(16, 24), nn.GELU()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        got = dense.linear_gelu(fc, act, x)
+    torch.testing.assert_close(got.double(), F.gelu(f64_linear(x, fc)), rtol=1e-5, atol=1e-5)
+    assert spy == {"plain": 0, "gelu": 1}
+
+
+def test_tanh_gelu_or_other_activation_is_not_fused(spy):
+    fc = dense.Linear(4, 6)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        for act in (nn.GELU(approximate="tanh"), nn.ReLU()):
+            torch.testing.assert_close(dense.linear_gelu(fc, act, x), act(F.linear(x, fc.weight, fc.bias)))
+    assert spy == {"plain": 2, "gelu": 0}
+
+
+def test_hooks_are_never_skipped(spy):
+    # A fused fc1 + GELU would skip hooks on either module: with a hook they run one at a time.
+    fc, act = dense.Linear(4, 6), nn.GELU()
+    seen = []
+    act.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        out = dense.linear_gelu(fc, act, x)
+    assert len(seen) == 1 and torch.equal(seen[0], out)
+    assert spy == {"plain": 1, "gelu": 0}
+
+
+def test_falls_back_to_nn_linear_when_it_must(spy, monkeypatch):
+    layer = dense.Linear(5, 3)
+    x = torch.randn(2, 5)
+    # gradients needed: oneDNN's entry point has no autograd formula
+    y = layer(x)
+    y.sum().backward()
+    assert layer.weight.grad is not None and spy["plain"] == 0
+    with torch.no_grad():
+        # float64 and bfloat16 stay on nn.Linear's path
+        layer.double()(x.double())
+        layer.bfloat16()(x.bfloat16())
+        layer.float()
+        # the reference backend keeps the official eager math, pinned or as the default
+        dense.Linear(5, 3, backend="reference")(x)
+        with rest_kernels.use_backend("reference"):
+            layer(x)
+        # autocast: nn.Linear's own path, in the autocast dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        # the opt-out switch
+        monkeypatch.setenv(dense.ENV_VAR, "0")
+        layer(x)
+    assert spy["plain"] == 0
+
+
+def test_traced_graphs_see_plain_linear(spy):
+    # torch.compile must get F.linear (its own backends lower it), never the private oneDNN op.
+    torch._dynamo.reset()
+    layer = dense.Linear(6, 4)
+    x = torch.randn(3, 6)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert spy["plain"] == 0
+
+
+def test_state_dict_and_type_are_nn_linear():
+    layer = dense.Linear(5, 3, bias=False)
+    assert isinstance(layer, nn.Linear) and list(layer.state_dict()) == ["weight"]
+    with pytest.raises(ValueError, match="backend"):
+        dense.Linear(5, 3, backend="nope")
+
+
+def test_model_inference_uses_onednn_and_matches_the_reference_model(spy):
+    torch.manual_seed(0)
+    fused = rest.rest_lite(backend="cpu").eval()
+    ref = rest.rest_lite(backend="reference").eval()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        got = fused(x)
+        assert spy["gelu"] == sum(fused.depths)  # every MLP's fc1 + GELU fused
+        n_plain = spy["plain"]
+        want = ref(x)
+        assert spy["plain"] == n_plain  # the reference model never takes it
+        exact = rest.rest_lite(backend="reference").eval().double()
+        exact.load_state_dict(fused.state_dict())
+        want64 = exact(x.double())
+    # both float32 models are equally close to the float64 model
+    err_fused = (got.double() - want64).abs().max().item()
+    err_ref = (want.double() - want64).abs().max().item()
+    assert err_fused <= 4 * err_ref + 1e-6, (err_fused, err_ref)
+
+
+def test_set_backend_reaches_the_linear_layers(spy):
+    model = rest.rest_lite().eval()
+    model.set_backend("reference")
+    assert all(m.backend == "reference" for m in model.modules() if isinstance(m, dense.Linear))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+    assert spy == {"plain": 0, "gelu": 0}
