@@ -57,6 +57,39 @@ def test_uniform_attention_variance_below_eps(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("logit_scale", [1e-2, 1e-3])
+def test_near_uniform_attention_is_as_accurate_as_pytorch(backend, logit_scale):
+    require_backend(backend)
+    # Tiny logits: P = 1/M (1 + O(logits)) and the map's variance (about logit_scale^2 / M^2) is far
+    # below eps, so the InstanceNorm output is that small deviation times rstd ~ eps^-1/2. A variance
+    # taken as sum P^2 / M - 1/M^2 in float32 cancels away its digits; the flash-attention rule: no
+    # more than twice PyTorch's own float32 error, plus rounding.
+    torch.manual_seed(5)
+    B, h, N, M, d = 2, 2, 37, 49, 16
+    q = torch.randn(B, h, N, d) * logit_scale
+    k, v = torch.randn(B, h, M, d), torch.randn(B, h, M, d)
+    w = torch.randn(h, h) * 0.5
+    with torch.no_grad():
+        exact = run("reference", q.double(), k.double(), v.double(), w.double())
+        torch_err = (run("reference", q, k, v, w).double() - exact).abs().max().item()
+        err = (run(backend, q, k, v, w).double() - exact).abs().max().item()
+    rounding = 2 ** -23 * exact.abs().max().item()
+    if backend in ("triton", "cuda-emu"):
+        # These form P = exp(S - lse) tile by tile from a float32 lse (about log M): its rounding is
+        # one relative error common to a whole row of P, which (P - 1/M) v turns into that error
+        # times v's row sum, then scaled by rstd ~ eps^-1/2. The cpu kernel normalises full rows.
+        logits = q.double() @ k.double().transpose(-2, -1) * d ** -0.5
+        lse = torch.logsumexp(torch.einsum("gj,bjnm->bgnm", w.double(), logits), -1)
+        rounding += 2 ** -24 * lse.abs().max().item() * 1e-5 ** -0.5 * v.abs().sum(2).max().item() / M
+    if backend == "cuda-emu":
+        # Known gap: the CUDA forward accumulates P v and subtracts vbar / M afterwards (its finalize
+        # kernel), two terms of v's size whose float32 sums over M keys (rounding ~ sqrt(M) ulps)
+        # cancel down to the deviation; rstd then scales that rounding too.
+        rounding += 2 * 2 ** -24 * M ** 0.5 * 1e-5 ** -0.5 * v.abs().sum(2).max().item() / M
+    assert err <= 2 * torch_err + rounding, f"{backend}: error {err:.3g}, PyTorch float32 {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
 def test_single_key_gives_zero_normalised_map(backend):
     require_backend(backend)
     for dtype in fused_dtypes(backend):

@@ -15,15 +15,17 @@
 // Forward task: packs the block's q rows of every head, computes all heads' logits
 // L_j = q_j (scale k_j)^T (BN x M each) with the register-blocked tile GEMM, mixes them across heads
 // (S_g = sum_j W[g,j] L_j), takes each row's softmax (max, exp, sum: lse), the row's sum of squares
-// r_i = sum_m P_im^2 in the same pass, subtracts the InstanceNorm mean, which is exactly 1/M because
-// every row of P sums to one, and multiplies (P - 1/M) by v. Without the mix it is plain softmax
+// subtracts the InstanceNorm mean, which is exactly 1/M because every row of P sums to one, accumulates
+// the row's centred sum of squares c_i = sum_m (P_im - 1/M)^2 in the same pass, and multiplies
+// (P - 1/M) by v. Without the mix it is plain softmax
 // attention (P v). K^T * scale and V are packed once per call, zero padded to the vector width,
 // from any strides of k and v (q is read through its strides while packing a block).
 //
 // Normalisation is exact: InstanceNorm over the (b, g) map is (P - mean) * rstd with mean = 1/M
-// (rows sum to one) and var = sum_i r_i / (N M) - 1/M^2 (biased variance of a map whose mean is
-// known), so out = rstd * ((P - 1/M) v). The tasks leave (P - 1/M) v in `out` and r_i per row; a
-// per-(b, g) serial sum of r_i gives rstd, and one light pass scales each (b, g) slice of `out`.
+// (rows sum to one) and var = sum_i c_i / (N M) (biased variance of a map whose mean is known), so
+// out = rstd * ((P - 1/M) v). The tasks leave (P - 1/M) v in `out` and c_i per row; a per-(b, g)
+// serial sum of c_i gives rstd, and one light pass scales each (b, g) slice of `out`. The saved
+// statistic rsq is r_i = sum_m P_im^2 = c_i + 1/M (backends/base.py's contract).
 //
 // Backward (per task: b and a fixed chunk of query blocks) recomputes L, S and P of each block exactly
 // like the forward (full rows, so lse is not needed), then per output head g:
@@ -35,7 +37,7 @@
 //
 // Determinism. Every value is computed in an order fixed by the shapes alone: each row's sums run
 // over keys in increasing order with fixed vector lanes; the GEMM sums over k in increasing order;
-// the sums over query rows (r_i -> rstd, a_g, c_g) are serial per (b, g); dk, dv and dW, which sum
+// the sums over query rows (c_i -> rstd, a_g, c_g) are serial per (b, g); dk, dv and dW, which sum
 // over query blocks, are accumulated per (b, chunk) where the chunks are a partition of the blocks
 // fixed by the shapes (not by the thread count: min(blocks, ceil(32 / B)) chunks per batch) and then
 // added chunk after chunk. No atomic accumulation (the only atomic hands out task indices) and no
@@ -157,8 +159,10 @@ void mix_heads(const T* W, int64_t h, const T* L, T* S, int64_t plane, int64_t n
 
 // Softmax of one row of M logits, in place, over whole vectors: the row buffer is padded to a multiple
 // of the vector width and the last vector is masked (padding lanes become P = 0), so there is no
-// scalar tail. Returns (max, sum of exp) and, when `rsq` is non-null, sum_m P^2; `shift` is
-// subtracted from P afterwards (1/M under InstanceNorm, else 0).
+// scalar tail. Returns (max, sum of exp) and, when `rsq` is non-null, the centred sum
+// sum_m (P - shift)^2; `shift` is subtracted from P afterwards (1/M under InstanceNorm, else 0).
+// Centred because sum_m P^2 is 1/M plus the part the variance needs: for near-uniform rows that part
+// is far below 1/M and float32 would keep only its leading digits (found by tests/test_reliability.py).
 template <typename T>
 inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rsq) {
   constexpr int Wd = Simd<T>::W;
@@ -184,14 +188,14 @@ inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rs
   const T inv = T(1) / sum;
   vec_t<T> vq = vset<T>(T(0));
   for (int64_t m = 0; m < last; m += Wd) {
-    vec_t<T> p = vload(row + m) * inv;
-    vq += p * p;
-    vstore(row + m, p - shift);
+    vec_t<T> c = vload(row + m) * inv - shift;
+    vq += c * c;
+    vstore(row + m, c);
   }
   {
-    vec_t<T> p = vload(row + last) * inv;
-    vq += p * p;
-    vstore(row + last, keep ? p - shift : vset<T>(T(0)));
+    vec_t<T> c = keep ? vload(row + last) * inv - shift : vset<T>(T(0));  // padding lanes add nothing
+    vq += c * c;
+    vstore(row + last, c);
   }
   *mx_out = mx;
   *sum_out = sum;
@@ -222,7 +226,7 @@ inline Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, int W) {
 }
 
 // The forward pass over all tasks. With `out` null it only computes the row statistics (used by the
-// float64 backward to get rstd in float64). rsq_acc (B,h,N) receives r_i in T; lse may be null.
+// float64 backward to get rstd in float64). rsq_acc (B,h,N) receives c_i in T; lse may be null.
 template <typename T>
 void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* vp, const std::vector<T>& W,
                    T* out, float* lse, T* rsq_acc) {
@@ -271,14 +275,14 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
   });
 }
 
-// rstd[b, g] from the rows' r_i: a serial sum per (b, g), in double.
+// rstd[b, g] from the rows' centred sums c_i: a serial sum per (b, g), in double.
 template <typename T>
 void rstd_from_rsq(const Shapes& sh, const T* rsq_acc, double eps, double* rstd) {
   const int64_t N = sh.N, M = sh.M;
   for (int64_t bg = 0; bg < sh.B * sh.h; ++bg) {
     double s = 0;
     for (int64_t i = 0; i < N; ++i) s += double(rsq_acc[bg * N + i]);
-    const double var = s / (double(N) * double(M)) - 1.0 / (double(M) * double(M));
+    const double var = s / (double(N) * double(M));
     rstd[bg] = 1.0 / std::sqrt(var + eps);
   }
 }
@@ -311,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
     rstd_from_rsq<T>(sh, rsq_acc.data(), eps, rs.data());
     float* rsq_f = rsq.data_ptr<float>();
     float* rstd_f = rstd.data_ptr<float>();
-    for (int64_t x = 0; x < B * h * N; ++x) rsq_f[x] = float(rsq_acc[x]);
+    for (int64_t x = 0; x < B * h * N; ++x) rsq_f[x] = float(double(rsq_acc[x]) + 1.0 / double(M));
     for (int64_t x = 0; x < B * h; ++x) rstd_f[x] = float(rs[x]);
     // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
     at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
