@@ -108,6 +108,32 @@ def test_opcheck_pa(bias):
     opcheck_pa(BACKEND, bias=bias)
 
 
+def test_raw_op_takes_any_mix_weight_layout_and_dtype():
+    # op_checks.h admits any floating (h, h) mix weight; the CUDA host code makes the dense float32
+    # copy its kernels read (it used to refuse a transposed weight).
+    from conformance import emsa_inputs
+    q, k, v, w, _ = emsa_inputs(1, 2, 7, 5, 4, torch.float32, True)
+    q, k, v, w = q.detach(), k.detach(), v.detach(), w.detach()
+    ops = torch.ops.rest_kernels_C
+    want = ops.emsa_fwd_emu(q, k, v, w, 0.5, 1e-5)
+    for other in (w.t().contiguous().t(), w.double()):
+        got = ops.emsa_fwd_emu(q, k, v, other, 0.5, 1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        dout = torch.ones_like(q)
+        torch.testing.assert_close(ops.emsa_bwd_emu(dout, q, k, v, other, *want, 0.5, 1e-5),
+                                   ops.emsa_bwd_emu(dout, q, k, v, w, *want, 0.5, 1e-5), rtol=0, atol=0)
+
+
+def test_batch_times_heads_beyond_the_grid_is_refused_with_reason():
+    import rest_kernels
+    from rest_kernels import BackendUnavailableError
+    q = torch.randn(32768, 2, 1, 1)  # B x h = 65536 > 65535, the grid's y dimension
+    with pytest.raises(BackendUnavailableError, match="batch x heads up to 65535"):
+        rest_kernels.emsa_attention(q, q, q, backend=BACKEND)
+    assert rest_kernels.emsa_attention(q[:32767], q[:32767], q[:32767], backend=BACKEND).shape == (32767, 2, 1, 1)
+
+
 # ------------------------------------------------------------------------- the emulation itself
 SCHEDULES = ["forward", "reverse", "shuffle:1", "shuffle:2"]
 

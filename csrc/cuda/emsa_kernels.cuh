@@ -490,6 +490,13 @@ inline void emsa_check(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
 }
 
+// The kernels read the mix weight as a dense float32 (h, h) array. csrc/op_checks.h accepts any
+// floating dtype and strides (as the cpu kernels do), so the host side makes that copy here.
+inline c10::optional<at::Tensor> dense_mix(const c10::optional<at::Tensor>& w) {
+  if (!w) return c10::nullopt;
+  return w->to(at::kFloat).contiguous();
+}
+
 template <class T>
 EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const c10::optional<at::Tensor>& w, double scale) {
@@ -514,8 +521,9 @@ EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const at::Tensor& q, const at::Tensor& k,
                                                                           const at::Tensor& v,
-                                                                          const c10::optional<at::Tensor>& w,
+                                                                          const c10::optional<at::Tensor>& w_in,
                                                                           double scale, double eps) {
+  const c10::optional<at::Tensor> w = dense_mix(w_in);
   emsa_check(q, k, v, w);
   rk::DeviceGuard guard(q);
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
@@ -557,8 +565,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& w, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
+    const c10::optional<at::Tensor>& w_in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
     const at::Tensor& rstd, double scale, double eps) {
+  const c10::optional<at::Tensor> w = dense_mix(w_in);
   emsa_check(q, k, v, w);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),

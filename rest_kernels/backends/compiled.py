@@ -19,6 +19,8 @@ class CompiledBackend(Backend):
     op_suffix = ""
     #: largest head dim the kernels take (they keep a row of d in registers / on chip)
     max_head_dim: int | None = None
+    #: largest batch x heads: the CUDA kernels put it on the grid's y dimension (at most 65535)
+    max_batch_heads: int | None = None
 
     #: dispatch key the kernels are registered under in the extension
     dispatch_key = "CPU"
@@ -39,6 +41,9 @@ class CompiledBackend(Backend):
         reason = super().emsa_unsupported_reason(q, k, v, mix_weight)
         if reason is None and self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             reason = f"{self.name} supports head dims up to {self.max_head_dim}, got {q.shape[-1]}"
+        if reason is None and self.max_batch_heads is not None and q.shape[0] * q.shape[1] > self.max_batch_heads:
+            reason = (f"{self.name} supports batch x heads up to {self.max_batch_heads} (the CUDA grid's y "
+                      f"dimension), got {q.shape[0]} x {q.shape[1]}; split the batch")
         return reason
 
     def _op(self, name):
@@ -73,6 +78,7 @@ class CudaBackend(CompiledBackend):
     auto_device_type = "cuda"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     max_head_dim = 128
+    max_batch_heads = 65535
     dispatch_key = "CUDA"
 
     def unavailable_reason(self):
@@ -92,3 +98,4 @@ class CudaEmuBackend(CompiledBackend):
     device_type = "cpu"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     max_head_dim = 128
+    max_batch_heads = 65535
