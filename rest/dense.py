@@ -1,18 +1,19 @@
-"""The model zoo's linear layers: nn.Linear whose CPU float32 inference runs on oneDNN.
+"""The model zoo's linear layers: nn.Linear whose CPU float32 products run on oneDNN.
 
 Why: at 224 px the linear layers (q, kv, proj, the MLP) are about 60% of rest_base's CPU inference
 time, and the matrix multiply PyTorch uses for them (MKL's sgemm) does not take an AVX-512 path on
 every x86 CPU. Measured on the 2-core AMD EPYC this project is developed on, same 2 threads, float32:
 MKL (torch.addmm) 100-180 GFLOP/s at ResT's shapes, oneDNN's matmul 300-410 GFLOP/s (README, "Whole
-models"). oneDNN also applies the bias and the MLP's GELU inside the matmul, which saves the bias
-broadcast copy and a pass over the 4x-wide hidden activations.
+models"). oneDNN also applies the bias (and, when no gradient is needed, the MLP's GELU) inside the
+matmul, which saves the bias broadcast copy and a pass over the 4x-wide hidden activations. With
+gradients, the backward's two products (dx, dweight) run on oneDNN too; under create_graph (double
+backward) they are plain differentiable matmuls.
 
 When oneDNN is used (all must hold; otherwise the layer is exactly nn.Linear):
 - the layer's backend (its `backend`, else the current default, see rest_kernels.use_backend) is not
   "reference": the reference model stays the official eager math, the benchmarks' baseline;
-- the input is a float32 CPU tensor, CPU autocast is off (under autocast nn.Linear runs in the
-  autocast dtype, on oneDNN already) and no gradient is needed (oneDNN's entry point has no autograd
-  formula; training keeps nn.Linear);
+- the input is a float32 CPU tensor and CPU autocast is off (under autocast nn.Linear runs in the
+  autocast dtype, on oneDNN already);
 - nothing is tracing the model (torch.compile, torch.export, ONNX, TorchScript): those see plain
   F.linear, which their own backends lower as they see fit;
 - torch was built with oneDNN and its linear entry point answers a self-test (checked once; the
@@ -80,13 +81,15 @@ def uses_onednn(x: torch.Tensor, layer: nn.Linear, backend: str | None) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
-        return False
     if os.environ.get(ENV_VAR, "1") == "0":
         return False
     if (backend if backend is not None else default_backend()) == "reference":
         return False
     return onednn_unavailable_reason() is None
+
+
+def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -102,9 +105,41 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.T on oneDNN (b_t may be any strided view; oneDNN reorders it)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _TrainableOneDnnLinear(torch.autograd.Function):
+    """The oneDNN linear with gradients. Saves what F.linear saves (x and the weight). Backward: the
+    two products on oneDNN; under create_graph (double backward) plain differentiable matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        mm = torch.mm if torch.is_grad_enabled() else None
+        dx = dw = db = None
+        if need_x:
+            dx = (g2 @ weight if mm else _onednn_mm(g2, weight.t())).reshape(x.shape)
+        if need_w:
+            dw = g2.t() @ x2 if mm else _onednn_mm(g2.t(), x2.t())
+        if need_b and ctx.has_bias:
+            db = g2.sum(0)
+        return dx, dw, db
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys, init and results up to rounding) whose CPU float32
-    inference runs on oneDNN; `backend` pins the rest_kernels backend the rule above looks at."""
+    products run on oneDNN; `backend` pins the rest_kernels backend the rule above looks at."""
 
     def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -112,6 +147,8 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if uses_onednn(x, self, self.backend):
+            if _needs_grad(x, self):
+                return _TrainableOneDnnLinear.apply(x, self.weight, self.bias)
             return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -120,6 +157,7 @@ def linear_gelu(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """act(fc(x)), with the exact (erf) GELU applied inside oneDNN's matmul where the rule allows and
     neither module has hooks that fusing would skip."""
     if (isinstance(fc, Linear) and type(act) is nn.GELU and act.approximate == "none"
-            and not _has_hooks(fc) and not _has_hooks(act) and uses_onednn(x, fc, fc.backend)):
+            and not _has_hooks(fc) and not _has_hooks(act) and not _needs_grad(x, fc)
+            and uses_onednn(x, fc, fc.backend)):
         return onednn_linear(x, fc.weight, fc.bias, gelu=True)
     return act(fc(x))

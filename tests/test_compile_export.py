@@ -28,6 +28,15 @@ X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 RTOL32 = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _plain_linear_layers(monkeypatch):
+    # Eager float32 linear layers run on oneDNN (rest/dense.py) while a traced model sees plain
+    # F.linear: two GEMMs whose rounding differs, which 20+ blocks of near-eps InstanceNorm magnify
+    # past RTOL32. Pin eager to F.linear so that eager vs compiled is kernel for kernel here;
+    # tests/test_dense.py checks the oneDNN layers themselves.
+    monkeypatch.setenv("REST_KERNELS_ONEDNN_LINEAR", "0")
+
+
 def model_of(variant, dtype=torch.float32, seed=1):
     model = VARIANTS[variant]().double()
     fill_weights(model, seed)

@@ -97,10 +97,6 @@ def test_hooks_are_never_skipped(spy):
 def test_falls_back_to_nn_linear_when_it_must(spy, monkeypatch):
     layer = dense.Linear(5, 3)
     x = torch.randn(2, 5)
-    # gradients needed: oneDNN's entry point has no autograd formula
-    y = layer(x)
-    y.sum().backward()
-    assert layer.weight.grad is not None and spy["plain"] == 0
     with torch.no_grad():
         # float64 and bfloat16 stay on nn.Linear's path
         layer.double()(x.double())
@@ -117,6 +113,45 @@ def test_falls_back_to_nn_linear_when_it_must(spy, monkeypatch):
         monkeypatch.setenv(dense.ENV_VAR, "0")
         layer(x)
     assert spy["plain"] == 0
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (2, 3, 13), (13,), (4, 13, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_match_float64(shape, bias, spy):
+    torch.manual_seed(2)
+    layer = dense.Linear(13, 11, bias=bias)
+    x = torch.randn(shape)
+    if shape[-1] != 13:
+        x = x.transpose(-1, -2)  # a non-contiguous input
+    x.requires_grad_()
+    y = layer(x)
+    g = torch.randn_like(y)
+    dx, *dparams = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    assert spy["plain"] == 1  # the forward took the oneDNN path (the backward calls _onednn_mm)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in layer.parameters()]
+    y64 = F.linear(x64, *p64)
+    want = torch.autograd.grad(y64, [x64, *p64], g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for got, exp in zip([dx, *dparams], want):
+        assert got.shape == exp.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_works(spy):
+    # create_graph: the backward is made of differentiable matmuls, like nn.Linear's
+    layer = dense.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    (dx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    dx.pow(2).sum().backward()
+    ref = nn.Linear(4, 3)
+    ref.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_()
+    (dx2,) = torch.autograd.grad(ref(x2).pow(2).sum(), x2, create_graph=True)
+    dx2.pow(2).sum().backward()
+    torch.testing.assert_close(dx, dx2)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad)
+    assert spy["plain"] >= 1
 
 
 def test_traced_graphs_see_plain_linear(spy):
