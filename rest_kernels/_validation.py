@@ -23,10 +23,11 @@ def _check_tensor(name, t, ndim=None, optional=False):
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_dtype_name(t.dtype)}")
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
-        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
+        ranks = str(ndim) if isinstance(ndim, int) else " or ".join(map(str, ndim))
+        raise ValueError(f"{name} must be {ranks}-dimensional, got shape {tuple(t.shape)}")
 
 
-def _check_same_device(named):
+def check_same_device(named):
     devices = {n: t.device for n, t in named if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
@@ -60,7 +61,7 @@ def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
         _check_tensor(name, t, ndim=4)
     _check_tensor("mix_weight", mix_weight, ndim=(2, 4), optional=True)
     _check_tensor("mix_bias", mix_bias, ndim=1, optional=True)
-    _check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
+    check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
     _check_same_dtype((("q", q), ("k", k), ("v", v)))
     B, h, N, d = q.shape
     if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
@@ -84,7 +85,10 @@ def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
             raise ValueError("mix_bias is given but mix_weight is None: the bias belongs to the head mix")
         if tuple(mix_bias.shape) != (h,):
             raise ValueError(f"mix_bias must have shape ({h},), got {tuple(mix_bias.shape)}")
-    scale = d ** -0.5 if scale is None else _check_number("scale", scale)
+    if scale is None:  # with d = 0 every logit is 0 whatever the scale: any finite default will do
+        scale = d ** -0.5 if d > 0 else 1.0
+    else:
+        scale = _check_number("scale", scale)
     eps = _check_number("eps", eps, positive=True)
     return mix_weight, scale, eps
 
@@ -93,7 +97,7 @@ def check_pa_args(x, weight, bias):
     _check_tensor("x", x, ndim=4)
     _check_tensor("weight", weight, ndim=4)
     _check_tensor("bias", bias, ndim=1, optional=True)
-    _check_same_device((("x", x), ("weight", weight), ("bias", bias)))
+    check_same_device((("x", x), ("weight", weight), ("bias", bias)))
     C = x.shape[1]
     if tuple(weight.shape) != (C, 1, 3, 3):
         raise ValueError(f"weight must have shape ({C}, 1, 3, 3) for x with {C} channels, got {tuple(weight.shape)}")

@@ -20,7 +20,7 @@ from torch import Tensor
 import math
 
 from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_args, check_pa_backward_args,
-                          check_pa_dtypes)
+                          check_pa_dtypes, check_same_device)
 from .backends.reference import emsa_reference, pa_reference
 from .backends.registry import check_name, select
 
@@ -73,8 +73,11 @@ def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_
     return out, lse.contiguous(), rsq.contiguous(), rstd.contiguous()
 
 
+# The fake implementations also serve real calls in which one tensor is on the meta device (the
+# dispatcher picks the Meta key for the whole call): a mix of devices is refused there as well.
 @emsa_fwd.register_fake
 def _emsa_fwd_fake(q, k, v, mix_weight, mix_bias, scale, eps, backend):
+    check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
     B, h, N, d = q.shape
     out = q.new_empty(B, N, h, d).transpose(1, 2)
     stats = dict(dtype=torch.float32, device=q.device)
@@ -105,6 +108,8 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
 
 @emsa_bwd.register_fake
 def _emsa_bwd_fake(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps, backend):
+    check_same_device((("dout", dout), ("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("out", out),
+                       ("lse", lse), ("rsq", rsq), ("rstd", rstd)))
     h = q.shape[1]
     dmix = q.new_empty((h, h), dtype=_mix_dtype(q)) if mix_weight is not None else q.new_empty(0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmix)
@@ -145,6 +150,7 @@ def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> T
 
 @pa_fwd.register_fake
 def _pa_fwd_fake(x, weight, bias, backend):
+    check_same_device((("x", x), ("weight", weight), ("bias", bias)))
     return x.new_empty(x.shape)
 
 
@@ -167,6 +173,7 @@ def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 @pa_bwd.register_fake
 def _pa_bwd_fake(dout, x, weight, bias, backend):
+    check_same_device((("dout", dout), ("x", x), ("weight", weight), ("bias", bias)))
     return x.new_empty(x.shape), weight.new_empty(weight.shape), (
         bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
@@ -223,10 +230,12 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
 
 
 def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
-    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
-        return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
+    # The backend is chosen even for empty inputs: a named backend that cannot serve these tensors
+    # says so whatever their size.
     chosen = select("emsa_attention", backend, (q, k, v),
                     lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
+        return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
         return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
     return emsa_fwd(q, k, v, mix_weight, mix_bias, scale, eps, chosen.name)[0]
@@ -246,9 +255,9 @@ def pa_gate(x, weight, bias=None, *, backend=None):
 
 def _pa_gate(x, weight, bias, backend):
     check_pa_dtypes(x, weight, bias)  # after any autocast cast
+    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if x.numel() == 0:
         return x * 0
-    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if chosen.name == "reference":
         return pa_reference(x, weight, bias)
     return pa_fwd(x, weight, bias, chosen.name)

@@ -245,3 +245,24 @@ def test_non_string_backend_is_a_type_error():
     q, k, v, w, b = small_inputs()
     with pytest.raises(TypeError, match="backend must be a string"):
         emsa_attention(q, k, v, backend=3)
+
+
+def test_head_dim_zero_and_named_backend_on_empty_inputs():
+    # d = 0: the default scale d ** -0.5 used to raise ZeroDivisionError; the result is empty
+    q = torch.randn(2, 2, 5, 0)
+    k = v = torch.randn(2, 2, 3, 0)
+    assert emsa_attention(q, k, v, torch.eye(2), backend="reference").shape == (2, 2, 5, 0)
+    # a named backend that cannot serve says so whatever the size of the inputs
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        emsa_attention(q, k, v, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        pa_gate(torch.randn(0, 2, 3, 3), torch.randn(2, 1, 3, 3), backend="cuda")
+
+
+def test_custom_op_with_one_meta_tensor_names_the_devices():
+    # one meta tensor routes the whole call to the fake implementation: it checks devices too
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="one device.*v on meta"):
+        torch.ops.rest_kernels.emsa_fwd(q, q, q.to("meta"), None, None, 0.5, 1e-5, "cpu")
+    with pytest.raises(ValueError, match="one device.*bias on meta"):
+        torch.ops.rest_kernels.pa_fwd(q, torch.randn(2, 1, 3, 3), torch.randn(2, device="meta"), "cpu")
