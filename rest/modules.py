@@ -7,6 +7,7 @@ rest_kernels.emsa_attention / pa_gate and so through the chosen backend.
 from __future__ import annotations
 
 import logging
+import numbers
 
 import torch
 import torch.nn as nn
@@ -66,9 +67,11 @@ class EMSA(nn.Module):
     def forward(self, x, H, W):
         _checks.input_tensor("x", x, 3, "(B, N, dim)", self.dim, 2, self.q.weight)
         for name, n in (("H", H), ("W", W)):
-            if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)):
+            # ints; SymInts under torch.compile; 0-dim tensors while TorchScript traces (ONNX export),
+            # whose values are not compared here (that would bake them into the trace)
+            if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt, torch.Tensor)):
                 raise TypeError(f"{name} must be an int (the token map's height / width), got {type(n).__name__}")
-            if n < 1:
+            if not isinstance(n, torch.Tensor) and n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
         B, N, C = x.shape
         if N != H * W:
