@@ -667,8 +667,9 @@ def raw_op_cases():
         a["x"] = a["x"].to(memory_format=torch.channels_last)
         return a
 
-    # Known C++ behaviour (being fixed on main): the cuda-emu (and cuda) raw ops refuse a mix_weight
-    # that is not a contiguous float32 (h, h) tensor with a RuntimeError although op_checks.h accepts it.
+    # The cuda-emu (and cuda) raw ops of builds before d90066e refuse a mix_weight that is not a
+    # contiguous float32 (h, h) tensor with a RuntimeError although op_checks.h accepts it (a clean
+    # refusal, not a wrong answer); builds since make the dense copy and must give the right result.
     emu_mix_refusal = Raises((RuntimeError,), r"mix_weight must be a contiguous float32")
     valid = [
         ("emsa_fwd/mix", lambda s: raw_emsa(s, emsa_args()), False),
