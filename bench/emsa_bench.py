@@ -140,14 +140,45 @@ def _nonnegative_int(text):
     return value
 
 
-def _positive_float(text):
+#: longest --min-time accepted: every row repeats its call for at least this long, `repeats` times
+MAX_MIN_TIME = 3600.0
+
+
+def _min_time(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    # inf would make the first row loop forever (a hang, not an error); NaN compares false everywhere
+    if not 0 < value <= MAX_MIN_TIME:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds in (0, {MAX_MIN_TIME:g}], got {value}")
     return value
+
+
+def _threads(text):
+    value = _positive_int(text)
+    # the CPUs this process may run on (a container or taskset can allow fewer than the machine has)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if value > cpus:  # more threads than CPUs only measures oversubscription
+        raise argparse.ArgumentTypeError(f"expected at most the {cpus} CPUs of this machine, got {value}")
+    return value
+
+
+def _check_output_path(parser, option: str, path: str) -> None:
+    """--json / --plot: fail now, not after an hour of measuring, when the file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"argument --{option}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        parser.error(f"argument --{option}: {path!r} is a folder; give a file name")
+    existed = os.path.exists(path)
+    try:  # the only sure test of writability (permissions, read-only or pseudo file systems)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        parser.error(f"argument --{option}: cannot write {path!r}: {e.strerror or e}")
+    if not existed:
+        os.remove(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=224, help="model input size (default 224)")
     p.add_argument("--repeats", type=_positive_int, help="timed repeats per row (default 5 on CPU, 20 on GPU; 3 / 5 with --quick)")
     p.add_argument("--warmup", type=_nonnegative_int, help="untimed calls after the first (default 1 CPU, 5 GPU)")
-    p.add_argument("--min-time", type=_positive_float,
+    p.add_argument("--min-time", type=_min_time,
                    help="seconds one repeat lasts at least; short calls repeat in a loop (default 0.02 CPU, 0.01 GPU)")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=_threads,
                    help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's own choice)")
     p.add_argument("--json", metavar="PATH", help="write every measurement, versions, device and commit as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and memory against eager (needs matplotlib)")
@@ -202,9 +233,7 @@ def parse_args(argv):
     for option in ("json", "plot"):
         path = getattr(args, option)
         if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                parser.error(f"argument --{option}: folder {folder!r} does not exist")
+            _check_output_path(parser, option, path)
     if args.plot is not None:
         reason = _report.plot_unavailable_reason()
         if reason:

@@ -100,17 +100,23 @@ def _is_state_dict(obj) -> bool:
 def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The model's state_dict inside a loaded checkpoint: plain, or under one of WRAPPER_KEYS
     (nested wrappers too), with a common "module." prefix removed."""
-    seen = []
+    path, visited = [], set()
     while not _is_state_dict(obj):
         if not isinstance(obj, Mapping):
+            where = "".join(f"[{k!r}]" for k in path)
             raise CheckpointError(f"{source}: expected a state_dict (a mapping of names to tensors), "
-                                  f"found {type(obj).__name__}")
+                                  f"found {type(obj).__name__}{' under ' + where if where else ''}")
+        # a wrapper that contains itself (pickle keeps reference cycles) would be unwrapped forever
+        if id(obj) in visited:
+            raise CheckpointError(f"{source}: the wrappers {''.join(f'[{k!r}]' for k in path)} lead back to "
+                                  "a mapping already unwrapped (a self-referencing checkpoint)")
+        visited.add(id(obj))
         inner = next((k for k in WRAPPER_KEYS if k in obj), None)
         if inner is None:
             keys = ", ".join(repr(k) for k in list(obj)[:10])
             raise CheckpointError(f"{source}: not a state_dict and no {' or '.join(map(repr, WRAPPER_KEYS))} "
                                   f"entry to unwrap; top-level keys: {keys}{', ...' if len(obj) > 10 else ''}")
-        seen.append(inner)
+        path.append(inner)
         obj = obj[inner]
     state = dict(obj)
     # DataParallel / DDP save "module.<name>"; strip it when every key carries it (possibly repeatedly)
@@ -119,13 +125,27 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tenso
     return state
 
 
-def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list, list]:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(OPTIONAL_SUFFIXES)]
     unexpected = [k for k in state if k not in own]
     shapes = [(k, tuple(state[k].shape), tuple(own[k].shape))
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    return missing, unexpected, shapes
+    # load_state_dict would copy_ these silently: an integer tensor rounded into a float weight, a
+    # complex one with its imaginary part dropped; a meta tensor has no values to copy at all
+    kinds = [(k, _kind(state[k]), _kind(own[k])) for k in own
+             if k in state and (_kind(state[k]) != _kind(own[k]) or state[k].device.type == "meta")]
+    return missing, unexpected, shapes, kinds
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.device.type == "meta":
+        return "meta (no values)"
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "floating"
+    return "bool" if t.dtype == torch.bool else "integer"
 
 
 def _format_list(title: str, items: list, limit: int = 20) -> str:
@@ -144,8 +164,8 @@ def load_checkpoint(model: nn.Module, checkpoint, source: str | None = None) -> 
         checkpoint = read_checkpoint(checkpoint)
     source = source or "checkpoint"
     state = extract_state_dict(checkpoint, source)
-    missing, unexpected, shapes = _mismatch_report(model, state)
-    if missing or unexpected or shapes:
+    missing, unexpected, shapes, kinds = _mismatch_report(model, state)
+    if missing or unexpected or shapes or kinds:
         parts = [f"checkpoint {source!r} does not match {type(model).__name__}:"]
         if missing:
             parts.append(_format_list("missing keys", missing))
@@ -154,6 +174,9 @@ def load_checkpoint(model: nn.Module, checkpoint, source: str | None = None) -> 
         if shapes:
             parts.append(_format_list("shape mismatches (checkpoint vs model)",
                                       [f"{k}: {a} vs {b}" for k, a, b in shapes]))
+        if kinds:
+            parts.append(_format_list("dtype mismatches (checkpoint vs model)",
+                                      [f"{k}: {a} vs {b}" for k, a, b in kinds]))
         raise CheckpointError("\n".join(parts))
     # strict=False only to tolerate the OPTIONAL_SUFFIXES buffers; everything else was checked above
     model.load_state_dict(state, strict=False)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from rest_kernels.backends.registry import check_name
 
+from . import _checks
 from .checkpoint import load_checkpoint
 from .dense import Linear
 from .layers import BasicStem, Block, PatchEmbed
@@ -48,10 +49,9 @@ class ResT(nn.Module):
                  drop_path_rate=0.0, depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), norm_layer=nn.LayerNorm,
                  apply_transform=False, backend=None):
         super().__init__()
-        for name, seq in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
-                          ("depths", depths), ("sr_ratios", sr_ratios)):
-            if len(seq) != 4:
-                raise ValueError(f"{name} must have 4 entries (one per stage); got {list(seq)}")
+        embed_dims, num_heads, mlp_ratios, depths, sr_ratios = _check_config(
+            in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qk_scale, drop_rate, attn_drop_rate,
+            drop_path_rate, depths, sr_ratios)
         self.num_classes = num_classes
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
@@ -125,13 +125,20 @@ class ResT(nn.Module):
         raise ValueError("this ResT configuration accepts no input size")  # pragma: no cover
 
     def _check_input(self, x):
-        if x.dim() != 4:
-            raise ValueError(f"ResT expects images (B, C, H, W); got a tensor of shape {tuple(x.shape)}")
+        _checks.input_tensor("x", x, 4, "(B, C, H, W) images", self.stem.conv1.in_channels, 1,
+                             self.stem.conv1.weight)
         H, W = x.shape[-2:]
         min_h, min_w = self.min_input_size
         if H < min_h or W < min_w:
-            raise ValueError(f"input size {H}x{W} is too small: this ResT needs at least {min_h}x{min_w} "
+            raise ValueError(f"x: input size {H}x{W} is too small: this ResT needs at least {min_h}x{min_w} "
                              f"(height x width) so that every stage has at least one pixel")
+        if self.training and x.shape[0] == 1:
+            # BatchNorm in training needs more than one value per channel; the stage-4 map is the smallest
+            last = (self.stage_sizes(H, 0) or [0])[-1] * (self.stage_sizes(W, 1) or [0])[-1]
+            if last == 1:
+                raise ValueError(f"x: a batch of 1 image of {H}x{W} gives a 1x1 stage-4 map, on which BatchNorm "
+                                 "cannot train (one value per channel); use a batch of at least 2, a larger "
+                                 "input, or model.eval()")
 
     # ------------------------------------------------------------------ forward
     def forward_stages(self, x) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -190,6 +197,32 @@ class ResT(nn.Module):
             if isinstance(m, (EMSA, PA, Linear)):
                 m.backend = name
         return self
+
+
+def _check_config(in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qk_scale, drop_rate, attn_drop_rate,
+                  drop_path_rate, depths, sr_ratios):
+    """Validate ResT's configuration up front (see rest/_checks.py); returns the per-stage lists."""
+    _checks.integer("in_chans", in_chans)
+    _checks.integer("num_classes", num_classes, minimum=0)
+    seqs = [_checks.sequence(name, seq, 4) for name, seq in (
+        ("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios), ("depths", depths),
+        ("sr_ratios", sr_ratios))]
+    embed_dims, num_heads, mlp_ratios, depths, sr_ratios = seqs
+    for i in range(4):
+        dim = _checks.integer(f"embed_dims[{i}]", embed_dims[i])
+        heads = _checks.integer(f"num_heads[{i}]", num_heads[i])
+        if dim % heads:
+            raise ValueError(f"embed_dims[{i}] ({dim}) must be divisible by num_heads[{i}] ({heads})")
+        if _checks.real(f"mlp_ratios[{i}]", mlp_ratios[i]) <= 0 or int(dim * mlp_ratios[i]) < 1:
+            raise ValueError(f"mlp_ratios[{i}] must be > 0 with at least one hidden unit, got {mlp_ratios[i]}")
+        _checks.integer(f"depths[{i}]", depths[i], minimum=0)
+        _checks.integer(f"sr_ratios[{i}]", sr_ratios[i])
+    if qk_scale is not None:
+        _checks.real("qk_scale", qk_scale)
+    _checks.probability("drop_rate", drop_rate)
+    _checks.probability("attn_drop_rate", attn_drop_rate)
+    _checks.probability("drop_path_rate", drop_path_rate, open_one=True)
+    return embed_dims, num_heads, mlp_ratios, depths, sr_ratios
 
 
 # ---------------------------------------------------------------------- the published variants

@@ -7,7 +7,9 @@ rest_kernels.emsa_attention / pa_gate and so through the chosen backend.
 from __future__ import annotations
 
 import logging
+import numbers
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,6 +17,7 @@ import rest_kernels
 from rest_kernels.backends.reference import attention_map
 from rest_kernels.backends.registry import check_name
 
+from . import _checks
 from .dense import Linear
 
 logger = logging.getLogger("rest_kernels")
@@ -29,8 +32,16 @@ class EMSA(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=1, apply_transform=False, backend=None):
         super().__init__()
+        dim = _checks.integer("dim", dim)
+        num_heads = _checks.integer("num_heads", num_heads)
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        sr_ratio = _checks.integer("sr_ratio", sr_ratio)  # 0 or a negative ratio used to mean "no reduction"
+        _checks.probability("attn_drop", attn_drop)
+        _checks.probability("proj_drop", proj_drop)
+        if qk_scale is not None:
+            _checks.real("qk_scale", qk_scale)
+        self.dim = dim
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
@@ -54,6 +65,14 @@ class EMSA(nn.Module):
             self.transform_norm = nn.InstanceNorm2d(num_heads)
 
     def forward(self, x, H, W):
+        _checks.input_tensor("x", x, 3, "(B, N, dim)", self.dim, 2, self.q.weight)
+        for name, n in (("H", H), ("W", W)):
+            # ints; SymInts under torch.compile; 0-dim tensors while TorchScript traces (ONNX export),
+            # whose values are not compared here (that would bake them into the trace)
+            if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt, torch.Tensor)):
+                raise TypeError(f"{name} must be an int (the token map's height / width), got {type(n).__name__}")
+            if not isinstance(n, torch.Tensor) and n < 1:
+                raise ValueError(f"{name} must be >= 1, got {n}")
         B, N, C = x.shape
         if N != H * W:
             raise ValueError(f"x has {N} tokens but H*W = {H}*{W} = {H * W}")
@@ -66,7 +85,7 @@ class EMSA(nn.Module):
             x_ = self.sr_norm(self.sr(x_).flatten(2).transpose(1, 2))
         else:
             x_ = x
-        kv = self.kv(x_).view(B, -1, 2, h, d)
+        kv = self.kv(x_).view(B, x_.shape[1], 2, h, d)  # M explicit: -1 is ambiguous for B = 0
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
         mix_weight = self.transform_conv.weight if self.apply_transform else None
@@ -96,8 +115,10 @@ class PA(nn.Module):
 
     def __init__(self, dim, backend=None):
         super().__init__()
+        dim = _checks.integer("dim", dim)
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.backend = check_name(backend) if backend is not None else None
 
     def forward(self, x):
+        _checks.input_tensor("x", x, 4, "(B, dim, H, W)", self.pa_conv.in_channels, 1, self.pa_conv.weight)
         return rest_kernels.pa_gate(x, self.pa_conv.weight, self.pa_conv.bias, backend=self.backend)

@@ -23,10 +23,11 @@ def _check_tensor(name, t, ndim=None, optional=False):
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
                         f"got {_dtype_name(t.dtype)}")
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
-        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(t.shape)}")
+        ranks = str(ndim) if isinstance(ndim, int) else " or ".join(map(str, ndim))
+        raise ValueError(f"{name} must be {ranks}-dimensional, got shape {tuple(t.shape)}")
 
 
-def _check_same_device(named):
+def check_same_device(named):
     devices = {n: t.device for n, t in named if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
@@ -60,7 +61,7 @@ def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
         _check_tensor(name, t, ndim=4)
     _check_tensor("mix_weight", mix_weight, ndim=(2, 4), optional=True)
     _check_tensor("mix_bias", mix_bias, ndim=1, optional=True)
-    _check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
+    check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
     _check_same_dtype((("q", q), ("k", k), ("v", v)))
     B, h, N, d = q.shape
     if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
@@ -84,7 +85,10 @@ def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
             raise ValueError("mix_bias is given but mix_weight is None: the bias belongs to the head mix")
         if tuple(mix_bias.shape) != (h,):
             raise ValueError(f"mix_bias must have shape ({h},), got {tuple(mix_bias.shape)}")
-    scale = d ** -0.5 if scale is None else _check_number("scale", scale)
+    if scale is None:  # with d = 0 every logit is 0 whatever the scale: any finite default will do
+        scale = d ** -0.5 if d > 0 else 1.0
+    else:
+        scale = _check_number("scale", scale)
     eps = _check_number("eps", eps, positive=True)
     return mix_weight, scale, eps
 
@@ -93,9 +97,55 @@ def check_pa_args(x, weight, bias):
     _check_tensor("x", x, ndim=4)
     _check_tensor("weight", weight, ndim=4)
     _check_tensor("bias", bias, ndim=1, optional=True)
-    _check_same_device((("x", x), ("weight", weight), ("bias", bias)))
+    check_same_device((("x", x), ("weight", weight), ("bias", bias)))
     C = x.shape[1]
     if tuple(weight.shape) != (C, 1, 3, 3):
         raise ValueError(f"weight must have shape ({C}, 1, 3, 3) for x with {C} channels, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (C,):
         raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")
+
+
+def check_pa_dtypes(x, weight, bias):
+    """The depthwise conv takes one dtype, as conv2d itself requires (checked after any autocast cast)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {_dtype_name(x.dtype)}, got {_dtype_name(t.dtype)}")
+
+
+# --------------------------------------------------------------------------- the kernels' extra inputs
+# The custom ops torch.ops.rest_kernels.emsa_bwd / pa_bwd are callable directly (not only by autograd),
+# so what autograd would hand them (the gradient of the output, the saved output and statistics) is
+# checked too: a wrong shape there would otherwise make a kernel read past the end of a buffer.
+def _check_like(name, t, ref, ref_name):
+    _check_tensor(name, t, ndim=ref.dim())
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {_dtype_name(ref.dtype)}, got {_dtype_name(t.dtype)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_stat(name, t, shape, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (a statistic of emsa_fwd), got {_dtype_name(t.dtype)}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def check_emsa_backward_args(dout, q, out, lse, rsq, rstd):
+    """emsa_bwd's inputs beyond emsa_fwd's: dout and out like q, the statistics as emsa_fwd returns them."""
+    _check_like("dout", dout, q, "q")
+    _check_like("out", out, q, "q")
+    B, h, N, _ = q.shape
+    _check_stat("lse", lse, (B, h, N), q.device)
+    _check_stat("rsq", rsq, (B, h, N), q.device)
+    _check_stat("rstd", rstd, (B, h), q.device)
+
+
+def check_pa_backward_args(dout, x):
+    _check_like("dout", dout, x, "x")

@@ -17,9 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._validation import check_emsa_args, check_pa_args
+import math
+
+from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_args, check_pa_backward_args,
+                          check_pa_dtypes, check_same_device)
 from .backends.reference import emsa_reference, pa_reference
-from .backends.registry import BACKENDS, select
+from .backends.registry import check_name, select
 
 
 # --------------------------------------------------------------------------- EMSA custom ops
@@ -29,19 +32,52 @@ def _mix_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _kernel_backend(op: str, backend, tensors, unsupported):
+    """The backend a custom op was asked for, checked like a named backend of the public API.
+
+    The custom ops are public too (torch.ops.rest_kernels.*): called directly they get no validation
+    from emsa_attention / pa_gate, so each implementation checks its own arguments and its backend
+    (a concrete name, available, able to serve these inputs) before any kernel runs. The checks run
+    in the eager implementation only; torch.compile and torch.export trace the fake implementations,
+    so they add nothing to a compiled graph."""
+    check_name(backend, allow_auto=False)
+    return select(op, backend, tensors, unsupported)
+
+
+def _empty_emsa_stats(q, k, mix, eps):
+    """(lse, rsq, rstd) of a call with nothing to compute (B, h, N or d is 0). With d = 0 every logit
+    is 0, so the statistics of uniform attention are exact: lse = log M, rsq = 1/M, var = 0."""
+    B, h, N, _ = q.shape
+    M = k.shape[2]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    lse = torch.full((B, h, N), math.log(M) if M > 0 else -math.inf, **f32)
+    if not mix or M == 0:
+        return lse, torch.zeros(B, h, N, **f32), torch.zeros(B, h, **f32)
+    rstd = eps ** -0.5 if eps > 0 else math.inf
+    return lse, torch.full((B, h, N), 1.0 / M, **f32), torch.full((B, h), rstd, **f32)
+
+
 @torch.library.custom_op("rest_kernels::emsa_fwd", mutates_args=())
 def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_bias: Optional[Tensor],
              scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA forward on `backend`: (out, lse, rsq, rstd). mix_bias cannot change the result."""
+    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
+    chosen = _kernel_backend("emsa_fwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    if q.numel() == 0:  # no kernel launch for an empty problem (zero-sized grids, zero-sized buffers)
+        B, h, N, d = q.shape
+        return (q.new_empty(B, N, h, d).transpose(1, 2),) + _empty_emsa_stats(q, k, mix_weight is not None, eps)
     w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
-    out, lse, rsq, rstd = BACKENDS[backend].emsa_forward(q, k, v, w, scale, eps)
+    out, lse, rsq, rstd = chosen.emsa_forward(q, k, v, w, scale, eps)
     if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
     return out, lse.contiguous(), rsq.contiguous(), rstd.contiguous()
 
 
+# The fake implementations also serve real calls in which one tensor is on the meta device (the
+# dispatcher picks the Meta key for the whole call): a mix of devices is refused there as well.
 @emsa_fwd.register_fake
 def _emsa_fwd_fake(q, k, v, mix_weight, mix_bias, scale, eps, backend):
+    check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
     B, h, N, d = q.shape
     out = q.new_empty(B, N, h, d).transpose(1, 2)
     stats = dict(dtype=torch.float32, device=q.device)
@@ -53,8 +89,18 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
              lse: Tensor, rsq: Tensor, rstd: Tensor, scale: float, eps: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
+    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, None, scale, eps)
+    check_emsa_backward_args(dout, q, out, lse, rsq, rstd)
+    chosen = _kernel_backend("emsa_bwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    if q.numel() == 0:  # no query or no head dim: every gradient is an empty or exactly zero sum
+        dmix = (torch.zeros(mix_weight.shape, dtype=_mix_dtype(q), device=q.device) if mix_weight is not None
+                else q.new_empty(0, dtype=torch.float32))
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+        return (*zeros, dmix)
     w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
-    dq, dk, dv, dmix = BACKENDS[backend].emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
+    # the kernels index the (small) statistics as dense arrays
+    lse, rsq, rstd = lse.contiguous(), rsq.contiguous(), rstd.contiguous()
+    dq, dk, dv, dmix = chosen.emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
     if dmix is None:
         dmix = q.new_empty(0, dtype=torch.float32)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmix.contiguous()
@@ -62,6 +108,8 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
 
 @emsa_bwd.register_fake
 def _emsa_bwd_fake(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps, backend):
+    check_same_device((("dout", dout), ("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("out", out),
+                       ("lse", lse), ("rsq", rsq), ("rstd", rstd)))
     h = q.shape[1]
     dmix = q.new_empty((h, h), dtype=_mix_dtype(q)) if mix_weight is not None else q.new_empty(0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmix)
@@ -92,11 +140,17 @@ emsa_fwd.register_autograd(_emsa_backward, setup_context=_emsa_setup_context)
 @torch.library.custom_op("rest_kernels::pa_fwd", mutates_args=())
 def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     """Fused PA forward on `backend`: x * sigmoid(depthwise 3x3 conv(x))."""
-    return BACKENDS[backend].pa_forward(x, weight, bias).contiguous()
+    check_pa_args(x, weight, bias)
+    check_pa_dtypes(x, weight, bias)
+    chosen = _kernel_backend("pa_fwd", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
+    return chosen.pa_forward(x, weight, bias).contiguous()
 
 
 @pa_fwd.register_fake
 def _pa_fwd_fake(x, weight, bias, backend):
+    check_same_device((("x", x), ("weight", weight), ("bias", bias)))
     return x.new_empty(x.shape)
 
 
@@ -104,7 +158,14 @@ def _pa_fwd_fake(x, weight, bias, backend):
 def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Fused PA backward on `backend`: (dx, dweight, dbias); dbias is empty without a bias."""
-    dx, dw, db = BACKENDS[backend].pa_backward(dout, x, weight, bias)
+    check_pa_args(x, weight, bias)
+    check_pa_dtypes(x, weight, bias)
+    check_pa_backward_args(dout, x)
+    chosen = _kernel_backend("pa_bwd", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
+    if x.numel() == 0:  # no pixel: the gradients of weight and bias are empty sums
+        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), torch.zeros_like(weight),
+                torch.zeros_like(bias) if bias is not None else x.new_empty(0))
+    dx, dw, db = chosen.pa_backward(dout, x, weight, bias)
     if db is None:
         db = x.new_empty(0)
     return dx.contiguous(), dw.contiguous(), db.contiguous()
@@ -112,6 +173,7 @@ def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 @pa_bwd.register_fake
 def _pa_bwd_fake(dout, x, weight, bias, backend):
+    check_same_device((("dout", dout), ("x", x), ("weight", weight), ("bias", bias)))
     return x.new_empty(x.shape), weight.new_empty(weight.shape), (
         bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
@@ -168,10 +230,12 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
 
 
 def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
-    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
-        return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
+    # The backend is chosen even for empty inputs: a named backend that cannot serve these tensors
+    # says so whatever their size.
     chosen = select("emsa_attention", backend, (q, k, v),
                     lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
+        return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
         return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
     return emsa_fwd(q, k, v, mix_weight, mix_bias, scale, eps, chosen.name)[0]
@@ -190,14 +254,10 @@ def pa_gate(x, weight, bias=None, *, backend=None):
 
 
 def _pa_gate(x, weight, bias, backend):
-    # After any autocast cast: the depthwise conv takes one dtype, as conv2d itself requires.
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {str(x.dtype).replace('torch.', '')}, "
-                            f"got {str(t.dtype).replace('torch.', '')}")
+    check_pa_dtypes(x, weight, bias)  # after any autocast cast
+    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if x.numel() == 0:
         return x * 0
-    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if chosen.name == "reference":
         return pa_reference(x, weight, bias)
     return pa_fwd(x, weight, bias, chosen.name)

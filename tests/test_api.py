@@ -195,3 +195,74 @@ def test_torch_compile_fullgraph_no_graph_break():
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "rest_kernels", "info"], capture_output=True, text=True, check=True)
     assert "backends:" in out.stdout and "reference  available" in out.stdout
+
+
+def test_custom_op_called_first_loads_the_extension():
+    # torch.ops.rest_kernels.emsa_fwd(..., "cpu") as the first call of a process: the compiled backends
+    # are only registered once rest_kernels._C is imported, which used to happen only through the
+    # public ops (an AttributeError on torch.ops.rest_kernels_C otherwise).
+    code = ("import torch, rest_kernels\n"
+            "q = torch.randn(1, 2, 3, 4)\n"
+            "out = torch.ops.rest_kernels.emsa_fwd(q, q, q, None, None, 0.5, 1e-5, 'cpu')[0]\n"
+            "ref = rest_kernels.emsa_reference(q, q, q, None, None, 0.5)\n"
+            "torch.testing.assert_close(out, ref)\n"
+            "print('ok')\n")
+    if rest_kernels.available_backends()["cpu"] is not None:
+        pytest.skip("backend 'cpu' unavailable: " + rest_kernels.available_backends()["cpu"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("call,exc,message", [
+    (lambda q, w: torch.ops.rest_kernels.emsa_fwd(q.int(), q, q, w, None, 0.5, 1e-5, "cpu"), TypeError,
+     "q must have a floating dtype"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_fwd(q, q, q, torch.eye(3), None, 0.5, 1e-5, "reference"), ValueError,
+     "mix_weight must have shape"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_fwd(q, q, q, w, None, 0.5, float("nan"), "triton"), ValueError,
+     "eps must be finite"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_fwd(q, q, q, w, None, 0.5, 1e-5, "auto"), ValueError,
+     "backend must be one of"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_fwd(q, q, q, w, None, 0.5, 1e-5, "cuda"), BackendUnavailableError,
+     "backend 'cuda' cannot serve"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_bwd(q, q, q, q, w, q, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3),
+                                                  torch.zeros(2, 1), 0.5, 1e-5, "cpu"), ValueError,
+     r"rstd must have shape \(1, 2\)"),
+    (lambda q, w: torch.ops.rest_kernels.emsa_bwd(q[..., :2], q, q, q, w, q, torch.zeros(1, 2, 3),
+                                                  torch.zeros(1, 2, 3), torch.zeros(1, 2), 0.5, 1e-5, "triton"),
+     ValueError, "dout must have the shape of q"),
+    (lambda q, w: torch.ops.rest_kernels.pa_fwd(q, torch.randn(2, 1, 3, 3), torch.randn(3), "cuda-emu"),
+     ValueError, r"bias must have shape \(2,\)"),
+    (lambda q, w: torch.ops.rest_kernels.pa_bwd(q.double(), q, torch.randn(2, 1, 3, 3), None, "cpu"), TypeError,
+     "dout must have x's dtype"),
+])
+def test_custom_ops_check_their_arguments(call, exc, message):
+    q, w = torch.randn(1, 2, 3, 4), torch.randn(2, 2)
+    with pytest.raises(exc, match=message):
+        call(q, w)
+
+
+def test_non_string_backend_is_a_type_error():
+    q, k, v, w, b = small_inputs()
+    with pytest.raises(TypeError, match="backend must be a string"):
+        emsa_attention(q, k, v, backend=3)
+
+
+def test_head_dim_zero_and_named_backend_on_empty_inputs():
+    # d = 0: the default scale d ** -0.5 used to raise ZeroDivisionError; the result is empty
+    q = torch.randn(2, 2, 5, 0)
+    k = v = torch.randn(2, 2, 3, 0)
+    assert emsa_attention(q, k, v, torch.eye(2), backend="reference").shape == (2, 2, 5, 0)
+    # a named backend that cannot serve says so whatever the size of the inputs
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        emsa_attention(q, k, v, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot serve"):
+        pa_gate(torch.randn(0, 2, 3, 3), torch.randn(2, 1, 3, 3), backend="cuda")
+
+
+def test_custom_op_with_one_meta_tensor_names_the_devices():
+    # one meta tensor routes the whole call to the fake implementation: it checks devices too
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="one device.*v on meta"):
+        torch.ops.rest_kernels.emsa_fwd(q, q, q.to("meta"), None, None, 0.5, 1e-5, "cpu")
+    with pytest.raises(ValueError, match="one device.*bias on meta"):
+        torch.ops.rest_kernels.pa_fwd(q, torch.randn(2, 1, 3, 3), torch.randn(2, device="meta"), "cpu")

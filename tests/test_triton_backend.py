@@ -107,6 +107,32 @@ def test_pa_op(case, dtype, device):
     conformance.check_pa_op("triton", B, C, H, W, dtype, bias=bias, device=device, channels_last=channels_last)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["strided", "offset"])
+def test_pa_strided_bias_and_weight_views(view, device):
+    # The kernels index bias and the 3x3 taps as dense arrays (b_ptr + c, w_ptr + c * 9 + t): a
+    # strided bias view (every other element of a longer tensor) used to be read as if contiguous,
+    # giving wrong outputs and gradients. Views with a storage offset must work too.
+    C = 5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, C, 6, 7, generator=g).to(device).requires_grad_(True)
+    if view == "strided":
+        bias_base = torch.randn(2 * C, generator=g).to(device)
+        weight_base = torch.randn(C, 1, 3, 6, generator=g).to(device)
+        bias, weight = bias_base[::2], weight_base[..., ::2]
+    else:
+        bias = torch.randn(C + 1, generator=g).to(device)[1:]
+        weight = torch.randn(C * 9 + 1, generator=g).to(device)[1:].view(C, 1, 3, 3)
+    bias, weight = bias.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    out = rest_kernels.pa_gate(x, weight, bias, backend="triton")
+    grads = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
+    ref = rest_kernels.pa_reference(x, weight, bias)
+    ref_grads = torch.autograd.grad(ref, (x, weight, bias), torch.ones_like(ref))
+    conformance.assert_close_scaled(out, ref, 1e-5, f"pa out, {view} bias/weight")
+    for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
+        conformance.assert_close_scaled(got, want, 1e-4, f"pa grad {name}, {view} bias/weight")
+
+
 # --------------------------------------------------------------------------- custom-op plumbing
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mix", [True, False])

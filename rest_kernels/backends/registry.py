@@ -38,8 +38,10 @@ def _stack() -> list[str]:
 
 
 def check_name(name: str, allow_auto: bool = True) -> str:
-    if not isinstance(name, str) or not (name in BACKENDS or (allow_auto and name == "auto")):
-        choices = ", ".join(repr(n) for n in (["auto"] if allow_auto else []) + list(BACKENDS))
+    choices = ", ".join(repr(n) for n in (["auto"] if allow_auto else []) + list(BACKENDS))
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, one of {choices}; got {type(name).__name__} {name!r}")
+    if not (name in BACKENDS or (allow_auto and name == "auto")):
         raise ValueError(f"backend must be one of {choices}; got {name!r}")
     return name
 

@@ -119,11 +119,17 @@ def _tiles(C, H, W):
     return BC, BH, BW, triton.cdiv(C, BC), triton.cdiv(H, BH), triton.cdiv(W, BW)
 
 
+def _flat_params(weight, bias, C):
+    """weight as a contiguous (C, 9) array and bias contiguous: the kernels index both as dense
+    arrays (w_ptr + c * 9 + t, b_ptr + c), so a strided view (e.g. bias[::2]) must be copied."""
+    return weight.reshape(C, 9).contiguous(), (bias.contiguous() if bias is not None else None)
+
+
 def pa_forward(x, weight, bias):
     B, C, H, W = x.shape
     BC, BH, BW, n_cb, n_th, n_tw = _tiles(C, H, W)
     out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
-    w = weight.reshape(C, 9).contiguous()
+    w, bias = _flat_params(weight, bias, C)
     _pa_fwd_kernel[(n_th * n_tw, B * n_cb)](x, w, bias if bias is not None else w, out, *x.stride(), C, H, W,
                                             n_tw, n_cb, HAS_BIAS=bias is not None, BC=BC, BH=BH, BW=BW)
     return out
@@ -133,7 +139,7 @@ def pa_backward(dout, x, weight, bias):
     B, C, H, W = x.shape
     BC, BH, BW, n_cb, n_th, n_tw = _tiles(C, H, W)
     dx = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
-    w = weight.reshape(C, 9).contiguous()
+    w, bias = _flat_params(weight, bias, C)
     part = torch.empty(C, 10, B * n_th * n_tw, dtype=torch.float32, device=x.device)
     _pa_bwd_kernel[(n_th * n_tw, B * n_cb)](x, w, bias if bias is not None else w, dout, dx, part,
                                             *x.stride(), *dout.stride(), C, H, W, n_tw, n_cb,

@@ -1,0 +1,1 @@
+"""The hostile-call corpus, by entry point; assembled by tests/hostile_calls.py."""
