@@ -61,9 +61,12 @@ def train_step(model: ResT, x: torch.Tensor, dlogits: torch.Tensor):
     return logits, x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-def check_grad_summaries(grads, norms, sums, dtype, what):
+def check_grad_summaries(grads, norms, sums, dtype, what, pytorch_grads=None):
     """Per-parameter gradient norms and sums against the official ones. A sum is checked against
-    sqrt(numel) x the gradient norm: the most an error of relative size rtol can move it."""
+    sqrt(numel) x the gradient norm: the most an error of relative size rtol can move it.
+    pytorch_grads: the same step by the official math in the same dtype (the reference backend); where
+    given, each bound is at least twice PyTorch's own error (the flash-attention rule), since on some
+    CPUs float32 PyTorch itself misses rtol for the gradients that near-eps InstanceNorm magnifies."""
     rtol = RTOL[dtype]
     assert set(grads) == set(norms) == set(sums)
     largest = max(norms.values())
@@ -71,8 +74,12 @@ def check_grad_summaries(grads, norms, sums, dtype, what):
         assert g is not None, f"{what}: no gradient for {name}"
         scale = max(norms[name], 1e-3 * largest) if is_zero_grad_key(name) else norms[name]
         tol = (ZERO_GRAD_RTOL[dtype] if is_zero_grad_key(name) else rtol) * scale
+        tol_sum = tol * math.sqrt(g.numel())
+        if pytorch_grads is not None:
+            tol = max(tol, 2 * abs(pytorch_grads[name].norm().item() - norms[name]))
+            tol_sum = max(tol_sum, 2 * abs(pytorch_grads[name].double().sum().item() - sums[name]))
         assert abs(g.norm().item() - norms[name]) <= tol, f"{what}: grad norm of {name}"
-        assert abs(g.double().sum().item() - sums[name]) <= tol * math.sqrt(g.numel()), f"{what}: grad sum of {name}"
+        assert abs(g.double().sum().item() - sums[name]) <= tol_sum, f"{what}: grad sum of {name}"
 
 
 def check_full_grads(grads, expected, dtype, what):
@@ -195,7 +202,12 @@ def test_lite_train_mode_gradients_match_official(dtype):
     rtol = RTOL[dtype]
     assert_close_scaled(logits, case["logits_train"], rtol, "train logits")
     assert_close_scaled(grad_input, case["grad_input"], rtol, "grad_input")
-    check_grad_summaries(grads, case["grad_norms"], case["grad_sums"], dtype, f"rest_lite {dtype}")
+    pytorch_grads = None
+    if dtype != torch.float64:
+        with use_backend("reference"):
+            pytorch = official_model("rest_lite", case["seed"], dtype)
+            pytorch_grads = train_step(pytorch, ref["input"].to(dtype), case["dlogits"])[2]
+    check_grad_summaries(grads, case["grad_norms"], case["grad_sums"], dtype, f"rest_lite {dtype}", pytorch_grads)
 
 
 @pytest.mark.parametrize("size", ["224x224", "64x96"])
