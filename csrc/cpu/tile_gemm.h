@@ -5,9 +5,10 @@
 // One form serves every product of the EMSA kernels: A is read one scalar at a time (broadcast),
 // so it may be row-major (ars = lda, aks = 1) or transposed (ars = 1, aks = lda); B rows are read
 // as vectors, so ncols must be a multiple of the vector width and B, C padded to it.
-// Register blocking: 6 rows x 4 vectors = 24 accumulators (AVX-512: 384 floats), with a K loop of
-// FMAs; K is split in panels of KC so the B panel stays in L1/L2. Every C element is a sum over k
-// in increasing order, whatever rows / ncols / the tile position: results never depend on how
+// Register blocking: 6 rows x GEMM_NV vectors of accumulators with a K loop of FMAs: 6 x 4 = 24 of
+// AVX-512's 32 registers (384 floats); 6 x 2 = 12 of AVX2's 16 (+ 2 for B and 1 broadcast), since a
+// 6 x 4 block there would spill on every FMA. K is split in panels of KC so the B panel stays in
+// L1/L2. Every C element is a sum over k in increasing order, whatever rows / ncols / the tile position: results never depend on how
 // callers block the rows, which keeps the kernels bitwise deterministic.
 #pragma once
 
@@ -19,7 +20,7 @@
 namespace rest_cpu {
 
 constexpr int GEMM_MR = 6;
-constexpr int GEMM_NV = 4;
+constexpr int GEMM_NV = REST_CPU_VEC_BYTES == 64 ? 4 : 2;
 constexpr int64_t GEMM_KC = 256;
 
 template <typename T, int R, int V, bool ACC>
