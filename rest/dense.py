@@ -126,12 +126,12 @@ class _TrainableOneDnnLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        mm = torch.mm if torch.is_grad_enabled() else None
+        differentiable = torch.is_grad_enabled()  # create_graph: the products must be traced
         dx = dw = db = None
         if need_x:
-            dx = (g2 @ weight if mm else _onednn_mm(g2, weight.t())).reshape(x.shape)
+            dx = (g2 @ weight if differentiable else _onednn_mm(g2, weight.t())).reshape(x.shape)
         if need_w:
-            dw = g2.t() @ x2 if mm else _onednn_mm(g2.t(), x2.t())
+            dw = g2.t() @ x2 if differentiable else _onednn_mm(g2.t(), x2.t())
         if need_b and ctx.has_bias:
             db = g2.sum(0)
         return dx, dw, db

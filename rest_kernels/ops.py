@@ -12,12 +12,11 @@ Saved for backward by emsa_fwd: q, k, v, mix_weight, out and the row / head stat
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-import math
 
 from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_args, check_pa_backward_args,
                           check_pa_dtypes, check_same_device)
