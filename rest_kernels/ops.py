@@ -136,6 +136,16 @@ emsa_fwd.register_autograd(_emsa_backward, setup_context=_emsa_setup_context)
 
 
 # --------------------------------------------------------------------------- PA custom ops
+def _pa_layout(x: Tensor) -> torch.memory_format:
+    """Memory format of PA's results (out, dx): channels-last when x is, as for PyTorch's own conv2d
+    and pointwise ops, so a channels-last model stays channels-last through the gate (the cpu backend
+    computes such inputs in place, see csrc/cpu/pa_cpu_nhwc.cpp; other backends' results are laid out
+    afterwards). A tensor contiguous both ways (C == 1 or H = W = 1) counts as NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.custom_op("rest_kernels::pa_fwd", mutates_args=())
 def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     """Fused PA forward on `backend`: x * sigmoid(depthwise 3x3 conv(x))."""
@@ -144,13 +154,13 @@ def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> T
     chosen = _kernel_backend("pa_fwd", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
     if x.numel() == 0:
         return x.new_empty(x.shape)
-    return chosen.pa_forward(x, weight, bias).contiguous()
+    return chosen.pa_forward(x, weight, bias).contiguous(memory_format=_pa_layout(x))
 
 
 @pa_fwd.register_fake
 def _pa_fwd_fake(x, weight, bias, backend):
     check_same_device((("x", x), ("weight", weight), ("bias", bias)))
-    return x.new_empty(x.shape)
+    return x.new_empty(x.shape).contiguous(memory_format=_pa_layout(x))
 
 
 @torch.library.custom_op("rest_kernels::pa_bwd", mutates_args=())
@@ -167,13 +177,13 @@ def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     dx, dw, db = chosen.pa_backward(dout, x, weight, bias)
     if db is None:
         db = x.new_empty(0)
-    return dx.contiguous(), dw.contiguous(), db.contiguous()
+    return dx.contiguous(memory_format=_pa_layout(x)), dw.contiguous(), db.contiguous()
 
 
 @pa_bwd.register_fake
 def _pa_bwd_fake(dout, x, weight, bias, backend):
     check_same_device((("dout", dout), ("x", x), ("weight", weight), ("bias", bias)))
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), (
+    return x.new_empty(x.shape).contiguous(memory_format=_pa_layout(x)), weight.new_empty(weight.shape), (
         bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 

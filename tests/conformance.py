@@ -237,8 +237,10 @@ def opcheck_emsa(backend, dtype=torch.float32, device="cpu", mix=True, N=5, M=3)
                            scale, 1e-5, backend))
 
 
-def opcheck_pa(backend, dtype=torch.float32, device="cpu", bias=True):
-    x = torch.randn(2, 3, 5, 7, dtype=dtype, device=device, requires_grad=True)
+def opcheck_pa(backend, dtype=torch.float32, device="cpu", bias=True, channels_last=False):
+    # channels_last: the fake implementations must promise the real results' strides (channels-last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 5, 7, dtype=dtype, device=device).contiguous(memory_format=fmt).requires_grad_(True)
     w = torch.randn(3, 1, 3, 3, dtype=dtype, device=device, requires_grad=True)
     b = torch.randn(3, dtype=dtype, device=device, requires_grad=True) if bias else None
     torch.library.opcheck(torch.ops.rest_kernels.pa_fwd.default, (x, w, b, backend))
@@ -252,8 +254,9 @@ def gradcheck_emsa(backend, mix=True, device="cpu", B=1, h=2, N=4, M=3, d=3):
     assert torch.autograd.gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def gradcheck_pa(backend, device="cpu"):
-    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+def gradcheck_pa(backend, device="cpu", channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, device=device).contiguous(memory_format=fmt).requires_grad_(True)
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: rest_kernels.pa_gate(x, w, b, backend=backend), (x, w, b))
@@ -277,7 +280,11 @@ def check_pa_op(backend, B, C, H, W, dtype, bias=True, device="cpu", channels_la
     oracle = run(torch.float64, "reference")
     got = run(dtype, backend)
     names = ["out", "dx", "dweight", "dbias"]
-    tag = f"{backend} B{B} C{C} H{H} W{W} {dtype} bias={bias}"
+    tag = f"{backend} B{B} C{C} H{H} W{W} {dtype} bias={bias} channels_last={channels_last}"
+    # out and dx keep x's layout (channels-last in, channels-last out), as PyTorch's own ops do
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for name, t in zip(names[:2], got[:2]):
+        assert t.is_contiguous(memory_format=fmt), f"{name} [{tag}]: not {fmt}, strides {t.stride()}"
     if dtype in RTOL:
         for name, a, e in zip(names, got, oracle):
             assert_close_scaled(a, e, RTOL[dtype], f"{name} [{tag}]")

@@ -93,7 +93,9 @@ def test_emsa_stats(mix, dtype):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pa_op(dtype, bias, channels_last):
-    for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 17, 33)]:
+    # (1, 70, 10, 130): channels-last inputs are split into 4-row tasks there (csrc/cpu/pa_cpu_nhwc.cpp),
+    # so task boundaries and their halo rows are crossed; C = 13 and 70 leave a vector tail.
+    for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 17, 33), (2, 13, 1, 6), (1, 70, 10, 130)]:
         conformance.check_pa_op("cpu", *shape, dtype, bias=bias, channels_last=channels_last)
 
 
@@ -105,8 +107,9 @@ def test_opcheck_emsa(mix):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_pa(bias):
-    conformance.opcheck_pa("cpu", bias=bias)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_pa(bias, channels_last):
+    conformance.opcheck_pa("cpu", bias=bias, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("mix", [True, False])
@@ -115,8 +118,9 @@ def test_gradcheck_emsa(mix):
     conformance.gradcheck_emsa("cpu", mix=mix, B=2, h=3, N=7, M=5, d=2)
 
 
-def test_gradcheck_pa():
-    conformance.gradcheck_pa("cpu")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_pa(channels_last):
+    conformance.gradcheck_pa("cpu", channels_last=channels_last)
 
 
 def _emsa_run(mix):
@@ -126,11 +130,17 @@ def _emsa_run(mix):
     return (out,) + torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
 
 
-def _pa_run():
+def _pa_run(channels_last=False):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 8, 13, 11, generator=g).requires_grad_(True)
-    w = torch.randn(8, 1, 3, 3, generator=g).requires_grad_(True)
-    b = torch.randn(8, generator=g).requires_grad_(True)
+    if channels_last:  # several row tasks per image (csrc/cpu/pa_cpu_nhwc.cpp), their partials reduced
+        x = torch.randn(2, 70, 13, 130, generator=g).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        C = 70
+    else:
+        x = torch.randn(2, 8, 13, 11, generator=g).requires_grad_(True)
+        C = 8
+    w = torch.randn(C, 1, 3, 3, generator=g).requires_grad_(True)
+    b = torch.randn(C, generator=g).requires_grad_(True)
     out = rest_kernels.pa_gate(x, w, b, backend="cpu")
     return (out,) + torch.autograd.grad(out, (x, w, b), torch.randn(out.shape, generator=g))
 
@@ -141,7 +151,7 @@ def test_thread_count_bitwise_identical():
         results = {}
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results[n] = [_emsa_run(True), _emsa_run(False), _pa_run()]
+            results[n] = [_emsa_run(True), _emsa_run(False), _pa_run(), _pa_run(channels_last=True)]
     finally:
         torch.set_num_threads(threads)
     for n in (2, 3):

@@ -7,8 +7,8 @@
 // planes; the conv, the sigmoid (vectorised exp) and the product happen in one pass. The backward recomputes the gate for the plane, forms dz = dout * x * s (1 - s) into a
 // bordered buffer and gives dx = dout * s + (3x3 correlation of dz with the flipped taps); dweight
 // and dbias are summed per plane (in double) and then over the batch in batch order for each channel:
-// deterministic whatever the thread count. Inputs of any layout (channels_last included) are made
-// NCHW-contiguous once.
+// deterministic whatever the thread count. Channels-last inputs go to pa_cpu_nhwc.cpp (results stay
+// channels-last); inputs of any other layout are made NCHW-contiguous once.
 #include "op_checks.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,25 +16,12 @@
 
 #include <vector>
 
+#include "pa_common.h"
 #include "parallel.h"
 #include "simd.h"
 
 namespace rest_cpu {
 namespace {
-
-// s[x] = sigmoid(z[x]) for n values.
-template <typename T>
-inline void sigmoid_row(const T* z, T* s, int64_t n) {
-  constexpr int Wd = Simd<T>::W;
-  int64_t x = 0;
-  for (; x + Wd <= n; x += Wd) vstore(s + x, T(1) / (vexp(-vload(z + x)) + T(1)));
-  if (x < n) {  // the tail as one zero-padded vector
-    T t[Wd] = {};
-    std::copy(z + x, z + n, t);
-    vstore(t, T(1) / (vexp(-vload(t)) + T(1)));
-    std::copy(t, t + (n - x), s + x);
-  }
-}
 
 // sum_i a[i] * b[i] with fixed vector lanes (deterministic, vectorised).
 template <typename T>
@@ -212,24 +199,58 @@ void check_cpu_dtype(const at::Tensor& x) {
               "pa (cpu backend): float32, float64, bfloat16 or float16, got ", x.scalar_type());
 }
 
+// Channels-last inputs (and only those: a tensor that is both, C == 1 or H = W = 1, is NCHW) take the
+// NHWC kernels of pa_cpu_nhwc.cpp and get channels-last results.
+bool channels_last_only(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The NHWC kernels' weight and bias: (9, C) tap-major and (C), contiguous in T.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> nhwc_params(const at::Tensor& x, const at::Tensor& weight,
+                                              const c10::optional<at::Tensor>& bias) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const int64_t C = x.size(1);
+  at::Tensor w9c = weight.to(st).reshape({C, 9}).t().contiguous();
+  at::Tensor b = bias.has_value() ? bias->to(st).contiguous() : at::zeros({C}, x.options().dtype(st));
+  return {w9c, b};
+}
+
+template <typename T>
+at::Tensor pa_fwd_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (!channels_last_only(x)) return pa_fwd_impl<T>(x, weight, bias);
+  auto [w9c, b] = nhwc_params<T>(x, weight, bias);
+  return pa_fwd_nhwc<T>(x, w9c, b);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_any(const at::Tensor& dout, const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          const c10::optional<at::Tensor>& bias) {
+  if (!channels_last_only(x)) return pa_bwd_impl<T>(dout, x, weight, bias);
+  auto [w9c, b] = nhwc_params<T>(x, weight, bias);
+  auto [dx, dw, db] = pa_bwd_nhwc<T>(dout, x, w9c, b);
+  return {dx, dw.to(weight.scalar_type()), db.to(bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
+}
+
 at::Tensor pa_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_cpu_dtype(x);
-  if (x.scalar_type() == at::kDouble) return pa_fwd_impl<double>(x, weight, bias);
+  if (x.scalar_type() == at::kDouble) return pa_fwd_any<double>(x, weight, bias);
   if (x.scalar_type() != at::kFloat)  // bfloat16 / float16: in float32, rounded once at the end
-    return pa_fwd_impl<float>(x.to(at::kFloat), weight, bias).to(x.scalar_type());
-  return pa_fwd_impl<float>(x, weight, bias);
+    return pa_fwd_any<float>(x.to(at::kFloat), weight, bias).to(x.scalar_type());
+  return pa_fwd_any<float>(x, weight, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_cpu(const at::Tensor& dout, const at::Tensor& x,
                                                           const at::Tensor& weight,
                                                           const c10::optional<at::Tensor>& bias) {
   check_cpu_dtype(x);
-  if (x.scalar_type() == at::kDouble) return pa_bwd_impl<double>(dout, x, weight, bias);
+  if (x.scalar_type() == at::kDouble) return pa_bwd_any<double>(dout, x, weight, bias);
   if (x.scalar_type() != at::kFloat) {  // bfloat16 / float16: in float32, rounded once at the end
-    auto r = pa_bwd_impl<float>(dout.to(at::kFloat), x.to(at::kFloat), weight, bias);
+    auto r = pa_bwd_any<float>(dout.to(at::kFloat), x.to(at::kFloat), weight, bias);
     return {std::get<0>(r).to(x.scalar_type()), std::get<1>(r), std::get<2>(r)};
   }
-  return pa_bwd_impl<float>(dout, x, weight, bias);
+  return pa_bwd_any<float>(dout, x, weight, bias);
 }
 
 }  // namespace
