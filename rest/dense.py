@@ -68,14 +68,15 @@ def _probe() -> str | None:
     return None
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether torch.compile, torch.export, ONNX export or TorchScript is tracing the caller."""
     return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
             or torch.jit.is_scripting())
 
 
 def uses_onednn(x: torch.Tensor, layer: nn.Linear, backend: str | None) -> bool:
     """Whether `layer(x)` takes the oneDNN path (see the module docstring for the rule)."""
-    if _tracing():
+    if tracing():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
         return False

@@ -21,6 +21,7 @@ from . import _checks
 from .checkpoint import load_checkpoint
 from .dense import Linear
 from .layers import BasicStem, Block, PatchEmbed
+from .layout import channels_last_wanted
 from .modules import EMSA, PA
 
 __all__ = ["ResT", "rest_lite", "rest_small", "rest_base", "rest_large"]
@@ -140,11 +141,19 @@ class ResT(nn.Module):
                                  "cannot train (one value per channel); use a batch of at least 2, a larger "
                                  "input, or model.eval()")
 
+    def _prepare_input(self, x):
+        """The checked images, channels-last where rest/layout.py's rule says so (every map then stays
+        channels-last through the model)."""
+        self._check_input(x)
+        if channels_last_wanted(x, self.backend):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     # ------------------------------------------------------------------ forward
     def forward_stages(self, x) -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Tokens of each stage as its last block leaves them: four (tokens (B, H_i*W_i, C_i),
         (H_i, W_i)) pairs. Stage 4 is before the final norm (as the official blocks output it)."""
-        self._check_input(x)
+        x = self._prepare_input(x)
         out = []
         m = self.stem(x)
         for embed, stage in zip(self._embeds(), self._stages()):

@@ -86,7 +86,7 @@ class TimmResT(ResT):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
         take, max_index = feature_take_indices(4, indices)
         last = max_index if (stop_early or intermediates_only) else 3
-        self._check_input(x)
+        x = self._prepare_input(x)
         maps = []
         m = self.stem(x)
         for i in range(last + 1):

@@ -29,12 +29,15 @@ RTOL32 = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def _plain_linear_layers(monkeypatch):
+def _plain_linear_layers_and_layout(monkeypatch):
     # Eager float32 linear layers run on oneDNN (rest/dense.py) while a traced model sees plain
     # F.linear: two GEMMs whose rounding differs, which 20+ blocks of near-eps InstanceNorm magnify
     # past RTOL32. Pin eager to F.linear so that eager vs compiled is kernel for kernel here;
     # tests/test_dense.py checks the oneDNN layers themselves.
     monkeypatch.setenv("REST_KERNELS_ONEDNN_LINEAR", "0")
+    # Likewise the convolutions: eager float32 CPU models run them channels-last (rest/layout.py),
+    # traced ones on the official NCHW maps.
+    monkeypatch.setenv("REST_KERNELS_CHANNELS_LAST", "0")
 
 
 def model_of(variant, dtype=torch.float32, seed=1):
