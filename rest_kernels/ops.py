@@ -251,7 +251,8 @@ def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
 
 
 def pa_gate(x, weight, bias=None, *, backend=None):
-    """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W)."""
+    """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W). The result
+    (and the gradient of x) has x's memory format: channels-last for a channels-last x."""
     check_pa_args(x, weight, bias)
     amp = _autocast_dtype(x)
     if amp is not None:
