@@ -4,10 +4,11 @@
 // that made its input NCHW would pay two full copies of the map and hand the next layer the slow
 // layout.
 //
-// Channels are innermost, so every loop vectorises over C: for one pixel, z = bias + sum over its
-// valid 3x3 neighbours of w[tap] * x[neighbour] (taps outside the image are skipped, the same as
-// multiplying by the zero padding), then s = sigmoid(z) and out = x * s. The weight is tap-major
-// (9, C) so that a tap's C weights are contiguous.
+// Channels are innermost, so every loop vectorises over C: for one vector of channels at a time, a
+// row's gate logits z = bias + sum over the valid 3x3 neighbours of w[tap] * x[neighbour] (taps
+// outside the image are skipped, the same as multiplying by the zero padding) with that vector's 9
+// weights held in registers, then s = sigmoid(z) and out = x * s over the row. The weight is
+// tap-major (9, C) so that a tap's C weights are contiguous.
 //
 // Tasks are blocks of rows of one image, their size fixed by the shape (never by the thread count).
 // The backward recomputes the gate: a task forms dz = dout * x * s (1 - s) for its rows plus one halo
@@ -26,6 +27,15 @@
 namespace rest_cpu {
 namespace {
 
+// Pixels per block of a row: the loops run one vector of channels at a time over a block, so the block's
+// 3 rows x kPixelBlock pixels x C channels stay in L1/L2 while every channel vector passes over them.
+constexpr int64_t kPixelBlock = 16;
+
+template <typename T>
+inline T load1(const T* p) { return *p; }
+template <typename T>
+inline void store1(T* p, T v) { *p = v; }
+
 // Rows per task: at least ~32K values of work, at least 4 rows so that the backward's two halo rows
 // are a modest overhead; a function of the shape only.
 inline int64_t rows_per_task(int64_t H, int64_t W, int64_t C) {
@@ -33,57 +43,94 @@ inline int64_t rows_per_task(int64_t H, int64_t W, int64_t C) {
   return std::min<int64_t>(std::max<int64_t>(1, H), std::max<int64_t>(4, (32768 + row - 1) / row));
 }
 
-// The valid 3x3 neighbours of pixel (y, u): for each, the tap index t = (dy + 1) * 3 + (dx + 1) and
-// the pixel offset dy * W + dx. Returns how many (9 inside the image, fewer on its border).
-inline int neighbours(int64_t y, int64_t u, int64_t H, int64_t W, int* tap, int64_t* off) {
-  int n = 0;
-  for (int dy = -1; dy <= 1; ++dy) {
-    if (y + dy < 0 || y + dy >= H) continue;
-    for (int dx = -1; dx <= 1; ++dx) {
-      if (u + dx < 0 || u + dx >= W) continue;
-      tap[n] = (dy + 1) * 3 + (dx + 1);
-      off[n] = dy * W + dx;
-      ++n;
+// The gate logits of one vector of channels [c, c + L) (L = V's lanes: a SIMD vector, or 1 for the
+// channel tail) along row y: z[u] = bias + sum over the valid taps, in tap order, of w[tap] *
+// x[neighbour]. rows[dy] is image row y + dy - 1, or null outside the image. The 9 weights and the bias
+// stay in registers for the whole row; taps outside the image are skipped (the zero padding).
+template <typename T, typename V, typename Load, typename Store>
+inline void gate_logits_along_row(const T* const rows[3], const T* w9c, const T* bias, int64_t c, int64_t u0,
+                                  int64_t u1, int64_t W, int64_t C, T* z, Load load, Store store) {
+  V w[9];
+  for (int t = 0; t < 9; ++t) w[t] = load(w9c + t * C + c);
+  const V b = load(bias + c);
+  for (int64_t u = u0; u < u1; ++u) {
+    V acc = b;
+    for (int dy = 0; dy < 3; ++dy) {
+      if (rows[dy] == nullptr) continue;
+      const T* p = rows[dy] + u * C + c;
+      if (u > 0) acc += w[dy * 3] * load(p - C);
+      acc += w[dy * 3 + 1] * load(p);
+      if (u + 1 < W) acc += w[dy * 3 + 2] * load(p + C);
     }
-  }
-  return n;
-}
-
-// z[c] = bias[c] + sum_k w9c[tap[k]][c] * px[off[k] * C + c] over the n valid taps, in tap order,
-// for the C channels of one pixel (px points at the pixel itself).
-template <typename T>
-inline void gate_logits(const T* px, const T* w9c, const T* bias, const int* tap, const int64_t* off, int n,
-                        int64_t C, T* z) {
-  constexpr int Wd = Simd<T>::W;
-  const T* xs[9];
-  const T* ws[9];
-  for (int k = 0; k < n; ++k) {
-    xs[k] = px + off[k] * C;
-    ws[k] = w9c + tap[k] * C;
-  }
-  int64_t c = 0;
-  for (; c + Wd <= C; c += Wd) {
-    vec_t<T> acc = vload(bias + c);
-    for (int k = 0; k < n; ++k) acc += vload(ws[k] + c) * vload(xs[k] + c);
-    vstore(z + c, acc);
-  }
-  for (; c < C; ++c) {
-    T acc = bias[c];
-    for (int k = 0; k < n; ++k) acc += ws[k][c] * xs[k][c];
-    z[c] = acc;
+    store(z + u * C + c, acc);
   }
 }
 
 // s = sigmoid(gate logits) for the W pixels of row y of one image (x0 = that image's first value).
 template <typename T>
 inline void gate_row(const T* x0, const T* w9c, const T* bias, int64_t y, int64_t H, int64_t W, int64_t C, T* s) {
-  int tap[9];
-  int64_t off[9];
-  for (int64_t u = 0; u < W; ++u) {
-    const int n = neighbours(y, u, H, W, tap, off);
-    gate_logits(x0 + (y * W + u) * C, w9c, bias, tap, off, n, C, s + u * C);
+  constexpr int Wd = Simd<T>::W;
+  const T* rows[3];
+  for (int dy = 0; dy < 3; ++dy) rows[dy] = (y + dy - 1 >= 0 && y + dy - 1 < H) ? x0 + (y + dy - 1) * W * C : nullptr;
+  for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
+    const int64_t u1 = std::min(W, u0 + kPixelBlock);
+    int64_t c = 0;
+    for (; c + Wd <= C; c += Wd)
+      gate_logits_along_row<T, vec_t<T>>(rows, w9c, bias, c, u0, u1, W, C, s, vload<T>, vstore<T>);
+    for (; c < C; ++c) gate_logits_along_row<T, T>(rows, w9c, bias, c, u0, u1, W, C, s, load1<T>, store1<T>);
   }
   sigmoid_row(s, s, W * C);
+}
+
+// dx along row y for channels [c, c + L): dx = dout * s + sum_t w[t] dz[(y, u) - off_t], t ascending
+// (the NCHW kernel's order). Tap t = 3 r + j (dy = r - 1, dx = j - 1) reads dz at row y + 1 - r
+// (dzrows[r], null outside the image) and column u + 1 - j.
+template <typename T, typename V, typename Load, typename Store>
+inline void dx_along_row(const T* const dzrows[3], const T* w9c, const T* g, const T* s, int64_t c, int64_t u0,
+                         int64_t u1, int64_t W, int64_t C, T* out, Load load, Store store) {
+  V w[9];
+  for (int t = 0; t < 9; ++t) w[t] = load(w9c + t * C + c);
+  for (int64_t u = u0; u < u1; ++u) {
+    V acc = V{};
+    for (int r = 0; r < 3; ++r) {
+      if (dzrows[r] == nullptr) continue;
+      const T* p = dzrows[r] + u * C + c;
+      if (u + 1 < W) acc += w[r * 3] * load(p + C);
+      acc += w[r * 3 + 1] * load(p);
+      if (u > 0) acc += w[r * 3 + 2] * load(p - C);
+    }
+    store(out + u * C + c, load(g + u * C + c) * load(s + u * C + c) + acc);
+  }
+}
+
+// Adds to acc, for channels [c, c + L), the sums over rows [y0, y1) and columns [u0, u1) of one
+// image: acc[t] += sum_p dz[p] x[p + off_t] (dweight, taps outside the image skipped) and acc[9] +=
+// sum_p dz[p] (dbias), pixels in row-major order; dz_own holds dz of rows y0.. contiguously. The 10
+// sums stay in registers over the block.
+template <typename T, typename V, typename Load, typename Store>
+inline void dweight_along_rows(const T* x0, const T* dz_own, int64_t y0, int64_t y1, int64_t u0, int64_t u1, int64_t H,
+                               int64_t W, int64_t C, int64_t c, T* acc, Load load, Store store) {
+  V a[9];
+  for (int t = 0; t < 9; ++t) a[t] = load(acc + t * C + c);
+  V db = load(acc + 9 * C + c);
+  for (int64_t y = y0; y < y1; ++y) {
+    const T* rows[3];
+    for (int r = 0; r < 3; ++r) rows[r] = (y + r - 1 >= 0 && y + r - 1 < H) ? x0 + (y + r - 1) * W * C : nullptr;
+    const T* drow = dz_own + (y - y0) * W * C;
+    for (int64_t u = u0; u < u1; ++u) {
+      const V d = load(drow + u * C + c);
+      for (int r = 0; r < 3; ++r) {
+        if (rows[r] == nullptr) continue;
+        const T* p = rows[r] + u * C + c;
+        if (u > 0) a[r * 3] += d * load(p - C);
+        a[r * 3 + 1] += d * load(p);
+        if (u + 1 < W) a[r * 3 + 2] += d * load(p + C);
+      }
+      db += d;
+    }
+  }
+  for (int t = 0; t < 9; ++t) store(acc + t * C + c, a[t]);
+  store(acc + 9 * C + c, db);
 }
 
 }  // namespace
@@ -149,43 +196,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc(const at::Tensor& dou
       T* d = dz + (y - ya) * rowlen;
       for (int64_t i = 0; i < rowlen; ++i) d[i] = gr[i] * xr[i] * s[i] * (T(1) - s[i]);
     }
-    // dweight / dbias over the task's own rows; dx for them.
+    // dweight / dbias over the task's own rows, then dx for them, one vector of channels at a time.
     T* acc = buf.acc.data();
+    const T* dz_own = dz + (y0 - ya) * rowlen;
     std::fill(acc, acc + 10 * C, T(0));
-    int tap[9];
-    int64_t off[9];
+    for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
+      const int64_t u1 = std::min(W, u0 + kPixelBlock);
+      int64_t c = 0;
+      for (; c + Wd <= C; c += Wd)
+        dweight_along_rows<T, vec_t<T>>(x0, dz_own, y0, y1, u0, u1, H, W, C, c, acc, vload<T>, vstore<T>);
+      for (; c < C; ++c) dweight_along_rows<T, T>(x0, dz_own, y0, y1, u0, u1, H, W, C, c, acc, load1<T>, store1<T>);
+    }
     for (int64_t y = y0; y < y1; ++y) {
+      const T* dzrows[3];  // dz rows y + 1, y, y - 1 (see dx_along_row), null outside the image
+      for (int r = 0; r < 3; ++r) {
+        const int64_t yy = y + 1 - r;
+        dzrows[r] = (yy >= 0 && yy < H) ? dz + (yy - ya) * rowlen : nullptr;
+      }
       const T* s = buf.s.data() + (y - y0) * rowlen;
       const T* gr = g0 + y * rowlen;
-      for (int64_t u = 0; u < W; ++u) {
-        const int n = neighbours(y, u, H, W, tap, off);
-        const int64_t p = y * W + u;                 // pixel index in the image
-        const T* dzp = dz + (p - ya * W) * C;        // dz at this pixel
-        const T* xpx = x0 + p * C;
-        T* o = dxp + (bb * H * W + p) * C;
-        const T* sp = s + u * C;
-        const T* gpx = gr + u * C;
+      T* o = dxp + (bb * H + y) * rowlen;
+      for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
+        const int64_t u1 = std::min(W, u0 + kPixelBlock);
         int64_t c = 0;
-        for (; c + Wd <= C; c += Wd) {
-          const vec_t<T> d = vload(dzp + c);
-          vec_t<T> sum = vset<T>(T(0));
-          for (int k = 0; k < n; ++k) {
-            const int t = tap[k];
-            vstore(acc + t * C + c, vload(acc + t * C + c) + d * vload(xpx + off[k] * C + c));
-          }
-          // dx at p gathers w[t] dz[p - off_t]; p - off_t is the valid neighbour p + off[k] with
-          // t = 8 - tap[k] (offsets are symmetric). Reverse order: t ascending, as in the NCHW kernel.
-          for (int k = n - 1; k >= 0; --k) sum += vload(wp + (8 - tap[k]) * C + c) * vload(dzp + off[k] * C + c);
-          vstore(acc + 9 * C + c, vload(acc + 9 * C + c) + d);
-          vstore(o + c, vload(gpx + c) * vload(sp + c) + sum);
-        }
-        for (; c < C; ++c) {
-          T sum = T(0);
-          for (int k = 0; k < n; ++k) acc[tap[k] * C + c] += dzp[c] * xpx[off[k] * C + c];
-          for (int k = n - 1; k >= 0; --k) sum += wp[(8 - tap[k]) * C + c] * dzp[off[k] * C + c];
-          acc[9 * C + c] += dzp[c];
-          o[c] = gpx[c] * sp[c] + sum;
-        }
+        for (; c + Wd <= C; c += Wd)
+          dx_along_row<T, vec_t<T>>(dzrows, wp, gr, s, c, u0, u1, W, C, o, vload<T>, vstore<T>);
+        for (; c < C; ++c) dx_along_row<T, T>(dzrows, wp, gr, s, c, u0, u1, W, C, o, load1<T>, store1<T>);
       }
     }
     double* pp = part.data() + task * 10 * C;
