@@ -89,11 +89,12 @@ def _emsa_big(B, h, N, M, d, mix):
     return "ok"
 
 
-def _pa_big(B, C, H, W):
-    """Child process: one PA forward over more than 2**31 elements, batches checked."""
+def _pa_big(B, C, H, W, channels_last=False):
+    """Child process: one PA forward over more than 2**31 elements, batches checked. channels_last:
+    the channels-last kernel (csrc/cpu/pa_cpu_nhwc.cpp), whose offsets are rows of W x C values."""
     import rest_kernels
     g = torch.Generator().manual_seed(0)
-    x = torch.empty(B, C, H, W)
+    x = torch.empty(B, C, H, W, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     picked = [0, B // 2, B - 2, B - 1]
     for b in picked:
         x[b] = torch.randn(C, H, W, generator=g)
@@ -137,12 +138,13 @@ def test_emsa_forward_past_2_31_elements(backend, mix=True):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["cpu"] + SLOW_EMULATORS)
-def test_pa_forward_past_2_31_elements(backend):
+def test_pa_forward_past_2_31_elements(backend, channels_last):
     require_backend(backend)
     s = PA_SHAPE
     _require_memory(_needed_bytes(s["B"] * s["C"] * s["H"] * s["W"], extra=0))
-    _run(_pa_big, s["B"], s["C"], s["H"], s["W"])
+    _run(_pa_big, s["B"], s["C"], s["H"], s["W"], channels_last)
 
 
 def test_offsets_of_the_shapes_pass_2_31():
