@@ -160,7 +160,7 @@ def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> T
 @pa_fwd.register_fake
 def _pa_fwd_fake(x, weight, bias, backend):
     check_same_device((("x", x), ("weight", weight), ("bias", bias)))
-    return x.new_empty(x.shape).contiguous(memory_format=_pa_layout(x))
+    return torch.empty_like(x, memory_format=_pa_layout(x))
 
 
 @torch.library.custom_op("rest_kernels::pa_bwd", mutates_args=())
@@ -183,7 +183,7 @@ def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
 @pa_bwd.register_fake
 def _pa_bwd_fake(dout, x, weight, bias, backend):
     check_same_device((("dout", dout), ("x", x), ("weight", weight), ("bias", bias)))
-    return x.new_empty(x.shape).contiguous(memory_format=_pa_layout(x)), weight.new_empty(weight.shape), (
+    return torch.empty_like(x, memory_format=_pa_layout(x)), weight.new_empty(weight.shape), (
         bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 

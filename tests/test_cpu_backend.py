@@ -1,7 +1,8 @@
 """The `cpu` backend (fused C++ kernels of csrc/cpu) against the reference and the official cases.
 
-Executes csrc/cpu/emsa_cpu.cpp and csrc/cpu/pa_cpu.cpp, with their helpers csrc/cpu/simd.h,
-csrc/cpu/tile_gemm.h and csrc/cpu/parallel.h, through torch.ops.rest_kernels_C.
+Executes csrc/cpu/emsa_cpu.cpp, csrc/cpu/pa_cpu.cpp and (channels-last inputs) csrc/cpu/pa_cpu_nhwc.cpp,
+with their helpers csrc/cpu/simd.h, csrc/cpu/tile_gemm.h, csrc/cpu/parallel.h and csrc/cpu/pa_common.h,
+through torch.ops.rest_kernels_C.
 """
 import pytest
 import torch

@@ -1,6 +1,6 @@
 // PA forward and backward on channels-last (NHWC) tensors, for the cpu backend (dispatched from
 // pa_cpu.cpp). Why a second layout: the ResT models run their convolutions channels-last on the CPU
-// (oneDNN's direct convolutions are 1.3-7x faster than on NCHW, see rest/models.py), and a PA
+// (oneDNN's direct convolutions are 1.3-7x faster than on NCHW, see rest/layout.py), and a PA
 // that made its input NCHW would pay two full copies of the map and hand the next layer the slow
 // layout.
 //
@@ -31,10 +31,30 @@ namespace {
 // 3 rows x kPixelBlock pixels x C channels stay in L1/L2 while every channel vector passes over them.
 constexpr int64_t kPixelBlock = 16;
 
+// Row yy of an image (x0 = its first value, rows of W x C values), or null outside the image.
 template <typename T>
-inline T load1(const T* p) { return *p; }
-template <typename T>
-inline void store1(T* p, T v) { *p = v; }
+inline const T* row_or_null(const T* x0, int64_t yy, int64_t H, int64_t rowlen) {
+  return (yy >= 0 && yy < H) ? x0 + yy * rowlen : nullptr;
+}
+
+// Calls f(V{}, c, u0, u1, load, store) for every block [u0, u1) of kPixelBlock pixels of a row of W
+// and, within it, every vector of channels at c (V = vec_t<T>, vload, vstore), then every channel of
+// the tail (V = T, scalar load and store): the loop order of all the kernels below.
+template <typename T, typename F>
+inline void for_each_block(int64_t W, int64_t C, F f) {
+  constexpr int Wd = Simd<T>::W;
+  // lambdas rather than function pointers: each is its own type, so the calls always inline
+  const auto vec_load = [](const T* p) { return vload<T>(p); };
+  const auto vec_store = [](T* p, vec_t<T> v) { vstore<T>(p, v); };
+  const auto load = [](const T* p) { return *p; };
+  const auto store = [](T* p, T v) { *p = v; };
+  for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
+    const int64_t u1 = std::min(W, u0 + kPixelBlock);
+    int64_t c = 0;
+    for (; c + Wd <= C; c += Wd) f(vec_t<T>{}, c, u0, u1, vec_load, vec_store);
+    for (; c < C; ++c) f(T{}, c, u0, u1, load, store);
+  }
+}
 
 // Rows per task: at least ~32K values of work, at least 4 rows so that the backward's two halo rows
 // are a modest overhead; a function of the shape only.
@@ -69,16 +89,11 @@ inline void gate_logits_along_row(const T* const rows[3], const T* w9c, const T*
 // s = sigmoid(gate logits) for the W pixels of row y of one image (x0 = that image's first value).
 template <typename T>
 inline void gate_row(const T* x0, const T* w9c, const T* bias, int64_t y, int64_t H, int64_t W, int64_t C, T* s) {
-  constexpr int Wd = Simd<T>::W;
   const T* rows[3];
-  for (int dy = 0; dy < 3; ++dy) rows[dy] = (y + dy - 1 >= 0 && y + dy - 1 < H) ? x0 + (y + dy - 1) * W * C : nullptr;
-  for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
-    const int64_t u1 = std::min(W, u0 + kPixelBlock);
-    int64_t c = 0;
-    for (; c + Wd <= C; c += Wd)
-      gate_logits_along_row<T, vec_t<T>>(rows, w9c, bias, c, u0, u1, W, C, s, vload<T>, vstore<T>);
-    for (; c < C; ++c) gate_logits_along_row<T, T>(rows, w9c, bias, c, u0, u1, W, C, s, load1<T>, store1<T>);
-  }
+  for (int dy = 0; dy < 3; ++dy) rows[dy] = row_or_null(x0, y + dy - 1, H, W * C);
+  for_each_block<T>(W, C, [&](auto v, int64_t c, int64_t u0, int64_t u1, auto load, auto store) {
+    gate_logits_along_row<T, decltype(v)>(rows, w9c, bias, c, u0, u1, W, C, s, load, store);
+  });
   sigmoid_row(s, s, W * C);
 }
 
@@ -115,7 +130,7 @@ inline void dweight_along_rows(const T* x0, const T* dz_own, int64_t y0, int64_t
   V db = load(acc + 9 * C + c);
   for (int64_t y = y0; y < y1; ++y) {
     const T* rows[3];
-    for (int r = 0; r < 3; ++r) rows[r] = (y + r - 1 >= 0 && y + r - 1 < H) ? x0 + (y + r - 1) * W * C : nullptr;
+    for (int r = 0; r < 3; ++r) rows[r] = row_or_null(x0, y + r - 1, H, W * C);
     const T* drow = dz_own + (y - y0) * W * C;
     for (int64_t u = u0; u < u1; ++u) {
       const V d = load(drow + u * C + c);
@@ -180,7 +195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc(const at::Tensor& dou
     return Buffers{std::vector<T>(R * rowlen), std::vector<T>((R + 2) * rowlen), std::vector<T>(10 * C)};
   };
   parallel_tasks(tasks, make, [&](int64_t task, Buffers& buf) {
-    constexpr int Wd = Simd<T>::W;
     const int64_t bb = task / blocks, y0 = (task % blocks) * R, y1 = std::min(H, y0 + R);
     const int64_t ya = std::max<int64_t>(0, y0 - 1), yb = std::min(H, y1 + 1);
     const T* x0 = xp + bb * H * rowlen;
@@ -200,29 +214,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc(const at::Tensor& dou
     T* acc = buf.acc.data();
     const T* dz_own = dz + (y0 - ya) * rowlen;
     std::fill(acc, acc + 10 * C, T(0));
-    for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
-      const int64_t u1 = std::min(W, u0 + kPixelBlock);
-      int64_t c = 0;
-      for (; c + Wd <= C; c += Wd)
-        dweight_along_rows<T, vec_t<T>>(x0, dz_own, y0, y1, u0, u1, H, W, C, c, acc, vload<T>, vstore<T>);
-      for (; c < C; ++c) dweight_along_rows<T, T>(x0, dz_own, y0, y1, u0, u1, H, W, C, c, acc, load1<T>, store1<T>);
-    }
+    for_each_block<T>(W, C, [&](auto v, int64_t c, int64_t u0, int64_t u1, auto load, auto store) {
+      dweight_along_rows<T, decltype(v)>(x0, dz_own, y0, y1, u0, u1, H, W, C, c, acc, load, store);
+    });
     for (int64_t y = y0; y < y1; ++y) {
       const T* dzrows[3];  // dz rows y + 1, y, y - 1 (see dx_along_row), null outside the image
-      for (int r = 0; r < 3; ++r) {
-        const int64_t yy = y + 1 - r;
-        dzrows[r] = (yy >= 0 && yy < H) ? dz + (yy - ya) * rowlen : nullptr;
-      }
+      // dz holds image rows [ya, yb), which are all of y's rows inside the image
+      for (int r = 0; r < 3; ++r) dzrows[r] = row_or_null<T>(dz, y + 1 - r - ya, yb - ya, rowlen);
       const T* s = buf.s.data() + (y - y0) * rowlen;
       const T* gr = g0 + y * rowlen;
       T* o = dxp + (bb * H + y) * rowlen;
-      for (int64_t u0 = 0; u0 < W; u0 += kPixelBlock) {
-        const int64_t u1 = std::min(W, u0 + kPixelBlock);
-        int64_t c = 0;
-        for (; c + Wd <= C; c += Wd)
-          dx_along_row<T, vec_t<T>>(dzrows, wp, gr, s, c, u0, u1, W, C, o, vload<T>, vstore<T>);
-        for (; c < C; ++c) dx_along_row<T, T>(dzrows, wp, gr, s, c, u0, u1, W, C, o, load1<T>, store1<T>);
-      }
+      for_each_block<T>(W, C, [&](auto v, int64_t c, int64_t u0, int64_t u1, auto load, auto store) {
+        dx_along_row<T, decltype(v)>(dzrows, wp, gr, s, c, u0, u1, W, C, o, load, store);
+      });
     }
     double* pp = part.data() + task * 10 * C;
     for (int64_t i = 0; i < 10 * C; ++i) pp[i] = double(acc[i]);
