@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .batchnorm import BatchNorm2d
 from .dense import Linear, linear_gelu
 from .modules import EMSA, PA
 
@@ -85,9 +86,9 @@ class BasicStem(nn.Module):
         super().__init__()
         hidden = out_ch // 2
         self.conv1 = nn.Conv2d(in_ch, hidden, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(hidden)
+        self.norm1 = BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, hidden, kernel_size=3, stride=1, padding=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(hidden)
+        self.norm2 = BatchNorm2d(hidden)
         self.conv3 = nn.Conv2d(hidden, out_ch, kernel_size=3, stride=2, padding=1, bias=False)
         self.act = nn.ReLU(inplace=True)
         self.with_pos = with_pos
@@ -110,7 +111,7 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=patch_size + 1, stride=patch_size,
                               padding=patch_size // 2)
-        self.norm = nn.BatchNorm2d(out_ch)
+        self.norm = BatchNorm2d(out_ch)
         self.with_pos = with_pos
         if with_pos:
             self.pos = PA(out_ch, backend=backend)
