@@ -2,7 +2,8 @@
 //
 // Every compiled kernel is an op of the `rest_kernels_C` namespace, defined here once and
 // implemented per dispatch key by the backend sources:
-//   csrc/cpu/   -> CPU key         (backend "cpu")
+//   csrc/cpu/   -> CPU key         (backend "cpu"; the kernels of the instruction-set build chosen at
+//                                   load time, see csrc/cpu_dispatch.cpp)
 //   csrc/cuda/  -> CUDA key        (backend "cuda")
 //   csrc/emu/   -> the *_emu ops on the CPU key (backend "cuda-emu": the CUDA kernels' source run
 //                  by the CPU emulation of CUDA's execution model)
@@ -28,9 +29,17 @@
 #ifndef REST_BUILT_ARCHS
 #define REST_BUILT_ARCHS ""
 #endif
-#ifndef REST_BUILT_CPU_ARCH
-#define REST_BUILT_CPU_ARCH ""
+#ifndef REST_CPU_KERNEL_BUILDS
+#define REST_CPU_KERNEL_BUILDS ""
 #endif
+#ifndef REST_BUILT_CPU_MARCHES
+#define REST_BUILT_CPU_MARCHES ""
+#endif
+
+namespace rest_cpu_dispatch {  // csrc/cpu_dispatch.cpp
+py::dict cpu_kernels_status();
+void select_cpu_kernels(const std::string& isa);
+}  // namespace rest_cpu_dispatch
 
 TORCH_LIBRARY(rest_kernels_C, m) {
   const char* emsa_fwd =
@@ -56,18 +65,12 @@ static py::dict build_info() {
   d["torch"] = REST_BUILT_TORCH;
   d["cuda"] = REST_BUILT_CUDA;
   d["cuda_archs"] = REST_BUILT_ARCHS;
-  d["cpu_arch"] = REST_BUILT_CPU_ARCH;
+  d["cpu_kernel_builds"] = REST_CPU_KERNEL_BUILDS;  // instruction-set builds of csrc/cpu, best first
+  d["cpu_marches"] = REST_BUILT_CPU_MARCHES;       // their -march values, in the same order
 #ifdef REST_WITH_CUDA
   d["with_cuda"] = true;
 #else
   d["with_cuda"] = false;
-#endif
-#if defined(__AVX512F__)
-  d["cpu_simd"] = "avx512";
-#elif defined(__AVX2__)
-  d["cpu_simd"] = "avx2";
-#else
-  d["cpu_simd"] = "baseline";
 #endif
   d["compiler"] = __VERSION__;
   return d;
@@ -76,4 +79,8 @@ static py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rest_kernels compiled ops (registered under torch.ops.rest_kernels_C)";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("cpu_kernels_status", &rest_cpu_dispatch::cpu_kernels_status,
+        "The cpu kernel builds, which one runs (or why none can) and which this CPU can run");
+  m.def("select_cpu_kernels", &rest_cpu_dispatch::select_cpu_kernels,
+        "Run the cpu ops on the kernels of this instruction-set build (raises if this CPU cannot)");
 }

@@ -29,6 +29,7 @@ def info() -> str:
         lines.append(f"compiled extension: {_extension.unavailable_reason()}")
     else:
         lines.append("compiled extension built with: " + ", ".join(f"{k}={v!r}" for k, v in built.items()))
+        lines.append(f"cpu kernels: {_extension.cpu_isa_description()}")
     return "\n".join(lines)
 
 

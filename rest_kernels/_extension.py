@@ -32,3 +32,40 @@ def build_info() -> dict | None:
 
 def unavailable_reason() -> str | None:
     return load()[1]
+
+
+# --------------------------------------------------------------------------- cpu kernel builds
+# The cpu backend's kernels are built once per instruction-set level (csrc/cpu/kernels.h); the
+# extension chooses the build when the first cpu op runs (csrc/cpu_dispatch.cpp). These report that
+# choice and switch it.
+def cpu_kernels_status() -> dict | None:
+    """{"builds": [isa, ...] best first, "selected": isa or None, "march": its -march, "reason": why none
+    is selected, "runnable": {isa: None or why this CPU cannot run it}}; None without the extension."""
+    module, _ = load()
+    return dict(module.cpu_kernels_status()) if module is not None else None
+
+
+def cpu_kernels_unavailable_reason() -> str | None:
+    status = cpu_kernels_status()
+    if status is None:
+        return unavailable_reason()
+    return status["reason"] if status["selected"] is None else None
+
+
+def cpu_isa_description() -> str:
+    """One line for reports: which cpu kernel build runs, e.g. "avx512 (-march=x86-64-v4)"."""
+    status = cpu_kernels_status()
+    if status is None:
+        return f"none ({unavailable_reason()})"
+    if status["selected"] is None:
+        return f"none ({status['reason']})"
+    return f"{status['selected']} (-march={status['march'] or 'default'}; builds: {', '.join(status['builds'])})"
+
+
+def select_cpu_kernels(isa: str) -> None:
+    """Run the cpu ops on the `isa` build from now on (for tests and comparisons; REST_KERNELS_CPU_ISA
+    chooses at start-up). Raises RuntimeError / ValueError saying why when this CPU cannot run it."""
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    module.select_cpu_kernels(isa)

@@ -179,22 +179,3 @@ def test_auto_picks_cpu_for_cpu_tensors():
     finally:
         backend.emsa_forward, backend.pa_forward = orig_e, orig_p
     assert calls == ["emsa", "pa"]
-
-
-def test_native_build_uses_the_widest_vectors_of_this_cpu():
-    # The kernels' vector width and GEMM block follow the compile target (csrc/cpu/simd.h); a native
-    # build that missed this CPU's AVX-512 / AVX2 would still be correct but several times slower.
-    from rest_kernels import _extension
-    info = _extension.build_info()
-    if info.get("cpu_arch") != "native":
-        pytest.skip(f"built for -march={info.get('cpu_arch')!r}, not this machine")
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        pytest.skip("no /proc/cpuinfo")
-    if "avx512f" in flags:
-        assert info["cpu_simd"] == "avx512"
-    elif "avx2" in flags:
-        assert info["cpu_simd"] == "avx2"
-    else:
-        assert info["cpu_simd"] == "baseline"

@@ -195,26 +195,35 @@ def test_lite_train_mode_gradients_match_official(dtype):
     # official math (the reference backend) alike; each run against the float64 official math on the
     # float32-rounded weights and input, on the ReLU branches that run took (a near-zero ReLU input may
     # go either way in float32, and one flipped element moves the stem's gradients by ~1e-3).
-    # PyTorch runs on both memory layouts, the official NCHW and the channels-last one this model runs
-    # its convolutions in on the CPU (rest/layout.py): oneDNN's two convolution paths round
-    # differently, and which errs more varies from one gradient to the next; the bound uses the
-    # larger. Measured on an AVX-512 EPYC (scripts/grad_error_table.py): the fused model's worst ratio
-    # is 1.65x (stage2.1's mix weight, the gradient the near-eps InstanceNorm conditions worst).
+    #
+    # Why PyTorch's error is the largest over four runs. The near-eps InstanceNorms make some
+    # gradients (the mix weights above all) amplify every rounding upstream ~100-fold: at the op level
+    # the cpu kernels' float32 error on stage 2's mix weight is 7e-7 (PyTorch's 1.8e-6), in the model
+    # it is ~1e-4, and which of two equally accurate rounding patterns lands higher is a matter of
+    # chance: PyTorch's own runs range 4.9e-5 to 1.3e-4 on that gradient across memory layouts and
+    # batch orders, and the cpu EMSA kernels alone, which are as accurate as PyTorch's op on both
+    # CPU kinds, give 5.7e-5 with the AVX-512 build and 2.0e-4 with the AVX2 build
+    # (scripts/grad_error_table.py, 2026-12-04). One PyTorch sample is no estimate of PyTorch's error
+    # there; the largest of four is: the official NCHW maps and the channels-last ones this model
+    # computes in on the CPU (rest/layout.py), each in both batch orders (the same math, other
+    # roundings). Ours is one run, the model as a user runs it; measured worst ratio 1.65x (AVX-512
+    # build) and 1.39x (AVX2 build) against the larger layout, before the batch orders are added.
     # Exactly-zero gradients (kv.bias, sr_norm.bias, the mix bias, the PatchEmbed conv biases) hold
-    # only rounding noise, whose size varies by several times from one rounding pattern to another:
-    # they keep the absolute floor of ZERO_GRAD_RTOL of their scale.
-    def error_of(backend, images):
+    # only rounding noise: they keep the absolute floor of ZERO_GRAD_RTOL of their scale.
+    def error_of(backend, images, dlogits):
         with use_backend(backend):
-            grads, masks = recorded_train_step(official_model("rest_lite", case["seed"], dtype), images,
-                                               case["dlogits"])
+            grads, masks = recorded_train_step(official_model("rest_lite", case["seed"], dtype), images, dlogits)
         with use_backend("reference"):  # float64 official math on the float32-rounded weights
             float64_model = official_model("rest_lite", case["seed"], dtype).double()
-            oracle, _ = recorded_train_step(float64_model, x.double(), case["dlogits"], relu_masks=masks)
-        return relative_errors(grads, oracle)
+            oracle, _ = recorded_train_step(float64_model, images.double(), dlogits, relu_masks=masks)
+        return relative_errors(grads, oracle)  # Frobenius: the batch order does not change it
 
-    ours = error_of("auto", x)  # the fused model as a user runs it: cpu kernels, channels-last, oneDNN
-    pytorch = [error_of("reference", x.contiguous(memory_format=layout))
-               for layout in (torch.contiguous_format, torch.channels_last)]
+    dlogits = case["dlogits"]
+    ours = error_of("auto", x, dlogits)  # the fused model as a user runs it: cpu kernels, channels-last, oneDNN
+    reverse = torch.arange(x.shape[0] - 1, -1, -1)
+    pytorch = [error_of("reference", xs.contiguous(memory_format=layout), dl)
+               for layout in (torch.contiguous_format, torch.channels_last)
+               for xs, dl in ((x, dlogits), (x[reverse], dlogits[reverse]))]
     rounding = 4 * torch.finfo(dtype).eps
     for name, err in ours.items():
         pytorch_err = max(p[name] for p in pytorch)
@@ -222,7 +231,7 @@ def test_lite_train_mode_gradients_match_official(dtype):
         if is_zero_grad_key(name):
             bound = max(bound, ZERO_GRAD_RTOL[dtype])
         assert err <= bound, (f"rest_lite float32 {name}: relative error {err:.3e} > bound {bound:.3e} "
-                              f"(PyTorch's own float32 error {pytorch_err:.3e})")
+                              f"(PyTorch's own float32 error, the largest of four runs: {pytorch_err:.3e})")
 
 
 @pytest.mark.parametrize("size", ["224x224", "64x96"])

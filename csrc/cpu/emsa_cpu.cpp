@@ -1,5 +1,6 @@
 // EMSA forward and backward for CPU tensors: the `cpu` backend (ops rest_kernels_C::emsa_fwd / emsa_bwd,
-// CPU dispatch key). Contract: rest_kernels/backends/base.py; math: shared/notes/emsa_math.md.
+// CPU dispatch key, which run these kernels through csrc/cpu_dispatch.cpp; built once per instruction
+// set, see kernels.h). Contract: rest_kernels/backends/base.py; math: shared/notes/emsa_math.md.
 //
 // Design
 // ------
@@ -45,15 +46,14 @@
 //
 // Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 on float32
 // copies and rounded once at the end.
-#include "op_checks.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "simd.h"
 #include "tile_gemm.h"
@@ -503,18 +503,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
         T* dL = dSb.data();
         if (mix) {
           // dW[g, j] += sum dS_g * L_j; then dL_j = sum_g W[g, j] dS_g, written over L_j.
+          // Each row's M products are summed in T (ceil(M / vector width) terms per lane), the rows in
+          // double: the sum over N x M terms cancels (every row of dS sums to zero), and a T
+          // accumulator per lane over a whole block of rows would chain up to 96 M / width terms
+          // (~11,000 per lane at M = 950 with AVX2), an error that grows with the block and the
+          // vector width instead of with the row.
           const int64_t Mv = M / Wd * Wd;
           for (int64_t g = 0; g < h; ++g)
             for (int64_t j = 0; j < h; ++j) {
               const T* s = dSb.data() + g * plane;
               const T* l = Lb.data() + j * plane;
-              vec_t<T> acc = vset<T>(T(0));
-              T tail = 0;
+              double acc = 0;
               for (int64_t r = 0; r < nr; ++r) {
-                for (int64_t m = 0; m < Mv; m += Wd) acc += vload(s + r * Mp + m) * vload(l + r * Mp + m);
+                vec_t<T> row = vset<T>(T(0));
+                for (int64_t m = 0; m < Mv; m += Wd) row += vload(s + r * Mp + m) * vload(l + r * Mp + m);
+                T tail = 0;
                 for (int64_t m = Mv; m < M; ++m) tail += s[r * Mp + m] * l[r * Mp + m];
+                acc += double(hsum(row)) + double(tail);
               }
-              dW[g * h + j] += double(hsum(acc)) + double(tail);
+              dW[g * h + j] += acc;
             }
           for (int64_t j = 0; j < h; ++j) {
             T* l = Lb.data() + j * plane;
@@ -572,12 +579,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
 }
 
 // Ranks, shapes, devices and the statistics are checked by csrc/op_checks.h before these entry points
-// run (see the registration below); what is particular to this backend is the dtypes it computes in.
+// run (the extension's CPU ops, csrc/cpu_dispatch.cpp); what is particular to this backend is the
+// dtypes it computes in.
 void check_cpu_dtype(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
                   q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "emsa (cpu backend): float32, float64, bfloat16 or float16, got ", q.scalar_type());
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mix_weight,
@@ -612,10 +622,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
   return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
 }
 
-}  // namespace
 }  // namespace rest_cpu
-
-TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
-  m.impl("emsa_fwd", &rest_checks::checked_emsa_fwd<&rest_cpu::emsa_fwd_cpu>);
-  m.impl("emsa_bwd", &rest_checks::checked_emsa_bwd<&rest_cpu::emsa_bwd_cpu>);
-}

@@ -1,5 +1,6 @@
 // PA (pixel attention gate) forward and backward for CPU tensors: the `cpu` backend's
-// rest_kernels_C::pa_fwd / pa_bwd.  out = x * sigmoid(depthwise3x3(x) + bias), zero padding 1.
+// rest_kernels_C::pa_fwd / pa_bwd (through csrc/cpu_dispatch.cpp; built once per instruction set, see
+// kernels.h).  out = x * sigmoid(depthwise3x3(x) + bias), zero padding 1.
 //
 // One task per (batch, channel) plane (dynamic tasks over at::parallel_for's threads). The plane is
 // copied once into a buffer with a one-pixel zero border and the 3x3 conv runs as one contiguous
@@ -9,13 +10,12 @@
 // and dbias are summed per plane (in double) and then over the batch in batch order for each channel:
 // deterministic whatever the thread count. Channels-last inputs go to pa_cpu_nhwc.cpp (results stay
 // channels-last); inputs of any other layout are made NCHW-contiguous once.
-#include "op_checks.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
+#include "kernels.h"
 #include "pa_common.h"
 #include "parallel.h"
 #include "simd.h"
@@ -233,6 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_any(const at::Tensor& dout
   return {dx, dw.to(weight.scalar_type()), db.to(bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
 }
 
+}  // namespace
+
 at::Tensor pa_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_cpu_dtype(x);
   if (x.scalar_type() == at::kDouble) return pa_fwd_any<double>(x, weight, bias);
@@ -253,10 +255,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_cpu(const at::Tensor& dout
   return pa_bwd_any<float>(dout, x, weight, bias);
 }
 
-}  // namespace
 }  // namespace rest_cpu
-
-TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
-  m.impl("pa_fwd", &rest_checks::checked_pa_fwd<&rest_cpu::pa_fwd_cpu>);
-  m.impl("pa_bwd", &rest_checks::checked_pa_bwd<&rest_cpu::pa_bwd_cpu>);
-}

@@ -71,6 +71,10 @@ class CpuBackend(CompiledBackend):
     # bfloat16 / float16 are computed in float32 by the kernels and rounded once at the end
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+    def unavailable_reason(self):
+        # the ops are registered whatever the CPU; the kernels need a build this CPU can run
+        return super().unavailable_reason() or _extension.cpu_kernels_unavailable_reason()
+
 
 class CudaBackend(CompiledBackend):
     name = "cuda"
