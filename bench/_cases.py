@@ -87,6 +87,12 @@ def stage_shapes() -> list[StageShape]:
     return shapes
 
 
+def in_model(op: str, shape: StageShape) -> bool:
+    """Whether ResT runs this op at this stage: it mixes heads only where there are several
+    (rest/modules.py: apply_transform and num_heads > 1), so stage 1 runs plain emsa."""
+    return op == "pa" or (op == "emsa-mix") == (shape.h > 1)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

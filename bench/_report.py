@@ -108,6 +108,8 @@ def table(rows: list[dict], env: dict, settings: dict, markdown: bool = False) -
         out.append(f"Warning: load average {load[0]:.2f} on {env['cpu_count']} CPUs when the run started: other "
                    f"processes compete for the CPU, so CPU times are noisy (a quiet machine, or --threads 1, helps).")
     out.append("")
+    if settings["mode"] != "full":  # a reader of a default or --quick report should know it is not all
+        out.append(f"Rows: the {settings['mode']} selection (--list shows them); --full runs every op, shape and model.")
     out.append(f"Time per call: median over {settings['repeats']} repeats after {settings['warmup']} warm-up "
                f"call(s), IQR = q3 - q1; vs eager / vs compiled = speed-up over eager PyTorch (backend "
                f"'reference') / over torch.compile of it (> 1 is faster); mem vs eager = peak memory "

@@ -2,16 +2,23 @@
 """Throughput and memory of rest-kernels' EMSA and PA ops and of the ResT models, per backend,
 side by side with eager PyTorch and torch.compile of it.
 
-    python bench/emsa_bench.py                   # everything this device can run (long on a CPU)
-    python bench/emsa_bench.py --quick           # a few minutes on a 2-core CPU
+    python bench/emsa_bench.py                   # representative report, under 10 minutes on a 2-core CPU
+    python bench/emsa_bench.py --quick           # smoke run, a few minutes on a 2-core CPU
+    python bench/emsa_bench.py --full            # every op, shape and model (about an hour on a 2-core CPU)
     python bench/emsa_bench.py --ops emsa-mix --passes fwd+bwd --shapes s1,s2 --models none \\
         --json results.json --plot results.png --markdown
+    python bench/emsa_bench.py --list [--quick | --full]   # the rows a run would measure
 
 Rows. Op level: emsa_attention without ("emsa") and with the head mix ("emsa-mix"), and pa_gate
-("pa"), forward (inference, no autograd) and forward + backward, at every stage of ResT's two
-shape families (lite/small, base/large) at 224 x 224 and at a detection-size 800 x 1216 input,
-for every dtype the device supports. Model level: rest_lite / small / base / large inference and
-one training step (forward, cross-entropy, backward, AdamW step), images/s.
+("pa"), forward (inference, no autograd) and forward + backward, at the stages of ResT's two
+shape families (lite/small, base/large) at 224 x 224 and at a detection-size 800 x 1216 input.
+Model level: rest_lite / small / base / large inference and one training step (forward,
+cross-entropy, backward, AdamW step), images/s.
+Which rows run depends on the mode (SELECTIONS below; explicit --ops, --shapes, --models, --dtypes...
+override it): with no --quick / --full, the ops as ResT-Lite runs them at its four stages at 224 px
+(stage 1 has one head: plain emsa; stages 2-4 mix heads: emsa-mix) and at one detection-size stage,
+and rest_lite; --quick: every op at two shapes, rest_lite, small batches; both float32 on a CPU,
+every dtype on a GPU; --full: every op at every shape, every model, every dtype the device supports.
 Backends, measured in the same run: every fused backend of rest_kernels usable here, "reference"
 (eager PyTorch with the official math: the "eager" baseline) and "compile" (torch.compile of the
 reference, op or model pinned to backend="reference"). A row a backend cannot run is listed as
@@ -73,6 +80,38 @@ DEFAULTS = {
     "cuda": Defaults(batch=64, det_batch=8, model_batch=64, repeats=20, warmup=5, min_time=0.01),
     ("cpu", "quick"): Defaults(batch=2, det_batch=1, model_batch=2, repeats=3, warmup=1, min_time=0.01),
     ("cuda", "quick"): Defaults(batch=16, det_batch=2, model_batch=16, repeats=5, warmup=2, min_time=0.005),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The rows a mode runs where no option names them (None: every choice); explicit --ops,
+    --shapes, --models, --dtypes... override it."""
+    ops: tuple | None = None
+    shapes: tuple | None = None
+    models: tuple | None = None
+    dtypes: tuple | None = None     # None: default_dtypes(device)
+    as_in_model: bool = False       # unless --ops is given: only the ops ResT runs at each stage (_cases.in_model)
+
+
+#: ResT-Lite's four stages at 224 px (one head at stage 1, heads mixed at 2-4) and one detection-size
+#: stage, the one quickest to measure (N = M = 950; the larger N of stages 1-3 make eager slow)
+DEFAULT_SHAPES = ("224-s1-lite/small", "224-s2-lite/small", "224-s3-lite/small", "224-s4-lite/small",
+                  "det-s4-lite/small")
+#: the default report: representative, and within 10 minutes on a 2-core CPU with a cold compile
+#: cache, where torch.compile dominates (an op case takes 5-20 s with its three backends, rest_lite's
+#: two about 3 minutes). float32 only on a CPU, also for --quick: bfloat16 doubles every row's
+#: compilation, the models' included.
+_DEFAULT_SELECTION = Selection(ops=_cases.OPS, shapes=DEFAULT_SHAPES, models=("lite",), dtypes=("float32",),
+                               as_in_model=True)
+_QUICK_SELECTION = Selection(shapes=QUICK_SHAPES, models=("lite",), dtypes=("float32",))
+SELECTIONS = {
+    "default": _DEFAULT_SELECTION,
+    "quick": _QUICK_SELECTION,
+    "full": Selection(),
+    # a GPU runs these in seconds: every dtype it supports
+    ("cuda", "default"): dataclasses.replace(_DEFAULT_SELECTION, dtypes=None),
+    ("cuda", "quick"): dataclasses.replace(_QUICK_SELECTION, dtypes=None),
 }
 
 
@@ -189,22 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
                + ". Ops: " + "; ".join(f"{k}: {v}" for k, v in _cases.OP_HELP.items()) + ".")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"reduced run: shapes {', '.join(QUICK_SHAPES)}, rest_lite only, small batches, few repeats")
-    p.add_argument("--ops", type=_list_type(_cases.OPS), help="ops to run (default all; 'none' for models only)")
+    mode = p.add_mutually_exclusive_group()  # without either: the default selection (SELECTIONS)
+    mode.add_argument("--quick", action="store_true",
+                      help=f"smoke run: every op at shapes {', '.join(QUICK_SHAPES)}, rest_lite only, "
+                           "float32 on a CPU, small batches, few repeats")
+    mode.add_argument("--full", action="store_true",
+                      help="every op at every shape, every model, every dtype (about an hour on a 2-core CPU)")
+    p.add_argument("--ops", type=_list_type(_cases.OPS),
+                   help="ops to run (default: the mode's, see --list; 'none' for models only)")
     p.add_argument("--passes", type=_list_type(_cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
                    help="op passes: fwd (inference), fwd+bwd (default both)")
     p.add_argument("--models", type=_list_type(_cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
-                   help="ResT variants (default all, lite with --quick; 'none' for ops only)")
+                   help="ResT variants (default lite, all with --full; 'none' for ops only)")
     p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
                    help="model modes: infer, train (default both)")
     p.add_argument("--backends", type=_list_type(BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
                    help="backends (default: reference, compile and every fused backend except test emulators)")
     p.add_argument("--dtypes", type=_list_type(tuple(DTYPES), DTYPE_ALIASES, special=("all",)),
-                   help="dtypes (default: float32 on the CPU, plus bfloat16 where a fused CPU backend takes it; "
-                        "float32, float16, bfloat16 on a GPU; models use autocast for float16/bfloat16)")
+                   help="dtypes (default: float32 on the CPU, with --full plus bfloat16 where a fused "
+                        "CPU backend takes it; float32, float16, bfloat16 on a GPU; models use autocast for "
+                        "float16/bfloat16)")
     p.add_argument("--shapes", type=_shapes_type,
-                   help="op shapes: substrings of the shape names (e.g. 224, det, s1, stage2, lite) or all")
+                   help="op shapes: substrings of the shape names (e.g. 224, det, s1, stage2, lite) or all "
+                        "(default: the mode's, see --list)")
     p.add_argument("--batch", type=_positive_int, help="op batch size (default 8 on CPU / 64 on GPU at 224 px, "
                                                         "1 / 8 at the detection size)")
     p.add_argument("--model-batch", type=_positive_int, help="model batch size (default 4 on CPU, 64 on GPU)")
@@ -238,6 +284,7 @@ def parse_args(argv):
         reason = _report.plot_unavailable_reason()
         if reason:
             parser.error(f"argument --plot: {reason}")
+    args.mode = "quick" if args.quick else "full" if args.full else "default"
     d = DEFAULTS[(args.device, "quick") if args.quick else args.device]
     args.det_batch = args.batch or d.det_batch
     args.batch = args.batch or d.batch
@@ -245,21 +292,23 @@ def parse_args(argv):
     args.repeats = args.repeats or d.repeats
     args.warmup = d.warmup if args.warmup is None else args.warmup
     args.min_time = args.min_time or d.min_time
+    sel = SELECTIONS.get((args.device, args.mode), SELECTIONS[args.mode])
+    args.as_in_model = sel.as_in_model and args.ops is None  # ops the user names run at every shape
     if args.ops is None:
-        args.ops = list(_cases.OPS)
+        args.ops = list(sel.ops or _cases.OPS)
     if args.passes is None:
         args.passes = list(_cases.PASSES)
     if args.models is None:
-        args.models = ["lite"] if args.quick else list(_cases.MODELS)
+        args.models = list(sel.models or _cases.MODELS)
     if args.modes is None:
         args.modes = list(_cases.MODEL_MODES)
     if args.shapes is None:
-        args.shapes = list(QUICK_SHAPES) if args.quick else [s.label for s in _cases.stage_shapes()]
+        args.shapes = list(sel.shapes or [s.label for s in _cases.stage_shapes()])
     args.explicit_backends = args.backends is not None
     if args.backends is None:
         args.backends = [b for b in BACKEND_CHOICES if b not in EMULATORS]
     if args.dtypes is None:
-        args.dtypes = default_dtypes(args.device)
+        args.dtypes = list(sel.dtypes or default_dtypes(args.device))
     return args
 
 
@@ -285,6 +334,8 @@ def plan(args) -> list:
         shape = shapes[label]
         batch = args.det_batch if shape.input == "det" else args.batch
         for op in args.ops:
+            if args.as_in_model and not _cases.in_model(op, shape):
+                continue
             for pass_ in args.passes:
                 for dt in args.dtypes:
                     cases.append(_cases.OpCase(op, pass_, shape, batch, DTYPES[dt], args.device))
@@ -360,7 +411,7 @@ def measure_row(case, backend: str, args) -> dict:
 
 
 def settings_of(args) -> dict:
-    return dict(device=args.device, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
+    return dict(device=args.device, mode=args.mode, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
                 modes=args.modes, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
                 batch=args.batch, det_batch=args.det_batch, model_batch=args.model_batch,
                 image_size=args.image_size, threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
@@ -379,10 +430,13 @@ def main(argv=None) -> int:
     cases = plan(args)
     jobs = [(case, backend) for case in cases for backend in args.backends]
     if args.list:
+        skipped = 0
         for case, backend in jobs:
             reason = skip_reason(backend, args.device, args.explicit_backends)
             print(f"{_report.case_cell(base_row(case, backend)):50s} {backend:10s}"
                   + (f" skipped: {reason}" if reason else ""))
+            skipped += reason is not None
+        print(f"{args.mode} run: {len(cases)} cases, {len(jobs) - skipped} rows to measure, {skipped} skipped")
         return 0
     env = _env.environment(args.device, argv)
     settings = settings_of(args)

@@ -1,15 +1,17 @@
 """Smoke test of bench/emsa_bench.py: its main entry in-process with a tiny configuration (one small
-shape, one repeat), the JSON it writes, clean errors for bad options, and skipped rows with reasons
-for backends that cannot run. No timed asserts: only that times are positive."""
+shape, one repeat), the JSON it writes, clean errors for bad options, skipped rows with reasons
+for backends that cannot run, and the rows each mode (default, --quick, --full) selects, read from
+the parser and --list without measuring. No timed asserts: only that times are positive."""
 import json
 import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
 
-from bench import emsa_bench  # noqa: E402
+from bench import _cases, _report, emsa_bench  # noqa: E402
 
 TINY = ["--shapes", "224-s4-lite/small", "--batch", "1", "--repeats", "1", "--warmup", "0",
         "--min-time", "0.0001", "--models", "none", "--dtypes", "float32", "--no-progress"]
@@ -109,3 +111,73 @@ def test_plot_is_written(tmp_path):
     rc = emsa_bench.main(TINY + ["--ops", "pa", "--passes", "fwd", "--backends", "reference,compile",
                                  "--plot", str(png)])
     assert rc == 0 and png.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- modes
+def _selected(*argv):
+    """Options and planned cases of a CPU run (pinned to the CPU: a GPU node's defaults are wider)."""
+    args = emsa_bench.parse_args(["--device", "cpu", *argv])
+    return args, emsa_bench.plan(args)
+
+
+def test_default_is_one_family_at_every_stage_one_detection_shape_and_one_model():
+    args, cases = _selected()
+    assert args.mode == "default"
+    ops = [c for c in cases if c.kind == "op"]
+    shapes = {c.shape.label: c.shape for c in ops}
+    at_224 = [s for s in shapes.values() if s.input == "224"]
+    assert sorted(s.stage for s in at_224) == [1, 2, 3, 4] and len({s.family for s in at_224}) == 1
+    assert [s.input for s in shapes.values()].count("det") == 1 and len(shapes) == 5
+    for label, s in shapes.items():  # as ResT runs them: one head at stage 1 (no mix), heads mixed after
+        assert {c.op for c in ops if c.shape.label == label} == {"emsa-mix" if s.h > 1 else "emsa", "pa"}, label
+        assert {c.pass_ for c in ops if c.shape.label == label} == set(_cases.PASSES)
+    assert {(c.model, c.mode) for c in cases if c.kind == "model"} == {("lite", m) for m in _cases.MODEL_MODES}
+    assert {c.dtype for c in cases} == {torch.float32}
+    assert {"reference", "compile"} <= set(args.backends)
+    assert args.batch == emsa_bench.DEFAULTS["cpu"].batch
+
+
+def test_quick_is_every_op_at_two_shapes_rest_lite_and_small_batches():
+    args, cases = _selected("--quick")
+    assert args.mode == "quick"
+    assert {(c.op, c.shape.label) for c in cases if c.kind == "op"} == {
+        (op, s) for op in _cases.OPS for s in emsa_bench.QUICK_SHAPES}
+    assert {c.model for c in cases if c.kind == "model"} == {"lite"}
+    assert {c.dtype for c in cases} == {torch.float32}
+    assert args.batch == emsa_bench.DEFAULTS[("cpu", "quick")].batch < emsa_bench.DEFAULTS["cpu"].batch
+
+
+def test_full_is_every_op_shape_model_and_dtype():
+    args, cases = _selected("--full")
+    assert args.mode == "full"
+    dtypes = [emsa_bench.DTYPES[d] for d in emsa_bench.default_dtypes("cpu")]
+    assert {(c.op, c.pass_, c.shape.label, c.dtype) for c in cases if c.kind == "op"} == {
+        (op, p, s.label, dt) for op in _cases.OPS for p in _cases.PASSES for s in _cases.stage_shapes() for dt in dtypes}
+    assert {(c.model, c.mode, c.dtype) for c in cases if c.kind == "model"} == {
+        (m, mode, dt) for m in _cases.MODELS for mode in _cases.MODEL_MODES for dt in dtypes}
+
+
+@pytest.mark.parametrize("mode", [[], ["--quick"], ["--full"]], ids=["default", "quick", "full"])
+def test_list_shows_the_rows_of_each_mode(mode, capsys):
+    assert emsa_bench.main(["--list", "--device", "cpu", *mode]) == 0
+    *rows, summary = capsys.readouterr().out.splitlines()
+    args, cases = _selected(*mode)
+    assert len(rows) == len(cases) * len(args.backends)
+    assert {row[:50].rstrip() for row in rows} == {_report.case_cell(emsa_bench.base_row(c, "reference")) for c in cases}
+    assert summary.startswith(f"{args.mode} run: {len(cases)} cases, ")
+
+
+def test_explicit_options_override_the_default_selection():
+    # named ops run at every shape (stage 1 included), whatever the model runs there
+    args, cases = _selected("--ops", "emsa-mix", "--shapes", "s1", "--models", "small", "--dtypes", "bf16")
+    assert {(c.op, c.shape.stage) for c in cases if c.kind == "op"} == {("emsa-mix", 1)}
+    assert len(args.shapes) == 4  # stage 1 of both families at 224 px and at the detection size
+    assert {c.model for c in cases if c.kind == "model"} == {"small"}
+    assert {c.dtype for c in cases} == {torch.bfloat16}
+
+
+def test_full_and_quick_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        emsa_bench.parse_args(["--full", "--quick"])
+    assert e.value.code == 2
+    assert "argument --quick: not allowed with argument --full" in capsys.readouterr().err
