@@ -223,7 +223,7 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
 
     q (B,h,N,d); k, v (B,h,M,d), any strides. mix_weight (h,h) or (h,h,1,1) turns on the head mix
     and the InstanceNorm (no affine, biased variance, eps); None gives plain softmax attention.
-    Returns (B,h,N,d) laid out in memory as (B,N,h,d). See ../shared/API.md.
+    Returns (B,h,N,d) laid out in memory as (B,N,h,d). See docs/api.md.
     """
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
     amp = _autocast_dtype(q)

@@ -21,7 +21,7 @@ from rest import EMSA, PA
 from reference_data import attention_cases, fill_weights, pa_cases
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-# Gradients that are exactly zero in exact arithmetic (see shared/reference/README.md): compare
+# Gradients that are exactly zero in exact arithmetic (see tests/data/README.md): compare
 # them against the scale of the case, not against themselves.
 ZERO_GRAD_KEYS = ("transform_conv.bias", "kv.bias", "sr_norm.bias")
 

@@ -1,6 +1,6 @@
 """Loading the official fixtures (tests/data) and regenerating their weights and inputs.
 
-The weight recipe is the one of shared/reference/README.md: a float64 generator seeded per case,
+The weight recipe is the one of the official fixtures' README (tests/data/README.md): a float64 generator seeded per case,
 walking the state_dict keys in plain string order.
 """
 from __future__ import annotations

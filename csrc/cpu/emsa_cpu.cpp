@@ -1,6 +1,6 @@
 // EMSA forward and backward for CPU tensors: the `cpu` backend (ops rest_kernels_C::emsa_fwd / emsa_bwd,
 // CPU dispatch key, which run these kernels through csrc/cpu_dispatch.cpp; built once per instruction
-// set, see kernels.h). Contract: rest_kernels/backends/base.py; math: shared/notes/emsa_math.md.
+// set, see kernels.h). Contract: rest_kernels/backends/base.py; math: docs/emsa_math.md.
 //
 // Design
 // ------

@@ -2,7 +2,7 @@
 //
 // Same source for nvcc (csrc/cuda/ops.cu) and for the CPU emulation (csrc/emu/ops_emu.cpp).
 //
-// Math (shared/notes/emsa_math.md): per batch b and output head g
+// Math (docs/emsa_math.md): per batch b and output head g
 //   S_g = scale * sum_j W[g, j] q_j k_j^T   (only j = g with weight 1 when there is no mix)
 //   P_g = softmax_keys(S_g);  out_g = rstd_g (P_g v_g - 1 vbar_g^T)  (plain P_g v_g without mix)
 //   rstd_g = (sum_i rc_i / (N M) + eps)^-1/2,  rc_i = sum_m (P_im - 1/M)^2 = rsq_i - 1/M.

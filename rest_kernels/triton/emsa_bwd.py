@@ -1,4 +1,4 @@
-"""EMSA backward in Triton, by recomputation (see shared/notes/emsa_math.md, "Backward").
+"""EMSA backward in Triton, by recomputation (see docs/emsa_math.md, "Backward").
 
 Saved from the forward: q, k, v, W, out, lse, rsq (B,h,N) and rstd (B,h). Nothing of size N x M.
 
