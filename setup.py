@@ -18,8 +18,9 @@ Switches (environment variables):
   REST_KERNELS_CUDA         "1" forces the CUDA part (fails if it cannot be built),
                             "0" skips it; default: built when torch has CUDA and nvcc is found
   REST_KERNELS_CPU_ARCH     one cpu kernel build with this -march instead of the per-level builds
-                            (e.g. "native"; it then runs only on CPUs with the AVX-512 / AVX2 level
-                            that -march implies, and is refused elsewhere)
+                            (e.g. "native"). The load-time check covers only the AVX-512 / AVX2 level
+                            that -march implies: a build using more (native on a CPU with, say,
+                            avx512_bf16) is for the machines it was built for, not for copying
   REST_KERNELS_PTXAS_VERBOSE=1  print registers / shared memory / spills of every CUDA kernel
   REST_KERNELS_DEBUG=1      -O0 -g builds
 """
