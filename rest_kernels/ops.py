@@ -90,7 +90,8 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
     """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, None, scale, eps)
     check_emsa_backward_args(dout, q, out, lse, rsq, rstd)
-    chosen = _kernel_backend("emsa_bwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+    chosen = _kernel_backend("emsa_bwd", backend, (q, k, v),
+                             lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight, needs_backward=True))
     if q.numel() == 0:  # no query or no head dim: every gradient is an empty or exactly zero sum
         dmix = (torch.zeros(mix_weight.shape, dtype=_mix_dtype(q), device=q.device) if mix_weight is not None
                 else q.new_empty(0, dtype=torch.float32))
@@ -170,7 +171,8 @@ def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     check_pa_args(x, weight, bias)
     check_pa_dtypes(x, weight, bias)
     check_pa_backward_args(dout, x)
-    chosen = _kernel_backend("pa_bwd", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
+    chosen = _kernel_backend("pa_bwd", backend, (x, weight),
+                             lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward=True))
     if x.numel() == 0:  # no pixel: the gradients of weight and bias are empty sums
         return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), torch.zeros_like(weight),
                 torch.zeros_like(bias) if bias is not None else x.new_empty(0))
@@ -238,11 +240,17 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
     return _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend)
 
 
+def _needs_backward(*tensors) -> bool:
+    """Will autograd call the backward of this call? Then the chosen backend must serve it too."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
     # The backend is chosen even for empty inputs: a named backend that cannot serve these tensors
     # says so whatever their size.
+    needs_backward = _needs_backward(q, k, v, mix_weight)
     chosen = select("emsa_attention", backend, (q, k, v),
-                    lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
+                    lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight, needs_backward))
     if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
@@ -265,7 +273,9 @@ def pa_gate(x, weight, bias=None, *, backend=None):
 
 def _pa_gate(x, weight, bias, backend):
     check_pa_dtypes(x, weight, bias)  # after any autocast cast
-    chosen = select("pa_gate", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
+    needs_backward = _needs_backward(x, weight, bias)
+    chosen = select("pa_gate", backend, (x, weight),
+                    lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward))
     if x.numel() == 0:
         return x * 0
     if chosen.name == "reference":

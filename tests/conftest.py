@@ -21,6 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers
 from rest_kernels import available_backends  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-full-resources", action="store_true", default=False,
+                     help="run the full ahead-of-time Triton resource table (~30 min on 2 cores)")
+
+
 def require_backend(name: str):
     """Skip (with the backend's own reason) when `name` is not usable here."""
     reason = available_backends()[name]

@@ -164,15 +164,6 @@ def test_head_dim_limit_is_a_reason():
     assert "head dims up to" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, None)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or interpreter_on(), reason="needs a CUDA device")
-def test_mix_tile_limit_is_a_reason_on_gpu():
-    from rest_kernels.backends.registry import BACKENDS
-    q = torch.empty(1, 8, 4, 96, device="cuda")
-    assert "shared memory" in BACKENDS["triton"].emsa_unsupported_reason(q, q, q, torch.empty(8, 8, device="cuda"))
-    assert BACKENDS["triton"].emsa_unsupported_reason(q.half(), q.half(), q.half(), torch.empty(8, 8, device="cuda")) is None
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mix", [True, False])
 def test_backward_deterministic(mix, device):

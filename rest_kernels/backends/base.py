@@ -44,11 +44,13 @@ class Backend:
             return f"{self.name} supports dtypes {names}, got {str(t.dtype).replace('torch.', '')}"
         return None
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight) -> str | None:
-        """None when these (already validated) inputs can be served, else why not."""
+    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward: bool = False) -> str | None:
+        """None when these (already validated) inputs can be served, else why not. With
+        needs_backward the backward of the call must be servable too (a backend that can run the
+        forward of a training call but not its backward must refuse it before the forward runs)."""
         return self._common_reason((q, k, v), "q")
 
-    def pa_unsupported_reason(self, x, weight, bias) -> str | None:
+    def pa_unsupported_reason(self, x, weight, bias, needs_backward: bool = False) -> str | None:
         return self._common_reason((x, weight), "x")
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):

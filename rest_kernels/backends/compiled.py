@@ -37,8 +37,8 @@ class CompiledBackend(Backend):
                     + ", ".join(m + self.op_suffix for m in missing))
         return None
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight):
-        reason = super().emsa_unsupported_reason(q, k, v, mix_weight)
+    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
+        reason = super().emsa_unsupported_reason(q, k, v, mix_weight, needs_backward)
         if reason is None and self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             reason = f"{self.name} supports head dims up to {self.max_head_dim}, got {q.shape[-1]}"
         if reason is None and self.max_batch_heads is not None and q.shape[0] * q.shape[1] > self.max_batch_heads:

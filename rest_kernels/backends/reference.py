@@ -66,10 +66,10 @@ def pa_reference(x, weight, bias=None):
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight):
+    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
         return None
 
-    def pa_unsupported_reason(self, x, weight, bias):
+    def pa_unsupported_reason(self, x, weight, bias, needs_backward=False):
         return None
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):

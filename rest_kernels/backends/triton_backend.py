@@ -45,50 +45,78 @@ class TritonBackend(Backend):
             return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight):
+    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
         reason = self._common_reason((q, k, v), "q")
         if reason is not None:
             return reason
-        from ..triton._common import MAX_HEAD_DIM, MAX_MIX_HEADS, mix_tile_limit, pow2
+        from ..triton._common import MAX_HEAD_DIM, MAX_MIX_HEADS
         d, h = q.shape[3], q.shape[1]
         if d > MAX_HEAD_DIM:
             return f"triton supports head dims up to {MAX_HEAD_DIM}, got {d}"
         if mix_weight is not None and h > MAX_MIX_HEADS:
             return f"triton fuses the head mix for up to {MAX_MIX_HEADS} heads, got {h}"
-        if mix_weight is not None and not interpreter_on():
-            # a GPU block's shared memory (227 KiB on H100) bounds heads x padded head dim of a program
-            limit = mix_tile_limit(q.dtype)
-            if pow2(h) * pow2(d, 16) > limit:
-                return (f"triton fuses the head mix in {str(q.dtype).replace('torch.', '')} for "
-                        f"next_pow2(h) * next_pow2(d) <= {limit} (shared memory), got h {h}, d {d}")
-        return None
+        from ..triton.capability import plan_emsa
+        return _resource_reason("emsa", (q, k, v, mix_weight), needs_backward,
+                                lambda backward: plan_emsa(q, k, v, mix_weight, backward))
+
+    def pa_unsupported_reason(self, x, weight, bias, needs_backward=False):
+        reason = self._common_reason((x, weight), "x")
+        if reason is not None:
+            return reason
+        from ..triton.capability import plan_pa
+        return _resource_reason("pa", (x, weight, bias), needs_backward,
+                                lambda backward: plan_pa(x, weight, bias, backward))
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
         from ..triton.emsa_fwd import emsa_forward
-        with _launch_guard():
+        with _launch_guard(q):
             return emsa_forward(q, k, v, mix_weight, scale, eps)
 
     def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
         from ..triton.emsa_bwd import emsa_backward
-        with _launch_guard():
+        with _launch_guard(q):
             return emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
 
     def pa_forward(self, x, weight, bias):
         from ..triton.pa import pa_forward
-        with _launch_guard():
+        with _launch_guard(x):
             return pa_forward(x, weight, bias)
 
     def pa_backward(self, dout, x, weight, bias):
         from ..triton.pa import pa_backward
-        with _launch_guard():
+        with _launch_guard(x):
             return pa_backward(dout, x, weight, bias)
+
+
+def _resource_reason(op, tensors, needs_backward, plan) -> str | None:
+    """Do the launches of this call (and of its backward when needed) fit the GPU it runs on?
+    Compiled for the device's arch and held against its limits (rest_kernels/triton/capability.py);
+    every reason, joined. The interpreter has no GPU resources to exhaust."""
+    if interpreter_on() or any(t is not None and t.numel() == 0 for t in tensors):
+        return None  # an empty call launches nothing
+    from ..triton import capability, targets
+    limits = targets.fake_gpu_limits()
+    if limits is not None:
+        device_key, guard = limits.sm, contextlib.nullcontext()
+    else:
+        device = tensors[0].device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        limits, device_key, guard = targets.device_limits(index), ("cuda", index), torch.cuda.device(index)
+    reasons = []
+    with guard:  # Triton compiles for the current device's arch
+        for backward in (False, True) if needs_backward else (False,):
+            reasons += capability.cached_reasons(device_key, limits, op, backward, tensors, plan)
+    return "; ".join(dict.fromkeys(reasons)) or None
 
 
 # The Triton interpreter keeps the grid of the running launch in process-global state, so two Python
 # threads launching at once corrupt each other ("x >= grid_dim[0]"). Interpreted launches are
-# therefore serialised; on a GPU launches are thread-safe and run unguarded.
+# therefore serialised; on a GPU launches are thread-safe.
 _interpreter_lock = threading.Lock()
 
 
-def _launch_guard():
-    return _interpreter_lock if interpreter_on() else contextlib.nullcontext()
+def _launch_guard(t: torch.Tensor):
+    """Interpreted: the lock above. On a GPU: make the tensors' device current, as Triton launches
+    on the current device (tensors on cuda:1 while cuda:0 is current would otherwise be read from
+    the wrong GPU)."""
+    return _interpreter_lock if interpreter_on() else torch.cuda.device(t.device)

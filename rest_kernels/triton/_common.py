@@ -16,7 +16,9 @@ import triton.language as tl
 #: largest head dim served (the register tiles are [HP, BLOCK, BD]; beyond this they spill badly)
 MAX_HEAD_DIM = 256
 #: largest number of heads whose mix is fused (the mix is an HP x HP contraction held in registers;
-#: ResT uses at most 8; 16 would need tiles below Triton's 16 x 16 dot minimum to fit shared memory)
+#: ResT uses at most 8; 16 would need tiles below Triton's 16 x 16 dot minimum to fit shared memory).
+#: Whether a given call fits the GPU it runs on is decided by compiling it for that GPU's arch
+#: (rest_kernels/triton/capability.py), not by a rule of thumb here.
 MAX_MIX_HEADS = 8
 
 # Dot policy (constexpr DOT): why three modes.
@@ -30,14 +32,6 @@ DOT_INTERP = tl.constexpr(0)
 DOT_IEEE = tl.constexpr(1)
 DOT_LOWP = tl.constexpr(2)
 
-
-
-def mix_tile_limit(dtype: torch.dtype) -> int:
-    """Largest next_pow2(h) * next_pow2(d) a mixed-head program fits in an H100 block's shared memory,
-    measured on sm_90 compiles (Triton 3.8) with the tiles of emsa_fwd._GPU_TILES: fp32 operands
-    512 (e.g. h 8, d 64: 224 KiB in the dq kernel), 16-bit operands 1024 (h 8, d 128: 139 KiB).
-    No limit applies under the interpreter."""
-    return 512 if dtype == torch.float32 else 1024
 
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

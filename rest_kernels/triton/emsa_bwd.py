@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from ._common import (dot, trans, load_heads, load_mix, load_rows, load_tile,
                       mixed_logits, store_rows, store_tile)
 from .emsa_fwd import _attn_kernel, block_sizes, launch_config, rowsum
@@ -189,16 +190,16 @@ def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
         # forward sweep, fp32 "ieee" PV dot, into a transient buffer that autograd never saves).
         out = torch.empty(B, N, H, D, **f32).transpose(1, 2)
         BN32, BM32 = block_sizes(HP, BD, M, False)  # fp32 operands: the fp32 tiles
-        _attn_kernel[(triton.cdiv(N, BN32), B, 1)](
-            q, k, v, mix_weight.contiguous(), out, lse, rstd, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), H, N, M, D, float(scale), HP=HP, BN=BN32, BM=BM32, BD=BD, NORM=True, DTYPE=tl.float32,
-            DOT=0 if DOT == 0 else 1)
+        launch(_attn_kernel, (triton.cdiv(N, BN32), B, 1),
+               q, k, v, mix_weight.contiguous(), out, lse, rstd, *q.stride(), *k.stride(), *v.stride(),
+               *out.stride(), H, N, M, D, float(scale), HP=HP, BN=BN32, BM=BM32, BD=BD, NORM=True, DTYPE=tl.float32,
+               DOT=0 if DOT == 0 else 1)
     BNR = 64
-    _row_terms_kernel[(triton.cdiv(N, BNR), B, H)](out, dout, delta, *out.stride(), *dout.stride(),
-                                                   H, N, D, BN=BNR, BD=BD)
+    launch(_row_terms_kernel, (triton.cdiv(N, BNR), B, H), out, dout, delta, *out.stride(), *dout.stride(),
+           H, N, D, BN=BNR, BD=BD)
     if mix:
         vbar = torch.empty(B, H, D, **f32)
-        _vbar_kernel[(B, H)](v, vbar, *v.stride(), H, M, D, BM=BM, BD=BD)
+        launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=BM, BD=BD)
         c = rowsum(delta) / (N * M)  # mean(dY * Y) per (b, g), fixed-order sum
         w = mix_weight.contiguous()
     else:
@@ -213,8 +214,8 @@ def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     common = dict(HP=HP, BN=BN, BM=BM, BD=BD, MIX=mix, NORM=mix, DTYPE=DTYPE, DOT=DOT)
     stats = (lse, delta, rsq, vbar, rstd, c)
-    _dkdv_kernel[(grid_m, B, grid_h)](q, k, v, dout, w, *stats, dk, dv, dw_part, *strides,
-                                      H, N, M, D, float(scale), **common)
-    _dq_kernel[(grid_n, B, grid_h)](q, k, v, dout, w, *stats, dq, *strides, H, N, M, D, float(scale), **common)
+    launch(_dkdv_kernel, (grid_m, B, grid_h), q, k, v, dout, w, *stats, dk, dv, dw_part, *strides,
+           H, N, M, D, float(scale), **common)
+    launch(_dq_kernel, (grid_n, B, grid_h), q, k, v, dout, w, *stats, dq, *strides, H, N, M, D, float(scale), **common)
     dmix = rowsum(dw_part) if mix else None  # fixed-order sum of the per-program partials
     return dq, dk, dv, dmix

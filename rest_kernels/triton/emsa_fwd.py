@@ -16,9 +16,10 @@ logits L = q k^T scale (one batched tensor-core dot), the mix S[g] = sum_j W[g,j
 contraction in registers) and the softmax pieces. Only [HP, BLOCK_N, BLOCK_M] exists at a time:
 the N x M map never reaches global memory. Without the mix the heads are independent, a program
 owns one head (HP = 1) and the grid is (cdiv(N, BLOCK_N), B, h). BD = next_pow2(d) >= 16, masked,
-so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix, and on a GPU next_pow2(h) * BD <= 512
-(fp32) / 1024 (16-bit): the shared memory Triton stages the tiles in (measured on sm_90 compiles;
-anything beyond is refused with that reason, so "auto" falls back).
+so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix. On a GPU every call is first compiled for the
+device's arch and its launches held against the arch's limits (shared memory per block, grid axes:
+rest_kernels/triton/capability.py); what does not fit is refused with that reason, so "auto" falls
+back.
 
 Three kernels, all with fixed block order (deterministic, no atomics):
 1. `_stats_kernel` (mix only): online softmax over the key blocks. Per row it keeps the running
@@ -74,6 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from ._common import (TORCH_TO_TL, dot, dot_mode, interpreting, load_heads, load_mix, load_rows,
                       load_tile, mixed_logits, pow2, store_rows, store_tile)
 
@@ -125,7 +127,7 @@ def rowsum(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, R)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
     if flat.shape[0]:
-        _rowsum_kernel[(flat.shape[0],)](flat, out, R, BR=min(1024, pow2(R, 16)))
+        launch(_rowsum_kernel, (flat.shape[0],), flat, out, R, BR=min(1024, pow2(R, 16)))
     return out.reshape(x.shape[:-1])
 
 
@@ -219,15 +221,15 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     if mix:
         w = mix_weight.contiguous()
         rsq = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-        _stats_kernel[(grid_n, B, 1)](q, k, w, lse, rsq, *strides, H, N, M, D, float(scale),
-                                      HP=HP, BN=BN, BM=BM, BD=BD, DTYPE=DTYPE, DOT=DOT)
+        launch(_stats_kernel, (grid_n, B, 1), q, k, w, lse, rsq, *strides, H, N, M, D, float(scale),
+               HP=HP, BN=BN, BM=BM, BD=BD, DTYPE=DTYPE, DOT=DOT)
         var = rowsum(rsq) / (N * M) - 1.0 / (M * M)
         rstd = torch.rsqrt(var.clamp_min(0.0) + eps)
     else:
         w = q  # unused pointer
         rsq = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
         rstd = torch.zeros(B, H, dtype=torch.float32, device=dev)
-    _attn_kernel[(grid_n, B, triton.cdiv(H, HP))](
-        q, k, v, w, out, lse, rstd, *strides, *v.stride(), *out.stride(), H, N, M, D, float(scale),
-        HP=HP, BN=BN, BM=BM, BD=BD, NORM=mix, DTYPE=DTYPE, DOT=DOT)
+    launch(_attn_kernel, (grid_n, B, triton.cdiv(H, HP)),
+           q, k, v, w, out, lse, rstd, *strides, *v.stride(), *out.stride(), H, N, M, D, float(scale),
+           HP=HP, BN=BN, BM=BM, BD=BD, NORM=mix, DTYPE=DTYPE, DOT=DOT)
     return out, lse, rsq, rstd

@@ -1,7 +1,8 @@
 """PA in Triton: out = x * sigmoid(depthwise3x3(x) + bias), forward and backward, one pass each.
 
-Grid (tiles of BH x BW pixels, B * channel blocks): a program owns one tile of BC channels of one
-image (BC = 1 on a GPU unless the planes are small). The 3x3 taps are
+Grid (B * channel blocks, tiles of BH x BW pixels): a program owns one tile of BC channels of one
+image. B * channel blocks goes on grid axis x (up to 2^31 - 1 blocks), the tiles of one plane on axis y
+(up to 65,535: planes of up to ~67 M pixels; beyond, the capability check refuses the call) (BC = 1 on a GPU unless the planes are small). The 3x3 taps are
 nine masked shifted loads of x (zero padding comes from the mask; neighbours come from L1/L2).
 
 Backward, with s = sigmoid(z), z = conv(x) + bias and dz = dout * x * s (1 - s):
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from ._common import interpreting
 from .emsa_fwd import rowsum
 
@@ -39,8 +41,8 @@ def _preact(base, w_ptr, cc, mc, bias, yy, xx, sc, sh, sw, H, W):
 @triton.jit
 def _tile_coords(C, n_tw, n_cb, BC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """Program (spatial tile, b * channel block) -> b, channels [BC,1,1], rows [1,BH,1], cols [1,1,BW]."""
-    t = tl.program_id(0)
-    bcb = tl.program_id(1)
+    bcb = tl.program_id(0)
+    t = tl.program_id(1)
     b = bcb // n_cb
     cc = (bcb % n_cb) * BC + tl.arange(0, BC)[:, None, None]
     yy = (t // n_tw) * BH + tl.arange(0, BH)[None, :, None]
@@ -77,10 +79,10 @@ def _pa_bwd_kernel(x_ptr, w_ptr, b_ptr, do_ptr, dx_ptr, part_ptr,
         bias += tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     dx = tl.zeros((BC, BH, BW), tl.float32)
     # partial sums of (dweight taps 0..8, dbias) of this program: part[c, k, b * tiles + tile]
-    n_part = tl.num_programs(0) * (tl.num_programs(1) // n_cb)
-    c1 = (tl.program_id(1) % n_cb) * BC + tl.arange(0, BC)
+    n_part = tl.num_programs(1) * (tl.num_programs(0) // n_cb)
+    c1 = (tl.program_id(0) % n_cb) * BC + tl.arange(0, BC)
     inside = mc & (yy < H) & (xx < W)
-    part = part_ptr + c1.to(tl.int64) * 10 * n_part + b * tl.num_programs(0) + tl.program_id(0)
+    part = part_ptr + c1.to(tl.int64) * 10 * n_part + b * tl.num_programs(1) + tl.program_id(1)
     mc1 = c1 < C
     for t in tl.static_range(9):
         # dz at q = p - off_t (the tile shifted against the tap), zero outside the image
@@ -130,8 +132,8 @@ def pa_forward(x, weight, bias):
     BC, BH, BW, n_cb, n_th, n_tw = _tiles(C, H, W)
     out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
     w, bias = _flat_params(weight, bias, C)
-    _pa_fwd_kernel[(n_th * n_tw, B * n_cb)](x, w, bias if bias is not None else w, out, *x.stride(), C, H, W,
-                                            n_tw, n_cb, HAS_BIAS=bias is not None, BC=BC, BH=BH, BW=BW)
+    launch(_pa_fwd_kernel, (B * n_cb, n_th * n_tw), x, w, bias if bias is not None else w, out, *x.stride(), C, H, W,
+           n_tw, n_cb, HAS_BIAS=bias is not None, BC=BC, BH=BH, BW=BW)
     return out
 
 
@@ -141,9 +143,9 @@ def pa_backward(dout, x, weight, bias):
     dx = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
     w, bias = _flat_params(weight, bias, C)
     part = torch.empty(C, 10, B * n_th * n_tw, dtype=torch.float32, device=x.device)
-    _pa_bwd_kernel[(n_th * n_tw, B * n_cb)](x, w, bias if bias is not None else w, dout, dx, part,
-                                            *x.stride(), *dout.stride(), C, H, W, n_tw, n_cb,
-                                            HAS_BIAS=bias is not None, BC=BC, BH=BH, BW=BW)
+    launch(_pa_bwd_kernel, (B * n_cb, n_th * n_tw), x, w, bias if bias is not None else w, dout, dx, part,
+           *x.stride(), *dout.stride(), C, H, W, n_tw, n_cb,
+           HAS_BIAS=bias is not None, BC=BC, BH=BH, BW=BW)
     sums = rowsum(part)  # (C, 10), fixed order over the programs
     dweight = sums[:, :9].reshape(C, 1, 3, 3).to(weight.dtype)
     dbias = sums[:, 9].to(bias.dtype) if bias is not None else None

@@ -1,0 +1,59 @@
+"""Every Triton kernel of the package is launched through `launch`, so that a launch can also be
+*planned*: compiled for a target without running.
+
+Why: what a launch costs in GPU resources (shared memory, registers, grid) is only known once the
+JIT has specialised the kernel for the actual arguments and compiled it for the target arch. The
+interpreter checks none of it, and a launch that does not fit raises `OutOfResources` only at run
+time. Inside `planning()`, the host functions (emsa_forward, emsa_backward, pa_forward, pa_backward)
+run unchanged on meta tensors, every `launch` compiles its kernel for the active driver's target
+(`JITFunction.warmup`: the same specialisation and cache as a real launch) and records it instead of
+running it. rest_kernels/triton/capability.py uses that to refuse calls that would not fit, and
+rest_kernels/triton/resources.py to measure every kernel ahead of time for sm_80..sm_90.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+_local = threading.local()
+
+
+@dataclasses.dataclass
+class PlannedLaunch:
+    """One launch of a plan: the kernel's name, its grid and the compiled kernel (metadata.shared,
+    metadata.num_warps, asm['ptx'] / asm['cubin'] ...)."""
+    name: str
+    grid: tuple[int, int, int]
+    compiled: object
+    constexprs: dict
+
+
+def _grid3(grid) -> tuple[int, int, int]:
+    g = tuple(int(x) for x in grid)
+    return g + (1,) * (3 - len(g))
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """`kernel[grid](*args, **kwargs)`, or, inside `planning()`, compile it and record the launch."""
+    plan = getattr(_local, "plan", None)
+    if plan is None:
+        return kernel[grid](*args, **kwargs)
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), compiled, dict(kwargs)))
+    return compiled
+
+
+@contextlib.contextmanager
+def planning():
+    """Record (and compile, never run) the launches made by this thread inside the block.
+
+    Yields the list of PlannedLaunch; the host code must be given meta tensors (nothing is run, so
+    nothing is read or written)."""
+    if getattr(_local, "plan", None) is not None:
+        raise RuntimeError("rest_kernels: planning() does not nest")
+    _local.plan = []
+    try:
+        yield _local.plan
+    finally:
+        _local.plan = None
