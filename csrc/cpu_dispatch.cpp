@@ -177,7 +177,7 @@ rest_cpu::Tensors3 pa_bwd(const at::Tensor& dout, const at::Tensor& x, const at:
 }  // namespace
 
 // For Python (registration.cpp binds these): what is selected and why, and a switch for tests and
-// comparisons (`rest_kernels.set_cpu_isa`).
+// comparisons (`rest_kernels._extension.select_cpu_kernels`).
 py::dict cpu_kernels_status() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);

@@ -4,7 +4,7 @@ Why: at 224 px the linear layers (q, kv, proj, the MLP) are about 60% of rest_ba
 time, and the matrix multiply PyTorch uses for them (MKL's sgemm) does not take an AVX-512 path on
 every x86 CPU. Measured 2026-11-22 on a 2-core AMD EPYC with AVX-512 (Zen 4), 2 threads, float32:
 MKL (torch.addmm) 100-180 GFLOP/s at ResT's shapes, oneDNN's matmul 300-410 GFLOP/s; the whole-model
-effect on that machine and on an AVX2 one is in the README ("Whole models"). oneDNN also applies the bias (and, when no gradient is needed, the MLP's GELU) inside the
+effect on that machine and on an AVX2 one is in docs/benchmarks.md ("Whole models"). oneDNN also applies the bias (and, when no gradient is needed, the MLP's GELU) inside the
 matmul, which saves the bias broadcast copy and a pass over the 4x-wide hidden activations. With
 gradients, the backward's two products (dx, dweight) run on oneDNN too; under create_graph (double
 backward) they are plain differentiable matmuls.

@@ -36,7 +36,7 @@ def assert_close_scaled(actual, expected, rtol, what, floor=None):
     assert err <= rtol * max(scale, 1e-30), f"{what}: max abs error {err:.3e} > {rtol:.1e} x scale {scale:.3e}"
 
 
-# For the exactly-zero gradients: the reference README's rule, norms against the larger of their own
+# For the exactly-zero gradients: the rule of tests/data/README.md, norms against the larger of their own
 # norm and 1e-3 of the largest gradient norm (official float32 code lands near 1e-4 of that floor).
 ZERO_GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}
 
@@ -189,7 +189,7 @@ def check_emsa_op(backend, B, h, N, M, d, dtype, mix=True, layout="model", devic
     tag = f"{backend} B{B} h{h} N{N} M{M} d{d} {dtype} mix={mix} {layout}"
     if dtype in RTOL:
         # Gradients that vanish in exact arithmetic (dbias always; dq, dk, dmix when M = 1) are
-        # compared against the scale of the case, as the reference README prescribes.
+        # compared against the scale of the case, as tests/data/README.md prescribes.
         largest = max(t.abs().max().item() for t in oracle[1])
         for name, a, e in zip(names, (got[0],) + tuple(got[1]), (oracle[0],) + tuple(oracle[1])):
             floor = 1e-3 * largest if name != "out" else None

@@ -9,7 +9,7 @@ rule compares (our error against PyTorch's own error in the same dtype, same sta
 Gradients that are exactly zero in exact arithmetic (the attention's mix bias, kv.bias and
 sr_norm.bias, and in train mode each PatchEmbed conv bias, which the following BatchNorm's batch mean
 cancels) hold only rounding noise in float64: their error is taken relative to the larger of their
-own norm and 1e-3 of the largest gradient norm of the model (the reference README's floor).
+own norm and 1e-3 of the largest gradient norm of the model (the floor of tests/data/README.md).
 """
 from __future__ import annotations
 
