@@ -44,7 +44,7 @@ from grad_errors import relative_errors, train_step  # noqa: E402
 
 def model_for(parts: set[str], dtype=torch.float32):
     """rest_lite with the fixture weights; `parts` names the fused parts switched on."""
-    case = load("rest_v1_models.pt")["rest_lite"]
+    case = load("rest_v1_models.zip")["rest_lite"]
     model = rest_lite().double()
     fill_weights(model, case["seed"])
     model = model.float().to(dtype)  # float32-rounded weights for every run, the float64 one too
@@ -158,7 +158,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.native_batchnorm:
         BatchNorm2d._accurate_path_applies = staticmethod(lambda x: False)
-    ref = load("rest_v1_models.pt")
+    ref = load("rest_v1_models.zip")
     x32, dlogits = ref["input"].float(), ref["rest_lite"]["dlogits"]
     errors = {name: errors_of(parts, layout, x32, dlogits, rev) for name, (parts, layout, rev) in RUNS.items()}
     pytorch = {k: max(errors[run][k] for run in PYTORCH_RUNS) for k in errors["pytorch NCHW"]}

@@ -11,25 +11,31 @@ import os
 
 import torch
 
+import fixture_container
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @functools.lru_cache(maxsize=None)
 def load(name: str):
-    """A fixture file of tests/data, loaded once per test session."""
+    """A fixture file of tests/data, loaded once per test session: .json as JSON, .zip (the float64
+    outputs of the official code) by fixture_container, bit for bit what torch.load gave of the .pt
+    files they were packed from (see tests/data/README.md)."""
     path = os.path.join(DATA, name)
     if name.endswith(".json"):
         with open(path) as f:
             return json.load(f)
-    return torch.load(path, weights_only=False)
+    if name.endswith(".zip"):
+        return fixture_container.load(path)
+    raise ValueError(f"unknown fixture kind: {name!r} (tests/data holds .json and .zip files)")
 
 
 def attention_cases():
-    return load("attention_cases.pt")
+    return load("attention_cases.zip")
 
 
 def pa_cases():
-    return load("pa_cases.pt")
+    return load("pa_cases.zip")
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ safetensors = pytest.importorskip("safetensors.torch")
 
 def tiny(seed=0):
     torch.manual_seed(seed)
-    return ResT(**load("rest_tiny.pt")["config"])
+    return ResT(**load("rest_tiny.zip")["config"])
 
 
 def assert_same_state(a, b):
@@ -81,7 +81,7 @@ def test_safetensors_errors_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="bad.safetensors.*safetensors"):
         load_checkpoint(tiny(), bad)
     # a state_dict of the wrong model: the strict report, as for .pth
-    other = ResT(**{**load("rest_tiny.pt")["config"], "num_classes": 3})
+    other = ResT(**{**load("rest_tiny.zip")["config"], "num_classes": 3})
     path = save_checkpoint(other, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_checkpoint(tiny(), path)

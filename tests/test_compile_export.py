@@ -165,7 +165,7 @@ def test_export_has_single_fused_nodes(monkeypatch, variant):
 
 def test_export_tiny_model_odd_size(monkeypatch):
     # an input that is not a multiple of 32 exports and runs like eager too
-    model = ResT(**load("rest_tiny.pt")["config"]).eval()
+    model = ResT(**load("rest_tiny.zip")["config"]).eval()
     x = torch.randn(1, 3, 47, 33)
     with fused_cpu_route(monkeypatch):
         program = torch.export.export(model, (x,))

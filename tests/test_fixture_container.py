@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fixture_container as fc
+from reference_data import load
 
 
 def _sample():
@@ -99,3 +100,33 @@ def test_pack_refuses_what_it_cannot_keep(tmp_path, bad):
     with pytest.raises(TypeError):
         fc.save(bad, tmp_path / "bad.zip")
 
+
+EMSA_KEYS = ["config", "state_sums", "x", "out", "dout", "grad_x", "grads"]
+
+
+@pytest.mark.parametrize("name, check", [
+    ("attention_cases.zip", lambda o: type(o) is list and len(o) == 8 and all(list(c) == EMSA_KEYS for c in o)),
+    ("pa_cases.zip", lambda o: type(o) is list and len(o) == 5 and all(list(c) == EMSA_KEYS for c in o)),
+    ("rest_tiny.zip", lambda o: list(o) == ["config", "224x224", "64x96"]
+     and o["224x224"]["logits_eval"].shape == (2, 10)),
+    ("rest_v1_models.zip", lambda o: list(o) == ["input", "rest_lite", "rest_small", "rest_base", "rest_large"]
+     and o["input"].shape == (2, 3, 224, 224) and o["rest_lite"]["stage1_tokens"].stride() == (200704, 1, 3136)),
+])
+def test_fixture_files_load(name, check):
+    obj = load(name)
+    assert check(obj)
+    tensors = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(obj)
+    assert tensors and all(t.dtype == torch.float64 and not t.requires_grad for t in tensors)
+    assert all(torch.isfinite(t).all() for t in tensors)

@@ -41,7 +41,7 @@ def official_model(variant: str, seed: int, dtype=torch.float64, **kwargs) -> Re
 
 
 def tiny_model(seed: int, dtype=torch.float64, **kwargs) -> ResT:
-    model = ResT(**{**load("rest_tiny.pt")["config"], **kwargs}).double()
+    model = ResT(**{**load("rest_tiny.zip")["config"], **kwargs}).double()
     fill_weights(model, seed)
     return model.to(dtype)
 
@@ -128,7 +128,7 @@ def test_headless_model_and_reset_classifier():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_eval_logits_match_official(variant, dtype):
-    ref = load("rest_v1_models.pt")
+    ref = load("rest_v1_models.zip")
     model = official_model(variant, ref[variant]["seed"], dtype).eval()
     with torch.no_grad():
         logits = model(ref["input"].to(dtype))
@@ -138,7 +138,7 @@ def test_eval_logits_match_official(variant, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_lite_stage_outputs_match_official(dtype):
-    ref = load("rest_v1_models.pt")
+    ref = load("rest_v1_models.zip")
     model = official_model("rest_lite", ref["rest_lite"]["seed"], dtype).eval()
     x = ref["input"].to(dtype)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_stage_maps_are_views_of_the_tokens(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_lite_train_mode_gradients_match_official(dtype):
-    ref = load("rest_v1_models.pt")
+    ref = load("rest_v1_models.zip")
     case = ref["rest_lite"]
     x = ref["input"].to(dtype)
     if dtype == torch.float64:
@@ -237,7 +237,7 @@ def test_lite_train_mode_gradients_match_official(dtype):
 @pytest.mark.parametrize("size", ["224x224", "64x96"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_tiny_model_matches_official(size, dtype):
-    case = load("rest_tiny.pt")[size]
+    case = load("rest_tiny.zip")[size]
     rtol = RTOL[dtype]
     model = tiny_model(case["seed"], dtype).eval()
     x = case["input"].to(dtype)
@@ -488,7 +488,7 @@ def test_checkpoint_round_trip(tmp_path, wrap):
         state = {"state_dict": state, "optimizer": {"lr": 0.1}}
     path = tmp_path / "ckpt.pth"
     torch.save(state, path)
-    target = load_checkpoint(ResT(**load("rest_tiny.pt")["config"]).double(), path)
+    target = load_checkpoint(ResT(**load("rest_tiny.zip")["config"]).double(), path)
     expected = _perturbed_state(source)
     for k, v in target.state_dict().items():
         assert torch.equal(v, expected[k]), k
@@ -506,7 +506,7 @@ def test_pretrained_constructor(tmp_path):
 
 
 def test_checkpoint_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
-    cfg = load("rest_tiny.pt")["config"]
+    cfg = load("rest_tiny.zip")["config"]
     state = ResT(**cfg).state_dict()
     del state["stage2.0.attn.q.weight"]
     state["stage9.0.extra.weight"] = torch.zeros(3)
@@ -523,7 +523,7 @@ def test_checkpoint_mismatch_lists_missing_unexpected_and_shapes(tmp_path):
 
 
 def test_checkpoint_without_num_batches_tracked_loads(tmp_path):
-    cfg = load("rest_tiny.pt")["config"]
+    cfg = load("rest_tiny.zip")["config"]
     state = {k: v for k, v in _perturbed_state(ResT(**cfg)).items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "old.pth"
     torch.save(state, path)
@@ -532,7 +532,7 @@ def test_checkpoint_without_num_batches_tracked_loads(tmp_path):
 
 
 def test_checkpoint_unreadable_files(tmp_path):
-    model = ResT(**load("rest_tiny.pt")["config"])
+    model = ResT(**load("rest_tiny.zip")["config"])
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(CheckpointError, match="not found.*nowhere.pth"):
         load_checkpoint(model, missing)

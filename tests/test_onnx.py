@@ -68,7 +68,7 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, monkeypatch, dynamo):
 
 def test_plain_torch_onnx_export_lowers_the_fused_ops(tmp_path, monkeypatch):
     # no helper: torch.onnx.export as users call it; the registry routes to the reference math
-    model = ResT(**load("rest_tiny.pt")["config"]).eval()
+    model = ResT(**load("rest_tiny.zip")["config"]).eval()
     x = torch.randn(1, 3, 47, 33)  # not a multiple of 32
     with fused_cpu_route(monkeypatch):
         torch.onnx.export(model, (x,), tmp_path / "tiny.onnx", dynamo=True)
@@ -79,7 +79,7 @@ def test_plain_torch_onnx_export_lowers_the_fused_ops(tmp_path, monkeypatch):
 
 
 def test_export_onnx_restores_the_model(tmp_path):
-    model = ResT(**load("rest_tiny.pt")["config"]).double()
+    model = ResT(**load("rest_tiny.zip")["config"]).double()
     fill_weights(model, 2)
     model.float().train()
     model.set_backend("cpu")  # pinned to a fused backend that may be unavailable here
