@@ -235,11 +235,16 @@ def summary_table(rows: list[dict], gpu) -> list[str]:
     body = []
     for case in dict.fromkeys(r["case"] for r in rows):
         t = {r["impl"]: r["seconds"][gpu.name] for r in rows if r["case"] == case and r["status"] == "ok"}
-        cells = [case] + [us(t[i]) if i in t else "n/a" for i in impls]
+        miss = {r["impl"] for r in rows
+                if r["case"] == case and r["status"] == "ok" and r["occupancy_missing"][gpu.name]}
+        cells = [case] + [(us(t[i]) + ("*" if i in miss else "")) if i in t else "n/a" for i in impls]
         cells += [f"{t[b] / t[f]:.2f}x" if f in t and b in t else "-" for f in fused for b in ("eager", "compile")
                   if b in impls]
         body.append(cells)
-    return _grid(header, body, left=1)
+    lines = _grid(header, body, left=1)
+    if any(r.get("occupancy_missing", {}).get(gpu.name) for r in rows):
+        lines.append("* occupancy n/a for some kernels (no resource row): wave factor 1 for them")
+    return lines
 
 
 def occupancy_table(rows: list[dict], impl: str, gpus, tables) -> list[str]:
