@@ -39,6 +39,15 @@ def test_triton_plain_emsa_forward_by_hand():
     assert attn.resource_key == "bf16 _attn_kernel BD=64 BM=64 BN=64 DOT=2 HP=1 NORM=False"
 
 
+def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
+    # the interpreter picks 64 x 128 tiles for 2 mixed heads and M = 128; a GPU 64 x 64
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ks = _perf_fused.triton_kernels(Shape("t", "emsa", 1, 2, 64, 128, 64, True), "bf16", backward=False)
+    stats = next(k for k in ks if k.name == "_stats_kernel")
+    assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 HP=2"
+    assert os.environ["TRITON_INTERPRET"] == "1"  # restored
+
+
 def test_pa_eager_compile_and_triton_by_hand():
     # x (1, 2, 4, 4) fp32 = 128 B, weight (2,1,3,3) = 72 B, bias 8 B.
     shape = Shape("t", "pa", 1, C=2, H=4, W=4)
