@@ -9,6 +9,8 @@ run unchanged on meta tensors, every `launch` compiles its kernel for the active
 (`JITFunction.warmup`: the same specialisation and cache as a real launch) and records it instead of
 running it. rest_kernels/triton/capability.py uses that to refuse calls that would not fit, and
 rest_kernels/triton/resources.py to measure every kernel ahead of time for sm_80..sm_90.
+Inside `recording()` nothing is compiled either: each launch is only recorded, with its positional
+arguments (a static cost model, bench/perf_model.py, reads the grids, tiles and tensor sizes).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class PlannedLaunch:
     grid: tuple[int, int, int]
     compiled: object
     constexprs: dict
+    args: tuple = ()  # the positional arguments (kept by recording() only)
 
 
 def _grid3(grid) -> tuple[int, int, int]:
@@ -39,6 +42,9 @@ def launch(kernel, grid, *args, **kwargs):
     plan = getattr(_local, "plan", None)
     if plan is None:
         return kernel[grid](*args, **kwargs)
+    if getattr(_local, "record_only", False):
+        plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), None, dict(kwargs), args))
+        return None
     compiled = kernel.warmup(*args, grid=grid, **kwargs)
     plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), compiled, dict(kwargs)))
     return compiled
@@ -57,3 +63,18 @@ def planning():
         yield _local.plan
     finally:
         _local.plan = None
+
+
+@contextlib.contextmanager
+def recording(sink: list | None = None):
+    """Record the launches made by this thread inside the block without compiling or running them
+    (PlannedLaunch with compiled=None and the positional arguments). `sink`: the list to append
+    to (default a new one), so a caller can interleave its own records (e.g. the torch ops the
+    host code issues between launches). Host code must be given meta tensors."""
+    if getattr(_local, "plan", None) is not None:
+        raise RuntimeError("rest_kernels: recording() does not nest, nor run inside planning()")
+    _local.plan, _local.record_only = (sink if sink is not None else []), True
+    try:
+        yield _local.plan
+    finally:
+        _local.plan, _local.record_only = None, False

@@ -1,0 +1,294 @@
+"""The kernels of the fused backends, for the performance model (bench/perf_model.py): every launch
+of one EMSA or PA call with what it moves and computes.
+
+Triton: the backend's own host functions (rest_kernels/triton/emsa_fwd.py, emsa_bwd.py, pa.py) run
+on meta tensors inside rest_kernels.triton.launch.recording() (nothing compiled, nothing run) and
+under an aten op log, so the launches, grids, tiles (the GPU tiles: TRITON_INTERPRET is switched
+off while recording) and the torch ops the host code issues in between are exactly those of a
+real call. Bytes and FLOPs per kernel are read off the kernel source (the per-element counts below).
+
+CUDA: csrc/cuda/emsa_kernels.cuh and pa_kernels.cuh launch from C++, so their host code is
+transcribed here (`cuda_kernels`), launch by launch, with the at::zeros fills and dtype
+conversions it makes. Keep it in step with the .cuh files.
+
+Counts: bytes are HBM bytes, each tensor a kernel touches once (bench/perf_model.py); FLOPs are
+those the kernel executes, padding of its tiles included (masked lanes compute too): Triton pads
+the heads to HP, the head dim to BD and the rows to BN / BM; the CUDA kernels pad to 32 x 32 tiles
+and the PV / dq / dk / dv accumulators to DPAD (64 or 128), while their logit dots stop at d.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from ._perf_aten import OpLog, eager_kernels, tensor_bytes
+from .perf_model import Kernel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _gpu_tiles():
+    """The Triton host code picks interpreter tiles when TRITON_INTERPRET is on: model the GPU's."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+# ----------------------------------------------------------------------------- Triton
+def record_triton(shape, dtype: str, backward: bool) -> list:
+    """The launches (PlannedLaunch) and torch ops (AtenOp) of one call, in program order: the
+    forward, then (backward=True) the backward."""
+    from rest_kernels.triton.launch import recording
+    from rest_kernels.triton.resources import shape_tensors
+    dt = DTYPES[dtype]
+    events: list = []
+    with _gpu_tiles(), torch.no_grad():
+        tensors = shape_tensors(shape, dt)
+        with recording(events), OpLog(events):
+            if shape.op == "emsa":
+                from rest_kernels.triton.emsa_bwd import emsa_backward
+                from rest_kernels.triton.emsa_fwd import emsa_forward
+                q, k, v, w = tensors
+                scale, eps = shape.d ** -0.5, 1e-5
+                out, lse, rsq, rstd = emsa_forward(q, k, v, w, scale, eps)
+                if backward:
+                    dout = torch.empty(out.transpose(1, 2).shape, dtype=dt, device="meta").transpose(1, 2)
+                    emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
+            else:
+                from rest_kernels.triton.pa import pa_backward, pa_forward
+                x, w, b = tensors
+                pa_forward(x, w, b)
+                if backward:
+                    pa_backward(torch.empty_like(x), x, w, b)
+    return events
+
+
+def triton_kernels(shape, dtype: str, backward: bool) -> list[Kernel]:
+    from rest_kernels.triton.launch import PlannedLaunch
+    kernels = []
+    for ev in record_triton(shape, dtype, backward):
+        if isinstance(ev, PlannedLaunch):
+            kernels.append(triton_kernel(ev, dtype))
+        else:
+            kernels.extend(eager_kernels([ev]))
+    return kernels
+
+
+def triton_config(constexprs: dict) -> str:
+    from rest_kernels.triton.resources import _config
+    return _config(constexprs)
+
+
+#: non-tensor FLOPs per logit element of the [HP, BN, BM] tiles (read off the kernels: scale,
+#: head mix 2 HP per element, max / subtract / exp argument, sums, the norm terms of dS)
+def _tile_fp(name: str, c: dict) -> float:
+    hp = c["HP"]
+    if name == "_stats_kernel":
+        return 7 + 2 * hp
+    if name == "_attn_kernel":
+        return 5 + 2 * hp if c["NORM"] else 6 + c["BD"] / c["BM"]
+    mixed = c["MIX"]
+    if name == "_dkdv_kernel":
+        return 14 + 6 * hp if mixed else 6
+    return 14 + 4 * hp if mixed else 6  # _dq_kernel
+
+
+_DOTS = {"_stats_kernel": 1, "_attn_kernel": 2, "_dkdv_kernel": 4, "_dq_kernel": 3}
+#: argument positions read / written by each kernel (see the kernels' signatures)
+_IO = {
+    "_stats_kernel": ((0, 1), (3, 4)),
+    "_rowsum_kernel": ((0,), (1,)),
+    "_vbar_kernel": ((0,), (1,)),
+    "_row_terms_kernel": ((0, 1), (2,)),
+    "_dkdv_kernel": ((0, 1, 2, 3, 5, 6, 7), (11, 12)),
+    "_dq_kernel": ((0, 1, 2, 3, 5, 6, 7), (11,)),
+    "_pa_fwd_kernel": ((0, 1), (3,)),
+    "_pa_bwd_kernel": ((0, 1, 3), (4, 5)),
+}
+
+
+def triton_kernel(ev, dtype: str) -> Kernel:
+    name, c, a = ev.name, ev.constexprs, ev.args
+    gx, gy, gz = ev.grid
+    grid = gx * gy * gz
+    if name == "_attn_kernel":
+        reads, writes = ((0, 1, 2, 5, 6), (4,)) if c["NORM"] else ((0, 1, 2), (4, 5))
+    else:
+        reads, writes = _IO[name]
+        if name in ("_dkdv_kernel", "_dq_kernel") and c["NORM"]:
+            reads += (8,)  # vbar
+        if name == "_dkdv_kernel" and c["MIX"]:
+            writes += (13,)  # dW partials
+        if name in ("_pa_fwd_kernel", "_pa_bwd_kernel") and c["HAS_BIAS"]:
+            reads += (2,)
+    nb = [float(tensor_bytes(t)) if isinstance(t, torch.Tensor) else 0.0 for t in a]
+    k = Kernel(name, sum(nb[i] for i in reads + writes), grid=grid,
+               resource_key=f"{dtype} {name} {triton_config(c)}")
+    if name in _DOTS:
+        B, _, N, _ = a[0].shape
+        M = a[1].shape[2]
+        hp, bn, bm, bd = c["HP"], c["BN"], c["BM"], c["BD"]
+        loop = math.ceil(N / bn) if name == "_dkdv_kernel" else math.ceil(M / bm)
+        elems = grid * loop * hp * bn * bm
+        k.dot_flops = _DOTS[name] * 2.0 * bd * elems
+        k.dot_unit = "tc16" if c["DOT"] == 2 else "fp32"
+        k.fp32 = _tile_fp(name, c) * elems
+        k.sfu = float(elems)
+        # operands every program walks again: k, v (query-block programs) or q, dO, row stats (key-block ones)
+        again = (0, 3, 5, 6, 7) if name == "_dkdv_kernel" else ((1,) if name == "_stats_kernel" else (1, 2))
+        k.reread = (gx - 1) * sum(nb[i] for i in again)
+        k.reuse_set = sum(nb[i] for i in again) / B
+        k.sharers = gx * gz
+    elif name in ("_pa_fwd_kernel", "_pa_bwd_kernel"):
+        elems = grid * c["BC"] * c["BH"] * c["BW"]
+        k.fp32, k.sfu = (20.0 * elems, 2.0 * elems) if name == "_pa_fwd_kernel" else (237.0 * elems, 18.0 * elems)
+        k.note = "3x3 halo re-reads from L1/L2 not counted"
+    elif name == "_row_terms_kernel":
+        k.fp32 = 2.0 * grid * c["BN"] * c["BD"]
+    else:  # _vbar_kernel, _rowsum_kernel: one add per element read
+        k.fp32 = nb[0] / a[0].element_size()
+    return k
+
+
+# ----------------------------------------------------------------------------- CUDA
+CUDA_T = {"bf16": "c10::BFloat16", "fp16": "c10::Half", "fp32": "float"}
+TILE, THREADS, PA_THREADS = 32, 128, 256
+CUDA_MAX_HEAD_DIM = 128
+
+
+def cuda_unsupported(shape) -> str | None:
+    if shape.op == "emsa" and shape.d > CUDA_MAX_HEAD_DIM:
+        return f"the cuda backend takes head dims up to {CUDA_MAX_HEAD_DIM}"
+    if shape.op == "emsa" and shape.B * shape.heads > 65535:
+        return "the cuda backend takes batch x heads up to 65535"
+    return None
+
+
+def _fill(name: str, nbytes: float) -> Kernel:
+    return Kernel(f"aten.{name}", float(nbytes), note="torch op of the host code")
+
+
+def cuda_kernels(shape, dtype: str, backward: bool) -> list[Kernel]:
+    """The launches of the cuda backend for one call (forward, then the backward), transcribed from
+    the host code of csrc/cuda/emsa_kernels.cuh (emsa_fwd, emsa_bwd) and pa_kernels.cuh."""
+    if shape.op == "pa":
+        return _cuda_pa(shape, dtype, backward)
+    return _cuda_emsa(shape, dtype, backward)
+
+
+def _cuda_emsa(s, dtype, backward):
+    B, h, N, M, d, mix = s.B, s.heads, s.N, s.M, s.d, s.mix
+    es, T, f32 = (4 if dtype == "fp32" else 2), CUDA_T[dtype], dtype == "fp32"
+    DP = 64 if d <= 64 else 128
+    BH, nT, nMt, E = B * h, math.ceil(N / TILE), math.ceil(M / TILE), TILE * TILE
+    q, kv, rows, ws, heads4 = B * h * N * d * es, B * h * M * d * es, BH * N * 4, B * N * h * d * 4, BH * 4
+    vbar = BH * d * 4
+    lw = h if mix else 1  # logits of output head g: a dot of width lw * d (the mix folded in)
+
+    def K(fam, key, nbytes, grid, threads=THREADS, **kw):
+        return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit="fp32", **kw)
+
+    # L2 re-reads: a block loads its query rows again for every key tile (and, with the mix, the
+    # rows of every input head), and so on; reread = all tile loads - the distinct bytes
+    def fwd_kernel(out_bytes):
+        tiles = nT * BH * nMt
+        loads = nMt * lw * q + nT * lw * kv + nT * kv
+        return K("emsa_fwd_kernel", f"emsa_fwd_kernel<{T}, {DP}>", q + 2 * kv + out_bytes + rows + (vbar if mix else 0),
+                 nT * BH, dot_flops=tiles * E * (2.0 * d * lw + 2.0 * DP), fp32=tiles * E * 6.0, sfu=tiles * E * 1.0,
+                 reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h)
+
+    def rowvar(writes):
+        tiles = nT * BH * nMt
+        return K("emsa_rowvar_kernel", f"emsa_rowvar_kernel<{T}>", q + kv + rows + writes, nT * BH,
+                 dot_flops=tiles * E * 2.0 * d * h, fp32=tiles * E * 4.0, sfu=tiles * E * 1.0,
+                 reread=nMt * h * q + nT * h * kv - q - kv, reuse_set=kv / B, sharers=nT * h)
+
+    vbar_k = K("emsa_vbar_kernel", f"emsa_vbar_kernel<{T}>", kv + vbar, BH, fp32=float(B * h * M * d))
+    out = [_fill("zeros", rows), _fill("zeros", heads4)]  # rsq, rstd
+    if mix:
+        out.append(vbar_k)
+    out.append(fwd_kernel(ws))
+    if mix:
+        out.append(rowvar(2 * rows))
+    if mix or not f32:
+        out.append(K("emsa_finalize_kernel", f"emsa_finalize_kernel<{T}>",
+                     ws + B * N * h * d * es + (rows if mix else 0),
+                     nT * BH, fp32=float(B * N * h * d + (nT * BH * N if mix else 0)),
+                     reread=(nT - 1) * rows if mix else 0.0, reuse_set=rows / B if mix else 0.0, sharers=nT * h))
+    if not backward:
+        return out
+    # emsa_bwd: zero-filled outputs and scratch, then the launches in order
+    out += [_fill("zeros", q), _fill("zeros", kv), _fill("zeros", kv)]  # dq, dk, dv
+    if mix:
+        out += [_fill("zeros", h * h * 4)]  # dmix
+    out += [_fill("zeros", heads4)]  # cg
+    if mix:
+        out += [_fill("zeros", B * h * nMt * h * 4), vbar_k, rowvar(rows)]  # dw_part; rc only
+    rowdot_grid = math.ceil(N / (THREADS // 32)) * BH
+    if mix and not f32:  # O rebuilt in float32, then u = rstd dO . O
+        out.append(fwd_kernel(ws))
+        out.append(K("emsa_bwd_rowdot_kernel", f"emsa_bwd_rowdot_kernel<{T}, float>", q + ws + rows, rowdot_grid,
+                     fp32=2.0 * B * h * N * d))
+    else:
+        out.append(K("emsa_bwd_rowdot_kernel", f"emsa_bwd_rowdot_kernel<{T}, {T}>", 2 * q + rows, rowdot_grid,
+                     fp32=2.0 * B * h * N * d))
+    out.append(K("emsa_bwd_rowstat_kernel", "emsa_bwd_rowstat_kernel", rows * (3 if mix else 2) + heads4 * 2, BH,
+                 fp32=3.0 * B * h * N))
+    g = h if mix else 1  # output heads a tile of input head j goes through
+    mx = 1 if mix else 0
+    ins = 2 * q + 2 * kv + 2 * rows + (vbar if mix else 0)  # q, dO, k, v, lse, E
+    tiles = nMt * BH * nT
+    # KEYS: per (key tile, query tile): logits of each g (lw q and k tiles), dO_g v_g^T, L_j (mix),
+    # Y^T dO (dv) and dL^T q (dk)
+    dots_keys = E * (2.0 * d * (g * (lw + 1) + mx) + 2 * 2.0 * DP)
+    loads_keys = nMt * (g * lw + mx + 1) * q + nMt * (g + 1) * q + nT * (g * lw + mx) * kv + nT * g * kv
+    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, true>",
+                 ins + 2 * kv + (2 * B * h * nMt * h * 4 if mix else 0), nMt * BH,
+                 dot_flops=tiles * dots_keys, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                 reread=loads_keys - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nMt * h))
+    # !KEYS: per (query tile, key tile): logits and dO_g v_g^T of each g, then dL k (dq)
+    dots_rows = E * (2.0 * d * g * (lw + 1) + 2.0 * DP)
+    loads_rows = nMt * g * lw * q + nMt * g * q + nT * (g * lw + 1) * kv + nT * g * kv
+    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, false>", ins + q, nT * BH,
+                 dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                 reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
+    if mix:
+        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nMt * h * 4 + h * h * 4,
+                     math.ceil(h * h / THREADS),
+                     fp32=float(B * h * nMt * h)))
+    return out
+
+
+def _cuda_pa(s, dtype, backward):
+    B, C, H, W = s.B, s.C, s.H, s.W
+    es, T, total = (4 if dtype == "fp32" else 2), CUDA_T[dtype], s.B * s.C * s.H * s.W
+    grid = max(1, min(math.ceil(total / PA_THREADS), 65535 * 8))
+    # weight.to(float).contiguous(), bias.to(float): copies unless already float32
+    params = [] if dtype == "fp32" else [_fill("_to_copy", C * 9 * (es + 4)), _fill("_to_copy", C * (es + 4))]
+
+    def K(fam, nbytes, g, **kw):
+        return Kernel(fam, float(nbytes), grid=g, threads=PA_THREADS, resource_key=f"{fam}<{T}>", dot_unit="fp32", **kw)
+
+    out = params + [K("pa_fwd_kernel", 2 * total * es + C * 40, grid, fp32=20.0 * total, sfu=2.0 * total,
+                      note="3x3 halo re-reads from L1/L2 not counted")]
+    if not backward:
+        return out
+    out += [_fill("zeros", C * 40)] + params + [
+        K("pa_bwd_dz_kernel", total * (2 * es + 8) + C * 40, grid, fp32=24.0 * total, sfu=2.0 * total),
+        K("pa_bwd_dx_kernel", total * (8 + es) + C * 36, grid, fp32=19.0 * total,
+          note="the 9 taps of dz re-read from L1/L2, not counted"),
+        K("pa_bwd_dw_kernel", total * (es + 4) + C * 40, C, fp32=19.0 * total)]
+    # dweight = dwb[:, :9].reshape(...).to(dtype) (a view, then a copy unless float32); dbias =
+    # dwb[:, 9].to(dtype).contiguous() (one copy either way)
+    out += ([] if dtype == "fp32" else [_fill("_to_copy", C * 9 * (4 + es))]) + [_fill("_to_copy", C * (4 + es))]
+    return out
