@@ -96,7 +96,8 @@ def _resource_reason(op, tensors, needs_backward, plan) -> str | None:
         return None  # an empty call launches nothing
     from ..triton import capability, targets
     limits = targets.fake_gpu_limits()
-    if limits is not None:
+    real_device = limits is None
+    if not real_device:
         device_key, guard = limits.sm, contextlib.nullcontext()
     else:
         device = tensors[0].device
@@ -105,7 +106,8 @@ def _resource_reason(op, tensors, needs_backward, plan) -> str | None:
     reasons = []
     with guard:  # Triton compiles for the current device's arch
         for backward in (False, True) if needs_backward else (False,):
-            reasons += capability.cached_reasons(device_key, limits, op, backward, tensors, plan)
+            reasons += capability.cached_reasons(device_key, limits, op, backward, tensors, plan,
+                                                 load=real_device)
     return "; ".join(dict.fromkeys(reasons)) or None
 
 

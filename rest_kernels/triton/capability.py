@@ -20,7 +20,7 @@ import threading
 import torch
 
 from .launch import PlannedLaunch, planning
-from .targets import GRID_X_MAX, GRID_YZ_MAX, ArchLimits
+from .targets import GRID_X_MAX, GRID_YZ_MAX, MAX_REGS_PER_THREAD, ArchLimits
 
 _cache: dict = {}
 _lock = threading.Lock()
@@ -78,9 +78,24 @@ def plan_pa(x, weight, bias, backward: bool) -> list[PlannedLaunch]:
     return plan
 
 
-def launch_reasons(launches: list[PlannedLaunch], limits: ArchLimits, what: str = "") -> list[str]:
+def _max_threads(compiled, limits: ArchLimits, load: bool) -> int:
+    """Threads per block the kernel's registers allow. On a real device (load=True) the driver's own
+    answer (cuFuncGetAttribute MAX_THREADS_PER_BLOCK, read when Triton loads the kernel, as the launch
+    would). Otherwise the bound for the worst case ptxas allows, 255 registers per thread: registers
+    are allocated per warp in units of 256, so a warp holds ceil(255 * 32 / 256) * 256 = 8192 and a
+    block of 64K registers at most 8 warps (256 threads)."""
+    if load:
+        compiled._init_handles()
+        return int(compiled.n_max_threads)
+    warp_regs = -(-MAX_REGS_PER_THREAD * 32 // 256) * 256
+    return min(1024, limits.regs_per_sm // warp_regs * 32)
+
+
+def launch_reasons(launches: list[PlannedLaunch], limits: ArchLimits, what: str = "",
+                   load: bool = False) -> list[str]:
     """Every way in which these launches do not fit a device with `limits` (empty: they fit);
-    `what` ("forward", "backward") prefixes each reason."""
+    `what` ("forward", "backward") prefixes each reason; load=True on a real device (the kernels are
+    loaded to ask the driver how many threads their registers allow)."""
     reasons = []
     what = f"{what} " if what else ""
     for launch in launches:
@@ -89,6 +104,11 @@ def launch_reasons(launches: list[PlannedLaunch], limits: ArchLimits, what: str 
         if shared > limits.max_shared_per_block:
             reasons.append(f"{what}{launch.name} needs {shared / 1024:.0f} KiB of shared memory per block; "
                            f"{limits.sm} ({limits.name}) allows {limits.max_shared_per_block / 1024:.0f} KiB")
+        threads = int(meta.num_warps) * 32
+        max_threads = _max_threads(launch.compiled, limits, load and shared <= limits.max_shared_per_block)
+        if threads > max_threads:
+            reasons.append(f"{what}{launch.name} needs {threads} threads per block; with its registers "
+                           f"{limits.sm} runs at most {max_threads}")
         gx, gy, gz = launch.grid
         if gx > GRID_X_MAX:
             reasons.append(f"{what}{launch.name} needs a grid x of {gx} blocks; the limit is {GRID_X_MAX}")
@@ -103,13 +123,14 @@ def _key(device_key, op, backward, tensors):
         None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
 
 
-def cached_reasons(device_key, limits: ArchLimits, op: str, backward: bool, tensors, plan) -> list[str]:
+def cached_reasons(device_key, limits: ArchLimits, op: str, backward: bool, tensors, plan,
+                   load: bool = False) -> list[str]:
     """launch_reasons of `plan(backward)` for these tensors on this device, computed once."""
     key = _key(device_key, op, backward, tensors)
     with _lock:
         if key in _cache:
             return _cache[key]
-    reasons = launch_reasons(plan(backward), limits, "backward" if backward else "forward")
+    reasons = launch_reasons(plan(backward), limits, "backward" if backward else "forward", load)
     with _lock:
         _cache[key] = reasons
     return reasons
