@@ -163,15 +163,19 @@ def triton_kernel(ev, dtype: str) -> Kernel:
 # ----------------------------------------------------------------------------- CUDA
 CUDA_T = {"bf16": "c10::BFloat16", "fp16": "c10::Half", "fp32": "float"}
 TILE, THREADS, PA_THREADS = 32, 128, 256
-CUDA_MAX_HEAD_DIM = 128
-
-
 def cuda_unsupported(shape) -> str | None:
-    if shape.op == "emsa" and shape.d > CUDA_MAX_HEAD_DIM:
-        return f"the cuda backend takes head dims up to {CUDA_MAX_HEAD_DIM}"
-    if shape.op == "emsa" and shape.B * shape.heads > 65535:
-        return "the cuda backend takes batch x heads up to 65535"
-    return None
+    """The cuda backend's own declared limits (rest_kernels/backends/base.py), on meta tensors."""
+    if shape.op != "emsa":
+        return None
+    from rest_kernels.backends.registry import BACKENDS
+    cuda = BACKENDS["cuda"]
+    q = torch.empty(shape.B, shape.heads, shape.N, shape.d, device="meta")
+    k = torch.empty(shape.B, shape.heads, shape.M, shape.d, device="meta")
+    w = torch.empty(shape.heads, shape.heads, device="meta") if shape.mix else None
+    # device and dtype are the benchmark's choice, not the shape's: only the shape limits count here
+    reasons = [r for r in cuda.emsa_not_supported_reasons(q, k, k, w)
+               if not r.startswith((f"{cuda.name} serves", f"{cuda.name} supports dtypes"))]
+    return "; ".join(reasons) or None
 
 
 def _fill(name: str, nbytes: float) -> Kernel:

@@ -17,10 +17,6 @@ from .base import Backend
 class CompiledBackend(Backend):
     #: suffix of the op names in torch.ops.rest_kernels_C ("" or "_emu")
     op_suffix = ""
-    #: largest head dim the kernels take (they keep a row of d in registers / on chip)
-    max_head_dim: int | None = None
-    #: largest batch x heads: the CUDA kernels put it on the grid's y dimension (at most 65535)
-    max_batch_heads: int | None = None
 
     #: dispatch key the kernels are registered under in the extension
     dispatch_key = "CPU"
@@ -36,15 +32,6 @@ class CompiledBackend(Backend):
             return (f"the compiled extension has no {self.dispatch_key} kernel for "
                     + ", ".join(m + self.op_suffix for m in missing))
         return None
-
-    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
-        reason = super().emsa_unsupported_reason(q, k, v, mix_weight, needs_backward)
-        if reason is None and self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
-            reason = f"{self.name} supports head dims up to {self.max_head_dim}, got {q.shape[-1]}"
-        if reason is None and self.max_batch_heads is not None and q.shape[0] * q.shape[1] > self.max_batch_heads:
-            reason = (f"{self.name} supports batch x heads up to {self.max_batch_heads} (the CUDA grid's y "
-                      f"dimension), got {q.shape[0]} x {q.shape[1]}; split the batch")
-        return reason
 
     def _op(self, name):
         return getattr(torch.ops.rest_kernels_C, name + self.op_suffix)
@@ -81,8 +68,8 @@ class CudaBackend(CompiledBackend):
     device_type = "cuda"
     auto_device_type = "cuda"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    max_head_dim = 128
-    max_batch_heads = 65535
+    max_head_dim = 128  # a row of d is kept in registers / on chip
+    max_batch_heads = 65535  # batch x heads is the grid's y dimension
     dispatch_key = "CUDA"
 
     def unavailable_reason(self):
@@ -101,5 +88,5 @@ class CudaEmuBackend(CompiledBackend):
     op_suffix = "_emu"
     device_type = "cpu"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    max_head_dim = 128
+    max_head_dim = 128  # the CUDA kernels' limits (same source)
     max_batch_heads = 65535

@@ -66,11 +66,11 @@ def pa_reference(x, weight, bias=None):
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
-        return None
+    def emsa_not_supported_reasons(self, q, k, v, mix_weight, needs_backward=False):
+        return []  # the official math serves every validated input, on any device and dtype
 
-    def pa_unsupported_reason(self, x, weight, bias, needs_backward=False):
-        return None
+    def pa_not_supported_reasons(self, x, weight, bias, needs_backward=False):
+        return []
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
         logits = mixed_logits(q, k, mix_weight, None, scale).float()

@@ -45,27 +45,22 @@ class TritonBackend(Backend):
             return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
 
-    def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward=False):
-        reason = self._common_reason((q, k, v), "q")
-        if reason is not None:
-            return reason
-        from ..triton._common import MAX_HEAD_DIM, MAX_MIX_HEADS
-        d, h = q.shape[3], q.shape[1]
-        if d > MAX_HEAD_DIM:
-            return f"triton supports head dims up to {MAX_HEAD_DIM}, got {d}"
-        if mix_weight is not None and h > MAX_MIX_HEADS:
-            return f"triton fuses the head mix for up to {MAX_MIX_HEADS} heads, got {h}"
-        from ..triton.capability import plan_emsa
-        return _resource_reason("emsa", (q, k, v, mix_weight), needs_backward,
-                                lambda backward: plan_emsa(q, k, v, mix_weight, backward))
+    #: the register tiles are [HP, BLOCK, BD]: beyond this head dim they spill badly
+    max_head_dim = 256
+    #: the mix is an HP x HP contraction held in registers; ResT uses at most 8 heads, and 16 would
+    #: need tiles below Triton's 16 x 16 dot minimum to fit shared memory. Whether a given call fits
+    #: the GPU it runs on is decided by compiling it for that GPU (_emsa_extra_reasons).
+    max_mix_heads = 8
 
-    def pa_unsupported_reason(self, x, weight, bias, needs_backward=False):
-        reason = self._common_reason((x, weight), "x")
-        if reason is not None:
-            return reason
+    def _emsa_extra_reasons(self, q, k, v, mix_weight, needs_backward):
+        from ..triton.capability import plan_emsa
+        return _resource_reasons("emsa", (q, k, v, mix_weight), needs_backward,
+                                 lambda backward: plan_emsa(q, k, v, mix_weight, backward))
+
+    def _pa_extra_reasons(self, x, weight, bias, needs_backward):
         from ..triton.capability import plan_pa
-        return _resource_reason("pa", (x, weight, bias), needs_backward,
-                                lambda backward: plan_pa(x, weight, bias, backward))
+        return _resource_reasons("pa", (x, weight, bias), needs_backward,
+                                 lambda backward: plan_pa(x, weight, bias, backward))
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
         from ..triton.emsa_fwd import emsa_forward
@@ -88,12 +83,12 @@ class TritonBackend(Backend):
             return pa_backward(dout, x, weight, bias)
 
 
-def _resource_reason(op, tensors, needs_backward, plan) -> str | None:
+def _resource_reasons(op, tensors, needs_backward, plan) -> list[str]:
     """Do the launches of this call (and of its backward when needed) fit the GPU it runs on?
     Compiled for the device's arch and held against its limits (rest_kernels/triton/capability.py);
     every reason, joined. The interpreter has no GPU resources to exhaust."""
     if interpreter_on() or any(t is not None and t.numel() == 0 for t in tensors):
-        return None  # an empty call launches nothing
+        return []  # an empty call launches nothing
     from ..triton import capability, targets
     limits = targets.fake_gpu_limits()
     real_device = limits is None
@@ -108,7 +103,7 @@ def _resource_reason(op, tensors, needs_backward, plan) -> str | None:
         for backward in (False, True) if needs_backward else (False,):
             reasons += capability.cached_reasons(device_key, limits, op, backward, tensors, plan,
                                                  load=real_device)
-    return "; ".join(dict.fromkeys(reasons)) or None
+    return list(dict.fromkeys(reasons))
 
 
 # The Triton interpreter keeps the grid of the running launch in process-global state, so two Python

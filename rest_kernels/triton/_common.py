@@ -13,14 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-#: largest head dim served (the register tiles are [HP, BLOCK, BD]; beyond this they spill badly)
-MAX_HEAD_DIM = 256
-#: largest number of heads whose mix is fused (the mix is an HP x HP contraction held in registers;
-#: ResT uses at most 8; 16 would need tiles below Triton's 16 x 16 dot minimum to fit shared memory).
-#: Whether a given call fits the GPU it runs on is decided by compiling it for that GPU's arch
-#: (rest_kernels/triton/capability.py), not by a rule of thumb here.
-MAX_MIX_HEADS = 8
-
 # Dot policy (constexpr DOT): why three modes.
 #  DOT_INTERP: the interpreter computes bf16 dots wrongly and rounds fp32 -> bf16 by truncation,
 #              so operands are widened to fp32 and the product is exact ("ieee").

@@ -184,14 +184,11 @@ def emsa_expect(backend, dtype=F32, h=2, d=4, mix=True, device="cpu"):
         return unavailable(backend, f"{backend} serves")
     if dtype not in b.dtypes:
         return unavailable(backend, "supports dtypes")
-    if backend == "triton":
-        from rest_kernels.triton._common import MAX_HEAD_DIM, MAX_MIX_HEADS
-        if d > MAX_HEAD_DIM:
-            return unavailable(backend, "head dims up to")
-        if mix and h > MAX_MIX_HEADS:
-            return unavailable(backend, "heads")
-    if getattr(b, "max_head_dim", None) is not None and d > b.max_head_dim:
+    # the backend's own declarations (rest_kernels/backends/base.py), not a second copy of them
+    if b.max_head_dim is not None and d > b.max_head_dim:
         return unavailable(backend, "head dims up to")
+    if b.max_mix_heads is not None and mix and h > b.max_mix_heads:
+        return unavailable(backend, "heads")
     return CORRECT
 
 
