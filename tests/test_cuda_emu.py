@@ -24,7 +24,7 @@ def _needs_backend():
 @pytest.fixture
 def schedule():
     """Set the emulation's thread schedule for one test, restoring it afterwards."""
-    ops = torch.ops.rest_kernels_C
+    ops = torch.ops.rest_kernels_emu_test
     before = ops.emu_get_schedule()
     yield ops.emu_set_schedule
     ops.emu_set_schedule(before)
@@ -170,7 +170,7 @@ def test_kernels_identical_under_every_schedule(schedule, mix):
 def test_planted_race_is_detected(schedule):
     x = torch.randn(6, 128, dtype=torch.float32)
     expected = x.double().sum(1)
-    ops = torch.ops.rest_kernels_C
+    ops = torch.ops.rest_kernels_emu_test
     for spec in SCHEDULES:
         schedule(spec)
         good = ops.emu_selftest_reduce(x, True)
@@ -188,18 +188,26 @@ def test_planted_race_is_detected(schedule):
 
 def test_divergent_barrier_is_an_error():
     with pytest.raises(RuntimeError, match="barrier divergence"):
-        torch.ops.rest_kernels_C.emu_selftest_diverge(torch.zeros(128))
+        torch.ops.rest_kernels_emu_test.emu_selftest_diverge(torch.zeros(128))
 
 
 def test_error_inside_a_thread_surfaces():
     # raised on a fiber's stack (shared memory over the 228 KiB of a block), rethrown by the scheduler
     with pytest.raises(RuntimeError, match="shared memory"):
-        torch.ops.rest_kernels_C.emu_selftest_oversized_shared(torch.zeros(128))
+        torch.ops.rest_kernels_emu_test.emu_selftest_oversized_shared(torch.zeros(128))
     # and the emulation still works afterwards
     x = torch.randn(2, 128)
-    torch.testing.assert_close(torch.ops.rest_kernels_C.emu_selftest_reduce(x, True), x.sum(1))
+    torch.testing.assert_close(torch.ops.rest_kernels_emu_test.emu_selftest_reduce(x, True), x.sum(1))
 
 
 def test_unknown_schedule_rejected(schedule):
     with pytest.raises(RuntimeError, match="unknown schedule"):
         schedule("sideways")
+
+
+def test_selftest_ops_live_outside_the_production_namespace():
+    # the backends call torch.ops.rest_kernels_C; the emulation's test machinery has its own namespace
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rest_kernels_emu_test::emu_selftest_reduce", "CPU")
+    for op in ("emu_selftest_reduce", "emu_selftest_diverge", "emu_selftest_oversized_shared", "emu_set_schedule"):
+        with pytest.raises((AttributeError, RuntimeError)):
+            getattr(torch.ops.rest_kernels_C, op)

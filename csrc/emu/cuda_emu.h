@@ -11,7 +11,7 @@
 //  - The order in which the fibers run between barriers is chosen per barrier phase:
 //    "forward" (0..n-1), "reverse" (n-1..0) or "shuffle:<seed>" (a seeded permutation per phase
 //    and block). A missing barrier therefore changes the result with the schedule.
-//    Selected by REST_KERNELS_EMU_SCHEDULE or torch.ops.rest_kernels_C.emu_set_schedule.
+//    Selected by REST_KERNELS_EMU_SCHEDULE or torch.ops.rest_kernels_emu_test.emu_set_schedule.
 //  - Shared memory (REST_SHARED) is a per-block arena filled with 0xFF bytes (NaN in float,
 //    half and bfloat16) at block start, so reading a slot nobody wrote shows up as NaN.
 //  - Barrier divergence is an error, never a hang: when no fiber can run, either every live

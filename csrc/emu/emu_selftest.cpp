@@ -1,4 +1,6 @@
-// Controls and self-tests of the CUDA emulation (compiled only into the emulation):
+// Controls and self-tests of the CUDA emulation, registered in a namespace of their own,
+// torch.ops.rest_kernels_emu_test (test machinery, not part of the rest_kernels_C ops that the
+// backends call):
 //   emu_set_schedule(spec)   "forward" | "reverse" | "shuffle:<seed>": the order in which a block's
 //                            threads run between barriers (also REST_KERNELS_EMU_SCHEDULE)
 //   emu_get_schedule()       the current spec
@@ -74,7 +76,7 @@ std::string get_schedule() { return emu::get_schedule(); }
 
 }  // namespace rest_emu_selftest
 
-TORCH_LIBRARY_FRAGMENT(rest_kernels_C, m) {
+TORCH_LIBRARY(rest_kernels_emu_test, m) {
   m.def("emu_set_schedule(str spec) -> ()", &rest_emu_selftest::set_schedule);
   m.def("emu_get_schedule() -> str", &rest_emu_selftest::get_schedule);
   m.def("emu_selftest_reduce(Tensor x, bool barrier) -> Tensor");
@@ -82,7 +84,7 @@ TORCH_LIBRARY_FRAGMENT(rest_kernels_C, m) {
   m.def("emu_selftest_oversized_shared(Tensor x) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(rest_kernels_emu_test, CPU, m) {
   m.impl("emu_selftest_reduce", &rest_emu_selftest::selftest_reduce);
   m.impl("emu_selftest_diverge", &rest_emu_selftest::selftest_diverge);
   m.impl("emu_selftest_oversized_shared", &rest_emu_selftest::selftest_oversized_shared);
