@@ -23,7 +23,7 @@ from rest_kernels import available_backends  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--run-full-resources", action="store_true", default=False,
-                     help="run the full ahead-of-time Triton resource table (~30 min on 2 cores)")
+                     help="run the full ahead-of-time Triton resource table (~65 min on 2 cores, cold Triton cache)")
 
 
 def require_backend(name: str):
