@@ -220,7 +220,8 @@ def main_table(rows: list[dict], gpus, with_measured: bool) -> list[str]:
         body.append(cells)
     lines = _grid(header, body)
     if any(any(r.get("occupancy_missing", {}).values()) for r in rows):
-        lines.append("* some fused kernels of this row have no resource row for this GPU's arch: occupancy n/a, "
+        lines.append("* some fused kernels of this row have no occupancy on this GPU (no resource row for its arch, "
+                     "or more shared memory than its SM has: the triton backend refuses such calls there): "
                      "wave factor 1 for them")
     return lines
 
@@ -243,7 +244,8 @@ def summary_table(rows: list[dict], gpu) -> list[str]:
         body.append(cells)
     lines = _grid(header, body, left=1)
     if any(r.get("occupancy_missing", {}).get(gpu.name) for r in rows):
-        lines.append("* occupancy n/a for some kernels (no resource row): wave factor 1 for them")
+        lines.append("* occupancy n/a for some kernels (no resource row, or they do not fit this GPU's SM: the "
+                     "triton backend refuses such calls there): wave factor 1 for them")
     return lines
 
 
