@@ -226,3 +226,18 @@ def test_planning_does_not_nest():
         with pytest.raises(RuntimeError, match="nest"):
             with planning():
                 pass
+
+
+def test_a_kernel_the_driver_refuses_is_a_reason():
+    from rest_kernels.triton.capability import launch_reasons
+    from rest_kernels.triton.targets import arch_limits
+
+    class Unloadable(_Compiled):
+        def _init_handles(self):
+            raise RuntimeError("out of resource: threads, Required: 256, Hardware limit: 128")
+
+    launch = _launch("_k", 0)
+    launch.compiled = Unloadable(0)
+    reasons = launch_reasons([launch], arch_limits(90), "forward", load=True)
+    assert reasons == ["forward _k cannot be loaded on sm_90 (H100 / H200): "
+                       "out of resource: threads, Required: 256, Hardware limit: 128"]

@@ -105,7 +105,11 @@ def launch_reasons(launches: list[PlannedLaunch], limits: ArchLimits, what: str 
             reasons.append(f"{what}{launch.name} needs {shared / 1024:.0f} KiB of shared memory per block; "
                            f"{limits.sm} ({limits.name}) allows {limits.max_shared_per_block / 1024:.0f} KiB")
         threads = int(meta.num_warps) * 32
-        max_threads = _max_threads(launch.compiled, limits, load and shared <= limits.max_shared_per_block)
+        try:
+            max_threads = _max_threads(launch.compiled, limits, load and shared <= limits.max_shared_per_block)
+        except Exception as e:  # the driver refused to load it (Triton's OutOfResources and kin)
+            reasons.append(f"{what}{launch.name} cannot be loaded on {limits.sm} ({limits.name}): {e}")
+            max_threads = threads
         if threads > max_threads:
             reasons.append(f"{what}{launch.name} needs {threads} threads per block; with its registers "
                            f"{limits.sm} runs at most {max_threads}")
