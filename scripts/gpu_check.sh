@@ -19,7 +19,7 @@
 #   cuda-resources    scripts/cuda_resources.py: registers / spills of the CUDA kernels -> build.log
 #   tests             pytest -m gpu over the GPU test modules, tests/test_gpu_rest_shapes.py first
 #                                                                    -> tests.log, tests.xml
-#   triton-resources  scripts/triton_resources.py --arch native (when the script exists)
+#   triton-resources  scripts/triton_resources.py --arch native --dtype bf16 (compiled kernels are cached by the tests step)
 #                                                                    -> resources.txt, resources.json
 #   gpu-resources     pytest -m gpu_resources over the test files using that marker (when any)
 #                                                                    -> appended to tests.log
@@ -188,7 +188,7 @@ OMP_NUM_THREADS=$OMP pyrun -m pytest $TEST_FILES -m gpu -v -p no:cacheprovider -
 EOF
     ;;
     triton-resources) cat <<EOF
-$P scripts/triton_resources.py --arch native --json $O/resources.json > $O/resources.txt 2> "\$WORK/resources.err"
+$P scripts/triton_resources.py --arch native --dtype bf16 --json $O/resources.json > $O/resources.txt 2> "\$WORK/resources.err"
 rc=\$?
 [ -s "\$WORK/resources.err" ] && { echo "== stderr"; cat "\$WORK/resources.err"; } >> $O/resources.txt
 exit \$rc
