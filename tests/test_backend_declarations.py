@@ -42,3 +42,17 @@ def test_declarations_have_the_declared_types(name):
     assert all(isinstance(d, torch.dtype) for d in b.dtypes)
     for limit in (b.max_head_dim, b.max_mix_heads, b.max_batch_heads):
         assert limit is None or (isinstance(limit, int) and limit > 0)
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,refused", [("3.6.0", "2.4.6", True), ("3.8.0", "2.4.6", False),
+                                                        ("3.6.0", "2.3.1", False), ("3.10.1", "2.5.0", False)])
+def test_interpreter_refuses_a_known_bad_triton_numpy_pair(monkeypatch, triton_v, numpy_v, refused):
+    triton = pytest.importorskip("triton")
+    import numpy
+    from rest_kernels.backends import triton_backend
+    monkeypatch.setattr(triton, "__version__", triton_v)
+    monkeypatch.setattr(numpy, "__version__", numpy_v)
+    reason = triton_backend._interpreter_incompatibility()
+    assert (reason is not None) == refused
+    if refused:
+        assert triton_v in reason and numpy_v in reason and "Triton >= 3.8" in reason

@@ -28,6 +28,33 @@ def _triton_import_error() -> str | None:
     return None
 
 
+#: Under the interpreter only (a GPU compiles the kernels, unaffected): Triton's interpreter before
+#: 3.8 turns a scalar kernel argument into a 1-element array and calls int() on it in `range(0, M, BM)`,
+#: which NumPy 2.4 refuses (TypeError: only 0-dimensional arrays can be converted to Python scalars).
+#: Seen with Triton 3.6.0 + NumPy 2.4.6; Triton 3.8.0 + NumPy 2.4.6 run every test.
+INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4 = (3, 8)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _interpreter_incompatibility() -> str | None:
+    import numpy
+    import triton
+    if (_version(numpy.__version__) >= (2, 4)
+            and _version(triton.__version__) < INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4):
+        need = ".".join(map(str, INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4))
+        return (f"the Triton {triton.__version__} interpreter cannot run the kernels with NumPy {numpy.__version__} "
+                f"(int() of a 1-element array in range(); fixed in Triton {need}): use Triton >= {need} or "
+                f"NumPy < 2.4 for TRITON_INTERPRET=1")
+    return None
+
+
 class TritonBackend(Backend):
     name = "triton"
     auto_device_type = "cuda"
@@ -43,6 +70,8 @@ class TritonBackend(Backend):
             return reason
         if not interpreter_on() and not torch.cuda.is_available():
             return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+        if interpreter_on():
+            return _interpreter_incompatibility()
         return None
 
     #: the register tiles are [HP, BLOCK, BD]: beyond this head dim they spill badly
