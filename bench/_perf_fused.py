@@ -32,7 +32,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @contextlib.contextmanager
 def _gpu_tiles():
-    """The Triton host code picks interpreter tiles when TRITON_INTERPRET is on: model the GPU's."""
+    """The Triton host code picks interpreter tiles when TRITON_INTERPRET is on: model the GPU's.
+
+    The kernel modules are imported first, under the process's own setting: `@triton.jit` reads
+    TRITON_INTERPRET when a kernel is defined, and kernels defined while it is flipped off here would
+    stay compiled-only (no driver without a GPU) for the rest of an interpreted process."""
+    from rest_kernels.triton import emsa_bwd, emsa_fwd, pa  # noqa: F401
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:

@@ -206,3 +206,19 @@ def test_measured_column(tmp_path, capsys):
         assert m["model_over_measured"] == pytest.approx(r["seconds"]["H200"] / expected)
     # rows of the default shapes have no measurement
     assert all(not r["measured"] for r in json.loads(jpath.read_text())["rows"] if r["dims"]["B"] == 64)
+
+
+def test_recording_leaves_the_interpreted_kernels_interpreted():
+    # the model flips TRITON_INTERPRET off while it records; kernels must not be defined meanwhile
+    import subprocess
+    import sys
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import sys; sys.path.insert(0, '.')\n"
+            "from bench import _perf_fused\n"
+            "with _perf_fused._gpu_tiles():\n"
+            "    from rest_kernels.triton import emsa_fwd  # first imported where the model records\n"
+            "from triton.runtime.interpreter import InterpretedFunction\n"
+            "assert isinstance(emsa_fwd._attn_kernel, InterpretedFunction), type(emsa_fwd._attn_kernel)\n")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
