@@ -15,9 +15,10 @@ from rest_kernels import BackendUnavailableError
 from rest_kernels.backends.registry import BACKENDS as BACKEND_OBJECTS
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-BACKENDS = ("reference", "auto", "cpu", "cuda-emu", "triton", "cuda")
+#: every backend the registry declares (rest_kernels/backends/registry.py), and "auto"
+BACKENDS = ("reference", "auto", *(n for n in BACKEND_OBJECTS if n != "reference"))
 #: the custom ops take a concrete backend name ("auto" is refused)
-KERNEL_BACKENDS = ("reference", "cpu", "cuda-emu", "triton", "cuda")
+KERNEL_BACKENDS = tuple(BACKEND_OBJECTS)
 #: the raw ops of the compiled extension: op-name suffix -> the backend that owns them
 RAW_SUFFIXES = {"": "cpu", "_emu": "cuda-emu"}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
