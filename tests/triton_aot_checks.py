@@ -37,16 +37,7 @@ AUTO_CASES = [
 
 def _fake_inputs(shape: R.Shape, dtype: torch.dtype, training: bool):
     """Tensors on a fake "cuda" device (FakeTensorMode: no GPU, no memory), laid out as the model's."""
-    if shape.op == "emsa":
-        B, h, N, M, d = shape.B, shape.heads, shape.N, shape.M, shape.d
-        q = torch.empty(B, N, h, d, dtype=dtype, device="cuda").transpose(1, 2)
-        kv = torch.empty(B, M, 2, h, d, dtype=dtype, device="cuda").permute(2, 0, 3, 1, 4)
-        w = torch.empty(h, h, device="cuda") if shape.mix else None
-        tensors = (q, kv[0], kv[1], w)
-    else:
-        x = torch.empty(shape.B, shape.C, shape.H, shape.W, dtype=dtype, device="cuda")
-        tensors = (x, torch.empty(shape.C, 1, 3, 3, dtype=dtype, device="cuda"),
-                   torch.empty(shape.C, dtype=dtype, device="cuda"))
+    tensors = R.shape_tensors(shape, dtype, device="cuda")
     if training:
         tensors[0].requires_grad_()
     return tensors

@@ -25,7 +25,7 @@ import tempfile
 import torch
 
 from .launch import PlannedLaunch
-from .targets import ArchLimits
+from .targets import ArchLimits, arch_limits
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -102,14 +102,15 @@ def edge_shapes(batches=(1,)) -> list[Shape]:
     return out
 
 
-def shape_tensors(shape: Shape, dtype: torch.dtype):
-    """Meta tensors laid out as the model hands them to the op (q, k, v views of the projections)."""
-    meta = dict(dtype=dtype, device="meta")
+def shape_tensors(shape: Shape, dtype: torch.dtype, device="meta"):
+    """Tensors laid out as the model hands them to the op (q, k, v views of the projections): on
+    the meta device by default, or e.g. "cuda" under FakeTensorMode."""
+    meta = dict(dtype=dtype, device=device)
     if shape.op == "emsa":
         B, h, N, M, d = shape.B, shape.heads, shape.N, shape.M, shape.d
         q = torch.empty(B, N, h, d, **meta).transpose(1, 2)
         kv = torch.empty(B, M, 2, h, d, **meta).permute(2, 0, 3, 1, 4)
-        w = torch.empty(h, h, dtype=torch.float32, device="meta") if shape.mix else None
+        w = torch.empty(h, h, dtype=torch.float32, device=device) if shape.mix else None
         return q, kv[0], kv[1], w
     x = torch.empty(shape.B, shape.C, shape.H, shape.W, **meta)
     return x, torch.empty(shape.C, 1, 3, 3, **meta), torch.empty(shape.C, **meta)
@@ -333,7 +334,7 @@ def format_table(rows: list[KernelResources], with_shapes: bool = False) -> str:
             f"{'spill ld':>8} {'smem KiB':>8} {'fits':>4} {'HMMA':>5} {'HGMMA':>5} {'calls':>5}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r.arch, r.dtype, r.kernel, r.config)):
-        limit = arch_limits_for(r.arch)
+        limit = arch_limits(r.arch)
         lines.append(f"sm_{r.arch:<3} {r.dtype:5} {r.kernel:18} {r.config:58} {r.num_warps:5} {r.registers:4} "
                      f"{r.spill_stores:8} {r.spill_loads:8} {r.shared / 1024:8.1f} "
                      f"{'yes' if fits(r, limit) else 'NO':>4} {r.hmma:5} {r.hgmma:5} {len(r.shapes):5}")
@@ -341,7 +342,3 @@ def format_table(rows: list[KernelResources], with_shapes: bool = False) -> str:
             lines.extend(f"{'':12}{s}" for s in r.shapes)
     return "\n".join(lines)
 
-
-def arch_limits_for(arch: int) -> ArchLimits:
-    from .targets import arch_limits
-    return arch_limits(arch)
