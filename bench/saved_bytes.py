@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rest_kernels  # noqa: E402
 from bench._cases import INPUTS, stage_shapes  # noqa: E402
 from bench._report import fmt_bytes  # noqa: E402
+from rest_kernels.diagnostics import saved_tensors_of  # noqa: E402
 
 
 def saved_bytes(backend: str, B: int, h: int, N: int, M: int, d: int, mix: bool, dtype: torch.dtype) -> dict:
@@ -29,14 +30,7 @@ def saved_bytes(backend: str, B: int, h: int, N: int, M: int, d: int, mix: bool,
     q, k, v = (torch.randn(B, h, n, d, generator=gen, dtype=dtype).requires_grad_() for n in (N, M, M))
     w = torch.randn(h, h, generator=gen).requires_grad_() if mix else None
     inputs = {t.data_ptr() for t in (q, k, v, w) if t is not None}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = rest_kernels.emsa_attention(q, k, v, w, backend=backend)
+    out, saved = saved_tensors_of(rest_kernels.emsa_attention, q, k, v, w, backend=backend)
     seen, result = set(), {"out": 0, "stats": 0, "stat_shapes": []}
     for t in saved:
         if t is None or t.data_ptr() in inputs or (t.data_ptr(), tuple(t.shape)) in seen:

@@ -1,4 +1,5 @@
-// Argument checks of the compiled ops, shared by every backend's registration (cpu, cuda, cuda-emu).
+// Argument checks of the compiled ops, shared by every backend's registration (cpu, cuda, cuda-emu):
+// the one check layer of the raw ops; below it the kernels hold internal asserts only.
 //
 // The Python layer validates the public API before any backend is chosen, but the raw ops
 // (torch.ops.rest_kernels_C.*) are callable directly: each one checks ranks, shapes, dtypes and
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <tuple>
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 namespace rest_checks {
@@ -26,10 +28,16 @@ inline void shape_is(const at::Tensor& t, at::IntArrayRef expected, const char* 
   TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
 }
 
+// The statistics' dtype (rest_kernels/backends/stats.py): float32, float64 for float64 inputs.
+inline at::ScalarType stat_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void stats_tensor(const at::Tensor& q, const at::Tensor& t, at::IntArrayRef expected, const char* op,
                          const char* name) {
   shape_is(t, expected, op, name);
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == stat_dtype(q), op, ": ", name, " must be ",
+                    stat_dtype(q) == at::kDouble ? "float64" : "float32", ", got ", t.scalar_type());
   same_device(q, t, op, name);
 }
 
@@ -67,9 +75,16 @@ inline void emsa_backward_inputs(const at::Tensor& dout, const at::Tensor& q, co
     same_device(q, *t, op, name);
   }
   const auto B = q.size(0), h = q.size(1), N = q.size(2);
+  // rsq and rstd belong to the InstanceNorm: empty without the mix (rest_kernels/backends/stats.py)
+  const bool mix = mix_weight.has_value();
   stats_tensor(q, lse, {B, h, N}, op, "lse");
-  stats_tensor(q, rsq, {B, h, N}, op, "rsq");
-  stats_tensor(q, rstd, {B, h}, op, "rstd");
+  if (mix) {
+    stats_tensor(q, rsq, {B, h, N}, op, "rsq");
+    stats_tensor(q, rstd, {B, h}, op, "rstd");
+  } else {
+    stats_tensor(q, rsq, {0}, op, "rsq");
+    stats_tensor(q, rstd, {0}, op, "rstd");
+  }
 }
 
 inline void pa_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -93,10 +108,34 @@ using T4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Opt = c10::optional<at::Tensor>;
 
+// Empty problems (B, h, N or d is 0) are answered here for every compiled backend, so no kernel
+// sees a zero-sized grid or buffer; the same answers as rest_kernels/backends/stats.py:empty_stats
+// (tests/test_stats_contract.py compares them). With d = 0 every logit is 0: uniform attention, so
+// lse (the log-mean-exp) = 0, rsq = 0 and rstd = eps^-1/2 exactly.
+inline bool emsa_is_empty(const at::Tensor& q) { return q.numel() == 0; }
+
+inline T4 empty_emsa_fwd(const at::Tensor& q, bool mix, double eps) {
+  const auto B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
+  const auto st = q.options().dtype(stat_dtype(q));
+  at::Tensor out = at::empty({B, N, h, d}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::zeros({B, h, N}, st);  // log-mean-exp of a row of zeros
+  if (!mix) return {out, lse, at::empty({0}, st), at::empty({0}, st)};
+  const double rstd = eps > 0 ? 1.0 / std::sqrt(eps) : INFINITY;
+  return {out, lse, at::zeros({B, h, N}, st), at::full({B, h}, rstd, st)};
+}
+
+inline T4 empty_emsa_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool mix) {
+  at::Tensor dmix = mix ? at::zeros({q.size(1), q.size(1)}, q.options().dtype(stat_dtype(q)))
+                        : at::empty({0}, q.options().dtype(at::kFloat));
+  return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+          dmix};
+}
+
 template <T4 (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, double, double)>
 T4 checked_emsa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& w, double scale,
                     double eps) {
   emsa_inputs(q, k, v, w, scale, eps, "emsa_fwd");
+  if (emsa_is_empty(q)) return empty_emsa_fwd(q, w.has_value(), eps);
   return Kernel(q, k, v, w, scale, eps);
 }
 
@@ -106,6 +145,7 @@ T4 checked_emsa_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const Opt& w, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
                     const at::Tensor& rstd, double scale, double eps) {
   emsa_backward_inputs(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps);
+  if (emsa_is_empty(q)) return empty_emsa_bwd(q, k, v, w.has_value());
   return Kernel(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps);
 }
 

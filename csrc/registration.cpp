@@ -10,11 +10,12 @@
 // The Python layer (rest_kernels/ops.py) wraps them in the public custom ops with autograd and
 // fake implementations; these ops themselves have no autograd.
 //
-// Conventions shared by every backend (see rest_kernels/backends/base.py):
+// Conventions shared by every backend (see rest_kernels/backends/base.py and stats.py):
 //   q (B,h,N,d), k/v (B,h,M,d), any strides. out is (B,h,N,d) with memory laid out as (B,N,h,d).
-//   lse  (B,h,N) float32: natural-log sum-exp of each row of the (mixed, scaled) logits.
-//   rsq  (B,h,N) float32: sum over keys of P^2 for each row (zeros when mix_weight is None).
-//   rstd (B,h)   float32: (var + eps)^-1/2 of each head map (zeros when mix_weight is None).
+//   Statistics in float32, float64 when q is float64:
+//   lse  (B,h,N): log-mean-exp of each row of the (mixed, scaled) logits, log(sum_m exp(S) / M).
+//   rsq  (B,h,N): sum over keys of (P - 1/M)^2 for each row, centred; shape (0,) without the mix.
+//   rstd (B,h)  : (var + eps)^-1/2 of each head map, var = sum_i rsq_i / (N M); (0,) without the mix.
 //   mix_weight is (h,h) float32, float64 when q is float64; dmix is (h,h) of mix_weight's dtype, or an
 //   empty tensor when mix_weight is None.
 #include <torch/extension.h>

@@ -9,6 +9,8 @@ import numbers
 
 import torch
 
+from .backends.stats import stat_dtype, stat_shapes
+
 
 def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
@@ -126,25 +128,27 @@ def _check_like(name, t, ref, ref_name):
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
-def _check_stat(name, t, shape, device):
+def _check_stat(name, t, shape, dtype, device):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (a statistic of emsa_fwd), got {_dtype_name(t.dtype)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {_dtype_name(dtype)} (a statistic of emsa_fwd for q of this dtype), "
+                        f"got {_dtype_name(t.dtype)}")
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)} (a statistic of emsa_fwd), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
-def check_emsa_backward_args(dout, q, out, lse, rsq, rstd):
-    """emsa_bwd's inputs beyond emsa_fwd's: dout and out like q, the statistics as emsa_fwd returns them."""
+def check_emsa_backward_args(dout, q, out, lse, rsq, rstd, mix: bool):
+    """emsa_bwd's inputs beyond emsa_fwd's: dout and out like q, the statistics as emsa_fwd returns
+    them (rest_kernels/backends/stats.py: rsq and rstd are empty without the mix)."""
     _check_like("dout", dout, q, "q")
     _check_like("out", out, q, "q")
     B, h, N, _ = q.shape
-    _check_stat("lse", lse, (B, h, N), q.device)
-    _check_stat("rsq", rsq, (B, h, N), q.device)
-    _check_stat("rstd", rstd, (B, h), q.device)
+    shapes = stat_shapes(B, h, N, mix)
+    for name, t, shape in zip(("lse", "rsq", "rstd"), (lse, rsq, rstd), shapes):
+        _check_stat(name, t, shape, stat_dtype(q.dtype), q.device)
 
 
 def check_pa_backward_args(dout, x):

@@ -7,12 +7,12 @@ with the backend's name as a string argument. The custom op is what autograd, to
 chosen backend (rest_kernels/backends). The `reference` backend is called directly instead: its
 official math is ordinary PyTorch, so autograd, compile, export and ONNX take it as it is.
 
-Saved for backward by emsa_fwd: q, k, v, mix_weight, out and the row / head statistics
-(lse and rsq of shape (B,h,N), rstd (B,h)): nothing of size N x M.
+Saved for backward by emsa_fwd: q, k, v, mix_weight, out and the statistics of
+rest_kernels/backends/stats.py (lse (B,h,N); with the mix rsq (B,h,N) and rstd (B,h)): nothing of
+size N x M.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -22,15 +22,10 @@ from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_ar
                           check_pa_dtypes, check_same_device)
 from .backends.reference import emsa_reference, pa_reference
 from .backends.registry import check_name, select
+from .backends.stats import empty_stats, stat_dtype, stat_shapes
 
 
 # --------------------------------------------------------------------------- EMSA custom ops
-def _mix_dtype(q):
-    """dtype of the mix weight handed to the kernels and of their dmix: float32, or float64 for
-    float64 inputs (a float32 copy of the weight would cap float64 results near 1e-7)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _kernel_backend(op: str, backend, tensors, unsupported):
     """The backend a custom op was asked for, checked like a named backend of the public API.
 
@@ -43,29 +38,17 @@ def _kernel_backend(op: str, backend, tensors, unsupported):
     return select(op, backend, tensors, unsupported)
 
 
-def _empty_emsa_stats(q, k, mix, eps):
-    """(lse, rsq, rstd) of a call with nothing to compute (B, h, N or d is 0). With d = 0 every logit
-    is 0, so the statistics of uniform attention are exact: lse = log M, rsq = 1/M, var = 0."""
-    B, h, N, _ = q.shape
-    M = k.shape[2]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    lse = torch.full((B, h, N), math.log(M) if M > 0 else -math.inf, **f32)
-    if not mix or M == 0:
-        return lse, torch.zeros(B, h, N, **f32), torch.zeros(B, h, **f32)
-    rstd = eps ** -0.5 if eps > 0 else math.inf
-    return lse, torch.full((B, h, N), 1.0 / M, **f32), torch.full((B, h), rstd, **f32)
-
-
 @torch.library.custom_op("rest_kernels::emsa_fwd", mutates_args=())
 def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_bias: Optional[Tensor],
              scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused EMSA forward on `backend`: (out, lse, rsq, rstd). mix_bias cannot change the result."""
+    """Fused EMSA forward on `backend`: (out, lse, rsq, rstd), the statistics of backends/stats.py.
+    mix_bias cannot change the result."""
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
     chosen = _kernel_backend("emsa_fwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
     if q.numel() == 0:  # no kernel launch for an empty problem (zero-sized grids, zero-sized buffers)
         B, h, N, d = q.shape
-        return (q.new_empty(B, N, h, d).transpose(1, 2),) + _empty_emsa_stats(q, k, mix_weight is not None, eps)
-    w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
+        return (q.new_empty(B, N, h, d).transpose(1, 2),) + empty_stats(q, mix_weight is not None, eps)
+    w = mix_weight.to(stat_dtype(q.dtype)).contiguous() if mix_weight is not None else None
     out, lse, rsq, rstd = chosen.emsa_forward(q, k, v, w, scale, eps)
     if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -79,8 +62,8 @@ def _emsa_fwd_fake(q, k, v, mix_weight, mix_bias, scale, eps, backend):
     check_same_device((("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("mix_bias", mix_bias)))
     B, h, N, d = q.shape
     out = q.new_empty(B, N, h, d).transpose(1, 2)
-    stats = dict(dtype=torch.float32, device=q.device)
-    return out, q.new_empty(B, h, N, **stats), q.new_empty(B, h, N, **stats), q.new_empty(B, h, **stats)
+    opts = dict(dtype=stat_dtype(q.dtype), device=q.device)
+    return (out,) + tuple(q.new_empty(shape, **opts) for shape in stat_shapes(B, h, N, mix_weight is not None))
 
 
 @torch.library.custom_op("rest_kernels::emsa_bwd", mutates_args=())
@@ -89,15 +72,15 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
     mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, None, scale, eps)
-    check_emsa_backward_args(dout, q, out, lse, rsq, rstd)
+    check_emsa_backward_args(dout, q, out, lse, rsq, rstd, mix_weight is not None)
     chosen = _kernel_backend("emsa_bwd", backend, (q, k, v),
                              lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight, needs_backward=True))
     if q.numel() == 0:  # no query or no head dim: every gradient is an empty or exactly zero sum
-        dmix = (torch.zeros(mix_weight.shape, dtype=_mix_dtype(q), device=q.device) if mix_weight is not None
+        dmix = (torch.zeros(mix_weight.shape, dtype=stat_dtype(q.dtype), device=q.device) if mix_weight is not None
                 else q.new_empty(0, dtype=torch.float32))
         zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
         return (*zeros, dmix)
-    w = mix_weight.to(_mix_dtype(q)).contiguous() if mix_weight is not None else None
+    w = mix_weight.to(stat_dtype(q.dtype)).contiguous() if mix_weight is not None else None
     # the kernels index the (small) statistics as dense arrays
     lse, rsq, rstd = lse.contiguous(), rsq.contiguous(), rstd.contiguous()
     dq, dk, dv, dmix = chosen.emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
@@ -111,7 +94,7 @@ def _emsa_bwd_fake(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps, b
     check_same_device((("dout", dout), ("q", q), ("k", k), ("v", v), ("mix_weight", mix_weight), ("out", out),
                        ("lse", lse), ("rsq", rsq), ("rstd", rstd)))
     h = q.shape[1]
-    dmix = q.new_empty((h, h), dtype=_mix_dtype(q)) if mix_weight is not None else q.new_empty(0, dtype=torch.float32)
+    dmix = q.new_empty((h, h), dtype=stat_dtype(q.dtype)) if mix_weight is not None else q.new_empty(0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmix)
 
 

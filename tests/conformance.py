@@ -4,7 +4,7 @@
   official float64 outputs and gradients (tests/data);
 - op level: emsa_attention / pa_gate against the reference on random inputs with the strides the
   model produces, awkward sizes, every dtype the backend takes;
-- the statistics contract of rest_kernels/backends/base.py (lse, rsq, rstd);
+- the statistics contract of rest_kernels/backends/stats.py (lse, rsq, rstd);
 - torch.library.opcheck and float64 gradcheck.
 
 Tolerances: float64 about 1e-9 relative, float32 about 1e-4 relative to the scale of the tensor.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 import rest_kernels
+from rest_kernels.backends.stats import stat_dtype
 from rest_kernels.diagnostics import saved_tensor_bytes, saved_tensors_of  # noqa: F401 (re-exported)
 from rest import EMSA, PA
 from reference_data import attention_cases, fill_weights, pa_cases
@@ -206,7 +207,7 @@ def check_emsa_op(backend, B, h, N, M, d, dtype, mix=True, layout="model", devic
 
 
 def check_emsa_stats(backend, B, h, N, M, d, dtype=torch.float32, mix=True, device="cpu"):
-    """The backend's (lse, rsq, rstd) equal the reference's: the contract of backends/base.py."""
+    """The backend's (lse, rsq, rstd) equal the reference's: the contract of backends/stats.py."""
     from rest_kernels.backends.registry import BACKENDS
     q, k, v, w, _ = emsa_inputs(B, h, N, M, d, dtype, mix, "model", device)
     w32 = w.detach().float().contiguous() if w is not None else None
@@ -218,9 +219,10 @@ def check_emsa_stats(backend, B, h, N, M, d, dtype=torch.float32, mix=True, devi
     tol = 1e-9 if dtype == torch.float64 else 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, e in zip(("out", "lse", "rsq", "rstd"), got, exp):
         if not mix and name in ("rsq", "rstd"):
+            assert a.shape == (0,), f"{name} must be empty without the mix, got {tuple(a.shape)}"
             continue
-        assert a.dtype == (dtype if name == "out" else torch.float32), f"{name} dtype {a.dtype}"
-        # the statistics are float32 whatever the input dtype: float32 rounding bounds them
+        assert a.dtype == (dtype if name == "out" else stat_dtype(dtype)), f"{name} dtype {a.dtype}"
+        # the statistics are float32 (float64 for float64 inputs): float32 rounding bounds them
         assert_close_scaled(a, e, tol if name == "out" else max(tol, 1e-6), f"stat {name} [{backend}]")
 
 

@@ -39,6 +39,12 @@ def test_huge_logits_stay_finite_and_match(backend, mix):
             ref = run("reference", q.double(), k.double(), v.double(), w.double() if mix else None)
         assert torch.isfinite(out).all(), f"{backend} {dtype}: non-finite output"
         tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+        if mix and dtype == torch.float32 and backend in ("triton", "cuda-emu"):
+            # The tiled backends rebuild P = exp(S - lse) / M from the saved float32 row statistic
+            # (rest_kernels/backends/stats.py), whose rounding is an ulp of |lse| ~ |logits| = 1e4,
+            # i.e. ~1e-3 relative on P, as for flash-attention's saved log-sum-exp. PyTorch's own
+            # float32 logits carry the same ulp, so only one-hot rows like these are exact there.
+            tol = 4 * torch.finfo(torch.float32).eps * logits.abs().max().item()
         conformance.assert_close_scaled(out, ref, tol, f"{backend} {dtype} huge logits")
 
 
@@ -74,19 +80,9 @@ def test_near_uniform_attention_is_as_accurate_as_pytorch(backend, logit_scale):
         exact = run("reference", q.double(), k.double(), v.double(), w.double())
         torch_err = (run("reference", q, k, v, w).double() - exact).abs().max().item()
         err = (run(backend, q, k, v, w).double() - exact).abs().max().item()
+    # One normalisation for every backend (rest_kernels/backends/stats.py): P - 1/M formed exactly
+    # before the product with v, from the row's log-mean-exp, so no backend keeps a known gap here.
     rounding = 2 ** -23 * exact.abs().max().item()
-    if backend in ("triton", "cuda-emu"):
-        # These form P = exp(S - lse) tile by tile from a float32 lse (about log M): its rounding is
-        # one relative error common to a whole row of P, which (P - 1/M) v turns into that error
-        # times v's row sum, then scaled by rstd ~ eps^-1/2. The cpu kernel normalises full rows.
-        logits = q.double() @ k.double().transpose(-2, -1) * d ** -0.5
-        lse = torch.logsumexp(torch.einsum("gj,bjnm->bgnm", w.double(), logits), -1)
-        rounding += 2 ** -24 * lse.abs().max().item() * 1e-5 ** -0.5 * v.abs().sum(2).max().item() / M
-    if backend == "cuda-emu":
-        # Known gap: the CUDA forward accumulates P v and subtracts vbar / M afterwards (its finalize
-        # kernel), two terms of v's size whose float32 sums over M keys (rounding ~ sqrt(M) ulps)
-        # cancel down to the deviation; rstd then scales that rounding too.
-        rounding += 2 * 2 ** -24 * M ** 0.5 * 1e-5 ** -0.5 * v.abs().sum(2).max().item() / M
     assert err <= 2 * torch_err + rounding, f"{backend}: error {err:.3g}, PyTorch float32 {torch_err:.3g}"
 
 

@@ -15,26 +15,25 @@
 //
 // Forward task: packs the block's q rows of every head, computes all heads' logits
 // L_j = q_j (scale k_j)^T (BN x M each) with the register-blocked tile GEMM, mixes them across heads
-// (S_g = sum_j W[g,j] L_j), takes each row's softmax (max, exp, sum: lse), the row's sum of squares
-// subtracts the InstanceNorm mean, which is exactly 1/M because every row of P sums to one, accumulates
-// the row's centred sum of squares c_i = sum_m (P_im - 1/M)^2 in the same pass, and multiplies
-// (P - 1/M) by v. Without the mix it is plain softmax
+// (S_g = sum_j W[g,j] L_j), takes each row's softmax (max, exp, sum: lse), subtracts the InstanceNorm
+// mean, which is exactly 1/M because every row of P sums to one, accumulates the row's centred sum of
+// squares c_i = sum_m (P_im - 1/M)^2 in the same pass, and multiplies (P - 1/M) by v. Without the mix it is plain softmax
 // attention (P v). K^T * scale and V are packed once per call, zero padded to the vector width,
 // from any strides of k and v (q is read through its strides while packing a block).
 //
 // Normalisation is exact: InstanceNorm over the (b, g) map is (P - mean) * rstd with mean = 1/M
 // (rows sum to one) and var = sum_i c_i / (N M) (biased variance of a map whose mean is known), so
 // out = rstd * ((P - 1/M) v). The tasks leave (P - 1/M) v in `out` and c_i per row; a per-(b, g)
-// serial sum of c_i gives rstd, and one light pass scales each (b, g) slice of `out`. The saved
-// statistic rsq is r_i = sum_m P_im^2 = c_i + 1/M (backends/base.py's contract).
+// serial sum of c_i gives rstd, and one light pass scales each (b, g) slice of `out`. Saved for the
+// backward (rest_kernels/backends/stats.py): lse, rc_i = c_i and rstd, in T (float64 for float64).
 //
-// Backward (per task: b and a fixed chunk of query blocks) recomputes L, S and P of each block exactly
-// like the forward (full rows, so lse is not needed), then per output head g:
+// Backward (per task: b and a fixed chunk of query blocks) recomputes L and S of each block like the
+// forward and P = exp(S - lse) from the saved lse (no max or sum pass), then per output head g:
 // Y = (P - 1/M) rstd, dv_g += Y^T dO_g, dP = rstd (dO_g v_g^T - a_g - Y c_g) with the per-(b, g) scalars
 // a_g = mean(dO v^T), c_g = mean(dO v^T * Y) computed beforehand from sums over rows, D_i = sum_m P dP,
 // dS = P (dP - D_i); then dW[g,j] += sum dS_g L_j, dL_j = sum_g W[g,j] dS_g, dq_j = dL_j (scale k_j),
 // dk_j += dL_j^T q_j * scale. Nothing of size N x M exists outside the per-thread block buffers.
-// float64 recomputes rstd in float64 with a statistics-only forward pass (the saved rstd is float32).
+// The saved rsq is not needed here: D_i = sum_m P dP is summed from the block's full rows.
 //
 // Determinism. Every value is computed in an order fixed by the shapes alone: each row's sums run
 // over keys in increasing order with fixed vector lanes; the GEMM sums over k in increasing order;
@@ -202,6 +201,19 @@ inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rs
   if (rsq) *rsq = hsum(vq);
 }
 
+// P = exp(S - lse) / M of one row in place (the backward; lse, the log-mean-exp, saved by the
+// forward); padding lanes 0.
+template <typename T>
+inline void probs_from_lse(T* row, int64_t M, T lse) {
+  constexpr int Wd = Simd<T>::W;
+  const int64_t last = (M - 1) / Wd * Wd;
+  const auto keep = lanes_below<T>(M - last);
+  const vec_t<T> vl = vset<T>(lse);
+  const T inv = T(1) / T(M);
+  for (int64_t m = 0; m < last; m += Wd) vstore(row + m, vexp(vload(row + m) - vl) * inv);
+  vstore(row + last, keep ? vexp(vload(row + last) - vl) * inv : vset<T>(T(0)));
+}
+
 // mix weight as a dense h x h array of T (float32 or float64 input).
 template <typename T>
 std::vector<T> mix_as(const c10::optional<at::Tensor>& w, int64_t h) {
@@ -225,11 +237,11 @@ inline Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, int W) {
   return s;
 }
 
-// The forward pass over all tasks. With `out` null it only computes the row statistics (used by the
-// float64 backward to get rstd in float64). rsq_acc (B,h,N) receives c_i in T; lse may be null.
+// The forward pass over all tasks.
+// float64 backward to get rstd in float64). rsq (B,h,N) receives c_i (with the mix).
 template <typename T>
 void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* vp, const std::vector<T>& W,
-                   T* out, float* lse, T* rsq_acc) {
+                   T* out, T* lse, T* rsq) {
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
   const bool mix = !W.empty();
   const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 2 : 1) * h * Mp + h * dp + dp);
@@ -263,10 +275,11 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
           T mx, sum, q2;
           softmax_row<T>(P + g * plane + r * Mp, M, shift, &mx, &sum, &q2);
           const int64_t row = (b * h + g) * N + i0 + r;
-          if (lse) lse[row] = float(mx + std::log(sum));
-          if (rsq_acc) rsq_acc[row] = q2;
+          // log-mean-exp (rest_kernels/backends/stats.py), formed in double: sum / M is near 1 for
+          // near-uniform rows, where a log-sum-exp would round at the size of log M
+          lse[row] = T(double(mx) + std::log(double(sum) / double(M)));
+          if (rsq) rsq[row] = q2;
         }
-        if (!out) continue;
         tile_gemm<T>(nr, dp, M, P + g * plane, Mp, 1, vp + (b * h + g) * M * dp, dp, Ob.data(), dp, false);
         for (int64_t r = 0; r < nr; ++r)  // out is (B, N, h, d) in memory
           std::copy(Ob.data() + r * dp, Ob.data() + r * dp + d, out + ((b * N + i0 + r) * h + g) * d);
@@ -277,11 +290,11 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
 
 // rstd[b, g] from the rows' centred sums c_i: a serial sum per (b, g), in double.
 template <typename T>
-void rstd_from_rsq(const Shapes& sh, const T* rsq_acc, double eps, double* rstd) {
+void rstd_from_rsq(const Shapes& sh, const T* rsq, double eps, double* rstd) {
   const int64_t N = sh.N, M = sh.M;
   for (int64_t bg = 0; bg < sh.B * sh.h; ++bg) {
     double s = 0;
-    for (int64_t i = 0; i < N; ++i) s += double(rsq_acc[bg * N + i]);
+    for (int64_t i = 0; i < N; ++i) s += double(rsq[bg * N + i]);
     const double var = s / (double(N) * double(M));
     rstd[bg] = 1.0 / std::sqrt(var + eps);
   }
@@ -296,27 +309,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   const std::vector<T> W = mix_as<T>(mix_weight, h);
   const bool mix = !W.empty();
   at::Tensor out = at::empty({B, N, h, d}, q.options());
-  auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({B, h, N}, f32);
-  at::Tensor rsq = at::zeros({B, h, N}, f32);
-  at::Tensor rstd = at::zeros({B, h}, f32);
-  if (B * h * N == 0 || d == 0) return {out.transpose(1, 2), lse, rsq, rstd};
+  auto st = q.options();  // statistics in T: float32, float64 for float64
+  at::Tensor lse = at::empty({B, h, N}, st);
+  at::Tensor rsq = mix ? at::empty({B, h, N}, st) : at::empty({0}, st);
+  at::Tensor rstd = mix ? at::empty({B, h}, st) : at::empty({0}, st);
+  // empty problems are answered by csrc/op_checks.h before any kernel runs
+  TORCH_INTERNAL_ASSERT(B * h * N > 0 && d > 0 && M > 0);
 
   auto opt = q.options();
   at::Tensor kt = at::empty({B * h * d * sh.Mp}, opt), vp = at::empty({B * h * M * sh.dp}, opt);
   pack_transposed<T>(k, T(scale), sh.Mp, kt.data_ptr<T>());
   pack_rows<T>(v, T(1), sh.dp, vp.data_ptr<T>());
-  std::vector<T> rsq_acc(mix ? B * h * N : 0);
   T* o = out.data_ptr<T>();
-  forward_tasks<T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<float>(),
-                   mix ? rsq_acc.data() : nullptr);
+  forward_tasks<T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(),
+                   mix ? rsq.data_ptr<T>() : nullptr);
   if (mix) {
     std::vector<double> rs(B * h);
-    rstd_from_rsq<T>(sh, rsq_acc.data(), eps, rs.data());
-    float* rsq_f = rsq.data_ptr<float>();
-    float* rstd_f = rstd.data_ptr<float>();
-    for (int64_t x = 0; x < B * h * N; ++x) rsq_f[x] = float(double(rsq_acc[x]) + 1.0 / double(M));
-    for (int64_t x = 0; x < B * h; ++x) rstd_f[x] = float(rs[x]);
+    rstd_from_rsq<T>(sh, rsq.data_ptr<T>(), eps, rs.data());
+    T* rstd_t = rstd.data_ptr<T>();
+    for (int64_t x = 0; x < B * h; ++x) rstd_t[x] = T(rs[x]);
     // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
     at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
       for (int64_t bi = lo; bi < hi; ++bi) {
@@ -335,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out, const at::Tensor& rstd_in, double scale,
-    double eps) {
+    const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out, const at::Tensor& lse_in,
+    const at::Tensor& rstd_in, double scale) {
   constexpr int Wd = Simd<T>::W;
   const Shapes sh = shapes_of(q, k, Wd);
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
@@ -347,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   at::Tensor dq = at::empty({B, h, N, d}, opt), dk = at::empty({B, h, M, d}, opt), dv = at::empty({B, h, M, d}, opt);
   at::Tensor dmix = mix ? at::zeros({h, h}, opt.dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat))
                         : at::empty({0}, opt.dtype(at::kFloat));
-  if (B * h * N == 0 || M == 0 || d == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dmix};
+  TORCH_INTERNAL_ASSERT(B * h * N > 0 && M > 0 && d > 0);  // empty problems: csrc/op_checks.h
 
   // Packed operands: scale*K^T (logits), V^T (dO v^T), scale*K rows (dq).
   at::Tensor kt = at::empty({B * h * d * Mp}, opt), vt = at::empty({B * h * d * Mp}, opt),
@@ -359,16 +370,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   // Per-(b, g) scalars: rstd, a_g = mean(dO v^T), c_g = mean(dO v^T * Y) = sum_i dO_i . O_i / (N M).
   std::vector<double> rs(B * h, 0.0), a(B * h, 0.0), c(B * h, 0.0);
   View4<T> dov(dout), ov(out), vv(v);
+  const at::Tensor lse_t = lse_in.to(q.scalar_type()).contiguous();  // T: the dtype the kernels compute in
+  const T* lse = lse_t.data_ptr<T>();
   if (mix) {
-    if constexpr (std::is_same_v<T, double>) {
-      // The saved rstd is float32; float64 recomputes it (statistics-only forward, no P v).
-      std::vector<T> rsq_acc(B * h * N);
-      forward_tasks<T>(sh, q, kt.data_ptr<T>(), nullptr, W, nullptr, nullptr, rsq_acc.data());
-      rstd_from_rsq<T>(sh, rsq_acc.data(), eps, rs.data());
-    } else {
-      at::Tensor r = rstd_in.to(at::kFloat).contiguous();
-      for (int64_t x = 0; x < B * h; ++x) rs[x] = r.data_ptr<float>()[x];
-    }
+    const at::Tensor r = rstd_in.to(at::kDouble).contiguous();
+    for (int64_t x = 0; x < B * h; ++x) rs[x] = r.data_ptr<double>()[x];
     at::parallel_for(0, B * h, light_grain((N + M) * d), [&](int64_t lo, int64_t hi) {
       std::vector<double> sdo(d), sv(d);
       for (int64_t bg = lo; bg < hi; ++bg) {
@@ -457,10 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
           T* Pg = P + g * plane;
           T* dSg = dSb.data() + g * plane;
           const T* dOg = dOb.data() + g * BN * dp;
-          for (int64_t r = 0; r < nr; ++r) {
-            T mx, sum;
-            softmax_row<T>(Pg + r * Mp, M, T(0), &mx, &sum, nullptr);
-          }
+          for (int64_t r = 0; r < nr; ++r) probs_from_lse<T>(Pg + r * Mp, M, lse[(b * h + g) * N + i0 + r]);
           const T rstd = T(rs[b * h + g]), ag = T(a[b * h + g]), cg = T(c[b * h + g]);
           const T* Y = Pg;
           if (mix) {  // Y = (P - 1/M) rstd, the normalised map
@@ -578,21 +581,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_impl(
   return {dq, dk, dv, dmix};
 }
 
-// Ranks, shapes, devices and the statistics are checked by csrc/op_checks.h before these entry points
-// run (the extension's CPU ops, csrc/cpu_dispatch.cpp); what is particular to this backend is the
-// dtypes it computes in.
-void check_cpu_dtype(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
-                  q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "emsa (cpu backend): float32, float64, bfloat16 or float16, got ", q.scalar_type());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mix_weight,
     double scale, double eps) {
-  check_cpu_dtype(q);
+  // dtypes, shapes, devices and empty problems: csrc/op_checks.h (the dtypes this backend declares)
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
   if (q.scalar_type() != at::kFloat) {
     // bfloat16 / float16: computed in float32 on float32 copies (the CPU has no fast 16-bit FMAs to
@@ -607,19 +601,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& mix_weight, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& rsq, const at::Tensor& rstd, double scale, double eps) {
-  check_cpu_dtype(q);
   const at::Tensor dO = dout.scalar_type() == q.scalar_type() ? dout : dout.to(q.scalar_type());
-  (void)lse;  // the backward recomputes whole rows, so the row statistics are not needed
-  (void)rsq;
-  if (q.scalar_type() == at::kDouble)
-    return emsa_bwd_impl<double>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+  (void)rsq;  // D_i is summed from full rows here (see the design notes above)
+  (void)eps;  // rstd is saved
+  if (q.scalar_type() == at::kDouble) return emsa_bwd_impl<double>(dO, q, k, v, mix_weight, out, lse, rstd, scale);
   if (q.scalar_type() != at::kFloat) {  // bfloat16 / float16: in float32, gradients rounded at the end
     const auto f = at::kFloat;
-    auto r = emsa_bwd_impl<float>(dO.to(f), q.to(f), k.to(f), v.to(f), mix_weight, out.to(f), rstd, scale, eps);
+    auto r = emsa_bwd_impl<float>(dO.to(f), q.to(f), k.to(f), v.to(f), mix_weight, out.to(f), lse, rstd, scale);
     const auto t = q.scalar_type();
     return {std::get<0>(r).to(t), std::get<1>(r).to(t), std::get<2>(r).to(t), std::get<3>(r)};
   }
-  return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, rstd, scale, eps);
+  return emsa_bwd_impl<float>(dO, q, k, v, mix_weight, out, lse, rstd, scale);
 }
 
 }  // namespace rest_cpu

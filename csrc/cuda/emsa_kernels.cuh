@@ -4,8 +4,9 @@
 //
 // Math (docs/emsa_math.md): per batch b and output head g
 //   S_g = scale * sum_j W[g, j] q_j k_j^T   (only j = g with weight 1 when there is no mix)
-//   P_g = softmax_keys(S_g);  out_g = rstd_g (P_g v_g - 1 vbar_g^T)  (plain P_g v_g without mix)
-//   rstd_g = (sum_i rc_i / (N M) + eps)^-1/2,  rc_i = sum_m (P_im - 1/M)^2 = rsq_i - 1/M.
+//   P_g = softmax_keys(S_g);  out_g = ((P_g - 1/M) rstd_g) v_g  (plain P_g v_g without mix)
+//   rstd_g = (sum_i rsq_i / (N M) + eps)^-1/2,  rsq_i = sum_m (P_im - 1/M)^2 (centred; the saved
+//   statistics of rest_kernels/backends/stats.py, with lse).
 // The N x M map never leaves the chip: a block owns a 32 x 32 tile of it at a time.
 //
 // Thread mapping of a 32 x 32 tile with 128 threads (4 warps): thread t owns row t / 4 and the 8
@@ -122,29 +123,26 @@ __global__ void __launch_bounds__(kThreads) emsa_vbar_kernel(EmsaArgs<T> a, floa
 }
 
 // ---------------------------------------------------------------------------------- forward
-// Grid (ceil(N / 32), B h). Online softmax over key tiles; writes the unscaled
-// (P v - vbar) rows (float32, (B, N, h, d)) and lse. The row variances come from
-// emsa_rowvar_kernel once lse is known, and the per-head rstd (which needs every row of the head)
-// is applied by emsa_finalize_kernel.
-template <class T, int DPAD>
-__global__ void __launch_bounds__(kThreads, 1) emsa_fwd_kernel(EmsaArgs<T> a, float* __restrict__ ws,
-                                                            float* __restrict__ lse, const float* __restrict__ vbar) {
-  using Rows = float[kTile][DPAD];
+// The statistics are those of rest_kernels/backends/stats.py: lse, and with the mix the centred row
+// sums rsq_i = sum_m (P_im - 1/M)^2 and rstd per (b, g). With the mix the forward is two passes over
+// the logits: emsa_stats_kernel (lse, rsq), emsa_rstd_kernel (rstd), then emsa_fwd_kernel with P final
+// (P = exp(S - lse) / M, lse the log-mean-exp) forms Y = (P - 1/M) rstd before the product with v
+// and writes out once.
+
+// Grid (ceil(N / 32), B h). Online softmax over key tiles with the centred sum of squares: per row
+// the running max m, l = sum e (e = exp(S - m)) and c = sum (e - l/n)^2 over the n keys seen, each
+// tile merged with Chan's pairwise update (the tile centred at its own mean, then the squared
+// difference of the means); when m grows, l scales by alpha = exp(m_old - m_new) and c by alpha^2.
+// At the end sum_m (P - 1/M)^2 = c / l^2 with no difference of two nearly equal numbers, so
+// near-uniform rows (variance far below 1/M^2) keep their digits.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) emsa_stats_kernel(EmsaArgs<T> a, float* __restrict__ lse,
+                                                              float* __restrict__ rsq) {
   REST_SHARED(ChunkTile, Ac);
   REST_SHARED(ChunkTile, Bc);
-  REST_SHARED(ChunkTile, Ps);
-  REST_SHARED(Rows, Vs);
-  constexpr int NC = DPAD / 4;
   const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
-  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h;
-  const bool mix = a.w != nullptr;
-  const T* v = a.v + b * a.vs[0] + g * a.vs[1];
-
-  float acc[NC];
-REST_UNROLL
-  for (int c = 0; c < NC; ++c) acc[c] = 0.f;
-  float mrow = -INFINITY, l = 0.f;  // running max and sum of exp
-
+  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h, i = i0 + row;
+  float mrow = -INFINITY, l = 0.f, c = 0.f;
   for (int m0 = 0; m0 < a.M; m0 += kTile) {
     float S[8];
     tile_logits(S, a, b, g, i0, m0, Ac, Bc);
@@ -154,18 +152,91 @@ REST_UNROLL
       if (m0 + quad + 4 * s >= a.M) S[s] = -INFINITY;
       mloc = fmaxf(mloc, S[s]);
     }
-    // every key tile holds at least one valid key, so mnew is finite and alpha well defined
-    const float mnew = fmaxf(mrow, quad_max(mloc));
+    const float mnew = fmaxf(mrow, quad_max(mloc));  // finite: every key tile holds a valid key
     const float alpha = expf(mrow - mnew);
-    float ls = 0.f;
+    float e[8], ls = 0.f;
 REST_UNROLL
     for (int s = 0; s < 8; ++s) {
-      const float p = (m0 + quad + 4 * s < a.M) ? expf(S[s] - mnew) : 0.f;
-      Ps[row][quad + 4 * s] = p;
-      ls += p;
+      e[s] = (m0 + quad + 4 * s < a.M) ? expf(S[s] - mnew) : 0.f;
+      ls += e[s];
     }
-    l = l * alpha + quad_sum(ls);
+    const float lb = quad_sum(ls);
+    const float nb = float(a.M - m0 < kTile ? a.M - m0 : kTile), na = float(m0);
+    const float mean_b = lb / nb;
+    float cs = 0.f;
+REST_UNROLL
+    for (int s = 0; s < 8; ++s) {
+      const float dev = (m0 + quad + 4 * s < a.M) ? e[s] - mean_b : 0.f;
+      cs += dev * dev;
+    }
+    const float la = l * alpha, delta = mean_b - la / fmaxf(na, 1.f);
+    c = c * (alpha * alpha) + quad_sum(cs) + delta * delta * (na * nb / (na + nb));
+    l = la + lb;
     mrow = mnew;
+  }
+  if (i < a.N && quad == 0) {
+    lse[int64_t(bg) * a.N + i] = mrow + logf(l / a.M);  // log-mean-exp: rest_kernels/backends/stats.py
+    rsq[int64_t(bg) * a.N + i] = c / (l * l);
+  }
+}
+
+// Grid (ceil(N / 32), B h). MIX: P = exp(S - lse) / M is final on every tile, so the block accumulates
+// sum_m (P_im - 1/M) rstd v_m (the mean 1/M subtracted before the product, as every backend does)
+// and writes out once. !MIX: classic online softmax (rescaled accumulator), out = acc / l, and lse.
+// TO is the output type: T, or float for the backward's float32 rebuild of O (see emsa_bwd).
+template <class T, class TO, int DPAD, bool MIX>
+__global__ void __launch_bounds__(kThreads, 1) emsa_fwd_kernel(EmsaArgs<T> a, TO* __restrict__ out,
+                                                            float* __restrict__ lse_io,
+                                                            const float* __restrict__ rstd) {
+  using Rows = float[kTile][DPAD];
+  REST_SHARED(ChunkTile, Ac);
+  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(ChunkTile, Ps);
+  REST_SHARED(Rows, Vs);
+  constexpr int NC = DPAD / 4;
+  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
+  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h, i = i0 + row;
+  const T* v = a.v + b * a.vs[0] + g * a.vs[1];
+  const float invM = 1.f / a.M;
+  const float lse_i = (MIX && i < a.N) ? lse_io[int64_t(bg) * a.N + i] : 0.f;
+  const float rs = MIX ? rstd[bg] : 1.f;
+
+  float acc[NC];
+REST_UNROLL
+  for (int c = 0; c < NC; ++c) acc[c] = 0.f;
+  float mrow = -INFINITY, l = 0.f;  // !MIX: running max and sum of exp
+
+  for (int m0 = 0; m0 < a.M; m0 += kTile) {
+    float S[8];
+    tile_logits(S, a, b, g, i0, m0, Ac, Bc);
+    float alpha = 1.f;
+    if (MIX) {
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) {
+        const bool ok = m0 + quad + 4 * s < a.M;
+        // P - 1/M = (exp(S - lse) - 1) / M with lse the log-mean-exp: exactly centred in float32
+        Ps[row][quad + 4 * s] = ok ? (expf(S[s] - lse_i) - 1.f) * invM * rs : 0.f;
+      }
+    } else {
+      float mloc = -INFINITY;
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) {
+        if (m0 + quad + 4 * s >= a.M) S[s] = -INFINITY;
+        mloc = fmaxf(mloc, S[s]);
+      }
+      // every key tile holds at least one valid key, so mnew is finite and alpha well defined
+      const float mnew = fmaxf(mrow, quad_max(mloc));
+      alpha = expf(mrow - mnew);
+      float ls = 0.f;
+REST_UNROLL
+      for (int s = 0; s < 8; ++s) {
+        const float p = (m0 + quad + 4 * s < a.M) ? expf(S[s] - mnew) : 0.f;
+        Ps[row][quad + 4 * s] = p;
+        ls += p;
+      }
+      l = l * alpha + quad_sum(ls);
+      mrow = mnew;
+    }
     load_rows<T, DPAD>(Vs, v, a.vs[2], a.vs[3], m0, a.M, a.d);
     __syncthreads();
 REST_UNROLL
@@ -178,53 +249,18 @@ REST_UNROLL
     __syncthreads();
   }
 
-  const int i = i0 + row;
   if (i < a.N) {
-    float* o = ws + ((int64_t(b) * a.N + i) * a.h + g) * a.d;
+    TO* o = out + ((int64_t(b) * a.N + i) * a.h + g) * a.d;
 REST_UNROLL
     for (int c = 0; c < NC; ++c) {
       const int col = quad + 4 * c;
-      // subtract vbar here, in float32, before any rounding to a low-precision dtype. A true
-      // division (not * 1/l): for a uniform row (every p = 1, l = M) acc / l then rounds exactly
-      // like emsa_vbar_kernel's sum / M (same summation order), so P v - vbar is exactly 0, as
-      // InstanceNorm of a constant map must be, instead of rounding noise times rstd ~ 316.
-      if (col < a.d) o[col] = acc[c] / l - (mix ? vbar[int64_t(bg) * a.d + col] : 0.f);
+      if (col < a.d) o[col] = rk::from_f<TO>(MIX ? acc[c] : acc[c] / l);
     }
-    if (quad == 0) lse[int64_t(bg) * a.N + i] = mrow + logf(l);
+    if (!MIX && quad == 0) lse_io[int64_t(bg) * a.N + i] = mrow + logf(l / a.M);  // log-mean-exp
   }
 }
 
-// Grid (ceil(N / 32), B h), after lse is known: rc_i = sum_m (P_im - 1/M)^2, the centred sum of
-// squares of a row, and (forward) rsq_i = rc_i + 1/M. Summing the centred terms directly keeps
-// InstanceNorm's variance accurate: var is often far below 1/M^2 (near-uniform rows), so
-// sum(P^2) - 1/M would lose most of its digits, and eps ~ var turns that into visible errors in
-// rstd and in the backward's c rstd^2 rc_i term. The price is one more pass over the logits.
-template <class T>
-__global__ void __launch_bounds__(kThreads, 1) emsa_rowvar_kernel(EmsaArgs<T> a, const float* __restrict__ lse,
-                                                               float* __restrict__ rc, float* __restrict__ rsq) {
-  REST_SHARED(ChunkTile, Ac);
-  REST_SHARED(ChunkTile, Bc);
-  const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
-  const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h, i = i0 + row;
-  const float lse_i = i < a.N ? lse[int64_t(bg) * a.N + i] : 0.f, invM = 1.f / a.M;
-  float acc = 0.f;
-  for (int m0 = 0; m0 < a.M; m0 += kTile) {
-    float S[8];
-    tile_logits(S, a, b, g, i0, m0, Ac, Bc);
-REST_UNROLL
-    for (int s = 0; s < 8; ++s) {
-      const float dev = (m0 + quad + 4 * s < a.M) ? expf(S[s] - lse_i) - invM : 0.f;
-      acc += dev * dev;
-    }
-  }
-  acc = quad_sum(acc);
-  if (i < a.N && quad == 0) {
-    rc[int64_t(bg) * a.N + i] = acc;
-    if (rsq) rsq[int64_t(bg) * a.N + i] = acc + invM;
-  }
-}
-
-// Sum of a head's rc over its N rows, in one fixed order (identical in every block).
+// Sum of a head's rsq over its N rows, in one fixed order.
 REST_DEVICE float head_rc_sum(const float* __restrict__ rc_bg, int N, float (&red)[kThreads]) {
   float s = 0.f;
   for (int i = threadIdx.x; i < N; i += kThreads) s += rc_bg[i];
@@ -244,27 +280,14 @@ REST_DEVICE float head_rstd(float rc_total, int N, int M, float eps) {
   return static_cast<float>(1.0 / sqrt(var + eps));
 }
 
-// Grid (ceil(N / 32), B h): out = rstd * ws in the output dtype (rstd = 1 without the mix);
-// block x = 0 also stores rstd. In place when the output is float32 (ws is out then).
-template <class T>
-__global__ void __launch_bounds__(kThreads) emsa_finalize_kernel(const float* ws, T* out,
-                                                                 const float* __restrict__ rc,
-                                                                 float* __restrict__ rstd, int h, int N, int M, int d,
-                                                                 float eps, bool mix) {
+// One block per (b, g): rstd = (sum_i rsq_i / (N M) + eps)^-1/2, the sum in one fixed order.
+__global__ void __launch_bounds__(kThreads) emsa_rstd_kernel(const float* __restrict__ rsq, int N, int M, float eps,
+                                                             float* __restrict__ rstd) {
   using Red = float[kThreads];
   REST_SHARED(Red, red);
-  const int bg = blockIdx.y, b = bg / h, g = bg % h, i0 = blockIdx.x * kTile;
-  float rs = 1.f;
-  if (mix) {
-    rs = head_rstd(head_rc_sum(rc + int64_t(bg) * N, N, red), N, M, eps);
-    if (blockIdx.x == 0 && threadIdx.x == 0) rstd[bg] = rs;
-  }
-  for (int e = threadIdx.x; e < kTile * d; e += kThreads) {
-    const int i = i0 + e / d, col = e % d;
-    if (i >= N) break;
-    const int64_t idx = ((int64_t(b) * N + i) * h + g) * d + col;
-    out[idx] = rk::from_f<T>(ws[idx] * rs);
-  }
+  const int bg = blockIdx.x;
+  const float rs = head_rstd(head_rc_sum(rsq + int64_t(bg) * N, N, red), N, M, eps);
+  if (threadIdx.x == 0) rstd[bg] = rs;
 }
 
 // --------------------------------------------------------------------------------- backward
@@ -272,9 +295,8 @@ struct BwdRowArgs {
   int64_t os[4], dos[4];  // strides of out and dout
 };
 
-// Per row i of head (b, g): u_i = dO_i . O_i with O_i = oscale_g * out_i (oscale null: 1). One warp
-// per row. out is the saved output (TO = T), or for fp16 / bf16 with the mix the float32 unscaled
-// rows P v - vbar recomputed by emsa_fwd_kernel with oscale = rstd (see emsa_bwd).
+// Per row i of head (b, g): u_i = dO_i . O_i. One warp per row. out is the saved output (TO = T),
+// or for fp16 / bf16 with the mix the float32 rows rebuilt by emsa_fwd_kernel (see emsa_bwd).
 template <class T, class TO>
 __global__ void __launch_bounds__(kThreads) emsa_bwd_rowdot_kernel(const T* __restrict__ dout, const TO* __restrict__ out,
                                                                    const float* __restrict__ oscale, BwdRowArgs s,
@@ -291,13 +313,13 @@ __global__ void __launch_bounds__(kThreads) emsa_bwd_rowdot_kernel(const T* __re
 }
 
 // One block per (b, g): c_g = sum_i u_i / (N M) in a fixed order, then per row
-//   E_i = u_i - c_g rstd_g^2 rc_i        (mix; E_i = u_i without it; rc_i = rsq_i - 1/M, centred)
+//   E_i = u_i - c_g rstd_g^2 rsq_i       (mix; E_i = u_i without it; sum_m P_im Y_im = rstd rsq_i)
 // With the mix, dP - D_i (notes: dP = rstd (dO v^T - a - Y c), D_i = sum_m P dP) simplifies to
 //   dP_im - D_i = rstd (dO_i . (v_m - vbar) - c Y_im) - E_i:
 // the scalar a cancels, and v - vbar is formed in float32 before the dot product, so nothing
 // large (rstd ~ eps^-1/2 times dO . v) is subtracted from something large.
 __global__ void __launch_bounds__(kThreads) emsa_bwd_rowstat_kernel(const float* __restrict__ u,
-                                                                    const float* __restrict__ rc,
+                                                                    const float* __restrict__ rsq,
                                                                     const float* __restrict__ rstd, int N, int M,
                                                                     bool mix, float* __restrict__ E,
                                                                     float* __restrict__ cg) {
@@ -321,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) emsa_bwd_rowstat_kernel(const float*
   const float c = static_cast<float>(double(red[0]) / (double(N) * M));
   const float rs = rstd[bg];
   if (threadIdx.x == 0) cg[bg] = c;
-  for (int i = threadIdx.x; i < N; i += kThreads) Eb[i] = ub[i] - c * rs * rs * rc[int64_t(bg) * N + i];
+  for (int i = threadIdx.x; i < N; i += kThreads) Eb[i] = ub[i] - c * rs * rs * rsq[int64_t(bg) * N + i];
 }
 
 template <class T>
@@ -397,8 +419,9 @@ REST_UNROLL
 REST_UNROLL
       for (int s = 0; s < 8; ++s) {
         const bool ok = row_ok && (m0 + quad + 4 * s < a.M);
-        const float P = ok ? (one_key ? 1.f : expf(S[s] - lse_i)) : 0.f;
-        const float Y = mix ? (ok ? (P - invM) * rs : 0.f) : P;
+        const float e = ok ? (one_key ? 1.f : expf(S[s] - lse_i)) : 0.f;  // lse: log-mean-exp
+        const float P = e * invM;
+        const float Y = mix ? (ok ? (e - 1.f) * invM * rs : 0.f) : P;  // (P - 1/M) rstd, exactly centred
         const float dPmD = mix ? rs * (dOv[s] - cg * Y) - E_i : dOv[s] - E_i;  // dP - D_i
         const float dS = one_key ? 0.f : P * dPmD;
         dL[s] += wgj * dS;
@@ -471,23 +494,17 @@ __global__ void __launch_bounds__(kThreads) emsa_dmix_kernel(const float* __rest
 }
 
 // ----------------------------------------------------------------------------------- host side
-inline void emsa_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const c10::optional<at::Tensor>& w) {
-  TORCH_CHECK(q.device().type() == rk::kDevice, "emsa: q on ", q.device());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "emsa: q, k, v must be 4-d");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "emsa: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "emsa: mixed dtypes");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "emsa: tensors on different devices");
-  TORCH_CHECK(q.size(3) <= 128, "emsa: head dim ", q.size(3), " > 128");
-  TORCH_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "emsa: too many rows");
-  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "emsa: batch x heads = ", q.size(0) * q.size(1),
-              " exceeds the grid's y dimension (65535); split the batch");
-  if (w) {
-    TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->dim() == 2 && w->size(0) == q.size(1) &&
-                    w->size(1) == q.size(1) && w->device() == q.device(),
-                "emsa: mix_weight must be a contiguous float32 (h, h) tensor");
-  }
+// Arguments, dtypes and empty problems are checked and answered once by csrc/op_checks.h; what is
+// left here are the limits of these kernels (declared in Python as CudaBackend / CudaEmuBackend's
+// max_head_dim and max_batch_heads, and refused there before a call gets here) and internal asserts.
+inline void emsa_kernel_limits(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_VALUE(q.size(3) <= 128, "emsa (cuda kernels): head dim ", q.size(3), " > 128");
+  TORCH_CHECK_VALUE(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31),
+                    "emsa (cuda kernels): more than 2^31 - 1 rows");
+  TORCH_CHECK_VALUE(q.size(0) * q.size(1) <= 65535, "emsa (cuda kernels): batch x heads = ", q.size(0) * q.size(1),
+                    " exceeds the grid's y dimension (65535); split the batch");
+  TORCH_INTERNAL_ASSERT(q.numel() > 0 && k.size(2) > 0, "empty problems are answered by csrc/op_checks.h");
+  TORCH_INTERNAL_ASSERT(q.device().type() == rk::kDevice);
 }
 
 // The kernels read the mix weight as a dense float32 (h, h) array. csrc/op_checks.h accepts any
@@ -519,46 +536,52 @@ EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return a;
 }
 
+// emsa_fwd_kernel for head dim d, output type TO.
+template <class T, class TO, bool MIX>
+auto fwd_kernel_for(int64_t d) {
+  return d <= 64 ? &emsa_fwd_kernel<T, TO, 64, MIX> : &emsa_fwd_kernel<T, TO, 128, MIX>;
+}
+
+// With the mix: stats (lse, rsq) -> rstd -> out (rest_kernels/backends/stats.py).
+template <class T, class TO>
+void launch_mixed_forward(const EmsaArgs<T>& a, TO* out, float* lse, float* rsq, float* rstd, float eps,
+                          bool stats, rk::Stream stream) {
+  const dim3 grid(rk::ceil_div(a.N, kTile), static_cast<unsigned>(a.B * a.h));
+  if (stats) {
+    rk::launch(emsa_stats_kernel<T>, grid, dim3(kThreads), stream, a, lse, rsq);
+    rk::launch(emsa_rstd_kernel, dim3(static_cast<unsigned>(a.B * a.h)), dim3(kThreads), stream,
+               static_cast<const float*>(rsq), a.N, a.M, eps, rstd);
+  }
+  rk::launch(fwd_kernel_for<T, TO, true>(a.d), grid, dim3(kThreads), stream, a, out, lse,
+             static_cast<const float*>(rstd));
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const at::Tensor& q, const at::Tensor& k,
                                                                           const at::Tensor& v,
                                                                           const c10::optional<at::Tensor>& w_in,
                                                                           double scale, double eps) {
   const c10::optional<at::Tensor> w = dense_mix(w_in);
-  emsa_check(q, k, v, w);
+  emsa_kernel_limits(q, k);
   rk::DeviceGuard guard(q);
-  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
   const bool mix = w.has_value();
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor out = at::empty({B, N, h, d}, q.options());
   at::Tensor lse = at::empty({B, h, N}, f32);
-  at::Tensor rsq = at::zeros({B, h, N}, f32);
-  at::Tensor rstd = at::zeros({B, h}, f32);
-  if (B * h * N * d == 0 || M == 0) {
-    out.zero_();
-    lse.fill_(M == 0 ? -INFINITY : 0.f);
-    return {out.transpose(1, 2), lse, rsq, rstd};
-  }
-  const bool f32_out = q.scalar_type() == at::kFloat;
-  at::Tensor ws = f32_out ? out : at::empty({B, N, h, d}, f32);
-  at::Tensor vbar = mix ? at::empty({B, h, d}, f32) : at::Tensor();
-  at::Tensor rc = mix ? at::empty({B, h, N}, f32) : at::Tensor();
+  at::Tensor rsq = mix ? at::empty({B, h, N}, f32) : at::empty({0}, f32);
+  at::Tensor rstd = mix ? at::empty({B, h}, f32) : at::empty({0}, f32);
   REST_DISPATCH_DTYPES(q.scalar_type(), "emsa_fwd", [&] {
     const EmsaArgs<scalar_t> a = emsa_args<scalar_t>(q, k, v, w, scale);
     auto stream = rk::current_stream();
-    const dim3 grid(rk::ceil_div(N, kTile), static_cast<unsigned>(B * h));
-    if (mix) rk::launch(emsa_vbar_kernel<scalar_t>, dim3(static_cast<unsigned>(B * h)), dim3(kThreads), stream, a,
-                        vbar.data_ptr<float>());
-    auto fwd = d <= 64 ? &emsa_fwd_kernel<scalar_t, 64> : &emsa_fwd_kernel<scalar_t, 128>;
-    rk::launch(fwd, grid, dim3(kThreads), stream, a, ws.data_ptr<float>(), lse.data_ptr<float>(),
-               mix ? static_cast<const float*>(vbar.data_ptr<float>()) : nullptr);
-    if (mix)
-      rk::launch(emsa_rowvar_kernel<scalar_t>, grid, dim3(kThreads), stream, a,
-                 static_cast<const float*>(lse.data_ptr<float>()), rc.data_ptr<float>(), rsq.data_ptr<float>());
-    if (mix || !f32_out)
-      rk::launch(emsa_finalize_kernel<scalar_t>, grid, dim3(kThreads), stream,
-                 static_cast<const float*>(ws.data_ptr<float>()), out.data_ptr<scalar_t>(),
-                 mix ? static_cast<const float*>(rc.data_ptr<float>()) : nullptr, rstd.data_ptr<float>(), a.h, a.N,
-                 a.M, a.d, static_cast<float>(eps), mix);
+    if (mix) {
+      launch_mixed_forward<scalar_t, scalar_t>(a, out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                                               rsq.data_ptr<float>(), rstd.data_ptr<float>(),
+                                               static_cast<float>(eps), true, stream);
+    } else {
+      const dim3 grid(rk::ceil_div(N, kTile), static_cast<unsigned>(B * h));
+      rk::launch(fwd_kernel_for<scalar_t, scalar_t, false>(d), grid, dim3(kThreads), stream, a,
+                 out.data_ptr<scalar_t>(), lse.data_ptr<float>(), static_cast<const float*>(nullptr));
+    }
   });
   return {out.transpose(1, 2), lse, rsq, rstd};
 }
@@ -568,10 +591,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     const c10::optional<at::Tensor>& w_in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
     const at::Tensor& rstd, double scale, double eps) {
   const c10::optional<at::Tensor> w = dense_mix(w_in);
-  emsa_check(q, k, v, w);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(),
-              "emsa_bwd: dout and out must match q");
+  emsa_kernel_limits(q, k);
   rk::DeviceGuard guard(q);
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
   const bool mix = w.has_value();
@@ -580,10 +600,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   at::Tensor dk = at::zeros(k.sizes(), q.options());
   at::Tensor dv = at::zeros(v.sizes(), q.options());
   at::Tensor dmix = mix ? at::zeros({h, h}, f32) : at::empty({0}, f32);
-  if (B * h * N * d == 0 || M == 0) return {dq, dk, dv, dmix};
-  at::Tensor lse_c = lse.to(at::kFloat).contiguous();
-  at::Tensor rc = mix ? at::empty({B, h, N}, f32) : at::Tensor();
-  at::Tensor rstd_c = rstd.to(at::kFloat).contiguous();
+  at::Tensor lse_c = lse.contiguous();
+  at::Tensor rsq_c = rsq.contiguous();
+  at::Tensor rstd_c = rstd.contiguous();
   at::Tensor vbar = mix ? at::empty({B, h, d}, f32) : at::Tensor();
   at::Tensor u = at::empty({B, h, N}, f32);
   at::Tensor E = at::empty({B, h, N}, f32);
@@ -596,31 +615,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     const EmsaArgs<scalar_t> a = emsa_args<scalar_t>(q, k, v, w, scale);
     auto stream = rk::current_stream();
     const unsigned BH = static_cast<unsigned>(B * h);
-    if (mix) {
-      rk::launch(emsa_vbar_kernel<scalar_t>, dim3(BH), dim3(kThreads), stream, a, vbar.data_ptr<float>());
-      // the centred row sums again (rsq as saved lost their digits below 1/M; see emsa_rowvar_kernel)
-      rk::launch(emsa_rowvar_kernel<scalar_t>, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, a,
-                 static_cast<const float*>(lse_c.data_ptr<float>()), rc.data_ptr<float>(),
-                 static_cast<float*>(nullptr));
-    }
+    if (mix) rk::launch(emsa_vbar_kernel<scalar_t>, dim3(BH), dim3(kThreads), stream, a, vbar.data_ptr<float>());
     BwdRowArgs rs;
     for (int i = 0; i < 4; ++i) rs.dos[i] = dout.stride(i);
     const dim3 rowdot_grid(rk::ceil_div(N, kThreads / 32), BH);
     if (recompute_out) {
       // u_i = dO_i . O_i enters dS through c_g and E_i, where rstd (up to eps^-1/2) amplifies the
-      // fp16 / bf16 rounding of the saved O: rebuild the rows P v - vbar in float32 with the
-      // forward kernel (same deterministic order; its lse goes to a scratch buffer) and take
-      // u_i = rstd_g (dO_i . (P v - vbar)_i). The buffer is transient, never saved for backward.
+      // fp16 / bf16 rounding of the saved O: rebuild O in float32 with the forward kernel from the
+      // saved lse and rstd (same deterministic order) and take u_i from it. The buffer is
+      // transient, never saved for backward.
       at::Tensor ws = at::empty({B, N, h, d}, f32);
-      at::Tensor lse_scratch = at::empty({B, h, N}, f32);
-      auto fwd = d <= 64 ? &emsa_fwd_kernel<scalar_t, 64> : &emsa_fwd_kernel<scalar_t, 128>;
-      rk::launch(fwd, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, a, ws.data_ptr<float>(),
-                 lse_scratch.data_ptr<float>(), static_cast<const float*>(vbar.data_ptr<float>()));
+      launch_mixed_forward<scalar_t, float>(a, ws.data_ptr<float>(), lse_c.data_ptr<float>(), nullptr,
+                                            rstd_c.data_ptr<float>(), static_cast<float>(eps), false, stream);
       at::Tensor wsv = ws.transpose(1, 2);  // (B, h, N, d) view
       for (int i = 0; i < 4; ++i) rs.os[i] = wsv.stride(i);
       rk::launch(emsa_bwd_rowdot_kernel<scalar_t, float>, rowdot_grid, dim3(kThreads), stream,
                  dout.data_ptr<scalar_t>(), static_cast<const float*>(ws.data_ptr<float>()),
-                 static_cast<const float*>(rstd_c.data_ptr<float>()), rs, a.h, a.N, a.d, u.data_ptr<float>());
+                 static_cast<const float*>(nullptr), rs, a.h, a.N, a.d, u.data_ptr<float>());
     } else {
       for (int i = 0; i < 4; ++i) rs.os[i] = out.stride(i);
       rk::launch(emsa_bwd_rowdot_kernel<scalar_t, scalar_t>, rowdot_grid, dim3(kThreads), stream,
@@ -629,8 +640,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     }
     rk::launch(emsa_bwd_rowstat_kernel, dim3(BH), dim3(kThreads), stream,
                static_cast<const float*>(u.data_ptr<float>()),
-               mix ? static_cast<const float*>(rc.data_ptr<float>()) : nullptr,
-               static_cast<const float*>(rstd_c.data_ptr<float>()), a.N, a.M, mix, E.data_ptr<float>(),
+               mix ? static_cast<const float*>(rsq_c.data_ptr<float>()) : nullptr,
+               mix ? static_cast<const float*>(rstd_c.data_ptr<float>()) : nullptr, a.N, a.M, mix, E.data_ptr<float>(),
                cg.data_ptr<float>());
     BwdArgs<scalar_t> p;
     p.a = a;

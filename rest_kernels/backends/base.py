@@ -5,15 +5,13 @@ validation live once in rest_kernels/ops.py. Contract of the kernels (shared by 
 backend so their statistics are interchangeable and testable against each other):
 
 emsa_forward(q, k, v, mix_weight, scale, eps) -> (out, lse, rsq, rstd)
-    q (B,h,N,d), k and v (B,h,M,d), any strides, one floating dtype; mix_weight (h,h) float32
-    contiguous (float64 when q is float64), or None for plain softmax attention.
+    q (B,h,N,d), k and v (B,h,M,d), any strides, one floating dtype; mix_weight (h,h) contiguous in
+    the statistics dtype (float32, float64 when q is float64), or None for plain softmax attention.
     out  (B,h,N,d) in q's dtype, memory laid out as (B,N,h,d) (`out.transpose(1, 2)` contiguous).
-    lse  (B,h,N) float32: log(sum_m exp(S_im)) of the mixed, scaled logits S (natural log).
-    rsq  (B,h,N) float32: sum_m P_im^2, P = softmax(S)   (zeros when mix_weight is None).
-    rstd (B,h)   float32: (var + eps)^-1/2, var = mean(rsq)/M - 1/M^2  (zeros when None).
+    lse, rsq, rstd: the statistics of rest_kernels/backends/stats.py (rsq and rstd empty without the mix).
 emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps) -> (dq, dk, dv, dmix)
-    dq, dk, dv in the dtype of q (any layout); dmix (h,h) in mix_weight's dtype (float32, float64
-    for float64 q), or None when mix_weight is None.
+    dq, dk, dv in the dtype of q (any layout); dmix (h,h) in mix_weight's dtype, or None when
+    mix_weight is None.
 pa_forward(x, weight, bias) -> out          x (B,C,H,W); weight (C,1,3,3); bias (C,) or None
 pa_backward(dout, x, weight, bias) -> (dx, dweight, dbias)   dbias None when bias is None
 """

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Backend
+from .stats import stat_dtype, stats_from_logits
 
 
 def mixed_logits(q, k, mix_weight=None, mix_bias=None, scale=1.0):
@@ -73,17 +74,10 @@ class ReferenceBackend(Backend):
         return []
 
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
-        logits = mixed_logits(q, k, mix_weight, None, scale).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        B, h, N, M = logits.shape
-        if mix_weight is not None:
-            p = torch.softmax(logits, dim=-1)
-            rsq = (p * p).sum(-1)
-            var = rsq.sum(-1) / (N * M) - 1.0 / (M * M)
-            rstd = torch.rsqrt(var + eps)
-        else:
-            rsq = logits.new_zeros(B, h, N)
-            rstd = logits.new_zeros(B, h)
+        # logits in the statistics dtype, as attention_map computes them for 16-bit inputs
+        sd = stat_dtype(q.dtype)
+        logits = mixed_logits(q.to(sd), k.to(sd), mix_weight, None, scale)
+        lse, rsq, rstd = stats_from_logits(logits, mix_weight is not None, eps)
         out = emsa_reference(q, k, v, mix_weight, None, scale, eps)
         return out, lse, rsq, rstd
 

@@ -1,6 +1,7 @@
 """EMSA backward in Triton, by recomputation (see docs/emsa_math.md, "Backward").
 
-Saved from the forward: q, k, v, W, out, lse, rsq (B,h,N) and rstd (B,h). Nothing of size N x M.
+Saved from the forward: q, k, v, W, out and the statistics of rest_kernels/backends/stats.py: lse
+(B,h,N), with the mix rsq = sum_m (P - 1/M)^2 (B,h,N) and rstd (B,h). Nothing of size N x M.
 
 Kernels (all deterministic: fixed loop orders, per-program partials, no atomics):
 1. `_vbar_kernel` (mix only), grid (B, h): vbar = mean over keys of v, fp32.
@@ -9,11 +10,12 @@ Kernels (all deterministic: fixed loop orders, per-program partials, no atomics)
    buffer: rstd (up to eps^-1/2) amplifies the rounding of the stored 16-bit O in the norm terms.
    A fixed-order rowsum gives c = mean(dY * Y) = sum_i delta_i / (N M) per (b, g).
 3. `_dkdv_kernel`, grid (cdiv(M, BLOCK_M), B, head groups): a program owns a key block of all
-   mixed heads, walks the query blocks and recomputes per tile S, P = exp(S - lse),
+   mixed heads, walks the query blocks and recomputes per tile S, P = exp(S - lse) / M (lse the
+   row's log-mean-exp),
    Y = (P - 1/M) rstd and
-       dP - D_i = rstd dO_i (v_m - vbar) - c rstd (Y_im - rstd (r_i - 1/M)) - delta_i
+       dP - D_i = rstd dO_i (v_m - vbar) - c rstd (Y_im - rstd rsq_i) - delta_i
    (the notes' dP = rstd (dO v^T - a - Y c) and D_i = delta_i + rstd dO_i.vbar - rstd a
-   - c rstd^2 (r_i - 1/M) with the a terms cancelled and v centred before the dot, so no
+   - c rstd^2 rsq_i with the a terms cancelled and v centred before the dot, so no
    difference of two large numbers is formed: it is exactly 0 when M = 1), dS = P (dP - D_i), the
    head-mix transpose dL_j = sum_g W[g, j] dS_g, and accumulates dv = Y^T dO, dk = dL^T q scale
    and a per-program partial dW[g, j] = sum dS_g L_j.
@@ -80,17 +82,19 @@ def _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, h0, n0, m0, H, N, M, scale
     rows = n0 + tl.arange(0, BN)[None, :, None]
     cols = m0 + tl.arange(0, BM)[None, None, :]
     valid = (heads < H) & (rows < N) & (cols < M)
-    p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
+    e = tl.where(valid, tl.exp(s - lse[:, :, None]), 1.0)  # lse: log-mean-exp, so P = e / M
+    p = tl.where(valid, e * (1.0 / M), 0.0)
     if NORM:
         # dP = rstd (dO v^T - a - Y c) and D_i = sum_m P dP, which only needs row quantities:
-        # D_i = delta_i + rstd e_i - rstd a - c rstd^2 (r_i - 1/M). In dP - D_i the terms a cancel
+        # D_i = delta_i + rstd e_i - rstd a - c rstd^2 rsq_i (sum_m P Y = rstd rsq_i, rsq centred).
+        # In dP - D_i the terms a cancel
         # and dO v^T - e_i = dO (v - vbar)^T: v is centred before the dot (vc = v - vbar), so the
         # difference is never formed from two large terms (exactly zero when M = 1).
         inv_m = 1.0 / M
         rs = rstd[:, None]
-        y = tl.where(valid, (p - inv_m) * rs[:, :, None], 0.0)
+        y = tl.where(valid, (e - 1.0) * inv_m * rs[:, :, None], 0.0)  # (P - 1/M) rstd, exactly centred
         dpv = dot(do, trans(vc, DOT), DTYPE, DOT)
-        dp_minus_d = (rs[:, :, None] * dpv - c[:, None, None] * rs[:, :, None] * (y - (rs * (r - inv_m))[:, :, None])
+        dp_minus_d = (rs[:, :, None] * dpv - c[:, None, None] * rs[:, :, None] * (y - (rs * r)[:, :, None])
                       - delta[:, :, None])
         pw = y
     else:
@@ -202,8 +206,8 @@ def emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
         launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=BM, BD=BD)
         c = rowsum(delta) / (N * M)  # mean(dY * Y) per (b, g), fixed-order sum
         w = mix_weight.contiguous()
-    else:
-        vbar = c = delta  # unused by the kernels without the norm
+    else:  # no norm: the kernels never read these; any buffer of >= B h N floats will do
+        vbar = c = rsq = rstd = delta
         w = q
 
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)

@@ -3,8 +3,8 @@
 Design note
 ===========
 Inputs q (B,h,N,d), k, v (B,h,M,d) with any strides; W (h,h) fp32 or None. Output (B,h,N,d) laid
-out in memory as (B,N,h,d); statistics lse, rsq (B,h,N) and rstd (B,h) in fp32 (contract of
-rest_kernels/backends/base.py).
+out in memory as (B,N,h,d); statistics lse (B,h,N), with the mix rsq (B,h,N) and rstd (B,h), in
+fp32 (contract of rest_kernels/backends/stats.py).
 
 Grid and what a program holds
 -----------------------------
@@ -23,12 +23,13 @@ back.
 
 Three kernels, all with fixed block order (deterministic, no atomics):
 1. `_stats_kernel` (mix only): online softmax over the key blocks. Per row it keeps the running
-   max m, l = sum exp(S - m) and r = sum exp(S - m)^2; when m grows by delta, l scales by
-   exp(-delta) and r by exp(-2 delta) (the square of the correction). Stores
-   lse = m + log l and rsq = r / l^2 = sum_m P^2.
+   max m, l = sum e with e = exp(S - m), and c = sum (e - l/n)^2 over the n keys seen so far,
+   merged block by block with Chan's pairwise update (each block centred at its own mean); when m
+   grows by delta, l scales by exp(-delta) and c by exp(-2 delta). Stores lse = m + log(l / M) and
+   rsq = c / l^2 = sum_m (P - 1/M)^2, the centred row sum (no cancellation for near-uniform rows).
 2. `_rowsum_kernel`: per (b, g) the sum over rows of rsq, in a fixed order; the host turns the
-   (B,h) sums into rstd = (sum/(N M) - 1/M^2 + eps)^-1/2 (B*h numbers).
-3. `_attn_kernel`: with the mix, P = exp(S - lse) is final on every tile (lse is known), so the
+   (B,h) sums into rstd = (sum/(N M) + eps)^-1/2 (B*h numbers).
+3. `_attn_kernel`: with the mix, P = exp(S - lse) / M is final on every tile (lse is known), so the
    program accumulates Y v = sum_m (P - 1/M) v_m in fp32 (the 1/M is subtracted before the
    product, so no cancellation of two large terms, and no separate vbar) and writes
    out = rstd * (Y v) once, in the output dtype. Without the mix the same kernel runs classic online
@@ -37,10 +38,10 @@ Three kernels, all with fixed block order (deterministic, no atomics):
 Why the normalisation is exact
 ------------------------------
 InstanceNorm of the (b, g) map P (N x M): every row of a softmax sums to 1, so
-mean = (1/(NM)) sum_i sum_m P_im = 1/M exactly, and var = (1/(NM)) sum_i r_i - 1/M^2 with
-r_i = sum_m P_im^2. So (P - mean) * rstd v = rstd (P v - 1 vbar^T): the norm is a per-(b, g)
-scale and a rank-1 shift, and needs only the per-row r_i. r_i accumulated online is exact algebra,
-not an approximation (same argument as for l).
+mean = (1/(NM)) sum_i sum_m P_im = 1/M exactly, and var = (1/(NM)) sum_i rsq_i with
+rsq_i = sum_m (P_im - 1/M)^2. So the norm is (P - 1/M) rstd, a per-(b, g) scale of P shifted by a
+constant, and needs only the per-row rsq_i. The online merge is exact algebra, not an
+approximation (same argument as for l).
 
 Why a statistics pass instead of "one pass + one extra pass over out"
 ---------------------------------------------------------------------
@@ -93,20 +94,33 @@ def _stats_kernel(q_ptr, k_ptr, w_ptr, lse_ptr, rsq_ptr,
     w = load_mix(w_ptr, H, HP)
     m_i = tl.full((HP, BN), float("-inf"), tl.float32)
     l_i = tl.zeros((HP, BN), tl.float32)
-    r_i = tl.zeros((HP, BN), tl.float32)
+    c_i = tl.zeros((HP, BN), tl.float32)  # sum (e - l/n)^2 over the keys seen, e = exp(S - m_i)
     cols = tl.arange(0, BM)[None, None, :]
     for m0 in range(0, M, BM):
         k = load_tile(k_ptr, skb, skh, skm, skd, b, 0, m0, H, M, D, HP, BM, BD)
         s, _ = mixed_logits(q, k, w, scale, True, DTYPE, DOT)
-        s = tl.where(m0 + cols < M, s, float("-inf"))
+        valid = m0 + cols < M
+        s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=2))  # finite: every key block holds a valid key
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
-        r_i = r_i * (alpha * alpha) + tl.sum(p * p, axis=2)  # r rescales with the squared correction
+        # Chan's pairwise update of a centred sum of squares: this block's own (centred at its
+        # mean) plus the running one, both in the scale of the new max (c scales with alpha^2)
+        n_a = m0 * 1.0
+        n_b = tl.minimum((M - m0) * 1.0, BM * 1.0)
+        l_b = tl.sum(p, axis=2)
+        mean_b = l_b / n_b
+        dev = tl.where(valid, p - mean_b[:, :, None], 0.0)
+        l_a = l_i * alpha
+        delta = mean_b - l_a / tl.maximum(n_a, 1.0)
+        c_i = c_i * (alpha * alpha) + tl.sum(dev * dev, axis=2) + delta * delta * (n_a * n_b / (n_a + n_b))
+        l_i = l_a + l_b
         m_i = m_new
-    store_rows(lse_ptr, m_i + tl.log(l_i), b, 0, n0, H, N, HP, BN)
-    store_rows(rsq_ptr, r_i / (l_i * l_i), b, 0, n0, H, N, HP, BN)
+    # log-mean-exp (rest_kernels/backends/stats.py): l / M near 1 for near-uniform rows, so its log
+    # keeps full precision where a log-sum-exp would round at the size of log M
+    store_rows(lse_ptr, m_i + tl.log(l_i / M), b, 0, n0, H, N, HP, BN)
+    # sum_m (P - 1/M)^2 = sum_m (e - l/M)^2 / l^2 (rest_kernels/backends/stats.py)
+    store_rows(rsq_ptr, c_i / (l_i * l_i), b, 0, n0, H, N, HP, BN)
 
 
 @triton.jit
@@ -152,8 +166,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
             k = load_tile(k_ptr, skb, skh, skm, skd, b, h0, m0, H, M, D, HP, BM, BD)
             v = load_tile(v_ptr, svb, svh, svm, svd, b, h0, m0, H, M, D, HP, BM, BD)
             s, _ = mixed_logits(q, k, w, scale, True, DTYPE, DOT)
-            # (P - 1/M) before the product with v: the mean is subtracted exactly, in fp32
-            y = tl.where(m0 + cols < M, tl.exp(s - lse[:, :, None]) - inv_m, 0.0)
+            # (P - 1/M) = (exp(S - lse) - 1) / M before the product with v: the mean is subtracted
+            # exactly (exp(x) - 1 for small x is exact in fp32), with lse the row's log-mean-exp
+            y = tl.where(m0 + cols < M, (tl.exp(s - lse[:, :, None]) - 1.0) * inv_m, 0.0)
             acc += dot(y, v, DTYPE, DOT)
         rstd = load_heads(rstd_ptr, b, h0, H, HP)
         acc = acc * rstd[:, None, None]
@@ -172,7 +187,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
             acc = acc * alpha[:, :, None] + dot(p, v, DTYPE, DOT)
             m_i = m_new
         acc = acc / l_i[:, :, None]
-        store_rows(lse_ptr, m_i + tl.log(l_i), b, h0, n0, H, N, HP, BN)
+        store_rows(lse_ptr, m_i + tl.log(l_i / M), b, h0, n0, H, N, HP, BN)  # log-mean-exp
     store_tile(o_ptr, acc, sob, soh, son, sod, b, h0, n0, H, N, D, HP, BN, BD)
 
 
@@ -223,12 +238,11 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
         rsq = torch.empty(B, H, N, dtype=torch.float32, device=dev)
         launch(_stats_kernel, (grid_n, B, 1), q, k, w, lse, rsq, *strides, H, N, M, D, float(scale),
                HP=HP, BN=BN, BM=BM, BD=BD, DTYPE=DTYPE, DOT=DOT)
-        var = rowsum(rsq) / (N * M) - 1.0 / (M * M)
-        rstd = torch.rsqrt(var.clamp_min(0.0) + eps)
-    else:
+        rstd = torch.rsqrt(rowsum(rsq) / (N * M) + eps)
+    else:  # no InstanceNorm: no rsq, no rstd (rest_kernels/backends/stats.py)
         w = q  # unused pointer
-        rsq = torch.zeros(B, H, N, dtype=torch.float32, device=dev)
-        rstd = torch.zeros(B, H, dtype=torch.float32, device=dev)
+        rsq = torch.empty(0, dtype=torch.float32, device=dev)
+        rstd = torch.empty(0, dtype=torch.float32, device=dev)
     launch(_attn_kernel, (grid_n, B, triton.cdiv(H, HP)),
            q, k, v, w, out, lse, rstd, *strides, *v.stride(), *out.stride(), H, N, M, D, float(scale),
            HP=HP, BN=BN, BM=BM, BD=BD, NORM=mix, DTYPE=DTYPE, DOT=DOT)
