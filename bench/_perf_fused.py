@@ -209,31 +209,26 @@ def _cuda_emsa(s, dtype, backward):
 
     # L2 re-reads: a block loads its query rows again for every key tile (and, with the mix, the
     # rows of every input head), and so on; reread = all tile loads - the distinct bytes
-    def fwd_kernel(out_bytes):
+    def fwd_kernel(out_bytes, TO):
+        # MIX reads lse and rstd (P final); plain writes lse
         tiles = nT * BH * nMt
         loads = nMt * lw * q + nT * lw * kv + nT * kv
-        return K("emsa_fwd_kernel", f"emsa_fwd_kernel<{T}, {DP}>", q + 2 * kv + out_bytes + rows + (vbar if mix else 0),
+        return K("emsa_fwd_kernel", f"emsa_fwd_kernel<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
+                 q + 2 * kv + out_bytes + rows + (heads4 if mix else 0),
                  nT * BH, dot_flops=tiles * E * (2.0 * d * lw + 2.0 * DP), fp32=tiles * E * 6.0, sfu=tiles * E * 1.0,
                  reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h)
 
-    def rowvar(writes):
+    def stats_kernel():
+        # online lse and the centred row sums (Chan's merge): writes lse and rsq
         tiles = nT * BH * nMt
-        return K("emsa_rowvar_kernel", f"emsa_rowvar_kernel<{T}>", q + kv + rows + writes, nT * BH,
-                 dot_flops=tiles * E * 2.0 * d * h, fp32=tiles * E * 4.0, sfu=tiles * E * 1.0,
+        return K("emsa_stats_kernel", f"emsa_stats_kernel<{T}>", q + kv + 2 * rows, nT * BH,
+                 dot_flops=tiles * E * 2.0 * d * h, fp32=tiles * E * 8.0, sfu=tiles * E * 1.0,
                  reread=nMt * h * q + nT * h * kv - q - kv, reuse_set=kv / B, sharers=nT * h)
 
+    rstd_k = K("emsa_rstd_kernel", "emsa_rstd_kernel", rows + heads4, BH, fp32=float(B * h * N))
     vbar_k = K("emsa_vbar_kernel", f"emsa_vbar_kernel<{T}>", kv + vbar, BH, fp32=float(B * h * M * d))
-    out = [_fill("zeros", rows), _fill("zeros", heads4)]  # rsq, rstd
-    if mix:
-        out.append(vbar_k)
-    out.append(fwd_kernel(ws))
-    if mix:
-        out.append(rowvar(2 * rows))
-    if mix or not f32:
-        out.append(K("emsa_finalize_kernel", f"emsa_finalize_kernel<{T}>",
-                     ws + B * N * h * d * es + (rows if mix else 0),
-                     nT * BH, fp32=float(B * N * h * d + (nT * BH * N if mix else 0)),
-                     reread=(nT - 1) * rows if mix else 0.0, reuse_set=rows / B if mix else 0.0, sharers=nT * h))
+    out = [stats_kernel(), rstd_k] if mix else []
+    out.append(fwd_kernel(B * N * h * d * es, T))  # out written once, in the output dtype
     if not backward:
         return out
     # emsa_bwd: zero-filled outputs and scratch, then the launches in order
@@ -242,10 +237,10 @@ def _cuda_emsa(s, dtype, backward):
         out += [_fill("zeros", h * h * 4)]  # dmix
     out += [_fill("zeros", heads4)]  # cg
     if mix:
-        out += [_fill("zeros", B * h * nMt * h * 4), vbar_k, rowvar(rows)]  # dw_part; rc only
+        out += [_fill("zeros", B * h * nMt * h * 4), vbar_k]  # dw_part
     rowdot_grid = math.ceil(N / (THREADS // 32)) * BH
-    if mix and not f32:  # O rebuilt in float32, then u = rstd dO . O
-        out.append(fwd_kernel(ws))
+    if mix and not f32:  # O rebuilt in float32 from the saved lse and rstd, then u = dO . O
+        out.append(fwd_kernel(ws, "float"))
         out.append(K("emsa_bwd_rowdot_kernel", f"emsa_bwd_rowdot_kernel<{T}, float>", q + ws + rows, rowdot_grid,
                      fp32=2.0 * B * h * N * d))
     else:
