@@ -1,11 +1,25 @@
-"""Argument checks of the public ops, run before any backend is chosen or kernel launched.
+"""The one validation boundary of the ops: arguments in, a validated problem out.
 
-Each failure raises TypeError or ValueError naming the argument and saying what was expected.
+`validate_emsa` / `validate_pa` check every argument (each failure a TypeError for a wrong type or
+dtype, a ValueError for a wrong shape, device or value, naming the argument and saying what was
+expected) and return an `EmsaProblem` / `PaProblem`: the tensors, the resolved scale and eps, the
+mix weight as (h, h). Everything below works on problems: the backends' kernels
+(rest_kernels/backends/base.py), the custom ops, the reference.
+
+Each call is validated once. A layer that has validated a call and hands it to the next layer
+through an op schema (emsa_attention -> the custom op torch.ops.rest_kernels.emsa_fwd; the custom
+op -> a backend) wraps that call in `handing_off(problem)`; the next layer's `emsa_problem(...)` /
+`pa_problem(...)` returns the handed-off problem when its arguments are the very same objects, and
+validates otherwise (a direct call of the custom op or of a backend).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 import numbers
+import threading
 
 import torch
 
@@ -57,7 +71,7 @@ def _check_number(name, value, *, positive=False, allow_zero=True):
     return value
 
 
-def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
+def _check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
     """Validate emsa_attention's arguments; return (mix_weight as (h,h) or None, scale, eps)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, ndim=4)
@@ -95,7 +109,7 @@ def check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps):
     return mix_weight, scale, eps
 
 
-def check_pa_args(x, weight, bias):
+def _check_pa_args(x, weight, bias):
     _check_tensor("x", x, ndim=4)
     _check_tensor("weight", weight, ndim=4)
     _check_tensor("bias", bias, ndim=1, optional=True)
@@ -107,7 +121,7 @@ def check_pa_args(x, weight, bias):
         raise ValueError(f"bias must have shape ({C},), got {tuple(bias.shape)}")
 
 
-def check_pa_dtypes(x, weight, bias):
+def _check_pa_dtypes(x, weight, bias):
     """The depthwise conv takes one dtype, as conv2d itself requires (checked after any autocast cast)."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
@@ -153,3 +167,103 @@ def check_emsa_backward_args(dout, q, out, lse, rsq, rstd, mix: bool):
 
 def check_pa_backward_args(dout, x):
     _check_like("dout", dout, x, "x")
+
+
+# --------------------------------------------------------------------------- problems
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmsaProblem:
+    """A validated emsa_attention call: q (B,h,N,d); k, v (B,h,M,d); the mix weight as (h,h) or None."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mix_weight: torch.Tensor | None
+    mix_bias: torch.Tensor | None
+    scale: float
+    eps: float
+
+    @property
+    def mix(self) -> bool:
+        return self.mix_weight is not None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to compute (B, h, N or d is 0): answered by stats.empty_stats, no kernel runs."""
+        return self.q.numel() == 0
+
+    @functools.cached_property
+    def kernel_weight(self) -> torch.Tensor | None:
+        """The mix weight as every kernel reads it: (h, h), contiguous, in the statistics dtype
+        (float32, float64 for float64 inputs: a float32 copy would cap float64 results near 1e-7)."""
+        if self.mix_weight is None:
+            return None
+        return self.mix_weight.to(stat_dtype(self.q.dtype)).contiguous()
+
+    def with_tensors(self, q, k, v) -> "EmsaProblem":
+        """The same problem with q, k, v cast (autocast): shapes and devices are unchanged."""
+        return dataclasses.replace(self, q=q, k=k, v=v)
+
+    def is_call(self, q, k, v, mix_weight, mix_bias, scale, eps) -> bool:
+        return (q is self.q and k is self.k and v is self.v and mix_weight is self.mix_weight
+                and mix_bias is self.mix_bias and scale == self.scale and eps == self.eps)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PaProblem:
+    """A validated pa_gate call: x (B,C,H,W), weight (C,1,3,3), bias (C,) or None, one dtype."""
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def empty(self) -> bool:
+        return self.x.numel() == 0
+
+    def is_call(self, x, weight, bias) -> bool:
+        return x is self.x and weight is self.weight and bias is self.bias
+
+
+def validate_emsa(q, k, v, mix_weight, mix_bias, scale, eps) -> EmsaProblem:
+    mix_weight, scale, eps = _check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
+    return EmsaProblem(q, k, v, mix_weight, mix_bias, scale, eps)
+
+
+def validate_pa_args(x, weight, bias) -> None:
+    """PA's types, shapes and devices: pa_gate checks them before autocast casts, the dtypes after
+    (validate_pa(..., args_checked=True)), so a call is still validated once."""
+    _check_pa_args(x, weight, bias)
+
+
+def validate_pa(x, weight, bias, args_checked: bool = False) -> PaProblem:
+    if not args_checked:
+        _check_pa_args(x, weight, bias)
+    _check_pa_dtypes(x, weight, bias)
+    return PaProblem(x, weight, bias)
+
+
+_handoff = threading.local()
+
+
+@contextlib.contextmanager
+def handing_off(problem):
+    """Inside the block, the next layer's emsa_problem / pa_problem of this very call takes `problem`."""
+    previous = getattr(_handoff, "problem", None)
+    _handoff.problem = problem
+    try:
+        yield problem
+    finally:
+        _handoff.problem = previous
+
+
+def _handed_off(kind, *call):
+    problem = getattr(_handoff, "problem", None)
+    return problem if isinstance(problem, kind) and problem.is_call(*call) else None
+
+
+def emsa_problem(q, k, v, mix_weight, mix_bias, scale, eps) -> EmsaProblem:
+    """The problem of this call: the one the layer above validated, else validated here."""
+    return (_handed_off(EmsaProblem, q, k, v, mix_weight, mix_bias, scale, eps)
+            or validate_emsa(q, k, v, mix_weight, mix_bias, scale, eps))
+
+
+def pa_problem(x, weight, bias) -> PaProblem:
+    return _handed_off(PaProblem, x, weight, bias) or validate_pa(x, weight, bias)

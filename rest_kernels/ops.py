@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_args, check_pa_backward_args,
-                          check_pa_dtypes, check_same_device)
+from ._validation import (check_emsa_backward_args, check_pa_backward_args, check_same_device, emsa_problem,
+                          handing_off, pa_problem, validate_emsa, validate_pa, validate_pa_args)
+from .backends.base import pa_layout
 from .backends.reference import emsa_reference, pa_reference
 from .backends.registry import check_name, select
-from .backends.stats import empty_stats, stat_dtype, stat_shapes
+from .backends.stats import stat_dtype, stat_shapes
 
 
 # --------------------------------------------------------------------------- EMSA custom ops
@@ -43,16 +44,9 @@ def emsa_fwd(q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional[Tensor], mix_
              scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA forward on `backend`: (out, lse, rsq, rstd), the statistics of backends/stats.py.
     mix_bias cannot change the result."""
-    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
-    chosen = _kernel_backend("emsa_fwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight))
-    if q.numel() == 0:  # no kernel launch for an empty problem (zero-sized grids, zero-sized buffers)
-        B, h, N, d = q.shape
-        return (q.new_empty(B, N, h, d).transpose(1, 2),) + empty_stats(q, mix_weight is not None, eps)
-    w = mix_weight.to(stat_dtype(q.dtype)).contiguous() if mix_weight is not None else None
-    out, lse, rsq, rstd = chosen.emsa_forward(q, k, v, w, scale, eps)
-    if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
-        out = out.transpose(1, 2).contiguous().transpose(1, 2)
-    return out, lse.contiguous(), rsq.contiguous(), rstd.contiguous()
+    p = emsa_problem(q, k, v, mix_weight, mix_bias, scale, eps)
+    chosen = _kernel_backend("emsa_fwd", backend, (q, k, v), lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight))
+    return chosen.run_emsa_forward(p)
 
 
 # The fake implementations also serve real calls in which one tensor is on the meta device (the
@@ -71,22 +65,11 @@ def emsa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mix_weight: Optional
              lse: Tensor, rsq: Tensor, rstd: Tensor, scale: float, eps: float,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused EMSA backward on `backend`: (dq, dk, dv, dmix); dmix is empty without a mix."""
-    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, None, scale, eps)
-    check_emsa_backward_args(dout, q, out, lse, rsq, rstd, mix_weight is not None)
+    p = emsa_problem(q, k, v, mix_weight, None, scale, eps)
+    check_emsa_backward_args(dout, q, out, lse, rsq, rstd, p.mix)
     chosen = _kernel_backend("emsa_bwd", backend, (q, k, v),
-                             lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight, needs_backward=True))
-    if q.numel() == 0:  # no query or no head dim: every gradient is an empty or exactly zero sum
-        dmix = (torch.zeros(mix_weight.shape, dtype=stat_dtype(q.dtype), device=q.device) if mix_weight is not None
-                else q.new_empty(0, dtype=torch.float32))
-        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-        return (*zeros, dmix)
-    w = mix_weight.to(stat_dtype(q.dtype)).contiguous() if mix_weight is not None else None
-    # the kernels index the (small) statistics as dense arrays
-    lse, rsq, rstd = lse.contiguous(), rsq.contiguous(), rstd.contiguous()
-    dq, dk, dv, dmix = chosen.emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
-    if dmix is None:
-        dmix = q.new_empty(0, dtype=torch.float32)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmix.contiguous()
+                             lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight, needs_backward=True))
+    return chosen.run_emsa_backward(p, dout, out, lse, rsq, rstd)
 
 
 @emsa_bwd.register_fake
@@ -120,55 +103,35 @@ emsa_fwd.register_autograd(_emsa_backward, setup_context=_emsa_setup_context)
 
 
 # --------------------------------------------------------------------------- PA custom ops
-def _pa_layout(x: Tensor) -> torch.memory_format:
-    """Memory format of PA's results (out, dx): channels-last when x is, as for PyTorch's own conv2d
-    and pointwise ops, so a channels-last model stays channels-last through the gate (the cpu backend
-    computes such inputs in place, see csrc/cpu/pa_cpu_nhwc.cpp; other backends' results are laid out
-    afterwards). A tensor contiguous both ways (C == 1 or H = W = 1) counts as NCHW."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @torch.library.custom_op("rest_kernels::pa_fwd", mutates_args=())
 def pa_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    """Fused PA forward on `backend`: x * sigmoid(depthwise 3x3 conv(x))."""
-    check_pa_args(x, weight, bias)
-    check_pa_dtypes(x, weight, bias)
+    """Fused PA forward on `backend`: x * sigmoid(depthwise 3x3 conv(x)), in x's memory format."""
+    p = pa_problem(x, weight, bias)
     chosen = _kernel_backend("pa_fwd", backend, (x, weight), lambda b: b.pa_unsupported_reason(x, weight, bias))
-    if x.numel() == 0:
-        return x.new_empty(x.shape)
-    return chosen.pa_forward(x, weight, bias).contiguous(memory_format=_pa_layout(x))
+    return chosen.run_pa_forward(p)
 
 
 @pa_fwd.register_fake
 def _pa_fwd_fake(x, weight, bias, backend):
     check_same_device((("x", x), ("weight", weight), ("bias", bias)))
-    return torch.empty_like(x, memory_format=_pa_layout(x))
+    return torch.empty_like(x, memory_format=pa_layout(x))
 
 
 @torch.library.custom_op("rest_kernels::pa_bwd", mutates_args=())
 def pa_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Fused PA backward on `backend`: (dx, dweight, dbias); dbias is empty without a bias."""
-    check_pa_args(x, weight, bias)
-    check_pa_dtypes(x, weight, bias)
+    p = pa_problem(x, weight, bias)
     check_pa_backward_args(dout, x)
     chosen = _kernel_backend("pa_bwd", backend, (x, weight),
                              lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward=True))
-    if x.numel() == 0:  # no pixel: the gradients of weight and bias are empty sums
-        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), torch.zeros_like(weight),
-                torch.zeros_like(bias) if bias is not None else x.new_empty(0))
-    dx, dw, db = chosen.pa_backward(dout, x, weight, bias)
-    if db is None:
-        db = x.new_empty(0)
-    return dx.contiguous(memory_format=_pa_layout(x)), dw.contiguous(), db.contiguous()
+    return chosen.run_pa_backward(p, dout)
 
 
 @pa_bwd.register_fake
 def _pa_bwd_fake(dout, x, weight, bias, backend):
     check_same_device((("dout", dout), ("x", x), ("weight", weight), ("bias", bias)))
-    return torch.empty_like(x, memory_format=_pa_layout(x)), weight.new_empty(weight.shape), (
+    return torch.empty_like(x, memory_format=pa_layout(x)), weight.new_empty(weight.shape), (
         bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 
@@ -210,17 +173,27 @@ def emsa_attention(q, k, v, mix_weight=None, mix_bias=None, *, scale=None, eps=1
     and the InstanceNorm (no affine, biased variance, eps); None gives plain softmax attention.
     Returns (B,h,N,d) laid out in memory as (B,N,h,d). See docs/api.md.
     """
-    mix_weight, scale, eps = check_emsa_args(q, k, v, mix_weight, mix_bias, scale, eps)
+    p = validate_emsa(q, k, v, mix_weight, mix_bias, scale, eps)
     amp = _autocast_dtype(q)
     if amp is not None:
         # Like a matmul under autocast: q, k, v in the autocast dtype; the mix weight stays float32
         # (every backend applies it in float32). Autocast is then switched off so that the official
         # math keeps its float32 logits, softmax and InstanceNorm statistics instead of having its
         # matmul and conv cast back down; the fused kernels keep theirs in float32 anyway.
-        q, k, v = (_amp_cast(t, amp) for t in (q, k, v))
+        p = p.with_tensors(*(_amp_cast(t, amp) for t in (q, k, v)))
         with torch.autocast(q.device.type, enabled=False):
-            return _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend)
-    return _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend)
+            return _emsa_attention(p, backend)
+    return _emsa_attention(p, backend)
+
+
+def _validated_call(problem, op, *args):
+    """op(*args), where op's implementation takes `problem` instead of validating the call again.
+    Under torch.compile the graph calls the op later, without this frame: it validates then (once),
+    and tracing never sees the hand-off's thread-local state."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with handing_off(problem):
+        return op(*args)
 
 
 def _needs_backward(*tensors) -> bool:
@@ -228,23 +201,24 @@ def _needs_backward(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
+def _emsa_attention(p, backend):
+    q, k, v = p.q, p.k, p.v
     # The backend is chosen even for empty inputs: a named backend that cannot serve these tensors
     # says so whatever their size.
-    needs_backward = _needs_backward(q, k, v, mix_weight)
+    needs_backward = _needs_backward(q, k, v, p.mix_weight)
     chosen = select("emsa_attention", backend, (q, k, v),
-                    lambda b: b.emsa_unsupported_reason(q, k, v, mix_weight, needs_backward))
-    if q.numel() == 0:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
+                    lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight, needs_backward))
+    if p.empty:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
-        return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
-    return emsa_fwd(q, k, v, mix_weight, mix_bias, scale, eps, chosen.name)[0]
+        return emsa_reference(q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps)
+    return _validated_call(p, emsa_fwd, q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps, chosen.name)[0]
 
 
 def pa_gate(x, weight, bias=None, *, backend=None):
     """ResT's PA: x * sigmoid(conv2d(x, weight, bias, padding=1, groups=C)), x (B,C,H,W). The result
     (and the gradient of x) has x's memory format: channels-last for a channels-last x."""
-    check_pa_args(x, weight, bias)
+    validate_pa_args(x, weight, bias)
     amp = _autocast_dtype(x)
     if amp is not None:
         # Like the depthwise conv2d it contains under autocast: x, weight and bias in the autocast dtype.
@@ -255,12 +229,12 @@ def pa_gate(x, weight, bias=None, *, backend=None):
 
 
 def _pa_gate(x, weight, bias, backend):
-    check_pa_dtypes(x, weight, bias)  # after any autocast cast
+    p = validate_pa(x, weight, bias, args_checked=True)  # pa_gate checked the rest; dtypes after any cast
     needs_backward = _needs_backward(x, weight, bias)
     chosen = select("pa_gate", backend, (x, weight),
                     lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward))
-    if x.numel() == 0:
+    if p.empty:
         return x * 0
     if chosen.name == "reference":
         return pa_reference(x, weight, bias)
-    return pa_fwd(x, weight, bias, chosen.name)
+    return _validated_call(p, pa_fwd, x, weight, bias, chosen.name)

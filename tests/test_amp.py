@@ -90,13 +90,13 @@ def test_autocast_hands_fused_kernels_lowp_inputs_and_float32_mix(monkeypatch):
     seen = {}
 
     class Spy(ReferenceKernelsAsCpu):
-        def emsa_forward(self, q, k, v, mix_weight, scale, eps):
-            seen["emsa"] = (q.dtype, k.dtype, v.dtype, mix_weight.dtype)
-            return super().emsa_forward(q, k, v, mix_weight, scale, eps)
+        def _emsa_forward(self, p):
+            seen["emsa"] = (p.q.dtype, p.k.dtype, p.v.dtype, p.kernel_weight.dtype)
+            return super()._emsa_forward(p)
 
-        def pa_forward(self, x, weight, bias):
-            seen["pa"] = (x.dtype, weight.dtype, bias.dtype)
-            return super().pa_forward(x, weight, bias)
+        def _pa_forward(self, p):
+            seen["pa"] = (p.x.dtype, p.weight.dtype, p.bias.dtype)
+            return super()._pa_forward(p)
 
     monkeypatch.setitem(registry.BACKENDS, "cpu", Spy())
     monkeypatch.setitem(registry._availability, "cpu", None)

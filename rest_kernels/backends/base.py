@@ -1,8 +1,9 @@
 """What a backend is: capability checks that return reasons, and the four kernels.
 
-A backend implements the forward and backward of both ops; the autograd wiring, fake tensors and
-validation live once in rest_kernels/ops.py. Contract of the kernels (shared by every fused
-backend so their statistics are interchangeable and testable against each other):
+A backend implements the forward and backward of both ops on validated problems
+(rest_kernels/_validation.py); the autograd wiring and fake tensors live once in
+rest_kernels/ops.py, empty problems and result layouts once here. Contract of the four public calls
+(shared by every backend so their statistics are interchangeable and testable against each other):
 
 emsa_forward(q, k, v, mix_weight, scale, eps) -> (out, lse, rsq, rstd)
     q (B,h,N,d), k and v (B,h,M,d), any strides, one floating dtype; mix_weight (h,h) contiguous in
@@ -18,6 +19,19 @@ pa_backward(dout, x, weight, bias) -> (dx, dweight, dbias)   dbias None when bia
 from __future__ import annotations
 
 import torch
+
+from .._validation import check_emsa_backward_args, check_pa_backward_args, emsa_problem, pa_problem
+from .stats import empty_stats, stat_dtype
+
+
+def pa_layout(x: torch.Tensor) -> torch.memory_format:
+    """Memory format of PA's results (out, dx): channels-last when x is, as for PyTorch's own conv2d
+    and pointwise ops, so a channels-last model stays channels-last through the gate (the cpu backend
+    computes such inputs in place, see csrc/cpu/pa_cpu_nhwc.cpp; other backends' results are laid out
+    afterwards). A tensor contiguous both ways (C == 1 or H = W = 1) counts as NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Backend:
@@ -89,16 +103,81 @@ class Backend:
     def pa_unsupported_reason(self, x, weight, bias, needs_backward: bool = False) -> str | None:
         return "; ".join(self.pa_not_supported_reasons(x, weight, bias, needs_backward)) or None
 
+    # ----------------------------------------------------------------- the four calls
+    # Public, with the arguments of the custom ops: each validates its call once (or takes the
+    # problem the layer above validated, rest_kernels/_validation.py), answers empty problems with
+    # the one definition of backends/stats.py, runs the backend's kernel and normalises the layout
+    # of the results. Backends implement the underscored methods, on validated, non-empty problems.
     def emsa_forward(self, q, k, v, mix_weight, scale, eps):
-        raise NotImplementedError
+        """(out, lse, rsq, rstd): out (B,h,N,d) laid out as (B,N,h,d), the statistics contiguous."""
+        return self.run_emsa_forward(emsa_problem(q, k, v, mix_weight, None, scale, eps))
 
     def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
-        raise NotImplementedError
+        """(dq, dk, dv, dmix): dmix (h,h) in the statistics dtype, empty (0,) float32 without the mix."""
+        p = emsa_problem(q, k, v, mix_weight, None, scale, eps)
+        check_emsa_backward_args(dout, q, out, lse, rsq, rstd, p.mix)
+        return self.run_emsa_backward(p, dout, out, lse, rsq, rstd)
 
     def pa_forward(self, x, weight, bias):
-        raise NotImplementedError
+        """x * sigmoid(depthwise 3x3 conv(x)), in x's memory format."""
+        return self.run_pa_forward(pa_problem(x, weight, bias))
 
     def pa_backward(self, dout, x, weight, bias):
+        """(dx, dweight, dbias): dx in x's memory format, dbias empty (0,) without a bias."""
+        p = pa_problem(x, weight, bias)
+        check_pa_backward_args(dout, x)
+        return self.run_pa_backward(p, dout)
+
+    def run_emsa_forward(self, p):
+        q = p.q
+        if p.empty:  # no kernel launch (zero-sized grids, zero-sized buffers)
+            B, h, N, d = q.shape
+            return (q.new_empty(B, N, h, d).transpose(1, 2),) + empty_stats(q, p.mix, p.eps)
+        out, lse, rsq, rstd = self._emsa_forward(p)
+        if not out.transpose(1, 2).is_contiguous():  # the promised (B, N, h, d) memory layout
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out, lse.contiguous(), rsq.contiguous(), rstd.contiguous()
+
+    def run_emsa_backward(self, p, dout, out, lse, rsq, rstd):
+        q, k, v = p.q, p.k, p.v
+        if p.empty:  # no query or no head dim: every gradient is an empty or exactly zero sum
+            dmix = (torch.zeros(p.mix_weight.shape, dtype=stat_dtype(q.dtype), device=q.device) if p.mix
+                    else q.new_empty(0, dtype=torch.float32))
+            return (*(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)), dmix)
+        # the kernels index the (small) statistics as dense arrays
+        dq, dk, dv, dmix = self._emsa_backward(p, dout, out, lse.contiguous(), rsq.contiguous(), rstd.contiguous())
+        if dmix is None:
+            dmix = q.new_empty(0, dtype=torch.float32)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmix.contiguous()
+
+    def run_pa_forward(self, p):
+        if p.empty:
+            return p.x.new_empty(p.x.shape)
+        return self._pa_forward(p).contiguous(memory_format=pa_layout(p.x))
+
+    def run_pa_backward(self, p, dout):
+        x, weight, bias = p.x, p.weight, p.bias
+        if p.empty:  # no pixel: the gradients of weight and bias are empty sums
+            return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), torch.zeros_like(weight),
+                    torch.zeros_like(bias) if bias is not None else x.new_empty(0))
+        dx, dw, db = self._pa_backward(p, dout)
+        if db is None:
+            db = x.new_empty(0)
+        return dx.contiguous(memory_format=pa_layout(x)), dw.contiguous(), db.contiguous()
+
+    def _emsa_forward(self, p):
+        """(out, lse, rsq, rstd) of a validated, non-empty problem; the mix weight is p.kernel_weight."""
+        raise NotImplementedError
+
+    def _emsa_backward(self, p, dout, out, lse, rsq, rstd):
+        """(dq, dk, dv, dmix or None)."""
+        raise NotImplementedError
+
+    def _pa_forward(self, p):
+        raise NotImplementedError
+
+    def _pa_backward(self, p, dout):
+        """(dx, dweight, dbias or None)."""
         raise NotImplementedError
 
     def __repr__(self):

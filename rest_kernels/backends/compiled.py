@@ -36,19 +36,20 @@ class CompiledBackend(Backend):
     def _op(self, name):
         return getattr(torch.ops.rest_kernels_C, name + self.op_suffix)
 
-    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
-        return tuple(self._op("emsa_fwd")(q, k, v, mix_weight, scale, eps))
+    def _emsa_forward(self, p):
+        return tuple(self._op("emsa_fwd")(p.q, p.k, p.v, p.kernel_weight, p.scale, p.eps))
 
-    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
-        dq, dk, dv, dmix = self._op("emsa_bwd")(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
-        return dq, dk, dv, (dmix if mix_weight is not None else None)
+    def _emsa_backward(self, p, dout, out, lse, rsq, rstd):
+        dq, dk, dv, dmix = self._op("emsa_bwd")(dout, p.q, p.k, p.v, p.kernel_weight, out, lse, rsq, rstd,
+                                                p.scale, p.eps)
+        return dq, dk, dv, (dmix if p.mix else None)
 
-    def pa_forward(self, x, weight, bias):
-        return self._op("pa_fwd")(x, weight, bias)
+    def _pa_forward(self, p):
+        return self._op("pa_fwd")(p.x, p.weight, p.bias)
 
-    def pa_backward(self, dout, x, weight, bias):
-        dx, dw, db = self._op("pa_bwd")(dout, x, weight, bias)
-        return dx, dw, (db if bias is not None else None)
+    def _pa_backward(self, p, dout):
+        dx, dw, db = self._op("pa_bwd")(dout, p.x, p.weight, p.bias)
+        return dx, dw, (db if p.bias is not None else None)
 
 
 class CpuBackend(CompiledBackend):

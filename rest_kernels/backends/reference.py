@@ -73,7 +73,8 @@ class ReferenceBackend(Backend):
     def pa_not_supported_reasons(self, x, weight, bias, needs_backward=False):
         return []
 
-    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
+    def _emsa_forward(self, p):
+        q, k, v, mix_weight, scale, eps = p.q, p.k, p.v, p.kernel_weight, p.scale, p.eps
         # logits in the statistics dtype, as attention_map computes them for 16-bit inputs
         sd = stat_dtype(q.dtype)
         logits = mixed_logits(q.to(sd), k.to(sd), mix_weight, None, scale)
@@ -83,36 +84,38 @@ class ReferenceBackend(Backend):
 
     # Explicit chain rule over the materialised map (plain tensor ops: this works inside compiled
     # backwards and under opcheck's schema checks, where autograd.grad / torch.func do not).
-    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
+    def _emsa_backward(self, p, dout, out, lse, rsq, rstd):
+        q, k, v, mix_weight, scale, eps = p.q, p.k, p.v, p.kernel_weight, p.scale, p.eps
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
         logits = (q @ k.transpose(-2, -1)) * scale                       # L_j
         w = mix_weight.to(dtype) if mix_weight is not None else None
         s = torch.einsum("gj,bjnm->bgnm", w, logits) if w is not None else logits
-        p = torch.softmax(s, dim=-1)
+        pm = torch.softmax(s, dim=-1)
         if w is not None:
-            y = F.instance_norm(p, eps=eps)                                 # (P - 1/M) * rstd
+            y = F.instance_norm(pm, eps=eps)                                # (P - 1/M) * rstd
             dy = dout @ v.transpose(-2, -1)
             dv = y.transpose(-2, -1) @ dout
-            r = torch.rsqrt(p.var(dim=(-2, -1), unbiased=False, keepdim=True) + eps)
+            r = torch.rsqrt(pm.var(dim=(-2, -1), unbiased=False, keepdim=True) + eps)
             dp = r * (dy - dy.mean(dim=(-2, -1), keepdim=True) - y * (dy * y).mean(dim=(-2, -1), keepdim=True))
         else:
             dp = dout @ v.transpose(-2, -1)
-            dv = p.transpose(-2, -1) @ dout
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))                      # softmax backward
+            dv = pm.transpose(-2, -1) @ dout
+        ds = pm * (dp - (pm * dp).sum(-1, keepdim=True))                    # softmax backward
         if w is not None:
             dl = torch.einsum("gj,bgnm->bjnm", w, ds)
-            dmix = torch.einsum("bgnm,bjnm->gj", ds, logits).float()
+            dmix = torch.einsum("bgnm,bjnm->gj", ds, logits).to(stat_dtype(q.dtype))
         else:
             dl, dmix = ds, None
         dq = (dl @ k) * scale
         dk = (dl.transpose(-2, -1) @ q) * scale
         return dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype), dmix
 
-    def pa_forward(self, x, weight, bias):
-        return pa_reference(x, weight, bias)
+    def _pa_forward(self, p):
+        return pa_reference(p.x, p.weight, p.bias)
 
-    def pa_backward(self, dout, x, weight, bias):
+    def _pa_backward(self, p, dout):
+        x, weight, bias = p.x, p.weight, p.bias
         C = x.shape[1]
         gate = torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=C))
         dconv = dout * x * gate * (1 - gate)

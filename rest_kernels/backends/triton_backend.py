@@ -91,25 +91,25 @@ class TritonBackend(Backend):
         return _resource_reasons("pa", (x, weight, bias), needs_backward,
                                  lambda backward: plan_pa(x, weight, bias, backward))
 
-    def emsa_forward(self, q, k, v, mix_weight, scale, eps):
+    def _emsa_forward(self, p):
         from ..triton.emsa_fwd import emsa_forward
-        with _launch_guard(q):
-            return emsa_forward(q, k, v, mix_weight, scale, eps)
+        with _launch_guard(p.q):
+            return emsa_forward(p.q, p.k, p.v, p.kernel_weight, p.scale, p.eps)
 
-    def emsa_backward(self, dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps):
+    def _emsa_backward(self, p, dout, out, lse, rsq, rstd):
         from ..triton.emsa_bwd import emsa_backward
-        with _launch_guard(q):
-            return emsa_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale, eps)
+        with _launch_guard(p.q):
+            return emsa_backward(dout, p.q, p.k, p.v, p.kernel_weight, out, lse, rsq, rstd, p.scale, p.eps)
 
-    def pa_forward(self, x, weight, bias):
+    def _pa_forward(self, p):
         from ..triton.pa import pa_forward
-        with _launch_guard(x):
-            return pa_forward(x, weight, bias)
+        with _launch_guard(p.x):
+            return pa_forward(p.x, p.weight, p.bias)
 
-    def pa_backward(self, dout, x, weight, bias):
+    def _pa_backward(self, p, dout):
         from ..triton.pa import pa_backward
-        with _launch_guard(x):
-            return pa_backward(dout, x, weight, bias)
+        with _launch_guard(p.x):
+            return pa_backward(dout, p.x, p.weight, p.bias)
 
 
 def _resource_reasons(op, tensors, needs_backward, plan) -> list[str]:
