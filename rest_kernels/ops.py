@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._validation import (check_emsa_args, check_emsa_backward_args, check_pa_args, check_pa_backward_args,
                           check_pa_dtypes, check_same_device)
-from .backends.reference import emsa_reference, pa_reference
+from .backends.reference import attention_map, emsa_reference, pa_reference
 from .backends.registry import check_name, select
 from .backends.stats import empty_stats, stat_dtype, stat_shapes
 
@@ -239,6 +239,31 @@ def _emsa_attention(q, k, v, mix_weight, mix_bias, scale, eps, backend):
     if chosen.name == "reference":
         return emsa_reference(q, k, v, mix_weight, mix_bias, scale, eps)
     return emsa_fwd(q, k, v, mix_weight, mix_bias, scale, eps, chosen.name)[0]
+
+
+def emsa_attention_map(q, k, mix_weight=None, mix_bias=None, *, scale=None, eps=1e-5):
+    """The N x M attention map of emsa_attention, materialised: (B, h, N, M), so that
+    emsa_attention(q, k, v, ...) equals emsa_attention_map(q, k, ...) @ v up to rounding.
+
+    For what needs the map itself, such as dropout on it (ResT's EMSA with attn_drop > 0 in
+    training). Always the official eager math of the reference backend (no fused backend forms the
+    map); differentiable in q, k, mix_weight and mix_bias. Arguments, their checks and autocast as in
+    emsa_attention; float16 / bfloat16 maps are computed in float32 and returned in q's dtype.
+    """
+    # v plays no part: k stands in for it in the checks shared with emsa_attention (v is k-shaped)
+    mix_weight, scale, eps = check_emsa_args(q, k, k, mix_weight, mix_bias, scale, eps)
+    amp = _autocast_dtype(q)
+    if amp is not None:
+        q, k = (_amp_cast(t, amp) for t in (q, k))
+        with torch.autocast(q.device.type, enabled=False):
+            return _attention_map(q, k, mix_weight, mix_bias, scale, eps)
+    return _attention_map(q, k, mix_weight, mix_bias, scale, eps)
+
+
+def _attention_map(q, k, mix_weight, mix_bias, scale, eps):
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no (batch, head, query) row: an empty map
+        return q.new_zeros(*q.shape[:3], k.shape[2])
+    return attention_map(q, k, mix_weight, mix_bias, scale, eps)
 
 
 def pa_gate(x, weight, bias=None, *, backend=None):
