@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rest_kernels.backends.registry import check_name, default_backend
+import rest_kernels
 
 logger = logging.getLogger("rest_kernels")
 
@@ -84,7 +84,7 @@ def uses_onednn(x: torch.Tensor, layer: nn.Linear, backend: str | None) -> bool:
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
     if os.environ.get(ENV_VAR, "1") == "0":
         return False
-    if (backend if backend is not None else default_backend()) == "reference":
+    if (backend if backend is not None else rest_kernels.default_backend()) == "reference":
         return False
     return onednn_unavailable_reason() is None
 
@@ -144,7 +144,7 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
     def forward(self, x):
         if uses_onednn(x, self, self.backend):

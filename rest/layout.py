@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from rest_kernels.backends.registry import default_backend
+import rest_kernels
 
 from .dense import tracing
 
@@ -38,4 +38,4 @@ def channels_last_wanted(x: torch.Tensor, backend: str | None) -> bool:
         return False
     if os.environ.get(ENV_VAR, "1") == "0" or not torch.backends.mkldnn.is_available():
         return False
-    return (backend if backend is not None else default_backend()) != "reference"
+    return (backend if backend is not None else rest_kernels.default_backend()) != "reference"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rest_kernels.backends.registry import check_name
+import rest_kernels
 
 from . import _checks
 from .checkpoint import load_checkpoint
@@ -57,7 +57,7 @@ class ResT(nn.Module):
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
         self.apply_transform = apply_transform
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
         self.stem = BasicStem(in_ch=in_chans, out_ch=embed_dims[0], with_pos=True, backend=backend)
         self.patch_embed_2 = PatchEmbed(2, embed_dims[0], embed_dims[1], with_pos=True, backend=backend)
@@ -200,7 +200,7 @@ class ResT(nn.Module):
     def set_backend(self, backend: str | None):
         """Pin every EMSA, PA and linear layer of the model to `backend` (None: follow the current
         default)."""
-        name = check_name(backend) if backend is not None else None
+        name = rest_kernels.check_backend_name(backend) if backend is not None else None
         self.backend = name
         for m in self.modules():
             if isinstance(m, (EMSA, PA, Linear)):

@@ -14,8 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rest_kernels
-from rest_kernels.backends.reference import attention_map
-from rest_kernels.backends.registry import check_name
 
 from . import _checks
 from .dense import Linear
@@ -45,7 +43,7 @@ class EMSA(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
         # rest.dense.Linear: nn.Linear whose CPU float32 inference runs on oneDNN (see rest/dense.py)
         self.q = Linear(dim, dim, bias=qkv_bias, backend=backend)
@@ -100,13 +98,14 @@ class EMSA(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _forward_with_attn_dropout(self, q, k, v, mix_weight, mix_bias, eps):
-        """Dropout on the N x M map needs the map itself: the official eager math, logged once."""
+        """Dropout on the N x M map needs the map itself (rest_kernels.emsa_attention_map, the official
+        eager math), logged once."""
         global _warned_attn_drop
         if not _warned_attn_drop:
             _warned_attn_drop = True
             logger.warning("EMSA: attn_drop=%s in training needs the N x M map; using the reference math "
                            "instead of a fused backend", self.attn_drop.p)
-        attn = attention_map(q, k, mix_weight, mix_bias, self.scale, eps)
+        attn = rest_kernels.emsa_attention_map(q, k, mix_weight, mix_bias, scale=self.scale, eps=eps)
         return self.attn_drop(attn) @ v
 
 
@@ -117,7 +116,7 @@ class PA(nn.Module):
         super().__init__()
         dim = _checks.integer("dim", dim)
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
     def forward(self, x):
         _checks.input_tensor("x", x, 4, "(B, dim, H, W)", self.pa_conv.in_channels, 1, self.pa_conv.weight)
