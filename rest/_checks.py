@@ -38,6 +38,16 @@ def probability(name: str, value, open_one: bool = False) -> float:
     return real(name, value, 0.0, 1.0, high_open=open_one)
 
 
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of the strings `choices` (a model option such as cpu_layout or linear_impl)."""
+    listing = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {listing}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {listing}; got {value!r}")
+    return value
+
+
 def sequence(name: str, value, length: int) -> list:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence of {length} entries (one per stage), got {type(value).__name__}")

@@ -9,15 +9,22 @@ matmul, which saves the bias broadcast copy and a pass over the 4x-wide hidden a
 gradients, the backward's two products (dx, dweight) run on oneDNN too; under create_graph (double
 backward) they are plain differentiable matmuls.
 
-When oneDNN is used (all must hold; otherwise the layer is exactly nn.Linear):
-- the layer's backend (its `backend`, else the current default, see rest_kernels.use_backend) is not
-  "reference": the reference model stays the official eager math, the benchmarks' baseline;
+Which product a layer runs is its `linear_impl` option (the models and modules pass theirs down):
+- "aten": always F.linear, i.e. exactly nn.Linear;
+- "onednn": oneDNN for every call it can serve, F.linear for the others;
+- "auto" (the default): as "onednn", except that the layer stays on F.linear when its rest_kernels
+  backend (its `backend`, else the current default, see rest_kernels.use_backend) is "reference",
+  so that the reference model stays the official eager math, the benchmarks' baseline, or when the
+  environment variable REST_KERNELS_ONEDNN_LINEAR is "0" (the switch for comparisons; the explicit
+  values ignore it).
+oneDNN can serve a call when (all must hold):
 - the input is a float32 CPU tensor and CPU autocast is off (under autocast nn.Linear runs in the
   autocast dtype, on oneDNN already);
 - nothing is tracing the model (torch.compile, torch.export, ONNX, TorchScript): those see plain
   F.linear, which their own backends lower as they see fit;
 - torch was built with oneDNN and its linear entry point answers a self-test (checked once; the
   reason it is unusable is logged once).
+uses_onednn() is the one place where the choice is made.
 
 The results are the float32 products of a different GEMM: equal to nn.Linear's up to rounding
 (tests/test_dense.py compares both with float64).
@@ -31,12 +38,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rest_kernels.backends.registry import check_name, default_backend
+import rest_kernels
+
+from . import _checks
 
 logger = logging.getLogger("rest_kernels")
 
-#: set to "0" to keep every linear layer on nn.Linear's own path (for comparisons)
+#: set to "0" to keep the linear layers whose linear_impl is "auto" on nn.Linear's own path
 ENV_VAR = "REST_KERNELS_ONEDNN_LINEAR"
+
+#: the values of the linear_impl option ("auto" is the default)
+LINEAR_IMPLS = ("auto", "onednn", "aten")
+
+
+def check_linear_impl(linear_impl) -> str:
+    """linear_impl if it is one of LINEAR_IMPLS, else TypeError / ValueError naming the argument."""
+    return _checks.choice("linear_impl", linear_impl, LINEAR_IMPLS)
 
 _unavailable: list[str | None] = []  # [reason or None], computed once
 
@@ -74,18 +91,26 @@ def tracing() -> bool:
             or torch.jit.is_scripting())
 
 
-def uses_onednn(x: torch.Tensor, layer: nn.Linear, backend: str | None) -> bool:
-    """Whether `layer(x)` takes the oneDNN path (see the module docstring for the rule)."""
-    if tracing():
+def on_reference_backend(backend: str | None) -> bool:
+    """Whether a module pinned to `backend` (None: the current default) runs the `reference` backend,
+    whose models "auto" keeps on the official eager math (nn.Linear here, NCHW maps in rest/layout.py)."""
+    return (backend if backend is not None else rest_kernels.default_backend()) == "reference"
+
+
+def uses_onednn(x: torch.Tensor, layer: Linear) -> bool:
+    """Whether `layer(x)` takes the oneDNN path: the layer's linear_impl and backend, the input and
+    the process decide (see the module docstring for the rule)."""
+    if layer.linear_impl == "aten" or tracing():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
-    if os.environ.get(ENV_VAR, "1") == "0":
-        return False
-    if (backend if backend is not None else default_backend()) == "reference":
-        return False
+    if layer.linear_impl == "auto":
+        if os.environ.get(ENV_VAR, "1") == "0":
+            return False
+        if on_reference_backend(layer.backend):
+            return False
     return onednn_unavailable_reason() is None
 
 
@@ -140,14 +165,20 @@ class _TrainableOneDnnLinear(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys, init and results up to rounding) whose CPU float32
-    products run on oneDNN; `backend` pins the rest_kernels backend the rule above looks at."""
+    products run on oneDNN. linear_impl: "auto" (default), "onednn" or "aten" (see the module
+    docstring); `backend` pins the rest_kernels backend that "auto" looks at."""
 
-    def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None, *,
+                 linear_impl="auto"):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
+        self.linear_impl = check_linear_impl(linear_impl)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", linear_impl={self.linear_impl!r}" if self.linear_impl != "auto" else "")
 
     def forward(self, x):
-        if uses_onednn(x, self, self.backend):
+        if uses_onednn(x, self):
             if _needs_grad(x, self):
                 return _TrainableOneDnnLinear.apply(x, self.weight, self.bias)
             return onednn_linear(x, self.weight, self.bias)
@@ -159,6 +190,6 @@ def linear_gelu(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     neither module has hooks that fusing would skip."""
     if (isinstance(fc, Linear) and type(act) is nn.GELU and act.approximate == "none"
             and not _has_hooks(fc) and not _has_hooks(act) and not _needs_grad(x, fc)
-            and uses_onednn(x, fc, fc.backend)):
+            and uses_onednn(x, fc)):
         return onednn_linear(x, fc.weight, fc.bias, gelu=True)
     return act(fc(x))

@@ -45,13 +45,14 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout, over the last dim. On the CPU in float32 inference
-    fc1 and the GELU are one oneDNN matmul (rest/dense.py)."""
+    fc1 and the GELU are one oneDNN matmul where fc1 takes the oneDNN path (linear_impl "auto" or
+    "onednn"; see rest/dense.py)."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, backend=None):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, backend=None, linear_impl="auto"):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim, backend=backend)
+        self.fc1 = Linear(dim, hidden_dim, backend=backend, linear_impl=linear_impl)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_dim, dim, backend=backend)
+        self.fc2 = Linear(hidden_dim, dim, backend=backend, linear_impl=linear_impl)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -60,19 +61,21 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block on tokens (B, H*W, C): x + EMSA(LN(x)), then x + MLP(LN(x)),
-    each residual branch under stochastic depth."""
+    each residual branch under stochastic depth. linear_impl: the product of every linear layer of
+    the block (EMSA's and the MLP's), see rest/dense.py."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
                  attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm, sr_ratio=1,
-                 apply_transform=False, backend=None):
+                 apply_transform=False, backend=None, linear_impl="auto"):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = EMSA(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                         proj_drop=drop, sr_ratio=sr_ratio, apply_transform=apply_transform, backend=backend)
+                         proj_drop=drop, sr_ratio=sr_ratio, apply_transform=apply_transform, backend=backend,
+                         linear_impl=linear_impl)
         # no module (and so no state_dict entry) either way; Identity keeps the repr honest
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, backend=backend)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, backend=backend, linear_impl=linear_impl)
 
     def forward(self, x, H: int, W: int):
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))

@@ -8,6 +8,8 @@ deliberate:
   (the official code assumes multiples of 32 and crashes otherwise);
 - forward_features() gives the four stage maps (strides 4/8/16/32) for dense prediction;
 - backend= pins the rest_kernels backend of every EMSA and PA of the model;
+- cpu_layout= and linear_impl= choose the CPU memory layout of the maps and the product of the
+  linear layers ("auto" by default: see ResT's docstring);
 - pretrained= loads an official checkpoint file (see rest/checkpoint.py).
 """
 from __future__ import annotations
@@ -15,13 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from rest_kernels.backends.registry import check_name
+import rest_kernels
 
 from . import _checks
 from .checkpoint import load_checkpoint
-from .dense import Linear
+from .dense import Linear, check_linear_impl
 from .layers import BasicStem, Block, PatchEmbed
-from .layout import channels_last_wanted
+from .layout import check_cpu_layout, images_memory_format
 from .modules import EMSA, PA
 
 __all__ = ["ResT", "rest_lite", "rest_small", "rest_base", "rest_large"]
@@ -43,12 +45,27 @@ class ResT(nn.Module):
     start with a stride-2 PatchEmbed. Every block is pre-norm EMSA + MLP; the last stage is
     followed by LayerNorm, global average pooling and the linear head (Identity when
     num_classes == 0).
+
+    Options beyond the official configuration (none changes the parameters or the state_dict):
+    - backend: pins the rest_kernels backend of every EMSA and PA (None, the default: the current
+      default backend, see rest_kernels.use_backend).
+    - cpu_layout: the memory layout of CPU images and so of every map after them (rest/layout.py).
+      "auto" (default): channels-last for float32 CPU images when the backend is not "reference",
+      torch has oneDNN, nothing traces the model and REST_KERNELS_CHANNELS_LAST is not "0"; else the
+      images as given. "channels_last": always channels-last on the CPU. "contiguous": always
+      NCHW-contiguous images on the CPU (the official layout).
+    - linear_impl: the product of the linear layers of the blocks (q, kv, proj, the MLP; not the
+      classifier head) (rest/dense.py). "auto" (default): oneDNN's matmul where it can serve the call
+      (float32 CPU input, no CPU autocast, not traced) unless the backend is "reference" or
+      REST_KERNELS_ONEDNN_LINEAR is "0"; else F.linear. "onednn": oneDNN wherever it can serve the
+      call. "aten": always F.linear (exactly nn.Linear).
+    The environment variables only steer "auto"; both options change results by rounding only.
     """
 
     def __init__(self, in_chans=3, num_classes=1000, embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8),
                  mlp_ratios=(4, 4, 4, 4), qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), norm_layer=nn.LayerNorm,
-                 apply_transform=False, backend=None):
+                 apply_transform=False, backend=None, cpu_layout="auto", linear_impl="auto"):
         super().__init__()
         embed_dims, num_heads, mlp_ratios, depths, sr_ratios = _check_config(
             in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qk_scale, drop_rate, attn_drop_rate,
@@ -57,7 +74,9 @@ class ResT(nn.Module):
         self.embed_dims = list(embed_dims)
         self.depths = list(depths)
         self.apply_transform = apply_transform
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
+        self.cpu_layout = check_cpu_layout(cpu_layout)
+        self.linear_impl = check_linear_impl(linear_impl)
 
         self.stem = BasicStem(in_ch=in_chans, out_ch=embed_dims[0], with_pos=True, backend=backend)
         self.patch_embed_2 = PatchEmbed(2, embed_dims[0], embed_dims[1], with_pos=True, backend=backend)
@@ -71,7 +90,7 @@ class ResT(nn.Module):
             setattr(self, f"stage{i + 1}", nn.ModuleList([
                 Block(embed_dims[i], num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                       drop_path=dpr[first[i] + j], norm_layer=norm_layer, sr_ratio=sr_ratios[i],
-                      apply_transform=apply_transform, backend=backend)
+                      apply_transform=apply_transform, backend=backend, linear_impl=linear_impl)
                 for j in range(depths[i])]))
 
         self.norm = norm_layer(embed_dims[3])
@@ -142,11 +161,12 @@ class ResT(nn.Module):
                                  "input, or model.eval()")
 
     def _prepare_input(self, x):
-        """The checked images, channels-last where rest/layout.py's rule says so (every map then stays
-        channels-last through the model)."""
+        """The checked images in the memory layout that the model's cpu_layout option and rest/layout.py's
+        rule give them (every later map follows from it)."""
         self._check_input(x)
-        if channels_last_wanted(x, self.backend):
-            x = x.contiguous(memory_format=torch.channels_last)
+        memory_format = images_memory_format(x, self.backend, self.cpu_layout)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
         return x
 
     # ------------------------------------------------------------------ forward
@@ -200,7 +220,7 @@ class ResT(nn.Module):
     def set_backend(self, backend: str | None):
         """Pin every EMSA, PA and linear layer of the model to `backend` (None: follow the current
         default)."""
-        name = check_name(backend) if backend is not None else None
+        name = rest_kernels.check_backend_name(backend) if backend is not None else None
         self.backend = name
         for m in self.modules():
             if isinstance(m, (EMSA, PA, Linear)):
@@ -262,7 +282,8 @@ def _build(variant: str, pretrained, kwargs) -> ResT:
 # Every constructor: pretrained = None (the official random init), or an official checkpoint: a file
 # path (a plain state_dict, or one under "model" / "state_dict", "module." prefixes allowed) or an
 # already loaded dict; loaded strictly (rest.checkpoint.load_checkpoint). Other keyword arguments go
-# to ResT (num_classes, drop_path_rate, drop_rate, attn_drop_rate, qk_scale, in_chans, backend, ...).
+# to ResT (num_classes, drop_path_rate, drop_rate, attn_drop_rate, qk_scale, in_chans, backend, cpu_layout,
+# linear_impl, ...).
 # For another number of classes: load the 1000-class checkpoint, then model.reset_classifier(n).
 
 

@@ -14,11 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rest_kernels
-from rest_kernels.backends.reference import attention_map
-from rest_kernels.backends.registry import check_name
 
 from . import _checks
-from .dense import Linear
+from .dense import Linear, check_linear_impl
 
 logger = logging.getLogger("rest_kernels")
 _warned_attn_drop = False
@@ -27,10 +25,14 @@ _warned_attn_drop = False
 class EMSA(nn.Module):
     """Efficient multi-head self-attention: q from x; k, v from a depthwise strided conv of the token
     map (kernel sr+1, stride sr, pad sr//2) plus LayerNorm; with more than one head and
-    apply_transform, a 1x1 conv mixes the logits across heads and InstanceNorm follows the softmax."""
+    apply_transform, a 1x1 conv mixes the logits across heads and InstanceNorm follows the softmax.
+
+    backend: pins the rest_kernels backend of the attention (None: the current default).
+    linear_impl: the product of the q, kv and proj layers, "auto" (default), "onednn" or "aten"
+    (nn.Linear's F.linear); see rest/dense.py."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
-                 sr_ratio=1, apply_transform=False, backend=None):
+                 sr_ratio=1, apply_transform=False, backend=None, linear_impl="auto"):
         super().__init__()
         dim = _checks.integer("dim", dim)
         num_heads = _checks.integer("num_heads", num_heads)
@@ -45,13 +47,14 @@ class EMSA(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
+        linear_impl = check_linear_impl(linear_impl)
 
         # rest.dense.Linear: nn.Linear whose CPU float32 inference runs on oneDNN (see rest/dense.py)
-        self.q = Linear(dim, dim, bias=qkv_bias, backend=backend)
-        self.kv = Linear(dim, dim * 2, bias=qkv_bias, backend=backend)
+        self.q = Linear(dim, dim, bias=qkv_bias, backend=backend, linear_impl=linear_impl)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias, backend=backend, linear_impl=linear_impl)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(dim, dim, backend=backend)
+        self.proj = Linear(dim, dim, backend=backend, linear_impl=linear_impl)
         self.proj_drop = nn.Dropout(proj_drop)
 
         self.sr_ratio = sr_ratio
@@ -100,13 +103,14 @@ class EMSA(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _forward_with_attn_dropout(self, q, k, v, mix_weight, mix_bias, eps):
-        """Dropout on the N x M map needs the map itself: the official eager math, logged once."""
+        """Dropout on the N x M map needs the map itself (rest_kernels.emsa_attention_map, the official
+        eager math), logged once."""
         global _warned_attn_drop
         if not _warned_attn_drop:
             _warned_attn_drop = True
             logger.warning("EMSA: attn_drop=%s in training needs the N x M map; using the reference math "
                            "instead of a fused backend", self.attn_drop.p)
-        attn = attention_map(q, k, mix_weight, mix_bias, self.scale, eps)
+        attn = rest_kernels.emsa_attention_map(q, k, mix_weight, mix_bias, scale=self.scale, eps=eps)
         return self.attn_drop(attn) @ v
 
 
@@ -117,7 +121,7 @@ class PA(nn.Module):
         super().__init__()
         dim = _checks.integer("dim", dim)
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.backend = check_name(backend) if backend is not None else None
+        self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
     def forward(self, x):
         _checks.input_tensor("x", x, 4, "(B, dim, H, W)", self.pa_conv.in_channels, 1, self.pa_conv.weight)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ._validation import (check_emsa_backward_args, check_pa_backward_args, check_same_device, emsa_problem,
                           handing_off, pa_problem, validate_emsa, validate_pa, validate_pa_args)
 from .backends.base import pa_layout
-from .backends.reference import emsa_reference, pa_reference
+from .backends.reference import attention_map, emsa_reference, pa_reference
 from .backends.registry import check_name, select
 from .backends.stats import stat_dtype, stat_shapes
 
@@ -213,6 +213,32 @@ def _emsa_attention(p, backend):
     if chosen.name == "reference":
         return emsa_reference(q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps)
     return _validated_call(p, emsa_fwd, q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps, chosen.name)[0]
+
+
+def emsa_attention_map(q, k, mix_weight=None, mix_bias=None, *, scale=None, eps=1e-5):
+    """The N x M attention map of emsa_attention, materialised: (B, h, N, M), so that
+    emsa_attention(q, k, v, ...) equals emsa_attention_map(q, k, ...) @ v up to rounding.
+
+    For what needs the map itself, such as dropout on it (ResT's EMSA with attn_drop > 0 in
+    training). Always the official eager math of the reference backend (no fused backend forms the
+    map); differentiable in q, k, mix_weight and mix_bias. Arguments, their checks and autocast as in
+    emsa_attention; float16 / bfloat16 maps are computed in float32 and returned in q's dtype.
+    """
+    # v plays no part: k stands in for it in the checks shared with emsa_attention (v is k-shaped)
+    p = validate_emsa(q, k, k, mix_weight, mix_bias, scale, eps)
+    amp = _autocast_dtype(q)
+    if amp is not None:
+        p = p.with_tensors(*(_amp_cast(t, amp) for t in (q, k, k)))
+        with torch.autocast(q.device.type, enabled=False):
+            return _attention_map(p)
+    return _attention_map(p)
+
+
+def _attention_map(p):
+    q, k = p.q, p.k
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no (batch, head, query) row: an empty map
+        return q.new_zeros(*q.shape[:3], k.shape[2])
+    return attention_map(q, k, p.mix_weight, p.mix_bias, p.scale, p.eps)
 
 
 def pa_gate(x, weight, bias=None, *, backend=None):

@@ -155,6 +155,60 @@ def test_pa_bad_input_names_the_argument(kwargs, exc, message):
         pa_gate(args["x"], args["weight"], args["bias"])
 
 
+# --------------------------------------------------------------------------- emsa_attention_map, check_backend_name
+@pytest.mark.parametrize("mix", [True, False])
+def test_attention_map_times_v_is_emsa_attention(mix):
+    q, k, v, w, b = small_inputs(mix=mix, dtype=torch.float64)
+    amap = rest_kernels.emsa_attention_map(q, k, w, b)  # default scale d ** -0.5, like emsa_attention
+    assert amap.shape == (2, 2, 5, 3) and amap.dtype == torch.float64
+    torch.testing.assert_close(amap @ v, emsa_attention(q, k, v, w, b, backend="reference"))
+    if not mix:
+        torch.testing.assert_close(amap.sum(-1), torch.ones(2, 2, 5, dtype=torch.float64))
+    # (h, h, 1, 1) as a 1x1 Conv2d stores it, and an explicit scale
+    if mix:
+        torch.testing.assert_close(rest_kernels.emsa_attention_map(q, k, w.reshape(2, 2, 1, 1), b, scale=0.3),
+                                   rest_kernels.emsa_attention_map(q, k, w, b, scale=0.3))
+
+
+def test_attention_map_gradients_and_low_precision():
+    q, k, v, w, b = small_inputs(dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, w: rest_kernels.emsa_attention_map(q, k, w, scale=0.7), (q, k, w))
+    q32, k32, w32 = q.detach().float(), k.detach().float(), w.detach().float()
+    want = rest_kernels.emsa_attention_map(q32, k32, w32)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = rest_kernels.emsa_attention_map(q32.to(dtype), k32.to(dtype), w32)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rest_kernels.emsa_attention_map(q32, k32, w32).dtype == torch.bfloat16
+
+
+def test_attention_map_empty_inputs_and_bad_input():
+    w = torch.eye(2)
+    assert rest_kernels.emsa_attention_map(torch.randn(0, 2, 5, 4), torch.randn(0, 2, 3, 4), w).shape == (0, 2, 5, 3)
+    assert rest_kernels.emsa_attention_map(torch.randn(1, 2, 0, 4), torch.randn(1, 2, 3, 4), w).shape == (1, 2, 0, 3)
+    q, k, v, w, b = small_inputs()
+    with pytest.raises(ValueError, match="q must be 4-dimensional"):
+        rest_kernels.emsa_attention_map(q[0], k, w, b)
+    with pytest.raises(ValueError, match="k must have head dim 4"):
+        rest_kernels.emsa_attention_map(q, k[..., :3], w, b)
+    with pytest.raises(ValueError, match="mix_weight must have shape"):
+        rest_kernels.emsa_attention_map(q, k, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        rest_kernels.emsa_attention_map(q, k, w, b, eps=-1.0)
+
+
+def test_check_backend_name():
+    for name in ["auto", *BACKEND_NAMES]:
+        assert rest_kernels.check_backend_name(name) == name
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rest_kernels.check_backend_name("fast")
+    with pytest.raises(ValueError, match="backend must be one of 'reference'"):
+        rest_kernels.check_backend_name("auto", allow_auto=False)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        rest_kernels.check_backend_name(None)
+
+
 # --------------------------------------------------------------------------- the custom-op layer
 # The reference backend implements the kernel contract too, so the custom ops' registrations (fake,
 # autograd, schema) are checked here independently of any compiled or Triton kernel.

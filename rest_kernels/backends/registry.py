@@ -37,13 +37,19 @@ def _stack() -> list[str]:
     return _local.stack
 
 
-def check_name(name: str, allow_auto: bool = True) -> str:
+def check_backend_name(name: str, allow_auto: bool = True) -> str:
+    """`name` if it names a backend (or is "auto", unless allow_auto is False), else TypeError (not a
+    string) or ValueError (no such backend) listing the choices. Public as
+    rest_kernels.check_backend_name: the one check behind every `backend=` argument."""
     choices = ", ".join(repr(n) for n in (["auto"] if allow_auto else []) + list(BACKENDS))
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, one of {choices}; got {type(name).__name__} {name!r}")
     if not (name in BACKENDS or (allow_auto and name == "auto")):
         raise ValueError(f"backend must be one of {choices}; got {name!r}")
     return name
+
+
+check_name = check_backend_name  # the short name the package's own modules use
 
 
 @contextlib.contextmanager
