@@ -106,6 +106,7 @@ class OpCase:
     batch: int
     dtype: torch.dtype
     device: str
+    channels_last: bool = False  # PA only: the map channels-last, as the models run it on the CPU
 
     kind = "op"
 
@@ -115,7 +116,8 @@ class OpCase:
 
     @property
     def label(self) -> str:
-        return f"{self.op} {self.pass_} {self.shape.label} {dtype_name(self.dtype)}"
+        layout = " channels-last" if self.channels_last else ""
+        return f"{self.op} {self.pass_} {self.shape.label}{layout} {dtype_name(self.dtype)}"
 
     def dims(self) -> dict:
         s = self.shape
@@ -125,7 +127,8 @@ class OpCase:
 
     def group(self) -> tuple:
         """Rows of one group are the same work on different backends (compared side by side)."""
-        return ("op", self.op, self.pass_, self.shape.label, self.batch, dtype_name(self.dtype), self.device)
+        return ("op", self.op, self.pass_, self.shape.label, self.batch, dtype_name(self.dtype), self.device,
+                self.channels_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,8 @@ def op_inputs(case: OpCase, requires_grad: bool, seed: int = 0):
     if case.op == "pa":
         conv = torch.nn.Conv2d(s.C, s.C, 3, padding=1, groups=s.C)
         x = randn(B, s.C, s.H, s.W)
+        if case.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         w = conv.weight.detach().to(dev, dt)
         b = conv.bias.detach().to(dev, dt)
         args = [x, w, b]
@@ -225,6 +230,7 @@ def op_inputs(case: OpCase, requires_grad: bool, seed: int = 0):
         leaves = [t for t in args if t is not None]
     if requires_grad:
         # detach() keeps the strides: the leaves are the model's views, not contiguous copies
+        # (and a channels-last map channels-last)
         leaves = [t.detach().requires_grad_(True) for t in leaves]
         it = iter(leaves)
         args = [next(it) if t is not None else None for t in args]

@@ -8,6 +8,7 @@
 #pragma once
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -81,9 +82,11 @@ inline void emsa_backward_inputs(const at::Tensor& dout, const at::Tensor& q, co
   if (mix) {
     stats_tensor(q, rsq, {B, h, N}, op, "rsq");
     stats_tensor(q, rstd, {B, h}, op, "rstd");
-  } else {
-    stats_tensor(q, rsq, {0}, op, "rsq");
-    stats_tensor(q, rstd, {0}, op, "rstd");
+  } else {  // empty; the (B,h,N) / (B,h) tensors of the contract before stats.py are accepted, unread
+    const std::vector<int64_t> rows = rsq.dim() == 3 ? std::vector<int64_t>{B, h, N} : std::vector<int64_t>{0};
+    const std::vector<int64_t> heads = rstd.dim() == 2 ? std::vector<int64_t>{B, h} : std::vector<int64_t>{0};
+    stats_tensor(q, rsq, rows, op, "rsq");
+    stats_tensor(q, rstd, heads, op, "rstd");
   }
 }
 

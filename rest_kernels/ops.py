@@ -207,7 +207,8 @@ def _emsa_attention(p, backend):
     # says so whatever their size.
     needs_backward = _needs_backward(q, k, v, p.mix_weight)
     chosen = select("emsa_attention", backend, (q, k, v),
-                    lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight, needs_backward))
+                    lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight, needs_backward),
+                    lambda b: b.emsa_reference_preference(q, k, p.mix_weight, needs_backward))
     if p.empty:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
@@ -258,7 +259,8 @@ def _pa_gate(x, weight, bias, backend):
     p = validate_pa(x, weight, bias, args_checked=True)  # pa_gate checked the rest; dtypes after any cast
     needs_backward = _needs_backward(x, weight, bias)
     chosen = select("pa_gate", backend, (x, weight),
-                    lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward))
+                    lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward),
+                    lambda b: b.pa_reference_preference(x, needs_backward))
     if p.empty:
         return x * 0
     if chosen.name == "reference":

@@ -136,3 +136,24 @@ def test_a_problem_is_taken_only_by_the_very_same_call():
         with pytest.raises(ValueError, match="eps must be finite"):
             _validation.emsa_problem(a["q"], a["k"], a["v"], p.mix_weight, None, 0.5, float("nan"))
     assert _validation.emsa_problem(a["q"], a["k"], a["v"], p.mix_weight, None, 0.5, 1e-5) is not p
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda-emu", "triton"])
+def test_without_the_mix_the_backward_takes_empty_or_former_statistics(backend):
+    """rsq and rstd are empty without the mix (rest_kernels/backends/stats.py); the (B,h,N) / (B,h)
+    tensors the former contract returned are accepted too, unread: the same gradients."""
+    require_backend(backend)
+    if BACKENDS[backend].device_type != "cpu" and backend != "reference":
+        pytest.skip(f"{backend} does not serve CPU tensors here")
+    a = _emsa_args(mix_weight=None)
+    out, lse, rsq, rstd = torch.ops.rest_kernels.emsa_fwd(a["q"], a["k"], a["v"], None, None, 0.5, 1e-5, backend)
+    assert rsq.shape == rstd.shape == (0,)
+    dout = torch.randn_like(out)
+    bwd = torch.ops.rest_kernels.emsa_bwd
+    empty = bwd(dout, a["q"], a["k"], a["v"], None, out, lse, rsq, rstd, 0.5, 1e-5, backend)
+    former = bwd(dout, a["q"], a["k"], a["v"], None, out, lse, torch.zeros(2, 2, 5), torch.zeros(2, 2), 0.5, 1e-5,
+                 backend)
+    for x, y in zip(empty, former):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match=r"rsq must have shape \(0,\)"):
+        bwd(dout, a["q"], a["k"], a["v"], None, out, lse, torch.zeros(2, 2, 4), rstd, 0.5, 1e-5, backend)

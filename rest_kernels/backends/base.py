@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_emsa_backward_args, check_pa_backward_args, emsa_problem, pa_problem
+from .preference import ReferenceFaster, emsa_key, pa_key, reference_preference
 from .stats import empty_stats, stat_dtype
 
 
@@ -53,6 +54,8 @@ class Backend:
     max_mix_heads: int | None = None
     #: largest batch x heads of one EMSA call (None: any)
     max_batch_heads: int | None = None
+    #: where "auto" prefers the reference to this backend (measured; backends/preference.py)
+    reference_rules: tuple[ReferenceFaster, ...] = ()
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run in this process, else why not (cached by callers)."""
@@ -95,6 +98,13 @@ class Backend:
 
     def _pa_extra_reasons(self, x, weight, bias, needs_backward) -> list[str]:
         return []
+
+    def emsa_reference_preference(self, q, k, mix_weight, needs_backward: bool = False):
+        """(prefer the reference for this call?, why, or None when no rule covers it)."""
+        return reference_preference(self.reference_rules, emsa_key(q, k, mix_weight), needs_backward, q)
+
+    def pa_reference_preference(self, x, needs_backward: bool = False):
+        return reference_preference(self.reference_rules, pa_key(x), needs_backward, x)
 
     def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward: bool = False) -> str | None:
         """All of emsa_not_supported_reasons as one message, or None."""

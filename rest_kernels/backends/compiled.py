@@ -12,6 +12,7 @@ import torch
 
 from .. import _extension
 from .base import Backend
+from .preference import load_rules
 
 
 class CompiledBackend(Backend):
@@ -58,6 +59,8 @@ class CpuBackend(CompiledBackend):
     auto_device_type = "cpu"
     # bfloat16 / float16 are computed in float32 by the kernels and rounded once at the end
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # measured by bench/crossover.py (data/cpu_crossover.json says where, when and on what)
+    reference_rules = load_rules("cpu")
 
     def unavailable_reason(self):
         # the ops are registered whatever the CPU; the kernels need a build this CPU can run

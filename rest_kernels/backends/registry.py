@@ -107,8 +107,11 @@ def _log_fallback_once(message: str) -> bool:
     return True
 
 
-def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
-    """Pick the backend for one call. `unsupported(backend)` returns None or a reason."""
+def select(op: str, name: str | None, tensors: tuple, unsupported, prefer_reference=None) -> Backend:
+    """Pick the backend for one call. `unsupported(backend)` returns None or a reason;
+    `prefer_reference(backend)` returns (prefer the reference?, why or None): "auto" takes the
+    reference over a fused backend that can serve the call where that backend's measured rules say
+    the reference is faster (backends/preference.py), logging once why either way."""
     name = default_backend() if name is None else check_name(name)
     if torch.onnx.is_in_onnx_export():
         # ONNX has no fused kernels: export the official math as standard operators.
@@ -127,6 +130,13 @@ def select(op: str, name: str | None, tensors: tuple, unsupported) -> Backend:
             continue
         reason = unavailable_reason(candidate) or unsupported(backend)
         if reason is None:
+            if prefer_reference is not None:
+                prefer, why = prefer_reference(backend)
+                if prefer:
+                    _log_fallback_once(f"rest_kernels.{op}: auto takes the reference over {candidate}: {why}")
+                    return BACKENDS["reference"]
+                if why is not None:
+                    _log_fallback_once(f"rest_kernels.{op}: auto keeps {candidate}: {why}")
             return backend
         reasons.append(f"{candidate}: {reason}")
     if not reasons:

@@ -82,8 +82,7 @@ def _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, h0, n0, m0, H, N, M, scale
     rows = n0 + tl.arange(0, BN)[None, :, None]
     cols = m0 + tl.arange(0, BM)[None, None, :]
     valid = (heads < H) & (rows < N) & (cols < M)
-    e = tl.where(valid, tl.exp(s - lse[:, :, None]), 1.0)  # lse: log-mean-exp, so P = e / M
-    p = tl.where(valid, e * (1.0 / M), 0.0)
+    p = tl.where(valid, tl.exp(s - lse[:, :, None]) * (1.0 / M), 0.0)  # lse: the row's log-mean-exp
     if NORM:
         # dP = rstd (dO v^T - a - Y c) and D_i = sum_m P dP, which only needs row quantities:
         # D_i = delta_i + rstd e_i - rstd a - c rstd^2 rsq_i (sum_m P Y = rstd rsq_i, rsq centred).
@@ -92,7 +91,7 @@ def _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, h0, n0, m0, H, N, M, scale
         # difference is never formed from two large terms (exactly zero when M = 1).
         inv_m = 1.0 / M
         rs = rstd[:, None]
-        y = tl.where(valid, (e - 1.0) * inv_m * rs[:, :, None], 0.0)  # (P - 1/M) rstd, exactly centred
+        y = tl.where(valid, (p - inv_m) * rs[:, :, None], 0.0)  # (P - 1/M) rstd
         dpv = dot(do, trans(vc, DOT), DTYPE, DOT)
         dp_minus_d = (rs[:, :, None] * dpv - c[:, None, None] * rs[:, :, None] * (y - (rs * r)[:, :, None])
                       - delta[:, :, None])

@@ -1,0 +1,125 @@
+"""Where the reference (eager PyTorch) beats a fused backend: the data "auto" decides with.
+
+    python bench/crossover.py [--backend cpu] [--write] [--repeats 5] [--margin 0.1]
+
+Times every op ResT runs (PA on NCHW and channels-last maps, EMSA with and without the head mix)
+at every stage of both ResT families, at 224 px with batch 1 and 8 and at 800 x 1216 with batch 1,
+forward (inference, no autograd) and forward plus backward, on the fused backend and on the
+reference, in one process, alternately per case. For each (op, pass, layout) the rule's threshold
+is the largest call size (elements: B C H W for PA, B h N M for EMSA) such that the reference was
+faster by more than `margin` on every measured call of that size or smaller: one slower call above
+a faster one ends the region (no guessing between measurements). With --write the rules and their
+provenance (command, machine, date, commit) go to rest_kernels/backends/data/<backend>_crossover.json,
+which the backend declares (rest_kernels/backends/preference.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench._cases import PASSES, OpCase, in_model, op_runner, stage_shapes  # noqa: E402
+from bench._env import cpu_model  # noqa: E402
+from bench._timing import measure  # noqa: E402
+
+#: (input, batches) measured
+BATCHES = {"224": (1, 8), "det": (1,)}
+
+
+def elements(case: OpCase) -> int:
+    s = case.shape
+    return case.batch * (s.C * s.H * s.W if case.op == "pa" else s.h * s.N * s.M)
+
+
+def cases(device: str):
+    for s in stage_shapes():
+        for op in ("pa", "emsa", "emsa-mix"):
+            if op != "pa" and not in_model(op, s) and not (op == "emsa" and s.h > 1):
+                continue  # plain EMSA is measured at every stage (ResTv2 runs it), the mix where heads > 1
+            for batch in BATCHES[s.input]:
+                for pass_ in PASSES:
+                    for cl in ((False, True) if op == "pa" else (False,)):
+                        yield OpCase(op, pass_, s, batch, torch.float32, device, channels_last=cl)
+
+
+def rules_from(rows, margin: float) -> list[dict]:
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
+    rules = []
+    for (op, pass_, layout), rs in sorted(groups.items()):
+        threshold = 0
+        for r in sorted(rs, key=lambda r: r["elements"]):
+            if r["reference_s"] < (1 - margin) * r["fused_s"]:
+                threshold = r["elements"]
+            else:
+                break
+        rules.append(dict(op=op, pass_=pass_, layout=layout, max_elements=threshold))
+    return [dict(op=r["op"], max_elements=r["max_elements"], layout=r["layout"], **{"pass": r["pass_"]}) for r in rules]
+
+
+def git_commit() -> str:
+    try:
+        import subprocess
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - provenance only
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.05, help="seconds per repeat at least")
+    ap.add_argument("--margin", type=float, default=0.1, help="the reference must be this much faster")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--write", action="store_true", help="write rest_kernels/backends/data/<backend>_crossover.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import rest_kernels
+    reason = rest_kernels.available_backends()[args.backend]
+    if reason is not None:
+        print(f"backend {args.backend} unavailable: {reason}")
+        return 1
+    device = "cuda" if args.backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    rows = []
+    print(f"{'case':<56} {'elements':>10} {'fused':>10} {'reference':>10} {'ref/fused':>9}")
+    for case in cases(device):
+        times = {}
+        for who in (args.backend, "reference"):
+            runner = op_runner(case, who)
+            times[who] = measure(runner.fn, device=device, warmup=2, repeats=args.repeats,
+                                 min_time=args.min_time).median
+        layout = ("channels_last" if case.channels_last else "contiguous") if case.op == "pa" else "any"
+        row = dict(op=case.op, layout=layout, elements=elements(case), label=case.label, fused_s=times[args.backend],
+                   reference_s=times["reference"], **{"pass": case.pass_})
+        rows.append(row)
+        print(f"{case.label + f' B{case.batch}':<56} {row['elements']:>10} {row['fused_s'] * 1e3:>8.3f}ms "
+              f"{row['reference_s'] * 1e3:>8.3f}ms {row['reference_s'] / row['fused_s']:>9.2f}")
+    rules = rules_from(rows, args.margin)
+    for r in rules:
+        print(f"rule: {r['op']} {r['pass']} {r['layout']}: reference preferred up to {r['max_elements']} elements")
+    measured = (f"bench/crossover.py --margin {args.margin}, {cpu_model()}, {torch.get_num_threads()} threads, "
+                f"torch {torch.__version__}, commit {git_commit()}, {datetime.date.today().isoformat()}")
+    print(measured)
+    if args.write:
+        path = os.path.join(ROOT, "rest_kernels", "backends", "data", f"{args.backend}_crossover.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(backend=args.backend, measured=measured, margin=args.margin, rules=rules, rows=rows), f,
+                      indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

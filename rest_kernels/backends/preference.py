@@ -1,0 +1,91 @@
+"""Where "auto" prefers the reference to a fused backend that can serve a call: measured, as data.
+
+A fused backend may be slower than eager PyTorch (the reference) on small calls, where its fixed
+costs (packing, a thread rendezvous, several passes) outweigh the work. A backend declares such
+regions as `ReferenceFaster` rules, produced by a benchmark (bench/crossover.py) and stored with
+their provenance in rest_kernels/backends/data/<backend>_crossover.json. "auto" (registry.select)
+takes the reference for a call inside a rule only if the tensors the reference would keep for the
+backward (its N x M maps for EMSA) also fit comfortably in memory; otherwise it keeps the fused
+backend. Either decision is logged once, with the rule that made it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import torch
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+#: What the reference keeps for a backward, in units of the rule's "elements" (see elements()) times
+#: the element size: EMSA's logits, softmax and normalised map (3 maps of B h N M; the official
+#: math's autograd graph), PA's conv output and gate (2 maps of B C H W).
+REFERENCE_SAVED_MAPS = {"emsa": 3, "emsa-mix": 3, "pa": 2}
+#: "Comfortably": the reference's saved maps take at most this fraction of the device's memory.
+COMFORTABLE_FRACTION = 1 / 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceFaster:
+    """The reference beat the fused backend on every measured call of `op` / `pass_` / `layout`
+    with at most `max_elements` elements (B C H W for PA, B h N M for EMSA)."""
+    op: str            # "pa", "emsa" (no mix) or "emsa-mix"
+    pass_: str         # "fwd" (inference) or "fwd+bwd" (training)
+    layout: str        # PA: "contiguous" or "channels_last"; EMSA: "any"
+    max_elements: int
+    measured: str      # command, machine, date and commit of the measurement
+
+    def describe(self) -> str:
+        return (f"the reference was faster on every measured {self.op} {self.pass_} call of "
+                f"{self.layout} layout with <= {self.max_elements} elements ({self.measured})")
+
+
+def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
+    path = os.path.join(DATA_DIR, f"{backend_name}_crossover.json")
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        data = json.load(f)
+    return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"])
+                 for r in data["rules"] if r["max_elements"] > 0)
+
+
+def emsa_key(q, k, mix_weight) -> tuple[str, str, int]:
+    """(op, layout, elements) of an EMSA call."""
+    B, h, N, _ = q.shape
+    return ("emsa-mix" if mix_weight is not None else "emsa"), "any", B * h * N * k.shape[2]
+
+
+def pa_key(x) -> tuple[str, str, int]:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return "pa", ("channels_last" if channels_last else "contiguous"), x.numel()
+
+
+# Evaluated eagerly when torch.compile traces a caller: the machine's memory is a fact, not a graph.
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _device_memory(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def reference_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[bool, str | None]:
+    """(prefer the reference?, why) for a call with `key` = (op, layout, elements) on tensor t's device.
+    why is None when no rule covers the call."""
+    op, layout, elements = key
+    pass_ = "fwd+bwd" if needs_backward else "fwd"
+    rule = next((r for r in rules if r.op == op and r.pass_ == pass_ and r.layout == layout
+                 and elements <= r.max_elements), None)
+    if rule is None:
+        return False, None
+    if not needs_backward:
+        return True, rule.describe()
+    saved = REFERENCE_SAVED_MAPS[op] * elements * t.element_size()
+    budget = COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index)
+    if saved > budget:
+        return False, (f"{rule.describe()}, but the maps it would keep for the backward would take more "
+                       f"than {COMFORTABLE_FRACTION:g} of the device's memory")
+    return True, rule.describe()

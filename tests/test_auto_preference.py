@@ -1,0 +1,116 @@
+""""auto" prefers the reference only where a fused backend's measured rules say it is faster and its
+saved maps fit comfortably in memory (rest_kernels/backends/preference.py); it logs why, once."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+import rest_kernels
+from conftest import require_backend
+from rest_kernels.backends import preference, registry
+from rest_kernels.backends.preference import ReferenceFaster
+
+CPU = registry.BACKENDS["cpu"]
+
+
+def _rule(op, pass_, layout, max_elements):
+    return ReferenceFaster(op, pass_, layout, max_elements, "a test's rule")
+
+
+@pytest.fixture
+def rules(monkeypatch):
+    """Set the cpu backend's rules (the suite otherwise runs with none, see conftest.py)."""
+    require_backend("cpu")
+
+    def set_rules(*rs):
+        monkeypatch.setattr(CPU, "reference_rules", tuple(rs))
+        monkeypatch.setattr(registry, "_logged_fallbacks", set())
+    return set_rules
+
+
+def _pa(B=1, C=4, H=5, W=5, channels_last=False, grad=False):
+    x = torch.randn(B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(grad), torch.randn(C, 1, 3, 3), torch.randn(C)
+
+
+def _chosen(op, args, needs_backward=False):
+    if op == "pa":
+        x, w, b = args
+        return registry.select("pa_gate", "auto", (x, w), lambda be: be.pa_unsupported_reason(x, w, b),
+                               lambda be: be.pa_reference_preference(x, needs_backward)).name
+    q, k, v, w = args
+    return registry.select("emsa_attention", "auto", (q, k, v), lambda be: be.emsa_unsupported_reason(q, k, v, w),
+                           lambda be: be.emsa_reference_preference(q, k, w, needs_backward)).name
+
+
+def test_inside_a_rule_auto_takes_the_reference_and_says_why_once(rules, caplog):
+    rules(_rule("pa", "fwd", "contiguous", 100))
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        assert _chosen("pa", _pa(C=4, H=5, W=5)) == "reference"          # 100 elements
+        assert _chosen("pa", _pa(C=4, H=5, W=5)) == "reference"
+        assert _chosen("pa", _pa(C=4, H=6, W=5)) == "cpu"                # 120 elements: outside
+        assert _chosen("pa", _pa(C=4, H=5, W=5, channels_last=True)) == "cpu"  # another layout
+        assert _chosen("pa", _pa(C=4, H=5, W=5), needs_backward=True) == "cpu"  # another pass
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "auto takes the reference over cpu" in m]) == 1, messages
+    assert "a test's rule" in messages[0] and "<= 100 elements" in messages[0]
+
+
+def test_emsa_rules_count_the_map(rules):
+    rules(_rule("emsa-mix", "fwd+bwd", "any", 2 * 3 * 7 * 5))
+    q, k, v, w = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
+    assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "reference"
+    assert _chosen("emsa", (q, k, v, None), needs_backward=True) == "cpu"  # no mix: another op
+    k6, v6 = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    assert _chosen("emsa", (q, k6, v6, w), needs_backward=True) == "cpu"    # a bigger map
+
+
+def test_the_reference_is_not_taken_when_its_maps_would_not_fit(rules, monkeypatch, caplog):
+    rules(_rule("pa", "fwd+bwd", "contiguous", 10 ** 6))
+    monkeypatch.setattr(preference, "COMFORTABLE_FRACTION", 1e-12)  # nothing fits
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        assert _chosen("pa", _pa(), needs_backward=True) == "cpu"
+    assert any("auto keeps cpu" in r.getMessage() and "memory" in r.getMessage() for r in caplog.records)
+
+
+def test_a_named_backend_is_never_redirected(rules):
+    rules(_rule("pa", "fwd", "contiguous", 10 ** 9))
+    x, w, b = _pa()
+    calls = []
+    orig = CPU._pa_forward
+    CPU._pa_forward = lambda p: calls.append(1) or orig(p)
+    try:
+        rest_kernels.pa_gate(x, w, b, backend="cpu")
+        rest_kernels.pa_gate(x, w, b)  # auto: the rule sends it to the reference
+    finally:
+        del CPU._pa_forward
+    assert calls == [1]
+
+
+def test_the_shipped_rules_are_the_measurements_they_cite():
+    """rest_kernels/backends/data/*_crossover.json: each rule is what bench/crossover.py's rule
+    derivation gives for the rows stored with it, and the backend declares exactly those rules."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("crossover", os.path.join(root, "bench", "crossover.py"))
+    crossover = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crossover)
+    found = 0
+    for name in registry.BACKENDS:
+        path = os.path.join(preference.DATA_DIR, f"{name}_crossover.json")
+        if not os.path.exists(path):
+            continue
+        found += 1
+        with open(path) as f:
+            data = json.load(f)
+        assert data["backend"] == name and data["measured"]
+        assert crossover.rules_from(data["rows"], data["margin"]) == data["rules"]
+        declared = {(r.op, r.pass_, r.layout, r.max_elements) for r in preference.load_rules(name)}
+        assert declared == {(r["op"], r["pass"], r["layout"], r["max_elements"]) for r in data["rules"]
+                            if r["max_elements"] > 0}
+    if not found:
+        pytest.skip("no measured crossovers shipped")
