@@ -5,7 +5,9 @@
 Times every op ResT runs (PA on NCHW and channels-last maps, EMSA with and without the head mix)
 at every stage of both ResT families, at 224 px with batch 1 and 8 and at 800 x 1216 with batch 1,
 forward (inference, no autograd) and forward plus backward, on the fused backend and on the
-reference, in one process, alternately per case. For each (op, pass, layout) the rule's threshold
+reference, in one process, alternately per case. "auto" redirects inference calls only
+(rest_kernels/backends/preference.py), so rules are made for the forward; the training rows are
+stored with them for the record. For each (op, layout) the forward rule's threshold
 is the largest call size (elements: B C H W for PA, B h N M for EMSA) such that the reference was
 faster by more than `margin` on every measured call of that size or smaller: one slower call above
 a faster one ends the region (no guessing between measurements). With --write the rules and their
@@ -52,7 +54,8 @@ def cases(device: str):
 def rules_from(rows, margin: float) -> list[dict]:
     groups = {}
     for r in rows:
-        groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
+        if r["pass"] == "fwd":  # inference: the only calls "auto" redirects
+            groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
     rules = []
     for (op, pass_, layout), rs in sorted(groups.items()):
         threshold = 0

@@ -1,5 +1,6 @@
-""""auto" prefers the reference only where a fused backend's measured rules say it is faster and its
-saved maps fit comfortably in memory (rest_kernels/backends/preference.py); it logs why, once."""
+"""The "auto" choice prefers the reference for inference calls only where a fused backend's measured rules say
+it is faster and its maps fit comfortably in memory (rest_kernels/backends/preference.py); it logs
+why, once; training calls stay fused."""
 import json
 import logging
 import os
@@ -54,26 +55,38 @@ def test_inside_a_rule_auto_takes_the_reference_and_says_why_once(rules, caplog)
         assert _chosen("pa", _pa(C=4, H=5, W=5)) == "reference"
         assert _chosen("pa", _pa(C=4, H=6, W=5)) == "cpu"                # 120 elements: outside
         assert _chosen("pa", _pa(C=4, H=5, W=5, channels_last=True)) == "cpu"  # another layout
-        assert _chosen("pa", _pa(C=4, H=5, W=5), needs_backward=True) == "cpu"  # another pass
+        assert _chosen("pa", _pa(C=4, H=5, W=5), needs_backward=True) == "cpu"  # training: stays fused
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "auto takes the reference over cpu" in m]) == 1, messages
     assert "a test's rule" in messages[0] and "<= 100 elements" in messages[0]
 
 
 def test_emsa_rules_count_the_map(rules):
-    rules(_rule("emsa-mix", "fwd+bwd", "any", 2 * 3 * 7 * 5))
+    rules(_rule("emsa-mix", "fwd", "any", 2 * 3 * 7 * 5))
     q, k, v, w = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
-    assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "reference"
-    assert _chosen("emsa", (q, k, v, None), needs_backward=True) == "cpu"  # no mix: another op
+    assert _chosen("emsa", (q, k, v, w)) == "reference"
+    assert _chosen("emsa", (q, k, v, None)) == "cpu"  # no mix: another op
     k6, v6 = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
-    assert _chosen("emsa", (q, k6, v6, w), needs_backward=True) == "cpu"    # a bigger map
+    assert _chosen("emsa", (q, k6, v6, w)) == "cpu"    # a bigger map
+
+
+def test_training_calls_stay_fused(rules):
+    # what autograd can do with the op (double backward, what is saved) must not depend on the size
+    rules(_rule("emsa-mix", "fwd", "any", 10 ** 9), _rule("emsa-mix", "fwd+bwd", "any", 10 ** 9))
+    q, k, v, w = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
+    assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "cpu"
+    qg = q.clone().requires_grad_()
+    out = rest_kernels.emsa_attention(qg, k, v, w)  # auto, grad on: the fused custom op
+    (g,) = torch.autograd.grad(out.sum(), qg, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(g.sum(), qg)
 
 
 def test_the_reference_is_not_taken_when_its_maps_would_not_fit(rules, monkeypatch, caplog):
-    rules(_rule("pa", "fwd+bwd", "contiguous", 10 ** 6))
+    rules(_rule("pa", "fwd", "contiguous", 10 ** 6))
     monkeypatch.setattr(preference, "COMFORTABLE_FRACTION", 1e-12)  # nothing fits
     with caplog.at_level(logging.WARNING, logger="rest_kernels"):
-        assert _chosen("pa", _pa(), needs_backward=True) == "cpu"
+        assert _chosen("pa", _pa()) == "cpu"
     assert any("auto keeps cpu" in r.getMessage() and "memory" in r.getMessage() for r in caplog.records)
 
 

@@ -4,9 +4,14 @@ A fused backend may be slower than eager PyTorch (the reference) on small calls,
 costs (packing, a thread rendezvous, several passes) outweigh the work. A backend declares such
 regions as `ReferenceFaster` rules, produced by a benchmark (bench/crossover.py) and stored with
 their provenance in rest_kernels/backends/data/<backend>_crossover.json. "auto" (registry.select)
-takes the reference for a call inside a rule only if the tensors the reference would keep for the
-backward (its N x M maps for EMSA) also fit comfortably in memory; otherwise it keeps the fused
-backend. Either decision is logged once, with the rule that made it.
+takes the reference for a call inside a rule only if the maps the reference materialises (its
+N x M maps for EMSA) fit comfortably in memory; otherwise it keeps the fused backend. Either decision
+is logged once, with the rule that made it.
+
+Only inference calls are redirected. A training call stays on the fused backend whatever its size,
+so that what autograd can do with the op (no double backward through a fused kernel; what is kept
+for the backward) does not depend on the size of the input. bench/crossover.py still measures the
+training pass and stores it with the rows; it makes no rule of it.
 """
 from __future__ import annotations
 
@@ -19,11 +24,11 @@ import torch
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
-#: What the reference keeps for a backward, in units of the rule's "elements" (see elements()) times
-#: the element size: EMSA's logits, softmax and normalised map (3 maps of B h N M; the official
-#: math's autograd graph), PA's conv output and gate (2 maps of B C H W).
-REFERENCE_SAVED_MAPS = {"emsa": 3, "emsa-mix": 3, "pa": 2}
-#: "Comfortably": the reference's saved maps take at most this fraction of the device's memory.
+#: What the reference materialises at once, in units of the rule's "elements" (emsa_key / pa_key)
+#: times the element size: EMSA's logits, softmax and normalised map (3 maps of B h N M), PA's conv
+#: output and gate (2 maps of B C H W).
+REFERENCE_MAPS = {"emsa": 3, "emsa-mix": 3, "pa": 2}
+#: "Comfortably": those maps take at most this fraction of the device's memory.
 COMFORTABLE_FRACTION = 1 / 16
 
 
@@ -75,17 +80,15 @@ def _device_memory(device_type: str, index: int | None) -> int:
 def reference_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[bool, str | None]:
     """(prefer the reference?, why) for a call with `key` = (op, layout, elements) on tensor t's device.
     why is None when no rule covers the call."""
+    if needs_backward:  # training calls stay fused (module docstring)
+        return False, None
     op, layout, elements = key
-    pass_ = "fwd+bwd" if needs_backward else "fwd"
-    rule = next((r for r in rules if r.op == op and r.pass_ == pass_ and r.layout == layout
+    rule = next((r for r in rules if r.op == op and r.pass_ == "fwd" and r.layout == layout
                  and elements <= r.max_elements), None)
     if rule is None:
         return False, None
-    if not needs_backward:
-        return True, rule.describe()
-    saved = REFERENCE_SAVED_MAPS[op] * elements * t.element_size()
-    budget = COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index)
-    if saved > budget:
-        return False, (f"{rule.describe()}, but the maps it would keep for the backward would take more "
-                       f"than {COMFORTABLE_FRACTION:g} of the device's memory")
+    maps = REFERENCE_MAPS[op] * elements * t.element_size()
+    if maps > COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index):
+        return False, (f"{rule.describe()}, but the maps it would materialise would take more than "
+                       f"{COMFORTABLE_FRACTION:g} of the device's memory")
     return True, rule.describe()

@@ -183,18 +183,26 @@ def emsa_expect(backend, dtype=F32, h=2, d=4, mix=True, device="cpu"):
     b = BACKEND_OBJECTS[backend]
     if device != b.device_type:
         return unavailable(backend, f"{backend} serves")
-    if dtype not in b.dtypes:
-        return unavailable(backend, "supports dtypes")
-    # the backend's own declarations (rest_kernels/backends/base.py), not a second copy of them
-    if b.max_head_dim is not None and d > b.max_head_dim:
-        return unavailable(backend, "head dims up to")
-    if b.max_mix_heads is not None and mix and h > b.max_mix_heads:
-        return unavailable(backend, "heads")
-    return CORRECT
+    # the backend's own reasons for such a call (rest_kernels/backends/base.py), not a second copy
+    # of its rules: tensors of the case's dtype, heads and head dim, one row and one key
+    q = torch.empty(1, h, 1, d, dtype=dtype, device=device)
+    w = torch.empty(h, h, dtype=F32, device=device) if mix else None
+    reasons = b.emsa_not_supported_reasons(q, q, q, w)
+    return unavailable(backend, re.escape(reasons[0])) if reasons else CORRECT
 
 
 def pa_expect(backend, dtype=F32, device="cpu"):
-    return emsa_expect(backend, dtype, h=1, d=1, mix=False, device=device)
+    """What a valid PA call must give on `backend` here, from the backend's own reasons."""
+    if backend in ("reference", "auto"):
+        return CORRECT
+    if rest_kernels.available_backends()[backend] is not None:
+        return unavailable(backend)
+    b = BACKEND_OBJECTS[backend]
+    if device != b.device_type:
+        return unavailable(backend, f"{backend} serves")
+    x, w = torch.empty(1, 1, 1, 1, dtype=dtype, device=device), torch.empty(1, 1, 3, 3, dtype=dtype, device=device)
+    reasons = b.pa_not_supported_reasons(x, w, None)
+    return unavailable(backend, re.escape(reasons[0])) if reasons else CORRECT
 
 
 def pa_args(B=2, C=3, H=5, W=6, dtype=F32, bias=True, seed=0):
