@@ -5,7 +5,7 @@ float32, with each fused part switched on alone and everything else on the offic
 the `cpu` EMSA kernels, the `cpu` PA kernels, the oneDNN linear layers, the channels-last maps;
 then all of them together (what the model does by default on a CPU). Each run's error is measured
 against a float64 run of the official math (the reference backend) on the same float32-rounded
-weights and input, taking the same ReLU branches as the float32 run (tests/grad_errors.py says why),
+weights and input, taking the same ReLU branches as the float32 run (tests/support/grad_errors.py says why),
 so the table shows arithmetic error only.
 
 Statistic, per gradient g of one parameter (and for the logits and the input gradient):
@@ -38,8 +38,8 @@ from rest import EMSA, PA, rest_lite  # noqa: E402
 from rest.batchnorm import BatchNorm2d  # noqa: E402
 from rest.dense import Linear  # noqa: E402
 from rest_kernels import _extension, use_backend  # noqa: E402
-from reference_data import fill_weights, load  # noqa: E402
-from grad_errors import relative_errors, train_step  # noqa: E402
+from support.reference_data import fill_weights, load  # noqa: E402
+from support.grad_errors import relative_errors, train_step  # noqa: E402
 
 
 def model_for(parts: set[str], dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Convert torch.save'd fixtures (.pt) into the lossless container of tests/fixture_container.py.
+"""Convert torch.save'd fixtures (.pt) into the lossless container of tests/support/fixture_container.py.
 
     python scripts/pack_fixtures.py tests/data/attention_cases.pt tests/data/pa_cases.pt \\
         tests/data/rest_tiny.pt tests/data/rest_v1_models.pt
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-import fixture_container  # noqa: E402
+from support import fixture_container  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ import rest
 import rest_kernels
 from rest_kernels.backends import registry
 
-import conformance
-from fused_route import ReferenceKernelsAsCpu, fused_cpu_route
+from support import conformance
+from support.fused_route import ReferenceKernelsAsCpu, fused_cpu_route
 
 CASES = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),

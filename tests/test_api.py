@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import conformance
+from support import conformance
 import rest_kernels
 from rest_kernels import BackendUnavailableError, emsa_attention, pa_gate, use_backend
 from rest_kernels.backends import registry
@@ -210,18 +210,6 @@ def test_check_backend_name():
 
 
 # --------------------------------------------------------------------------- the custom-op layer
-# The reference backend implements the kernel contract too, so the custom ops' registrations (fake,
-# autograd, schema) are checked here independently of any compiled or Triton kernel.
-@pytest.mark.parametrize("mix", [True, False])
-def test_opcheck_custom_ops_with_reference_kernels(mix):
-    conformance.opcheck_emsa("reference", mix=mix)
-
-
-def test_opcheck_pa_custom_ops_with_reference_kernels():
-    conformance.opcheck_pa("reference", bias=True)
-    conformance.opcheck_pa("reference", bias=False)
-
-
 def test_custom_op_autograd_matches_reference_gradients():
     q, k, v, w, b = small_inputs(dtype=torch.float64)
     out = torch.ops.rest_kernels.emsa_fwd(q, k, v, w, b, 0.5, 1e-5, "reference")[0]
@@ -232,8 +220,8 @@ def test_custom_op_autograd_matches_reference_gradients():
     assert torch.count_nonzero(grads[4]) == 0  # the mix bias gradient is exactly zero
 
 
-def test_gradcheck_reference_ops():
-    conformance.gradcheck_emsa("reference")
+def test_gradcheck_reference_pa():
+    # EMSA's gradcheck runs for every backend in tests/test_conformance.py
     conformance.gradcheck_pa("reference")
 
 

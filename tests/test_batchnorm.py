@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rest.batchnorm import BatchNorm2d
-from reference_data import randn
+from support.reference_data import randn
 
 CL = torch.channels_last
 

@@ -9,7 +9,7 @@ import rest
 from rest import ResT, load_checkpoint, rest_lite, save_checkpoint
 from rest.checkpoint import CheckpointError
 
-from reference_data import load
+from support.reference_data import load
 
 safetensors = pytest.importorskip("safetensors.torch")
 

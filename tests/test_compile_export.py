@@ -3,7 +3,7 @@ and gradients as eager, and with a fused backend every EMSA / PA is one custom-o
 
 Two routes are exercised: the default backend of this machine ("auto": a fused backend where one
 serves CPU tensors, else the reference math, which traces as ordinary aten ops), and the fused
-custom-op route (tests/fused_route.py: the compiled cpu kernels, or a stand-in running the reference
+custom-op route (tests/support/fused_route.py: the compiled cpu kernels, or a stand-in running the reference
 kernels inside the same custom ops), where the node counts are checked.
 
 Weights follow the fixtures' recipe (reference_data.fill_weights): the official init's near-uniform
@@ -18,9 +18,9 @@ from torch.export import Dim
 
 from rest import ResT, rest_base, rest_large, rest_lite, rest_small
 
-from conformance import assert_close_scaled
-from fused_route import count_ops, fused_cpu_route
-from reference_data import fill_weights, load
+from support.conformance import assert_close_scaled
+from support.fused_route import count_ops, fused_cpu_route
+from support.reference_data import fill_weights, load
 
 VARIANTS = {"rest_lite": rest_lite, "rest_small": rest_small, "rest_base": rest_base, "rest_large": rest_large}
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ through torch.ops.rest_kernels_C.
 import pytest
 import torch
 
-import conformance
+from support import conformance
 import rest_kernels
 from conftest import require_backend
 
@@ -17,16 +17,6 @@ DTYPES = [torch.float64, torch.float32]
 @pytest.fixture(autouse=True)
 def _cpu_backend():
     require_backend("cpu")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_cases(dtype):
-    conformance.check_attention_cases("cpu", dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pa_cases(dtype):
-    conformance.check_pa_cases("cpu", dtype)
 
 
 # (B, h, N, M, d): tiny and awkward sizes; N not a multiple of the 6-row tile or of a block,
@@ -85,12 +75,6 @@ def test_emsa_sharp_logits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mix", [True, False])
-def test_emsa_stats(mix, dtype):
-    conformance.check_emsa_stats("cpu", 2, 3, 29, 21, 8, dtype, mix=mix)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pa_op(dtype, bias, channels_last):
@@ -98,25 +82,6 @@ def test_pa_op(dtype, bias, channels_last):
     # so task boundaries and their halo rows are crossed; C = 13 and 70 leave a vector tail.
     for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 17, 33), (2, 13, 1, 6), (1, 70, 10, 130)]:
         conformance.check_pa_op("cpu", *shape, dtype, bias=bias, channels_last=channels_last)
-
-
-@pytest.mark.parametrize("mix", [True, False])
-def test_opcheck_emsa(mix):
-    conformance.opcheck_emsa("cpu", mix=mix)
-    conformance.opcheck_emsa("cpu", torch.float64, mix=mix)
-    conformance.opcheck_emsa("cpu", torch.bfloat16, mix=mix)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck_pa(bias, channels_last):
-    conformance.opcheck_pa("cpu", bias=bias, channels_last=channels_last)
-
-
-@pytest.mark.parametrize("mix", [True, False])
-def test_gradcheck_emsa(mix):
-    conformance.gradcheck_emsa("cpu", mix=mix)
-    conformance.gradcheck_emsa("cpu", mix=mix, B=2, h=3, N=7, M=5, d=2)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

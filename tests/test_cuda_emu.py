@@ -1,6 +1,6 @@
 """The `cuda` backend's kernel source run on the CPU by the emulation of CUDA's execution model
 (backend "cuda-emu", csrc/emu). Every CUDA kernel goes through the shared checks of
-tests/conformance.py, plus the emulation's own guarantees: results identical under every thread
+tests/support/conformance.py, plus the emulation's own guarantees: results identical under every thread
 schedule, and a planted race / divergent barrier detected.
 
 Executes csrc/cuda/emsa_kernels.cuh and csrc/cuda/pa_kernels.cuh (with csrc/cuda/portability.cuh) as
@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import require_backend
-from conformance import (check_attention_cases, check_emsa_op, check_emsa_stats, check_pa_cases, check_pa_op,
-                         opcheck_emsa, opcheck_pa)
+from support.conformance import check_emsa_op, check_pa_op
 
 BACKEND = "cuda-emu"
 
@@ -31,15 +30,6 @@ def schedule():
 
 
 # ------------------------------------------------------------------------------ official cases
-def test_official_attention_cases():
-    # all of them, N = 3136 included (about 7 s under the emulation on this 2-core box)
-    check_attention_cases(BACKEND, torch.float32)
-
-
-def test_official_pa_cases():
-    check_pa_cases(BACKEND, torch.float32)
-
-
 # ------------------------------------------------------------------------------- op level EMSA
 # (B, h, N, M, d): partial tiles, several key tiles (M > 32), several query tiles, N or M of 1,
 # head dims 3..128 including 96 and odd sizes, h 1..8
@@ -80,17 +70,6 @@ def test_emsa_large_logits(mix):
     check_emsa_op(BACKEND, 1, 2, 33, 70, 16, torch.float32, mix=mix, logit_scale=8.0)
 
 
-@pytest.mark.parametrize("mix", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_emsa_stats(mix, dtype):
-    check_emsa_stats(BACKEND, 2, 3, 37, 45, 32, dtype=dtype, mix=mix)
-
-
-@pytest.mark.parametrize("mix", [True, False])
-def test_opcheck_emsa(mix):
-    opcheck_emsa(BACKEND, mix=mix)
-
-
 # --------------------------------------------------------------------------------- op level PA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
@@ -101,11 +80,6 @@ def test_pa_op(dtype, bias):
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 4, 1, 9), (1, 2, 17, 3)], ids=str)
 def test_pa_op_shapes(shape):
     check_pa_op(BACKEND, *shape, torch.float32, channels_last=True)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_pa(bias):
-    opcheck_pa(BACKEND, bias=bias)
 
 
 def test_raw_op_takes_any_mix_weight_layout_and_dtype():

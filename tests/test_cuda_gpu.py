@@ -5,8 +5,7 @@ import torch
 
 from conftest import require_backend
 from test_cuda_emu import SHAPES as EMU_SHAPES
-from conformance import (check_attention_cases, check_emsa_op, check_emsa_stats, check_pa_cases, check_pa_op,
-                         opcheck_emsa, opcheck_pa)
+from support.conformance import check_emsa_op, check_pa_op
 
 pytestmark = pytest.mark.gpu
 BACKEND = "cuda"
@@ -15,14 +14,6 @@ BACKEND = "cuda"
 @pytest.fixture(autouse=True)
 def _needs_backend():
     require_backend(BACKEND)
-
-
-def test_official_attention_cases():
-    check_attention_cases(BACKEND, torch.float32, device="cuda")
-
-
-def test_official_pa_cases():
-    check_pa_cases(BACKEND, torch.float32, device="cuda")
 
 
 # The emulated tests' shapes, plus a full ResT stage-1 problem that is too slow to emulate.
@@ -49,27 +40,11 @@ def test_emsa_op_low_precision(shape, dtype, mix):
     check_emsa_op(BACKEND, *shape, dtype, mix=mix, device="cuda")
 
 
-@pytest.mark.parametrize("mix", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_emsa_stats(mix, dtype):
-    check_emsa_stats(BACKEND, 2, 3, 37, 45, 32, dtype=dtype, mix=mix, device="cuda")
-
-
-@pytest.mark.parametrize("mix", [True, False])
-def test_opcheck_emsa(mix):
-    opcheck_emsa(BACKEND, mix=mix, device="cuda")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_pa_op(dtype, bias):
     check_pa_op(BACKEND, 2, 5, 7, 9, dtype, bias=bias, device="cuda")
     check_pa_op(BACKEND, 1, 64, 56, 56, dtype, bias=bias, device="cuda", channels_last=True)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_pa(bias):
-    opcheck_pa(BACKEND, bias=bias, device="cuda")
 
 
 def test_gpu_matches_emulation():

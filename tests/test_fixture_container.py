@@ -1,4 +1,4 @@
-"""The lossless fixture container (tests/fixture_container.py) and the fixture files of tests/data.
+"""The lossless fixture container (tests/support/fixture_container.py) and the fixture files of tests/data.
 
 The .pt files the fixtures were packed from are no longer in the tree (scripts/pack_fixtures.py
 checked each against its container bit for bit when converting); here the container's round trip
@@ -11,8 +11,8 @@ import zipfile
 import pytest
 import torch
 
-import fixture_container as fc
-from reference_data import load
+from support import fixture_container as fc
+from support.reference_data import load
 
 
 def _sample():

@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-import conformance
+from support import conformance
 from conftest import require_backend
 from rest_kernels.backends.registry import BACKENDS as REGISTRY
 from rest_kernels.backends.triton_backend import interpreter_on

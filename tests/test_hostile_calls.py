@@ -1,8 +1,8 @@
-"""Every case of the hostile-call corpus (tests/hostile_calls.py) ends as it must: in a Python
+"""Every case of the hostile-call corpus (tests/support/hostile_calls.py) ends as it must: in a Python
 exception of the expected type whose message names the argument, or in a correct result. Never a
 crash, an abort, a hang or a silent wrong answer.
 
-How the cases run (tests/isolated.py): in processes forked from a preloaded forkserver, so a
+How the cases run (tests/support/isolated.py): in processes forked from a preloaded forkserver, so a
 segfault, an abort or a hang is an outcome, never the end of the test run. Most hostile calls take a
 millisecond and the fork ~80 ms, so cases run in batches of BATCH per process (consecutive cases of
 one entry point); when a batch's process dies or hangs during a case, that case is run again in a
@@ -18,10 +18,10 @@ import os
 
 import pytest
 
-import hostile_calls
-import isolated
+from support import hostile_calls
+from support import isolated
 
-isolated.preload("hostile_calls", "triton", "rest_kernels.triton.emsa_fwd", "rest_kernels.triton.emsa_bwd",
+isolated.preload("support.hostile_calls", "triton", "rest_kernels.triton.emsa_fwd", "rest_kernels.triton.emsa_bwd",
                  "rest_kernels.triton.pa")
 
 #: parallel processes; REST_KERNELS_HOSTILE_WORKERS overrides (default: the CPUs this process may use, at most 4)

@@ -1,4 +1,4 @@
-"""tests/isolated.py reports how a call ended, including the ways the hostile-call corpus must
+"""tests/support/isolated.py reports how a call ended, including the ways the hostile-call corpus must
 never end: killed by a signal (segfault, abort), exited without a result, or hung. These are the
 negative controls of tests/test_hostile_calls.py: its checks can only fail if these can be seen."""
 import ctypes
@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-import isolated
+from support import isolated
 
 _state = {}
 

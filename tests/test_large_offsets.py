@@ -10,7 +10,7 @@ Memory: the output (over 2**31 float32 values, 8 GiB) is written in full. The in
 only the compared batches are written: the rest stays untouched address space (the kernel's reads of
 it map the kernel's shared zero page), so a case needs about 8.6 GiB of memory, not 17. The cases
 skip (saying how much they need) when /proc/meminfo's MemAvailable is short of that, and run in a
-process of their own (tests/isolated.py): a crash there fails the test instead of ending the run,
+process of their own (tests/support/isolated.py): a crash there fails the test instead of ending the run,
 and the memory is returned when that process ends.
 
 cuda-emu and triton are skipped: the CUDA emulation runs each CUDA thread as a fiber and the Triton
@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-import isolated
+from support import isolated
 from conftest import require_backend
 
 GIB = 1 << 30

@@ -1,6 +1,6 @@
 """Repeated calls do not grow memory, and autograd graphs (with what they save) are freed.
 
-RSS is read from /proc/self/statm in a process of its own (tests/isolated.py), so that nothing else
+RSS is read from /proc/self/statm in a process of its own (tests/support/isolated.py), so that nothing else
 of the test session allocates meanwhile: WARMUP calls first (allocator arenas, thread pools, lazy
 initialisation reach their steady state), then the resident size before and after CALLS more calls.
 The growth must stay under LIMIT. A negative control leaks LEAK bytes per call through the same
@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-import isolated
+from support import isolated
 import rest_kernels
 from conftest import require_backend
 

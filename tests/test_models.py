@@ -19,10 +19,10 @@ from rest.checkpoint import CheckpointError, load_checkpoint
 from rest.layers import drop_path
 from rest_kernels import use_backend
 
-from conformance import RTOL, ZERO_GRAD_RTOL, assert_close_scaled, assert_zero_grad_close
-from grad_errors import is_zero_grad_key, relative_errors
-from grad_errors import train_step as recorded_train_step
-from reference_data import fill_weights, load, randn
+from support.conformance import RTOL, ZERO_GRAD_RTOL, assert_close_scaled, assert_zero_grad_close
+from support.grad_errors import is_zero_grad_key, relative_errors
+from support.grad_errors import train_step as recorded_train_step
+from support.reference_data import fill_weights, load, randn
 
 VARIANTS = {"rest_lite": rest_lite, "rest_small": rest_small, "rest_base": rest_base, "rest_large": rest_large}
 # float32 eval logits vs the float64 official ones. The official math itself in float32 (the
@@ -190,7 +190,7 @@ def test_lite_train_mode_gradients_match_official(dtype):
         assert_close_scaled(grad_input, case["grad_input"], RTOL[dtype], "grad_input")
         check_grad_summaries(grads, case["grad_norms"], case["grad_sums"], dtype, f"rest_lite {dtype}")
         return
-    # float32: the flash-attention rule, per gradient, by one statistic (tests/grad_errors.py): the
+    # float32: the flash-attention rule, per gradient, by one statistic (tests/support/grad_errors.py): the
     # relative Frobenius error against float64, for our run and for PyTorch's own float32 runs of the
     # official math (the reference backend) alike; each run against the float64 official math on the
     # float32-rounded weights and input, on the ReLU branches that run took (a near-zero ReLU input may

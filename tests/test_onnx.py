@@ -12,9 +12,9 @@ ort = pytest.importorskip("onnxruntime")
 import rest  # noqa: E402
 from rest import ResT, rest_lite  # noqa: E402
 
-from conformance import assert_close_scaled  # noqa: E402
-from fused_route import fused_cpu_route  # noqa: E402
-from reference_data import fill_weights, load  # noqa: E402
+from support.conformance import assert_close_scaled  # noqa: E402
+from support.fused_route import fused_cpu_route  # noqa: E402
+from support.reference_data import fill_weights, load  # noqa: E402
 
 # onnxruntime vs PyTorch in float32: the same math in other kernels (fixture-recipe weights, so
 # InstanceNorm does not magnify rounding as at the official init's near-uniform attention)

@@ -2,17 +2,7 @@
 import pytest
 import torch
 
-import conformance
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_attention_cases_reference(dtype):
-    conformance.check_attention_cases("reference", dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_pa_cases_reference(dtype):
-    conformance.check_pa_cases("reference", dtype)
+from support import conformance
 
 
 @pytest.mark.parametrize("mix", [True, False])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import conformance
+from support import conformance
 import rest_kernels
 from conftest import require_backend
 from rest_kernels.backends.registry import BACKENDS

@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-import conformance
+from support import conformance
 import rest_kernels
 from conftest import require_backend
 from rest_kernels.backends.registry import BACKENDS
@@ -159,7 +159,7 @@ def _op_errors(backend, dtype, B, h, N, M, d, mix, logit_scale=1.0, seed=0):
     for who in (backend, "reference"):
         got = run(who, leaves, dtype)
         # dbias is zero in exact arithmetic (softmax ignores a per-row constant): the floor of the
-        # case's gradient scale, as for the zero gradients of the models (tests/grad_errors.py)
+        # case's gradient scale, as for the zero gradients of the models (tests/support/grad_errors.py)
         errors[who] = {n: _rel_frobenius(g, e, 1e-3 * largest if n == "dbias" else 0.0)
                        for n, g, e in zip(names, got, exact)}
     return errors[backend], errors["reference"]

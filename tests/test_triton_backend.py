@@ -8,7 +8,7 @@ the CPU variants skip (the backend serves one device type per process).
 import pytest
 import torch
 
-import conformance
+from support import conformance
 import rest_kernels
 from conftest import require_backend
 from rest_kernels.backends.registry import BackendUnavailableError
@@ -30,16 +30,6 @@ LOWP = [torch.float16, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------- official cases
-@pytest.mark.parametrize("device", DEVICES)
-def test_attention_cases(device):
-    conformance.check_attention_cases("triton", torch.float32, device=device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_pa_cases(device):
-    conformance.check_pa_cases("triton", torch.float32, device=device)
-
-
 # --------------------------------------------------------------------------- op level, awkward sizes
 #  (B, h, N, M, d, mix, layout): N, M of 1; odd and non-power-of-two head dims; M spanning several
 #  key blocks (the interpreter's key block is 64 or 128 wide, a GPU's 32 or 64); N not a multiple
@@ -91,13 +81,6 @@ def test_emsa_op_sharp_logits(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mix", [True, False])
-def test_emsa_stats(mix, dtype, device):
-    conformance.check_emsa_stats("triton", 2, 3, 45, 140, 24, dtype, mix=mix, device=device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32] + LOWP, ids=str)
 @pytest.mark.parametrize("case", [(2, 3, 5, 7, True, False), (1, 2, 1, 1, False, False),
                                   (2, 4, 9, 70, True, True), (1, 3, 33, 2, True, False)],
@@ -134,18 +117,6 @@ def test_pa_strided_bias_and_weight_views(view, device):
 
 
 # --------------------------------------------------------------------------- custom-op plumbing
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mix", [True, False])
-def test_opcheck_emsa(mix, device):
-    conformance.opcheck_emsa("triton", device=device, mix=mix)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_pa(bias, device):
-    conformance.opcheck_pa("triton", device=device, bias=bias)
-
-
 def test_float64_refused_with_reason():
     # The kernels take float32 / float16 / bfloat16 (fp32 accumulation); float64 gradcheck is the
     # reference's and the compiled backends' job. Asked by name, triton says why it cannot serve.

@@ -8,7 +8,7 @@ and "auto" on fake GPUs of each arch.
   budget is regenerated and reviewed).
 - test_resource_gate_full: the same for every arch, dtype, shape and edge shape (~65 min on 2 cores):
   `pytest --run-full-resources tests/test_triton_resources.py`.
-- test_auto_on_fake_gpus: tests/triton_aot_checks.py on fake sm_80/86/89/90 devices.
+- test_auto_on_fake_gpus: tests/support/triton_aot_checks.py on fake sm_80/86/89/90 devices.
 - test_native_gpu_*: on a real GPU, the accepted calls launch and the refused ones name a kernel
   that really exceeds the device.
 These compile with TRITON_INTERPRET=0, so they run in subprocesses (the session interprets Triton).
@@ -112,7 +112,7 @@ def test_budget_covers_every_arch_and_dtype():
 @pytest.mark.slow
 def test_auto_on_fake_gpus():
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot_checks.py"), "auto"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "support", "triton_aot_checks.py"), "auto"],
                           env=_compiled_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {(r["arch"], r["case"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}

@@ -1,1 +1,1 @@
-"""The hostile-call corpus, by entry point; assembled by tests/hostile_calls.py."""
+"""The hostile-call corpus, by entry point; assembled by tests/support/hostile_calls.py."""

@@ -95,7 +95,7 @@ TOL = {F64: 1e-9, F32: 1e-4}
 def assert_matches(got, oracle, lowp_ref=None, floor=None, what="output", tol=None):
     """got against a float64 oracle: same shape, same NaN/Inf pattern; finite entries within the
     dtype's tolerance relative to the larger of max|oracle| and `floor` (float16 / bfloat16: the
-    flash-attention rule against the reference run in that dtype, as tests/conformance.py does)."""
+    flash-attention rule against the reference run in that dtype, as tests/support/conformance.py does)."""
     assert tuple(got.shape) == tuple(oracle.shape), f"{what}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
     g, o = got.double(), oracle.double()
     assert torch.equal(torch.isnan(g), torch.isnan(o)), f"{what}: NaN pattern differs from the reference"

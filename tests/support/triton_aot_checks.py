@@ -5,7 +5,7 @@ GPU is visible), and `@triton.jit` reads that switch when the kernels are define
 they are interpreted functions, which cannot compile. tests/test_triton_resources.py runs this file
 with TRITON_INTERPRET=0 and reads the JSON it prints:
 
-    TRITON_INTERPRET=0 python tests/triton_aot_checks.py auto       # "auto" on fake GPUs of each arch
+    TRITON_INTERPRET=0 python tests/support/triton_aot_checks.py auto       # "auto" on fake GPUs of each arch
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402

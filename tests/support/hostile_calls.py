@@ -10,7 +10,7 @@ Each Case has an id, a zero-argument function that makes the call (building its 
 expectation: Raises (an exception of one of the given types whose message matches a pattern that
 names the argument and what was expected) or Correct (the function checks the result against the
 reference itself and returns None). tests/test_hostile_calls.py runs every case in its own process
-(tests/isolated.py), so a crash or a hang is that case's outcome. The corpus is rebuilt identically in
+(tests/support/isolated.py), so a crash or a hang is that case's outcome. The corpus is rebuilt identically in
 the child (case functions are closures), which looks its case up by id: run_case(case_id).
 
 The cases live in tests/hostile/: _common.py (expectations, comparisons, inputs), ops.py (the ops,

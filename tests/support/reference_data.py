@@ -11,9 +11,9 @@ import os
 
 import torch
 
-import fixture_container
+from . import fixture_container
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 @functools.lru_cache(maxsize=None)
