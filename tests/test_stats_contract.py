@@ -76,16 +76,19 @@ def test_statistics_are_the_contract(backend, logit_scale):
                 f"{backend} {dtype} {name}: relative error {err:.3e} > 2 x PyTorch's {torch_err:.3e} + rounding")
 
 
+def _kept_for_backward(backend, mix, B=2, h=3, N=11, M=7, d=4):
+    """(the output, the tensors one call keeps for its backward beyond its inputs)."""
+    q, k, v, w, _ = conformance.emsa_inputs(B, h, N, M, d, torch.float32, mix)
+    out, saved = conformance.saved_tensors_of(rest_kernels.emsa_attention, q, k, v, w, backend=backend)
+    inputs = {t.data_ptr() for t in (q, k, v, w) if t is not None}
+    return out, [t for t in saved if t is not None and t.data_ptr() not in inputs]
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_without_the_mix_only_lse_is_kept(backend):
     require_backend(backend)
-    B, h, N, M, d = 2, 3, 11, 7, 4
-    q, k, v, _, _ = conformance.emsa_inputs(B, h, N, M, d, torch.float32, False)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = rest_kernels.emsa_attention(q, k, v, backend=backend)
-    inputs = {t.data_ptr() for t in (q, k, v)}
-    kept = [t for t in saved if t is not None and t.data_ptr() not in inputs]
+    B, h, N, d = 2, 3, 11, 4
+    out, kept = _kept_for_backward(backend, False, B, h, N, 7, d)
     stats = [t for t in kept if tuple(t.shape) != tuple(out.shape)]
     assert sorted(tuple(t.shape) for t in stats) == [(0,), (0,), (B, h, N)], [t.shape for t in stats]
     # bytes kept beyond the inputs: out and lse, nothing else
@@ -95,13 +98,9 @@ def test_without_the_mix_only_lse_is_kept(backend):
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_with_the_mix_the_statistics_are_rows_and_heads(backend):
     require_backend(backend)
-    B, h, N, M, d = 2, 3, 11, 7, 4
-    q, k, v, w, _ = conformance.emsa_inputs(B, h, N, M, d, torch.float32, True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = rest_kernels.emsa_attention(q, k, v, w, backend=backend)
-    inputs = {t.data_ptr() for t in (q, k, v, w)}
-    stats = [t for t in saved if t is not None and t.data_ptr() not in inputs and tuple(t.shape) != tuple(out.shape)]
+    B, h, N = 2, 3, 11
+    out, kept = _kept_for_backward(backend, True, B, h, N)
+    stats = [t for t in kept if tuple(t.shape) != tuple(out.shape)]
     assert sorted(tuple(t.shape) for t in stats) == [(B, h), (B, h, N), (B, h, N)]
 
 
