@@ -85,7 +85,7 @@ def test_pa_op_shapes(shape):
 def test_raw_op_takes_any_mix_weight_layout_and_dtype():
     # op_checks.h admits any floating (h, h) mix weight; the CUDA host code makes the dense float32
     # copy its kernels read (it used to refuse a transposed weight).
-    from conformance import emsa_inputs
+    from support.conformance import emsa_inputs
     q, k, v, w, _ = emsa_inputs(1, 2, 7, 5, 4, torch.float32, True)
     q, k, v, w = q.detach(), k.detach(), v.detach(), w.detach()
     ops = torch.ops.rest_kernels_C
@@ -114,7 +114,7 @@ SCHEDULES = ["forward", "reverse", "shuffle:1", "shuffle:2"]
 
 def _all_kernels(mix):
     """Outputs of every EMSA and PA kernel on one fixed input (no autograd)."""
-    from conformance import emsa_inputs
+    from support.conformance import emsa_inputs
     q, k, v, w, _ = emsa_inputs(2, 3, 37, 45, 24, torch.float32, mix, "model")
     ops = torch.ops.rest_kernels_C
     w32 = w.detach() if w is not None else None

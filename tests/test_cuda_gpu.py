@@ -50,7 +50,7 @@ def test_pa_op(dtype, bias):
 def test_gpu_matches_emulation():
     """The GPU and the emulation run the same source: results agree to float32 rounding."""
     require_backend("cuda-emu")
-    from conformance import emsa_inputs
+    from support.conformance import emsa_inputs
     q, k, v, w, _ = emsa_inputs(2, 3, 37, 45, 24, torch.float32, True, "model")
     ops = torch.ops.rest_kernels_C
     args = (q.detach(), k.detach(), v.detach(), w.detach().float())

@@ -19,7 +19,7 @@ import rest_kernels
 from rest_kernels.backends.stats import stat_dtype
 from rest_kernels.diagnostics import saved_tensor_bytes, saved_tensors_of  # noqa: F401 (re-exported)
 from rest import EMSA, PA
-from .reference_data import attention_cases, fill_weights, pa_cases
+from support.reference_data import attention_cases, fill_weights, pa_cases
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 # Gradients that are exactly zero in exact arithmetic (see tests/data/README.md): compare

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .conformance import ZERO_GRAD_KEYS
+from support.conformance import ZERO_GRAD_KEYS
 
 # The scale of an exactly-zero gradient: this fraction of the model's largest gradient norm at least.
 ZERO_GRAD_FLOOR = 1e-3

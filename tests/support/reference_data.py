@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import fixture_container
+from support import fixture_container
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
