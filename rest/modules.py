@@ -11,7 +11,6 @@ import numbers
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import rest_kernels
 
