@@ -11,9 +11,14 @@ CUDA: csrc/cuda/emsa_kernels.cuh and pa_kernels.cuh launch from C++, so their ho
 transcribed here (`cuda_kernels`), launch by launch, with the at::zeros fills and dtype
 conversions it makes. Keep it in step with the .cuh files.
 
+The Triton tiles depend on the arch (rest_kernels/triton/tiles.py): the launches are recorded for
+the arch of the GPU being modelled (`arch`, under rest_kernels/triton/aot.py's compile-only driver,
+which only names the target).
+
 Counts: bytes are HBM bytes, each tensor a kernel touches once (bench/perf_model.py); FLOPs are
 those the kernel executes, padding of its tiles included (masked lanes compute too): Triton pads
-the heads to HP, the head dim to BD and the rows to BN / BM; the CUDA kernels pad to 32 x 32 tiles
+the head dim to BD and the rows to BN / BM (the mixed backward's 3-D tiles also the heads to HP);
+the CUDA kernels pad to 32 x 32 tiles
 and the PV / dq / dk / dv accumulators to DPAD (64 or 128), while their logit dots stop at d.
 """
 from __future__ import annotations
@@ -31,17 +36,20 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager
-def _gpu_tiles():
-    """The Triton host code picks interpreter tiles when TRITON_INTERPRET is on: model the GPU's.
+def _gpu_tiles(arch: int):
+    """The Triton host code picks interpreter tiles when TRITON_INTERPRET is on: model the GPU's,
+    those of `arch`.
 
     The kernel modules are imported first, under the process's own setting: `@triton.jit` reads
     TRITON_INTERPRET when a kernel is defined, and kernels defined while it is flipped off here would
     stay compiled-only (no driver without a GPU) for the rest of an interpreted process."""
     from rest_kernels.triton import emsa_bwd, emsa_fwd, pa  # noqa: F401
+    from rest_kernels.triton.aot import compiling_for
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        yield
+        with compiling_for(arch):
+            yield
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
@@ -50,14 +58,14 @@ def _gpu_tiles():
 
 
 # ----------------------------------------------------------------------------- Triton
-def record_triton(shape, dtype: str, backward: bool) -> list:
-    """The launches (PlannedLaunch) and torch ops (AtenOp) of one call, in program order: the
-    forward, then (backward=True) the backward."""
+def record_triton(shape, dtype: str, backward: bool, arch: int = 90) -> list:
+    """The launches (PlannedLaunch) and torch ops (AtenOp) of one call on a GPU of `arch`, in
+    program order: the forward, then (backward=True) the backward."""
     from rest_kernels.triton.launch import recording
     from rest_kernels.triton.resources import shape_tensors
     dt = DTYPES[dtype]
     events: list = []
-    with _gpu_tiles(), torch.no_grad():
+    with _gpu_tiles(arch), torch.no_grad():
         tensors = shape_tensors(shape, dt)
         with recording(events), OpLog(events):
             if shape.op == "emsa":
@@ -78,10 +86,10 @@ def record_triton(shape, dtype: str, backward: bool) -> list:
     return events
 
 
-def triton_kernels(shape, dtype: str, backward: bool) -> list[Kernel]:
+def triton_kernels(shape, dtype: str, backward: bool, arch: int = 90) -> list[Kernel]:
     from rest_kernels.triton.launch import PlannedLaunch
     kernels = []
-    for ev in record_triton(shape, dtype, backward):
+    for ev in record_triton(shape, dtype, backward, arch):
         if isinstance(ev, PlannedLaunch):
             kernels.append(triton_kernel(ev, dtype))
         else:
@@ -94,32 +102,45 @@ def triton_config(constexprs: dict) -> str:
     return _config(constexprs)
 
 
-#: non-tensor FLOPs per logit element of the [HP, BN, BM] tiles (read off the kernels: scale,
-#: head mix 2 HP per element, max / subtract / exp argument, sums, the norm terms of dS)
-def _tile_fp(name: str, c: dict) -> float:
-    hp = c["HP"]
+#: non-tensor FLOPs per logit element of a tile (read off the kernels: scale, the head mix (2 per
+#: input head in the 2-D kernels, 2 HP per element in the 3-D ones), max / subtract / exp argument,
+#: sums, the norm terms of dS)
+def _tile_fp(name: str, c: dict, heads: int) -> float:
     if name == "_stats_kernel":
-        return 7 + 2 * hp
+        return 7 + 2 * heads
     if name == "_attn_kernel":
-        return 5 + 2 * hp if c["NORM"] else 6 + c["BD"] / c["BM"]
-    mixed = c["MIX"]
-    if name == "_dkdv_kernel":
-        return 14 + 6 * hp if mixed else 6
-    return 14 + 4 * hp if mixed else 6  # _dq_kernel
+        return 5 + 2 * heads if c["NORM"] else 6 + c["BD"] / c["BM"]
+    if name == "_dkdv_mixed_kernel":
+        return 14 + 6 * c["HP"]
+    if name == "_dq_mixed_kernel":
+        return 14 + 4 * c["HP"]
+    return 6  # _dkdv_kernel, _dq_kernel: plain attention
 
 
-_DOTS = {"_stats_kernel": 1, "_attn_kernel": 2, "_dkdv_kernel": 4, "_dq_kernel": 3}
+#: tensor-core dots per logit element, each 2 BD FLOPs; the 2-D mixed forward forms S_g with one dot
+#: per input head (rest_kernels/triton/_common.py:head_logits), counted by `_dots`
+def _dots(name: str, c: dict, heads: int) -> int:
+    if name == "_stats_kernel":
+        return heads
+    if name == "_attn_kernel":
+        return heads + 1 if c["NORM"] else 2
+    return {"_dkdv_kernel": 4, "_dq_kernel": 3, "_dkdv_mixed_kernel": 4, "_dq_mixed_kernel": 3}[name]
+
+
 #: argument positions read / written by each kernel (see the kernels' signatures)
 _IO = {
     "_stats_kernel": ((0, 1), (3, 4)),
     "_rowsum_kernel": ((0,), (1,)),
     "_vbar_kernel": ((0,), (1,)),
     "_row_terms_kernel": ((0, 1), (2,)),
-    "_dkdv_kernel": ((0, 1, 2, 3, 5, 6, 7), (11, 12)),
-    "_dq_kernel": ((0, 1, 2, 3, 5, 6, 7), (11,)),
+    "_dkdv_kernel": ((0, 1, 2, 3, 4, 5), (6, 7)),
+    "_dq_kernel": ((0, 1, 2, 3, 4, 5), (6,)),
+    "_dkdv_mixed_kernel": ((0, 1, 2, 3, 5, 6, 7, 8), (11, 12, 13)),
+    "_dq_mixed_kernel": ((0, 1, 2, 3, 5, 6, 7, 8), (11,)),
     "_pa_fwd_kernel": ((0, 1), (3,)),
     "_pa_bwd_kernel": ((0, 1, 3), (4, 5)),
 }
+_TILED = ("_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel")
 
 
 def triton_kernel(ev, dtype: str) -> Kernel:
@@ -130,28 +151,39 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         reads, writes = ((0, 1, 2, 5, 6), (4,)) if c["NORM"] else ((0, 1, 2), (4, 5))
     else:
         reads, writes = _IO[name]
-        if name in ("_dkdv_kernel", "_dq_kernel") and c["NORM"]:
-            reads += (8,)  # vbar
-        if name == "_dkdv_kernel" and c["MIX"]:
-            writes += (13,)  # dW partials
         if name in ("_pa_fwd_kernel", "_pa_bwd_kernel") and c["HAS_BIAS"]:
             reads += (2,)
     nb = [float(tensor_bytes(t)) if isinstance(t, torch.Tensor) else 0.0 for t in a]
     k = Kernel(name, sum(nb[i] for i in reads + writes), grid=grid,
                resource_key=f"{dtype} {name} {triton_config(c)}")
-    if name in _DOTS:
-        B, _, N, _ = a[0].shape
+    if name in _TILED:
+        B, H, N, _ = a[0].shape
         M = a[1].shape[2]
-        hp, bn, bm, bd = c["HP"], c["BN"], c["BM"], c["BD"]
-        loop = math.ceil(N / bn) if name == "_dkdv_kernel" else math.ceil(M / bm)
+        bn, bm, bd = c["BN"], c["BM"], c["BD"]
+        hp = c.get("HP", 1)  # heads per program: the 3-D mixed backward holds all, the 2-D kernels one
+        key_side = name in ("_dkdv_kernel", "_dkdv_mixed_kernel")
+        if name == "_dkdv_kernel":  # each program walks its split's share of the query blocks
+            loop = math.ceil(math.ceil(N / bn) / c["SPLIT"])
+        else:
+            loop = math.ceil(N / bn) if key_side else math.ceil(M / bm)
         elems = grid * loop * hp * bn * bm
-        k.dot_flops = _DOTS[name] * 2.0 * bd * elems
+        mixed_2d = name == "_stats_kernel" or (name == "_attn_kernel" and c["NORM"])
+        heads = H if mixed_2d else 1
+        k.dot_flops = _dots(name, c, heads) * 2.0 * bd * elems
         k.dot_unit = "tc16" if c["DOT"] == 2 else "fp32"
-        k.fp32 = _tile_fp(name, c) * elems
+        k.fp32 = _tile_fp(name, c, heads) * elems
         k.sfu = float(elems)
-        # operands every program walks again: k, v (query-block programs) or q, dO, row stats (key-block ones)
-        again = (0, 3, 5, 6, 7) if name == "_dkdv_kernel" else ((1,) if name == "_stats_kernel" else (1, 2))
-        k.reread = (gx - 1) * sum(nb[i] for i in again)
+        # operands every program walks again: k, v by the query-block programs (and, with the
+        # 2-D mix, every head of q and k by the program of each output head); q, dO and the row
+        # statistics by the key-block ones
+        if key_side:
+            again = (0, 3, 4, 5) if name == "_dkdv_kernel" else (0, 3, 5, 6, 7)
+            k.reread = (gx - 1) * sum(nb[i] for i in again)
+        else:
+            again = (1,) if name == "_stats_kernel" else (1, 2)
+            k.reread = (gx - 1) * sum(nb[i] for i in again)
+            if mixed_2d:  # every output head's programs read all heads of q and k
+                k.reread += (H - 1) * (nb[0] + gx * nb[1])
         k.reuse_set = sum(nb[i] for i in again) / B
         k.sharers = gx * gz
     elif name in ("_pa_fwd_kernel", "_pa_bwd_kernel"):

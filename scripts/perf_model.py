@@ -102,12 +102,13 @@ def measured_cases(measured: list[dict], known: list[Case]) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- modelling
-def impl_kernels(case: Case, impl: str, cache: dict):
-    """(kernels, None) or (None, why this implementation has no row)."""
+def impl_kernels(case: Case, impl: str, cache: dict, arch: int = 90):
+    """(kernels, None) or (None, why this implementation has no row). `arch`: the GPU modelled
+    (the Triton tiles are chosen per arch; the other implementations launch the same everywhere)."""
     _perf_aten, _perf_fused = _modules()[:2]
     s, bwd = case.shape, case.pass_ == "fwd+bwd"
     if impl == "triton":
-        return _perf_fused.triton_kernels(s, case.dtype, bwd), None
+        return _perf_fused.triton_kernels(s, case.dtype, bwd, arch), None
     if impl == "cuda":
         why = _perf_fused.cuda_unsupported(s)
         return (None, why) if why else (_perf_fused.cuda_kernels(s, case.dtype, bwd), None)
@@ -132,13 +133,18 @@ def resource_of(kernel: PM.Kernel, impl: str, gpu: PM.GPU, tables: dict):
 
 
 def model_row(case: Case, impl: str, gpus, tables, cache) -> dict:
-    kernels, why = impl_kernels(case, impl, cache)
+    kernels, why = impl_kernels(case, impl, cache, gpus[0].arch)
     row = dict(case=case.label, op=case.op_name, **{"pass": case.pass_}, dtype=case.dtype, dims=case.dims(), impl=impl)
     if kernels is None:
         return dict(row, status="unsupported", reason=why)
     times = {}
     for g in gpus:
-        times[g.name] = [PM.kernel_time(k, g, *resource_of(k, impl, g, tables)) for k in kernels]
+        # each GPU's own launches (Triton's tiles are per arch); the row's byte and FLOP totals are
+        # the first GPU's
+        own = kernels if impl != "triton" or g.arch == gpus[0].arch else impl_kernels(case, impl, cache, g.arch)[0]
+        if [k.name for k in own] != [k.name for k in kernels]:
+            raise RuntimeError(f"{impl} launches different kernels on sm_{g.arch} than on sm_{gpus[0].arch}")
+        times[g.name] = [PM.kernel_time(k, g, *resource_of(k, impl, g, tables)) for k in own]
     tot = PM.totals(kernels, times)
     row.update(status="ok", launches=tot.launches, hbm_bytes=tot.bytes, tc_flops=tot.tc_flops,
                fp32_flops=tot.fp32_flops, sfu_ops=tot.sfu, seconds=tot.seconds, bound=tot.bound)

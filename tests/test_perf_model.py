@@ -36,15 +36,19 @@ def test_triton_plain_emsa_forward_by_hand():
     assert [k.bytes for k in ks] == [4 * 8192 + 256]
     attn = ks[0]
     assert (attn.grid, attn.dot_flops, attn.dot_unit, attn.fp32, attn.sfu) == (1, 1_048_576, "tc16", 28_672, 4096)
-    assert attn.resource_key == "bf16 _attn_kernel BD=64 BM=64 BN=64 DOT=2 HP=1 NORM=False"
+    assert attn.resource_key == "bf16 _attn_kernel BD=64 BM=64 BN=64 DOT=2 NORM=False num_stages=2 num_warps=4"
 
 
 def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
-    # the interpreter picks 64 x 128 tiles for 2 mixed heads and M = 128; a GPU 64 x 64
+    # the interpreter picks 64 x 128 tiles; a GPU 64 x 64 (rest_kernels/triton/tiles.py)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ks = _perf_fused.triton_kernels(Shape("t", "emsa", 1, 2, 64, 128, 64, True), "bf16", backward=False)
     stats = next(k for k in ks if k.name == "_stats_kernel")
-    assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 HP=2"
+    assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 num_stages=2 num_warps=4"
+    # the 2-D mixed forward: one program per (query block, b, output head), one dot per input head
+    # per logit tile (h = 2): grid 1 x 1 x 2, 2 key blocks of 64 x 64, 2 dots of 2 x 64 FLOPs each
+    assert stats.grid == 2
+    assert stats.dot_flops == 2 * 2 * 64 * (2 * 64 * 64 * 2)
     assert os.environ["TRITON_INTERPRET"] == "1"  # restored
 
 
@@ -215,7 +219,7 @@ def test_recording_leaves_the_interpreted_kernels_interpreted():
     code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
             "import sys; sys.path.insert(0, '.')\n"
             "from bench import _perf_fused\n"
-            "with _perf_fused._gpu_tiles():\n"
+            "with _perf_fused._gpu_tiles(90):\n"
             "    from rest_kernels.triton import emsa_fwd  # first imported where the model records\n"
             "from triton.runtime.interpreter import InterpretedFunction\n"
             "assert isinstance(emsa_fwd._attn_kernel, InterpretedFunction), type(emsa_fwd._attn_kernel)\n")

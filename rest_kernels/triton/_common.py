@@ -1,9 +1,13 @@
-"""Pieces shared by the Triton kernels: dtype mapping, block sizes, tile loads, the dot policy and
-the recomputation of one (query block x key block) tile of mixed logits for every head.
+"""Pieces shared by the Triton kernels: dtype mapping, tile loads, the dot policy and the
+logits of one (query block x key block) tile.
 
-Tiles are 3-D, [HP, rows, BD]: HP heads handled by one program (all heads when the head mix
-couples them, one head otherwise), a block of rows, the head dim padded to a power of two BD and
-masked. Every load and store is masked (the interpreter does not bounds-check).
+Two tile shapes:
+- 2-D, [rows, BD] of one head (load_2d, store_2d, head_logits): the forward and the backward without
+  the head mix. 2-D dots are what Triton lowers to wgmma (HGMMA) on sm_90.
+- 3-D, [HP, rows, BD] of HP heads (load_tile, store_tile, mixed_logits): the backward with the
+  head mix, whose per-program accumulators span every head (3-D dots lower to mma.sync).
+The head dim is padded to a power of two BD and masked. Every load and store is masked (the
+interpreter does not bounds-check).
 """
 from __future__ import annotations
 
@@ -128,12 +132,97 @@ def load_mix(w_ptr, H, HP: tl.constexpr):
 
 @triton.jit
 def mixed_logits(q, k, w, scale, MIX: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
-    """S[g] = sum_j w[g, j] (q_j k_j^T) scale for the tile: q [HP,BN,BD], k [HP,BM,BD] -> [HP,BN,BM].
+    """S[g] = sum_j w[g, j] scale (q_j k_j^T) for the tile: q [HP,BN,BD], k [HP,BM,BD] -> [HP,BN,BM].
 
-    Also returns the unmixed logits L (needed by the backward for d(mix_weight))."""
-    logits = dot(q, trans(k, DOT), DTYPE, DOT) * scale
+    Also returns the unmixed logits L = q k^T (needed by the backward for d(mix_weight)). The mix is
+    summed over j = 0, 1, ... in order, each term w[g, j] scale L_j, exactly as head_logits (the
+    forward's 2-D tiles) sums it: the backward's P = exp(S - lse) / M then uses the same S as the
+    forward's lse (for M = 1, P - 1/M is exactly 0 and so is dv). Selecting L_j and w[:, j] with a
+    masked sum adds zeros only, so it is exact."""
+    logits = dot(q, trans(k, DOT), DTYPE, DOT)
     if MIX:
-        s = tl.sum(w[:, :, None, None] * logits[None, :, :, :], axis=1)
+        HP: tl.constexpr = logits.shape[0]
+        heads = tl.arange(0, HP)[:, None, None]
+        cols = tl.arange(0, HP)[None, :]
+        s = tl.zeros(logits.shape, tl.float32)
+        for j in tl.static_range(HP):
+            lj = tl.sum(tl.where(heads == j, logits, 0.0), axis=0)
+            wj = tl.sum(tl.where(cols == j, w, 0.0), axis=1) * scale
+            s += wj[:, None, None] * lj[None, :, :]
     else:
-        s = logits
-    return s, logits
+        s = logits * scale
+    return s, logits * scale
+
+
+# ----------------------------------------------------------------------------- 2-D tiles of one head
+@triton.jit
+def trans2(x, DOT: tl.constexpr):
+    """x^T of a 2-D tile (copied to C order under the interpreter: see `trans`)."""
+    t = tl.trans(x)
+    if DOT == 0:
+        t = tl.reshape(tl.reshape(t, (t.shape[0] * t.shape[1],)), t.shape)
+    return t
+
+
+@triton.jit
+def head_offset(b, h, sb, sh):
+    """b * sb + h * sh in int64 (b, h: program ids or loop counters; any stride may be a 1-constexpr)."""
+    return (tl.zeros((), tl.int64) + b) * sb + (tl.zeros((), tl.int64) + h) * sh
+
+
+@triton.jit
+def load_2d(ptr, sb, sh, sr, sd, b, h, r0, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    """[BR, BD] tile (rows r0..r0+BR) of head h of a (B, H, R, D) tensor, zero outside, in the
+    tensor's own dtype (fp16 / bf16 tiles stay 16-bit: half the registers and shared memory)."""
+    rr = r0 + tl.arange(0, BR)[:, None]
+    dd = tl.arange(0, BD)[None, :]
+    offs = head_offset(b, h, sb, sh) + rr.to(tl.int64) * sr + dd.to(tl.int64) * sd
+    return tl.load(ptr + offs, mask=(rr < R) & (dd < D), other=0.0)
+
+
+@triton.jit
+def store_2d(ptr, val, sb, sh, sr, sd, b, h, r0, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    rr = r0 + tl.arange(0, BR)[:, None]
+    dd = tl.arange(0, BD)[None, :]
+    offs = head_offset(b, h, sb, sh) + rr.to(tl.int64) * sr + dd.to(tl.int64) * sd
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=(rr < R) & (dd < D))
+
+
+@triton.jit
+def load_row_stat(ptr, b, h, r0, H, R, BR: tl.constexpr, other):
+    """[BR] of head h of a contiguous (B, H, R) statistic."""
+    rr = r0 + tl.arange(0, BR)
+    return tl.load(ptr + head_offset(b, h, H * R, R) + rr, mask=rr < R, other=other)
+
+
+@triton.jit
+def store_row_stat(ptr, val, b, h, r0, H, R, BR: tl.constexpr):
+    rr = r0 + tl.arange(0, BR)
+    tl.store(ptr + head_offset(b, h, H * R, R) + rr, val, mask=rr < R)
+
+
+@triton.jit
+def head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_g,
+                b, g, n0, m0, H, N, M, D, scale,
+                BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                MIX: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """The [BN, BM] logits of output head g for query rows n0.. and key rows m0..:
+
+        with the mix  S_g = sum_j W[g, j] scale q_j k_j^T     (the mix folded into the contraction:
+                                                               one 2-D dot per input head j)
+        without       S_g = scale q_g k_g^T                    (q_g: the program's query tile)
+
+    Each product is a 2-D dot accumulated in fp32 and mixed in fp32 (the same arithmetic as the
+    unfused reference: the logits are formed exactly, then mixed), so the mix costs h dots per
+    output head instead of one batched contraction, and no tile of other heads has to be held."""
+    if MIX:
+        s = tl.zeros((BN, BM), tl.float32)
+        for j in range(H):
+            qj = load_2d(q_ptr, sqb, sqh, sqn, sqd, b, j, n0, N, D, BN, BD)
+            kj = load_2d(k_ptr, skb, skh, skm, skd, b, j, m0, M, D, BM, BD)
+            wgj = tl.load(w_ptr + (tl.zeros((), tl.int32) + g) * H + j) * scale
+            s += wgj * dot(qj, trans2(kj, DOT), DTYPE, DOT)
+    else:
+        kg = load_2d(k_ptr, skb, skh, skm, skd, b, g, m0, M, D, BM, BD)
+        s = dot(q_g, trans2(kg, DOT), DTYPE, DOT) * scale
+    return s
