@@ -102,29 +102,30 @@ def triton_config(constexprs: dict) -> str:
     return _config(constexprs)
 
 
-#: non-tensor FLOPs per logit element of a tile (read off the kernels: scale, the head mix (2 per
-#: input head in the 2-D kernels, 2 HP per element in the 3-D ones), max / subtract / exp argument,
-#: sums, the norm terms of dS)
-def _tile_fp(name: str, c: dict, heads: int) -> float:
+def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, float]:
+    """(logit tiles one program walks, tensor-core dots per logit element, other FLOPs per logit
+    element), read off the kernels. A dot costs 2 BD FLOPs per logit element. The 2-D mixed kernels
+    form S_g with one dot per input head (rest_kernels/triton/_common.py:head_logits) and mix in
+    fp32 (2 FLOPs per input head); the rest: scale, max / subtract / exp argument, sums, the norm
+    terms of dS (~14)."""
+    bn, bm = c["BN"], c["BM"]
     if name == "_stats_kernel":
-        return 7 + 2 * heads
+        return math.ceil(M / bm), H, 7 + 2 * H
     if name == "_attn_kernel":
-        return 5 + 2 * heads if c["NORM"] else 6 + c["BD"] / c["BM"]
-    if name == "_dkdv_mixed_kernel":
-        return 14 + 6 * c["HP"]
-    if name == "_dq_mixed_kernel":
-        return 14 + 4 * c["HP"]
-    return 6  # _dkdv_kernel, _dq_kernel: plain attention
-
-
-#: tensor-core dots per logit element, each 2 BD FLOPs; the 2-D mixed forward forms S_g with one dot
-#: per input head (rest_kernels/triton/_common.py:head_logits), counted by `_dots`
-def _dots(name: str, c: dict, heads: int) -> int:
-    if name == "_stats_kernel":
-        return heads
-    if name == "_attn_kernel":
-        return heads + 1 if c["NORM"] else 2
-    return {"_dkdv_kernel": 4, "_dq_kernel": 3, "_dkdv_mixed_kernel": 4, "_dq_mixed_kernel": 3}[name]
+        if c["NORM"]:
+            return math.ceil(M / bm), H + 1, 5 + 2 * H
+        return math.ceil(M / bm), 2, 6 + c["BD"] / bm
+    if name == "_dkdv_kernel":  # each program walks its split's share of the query blocks
+        return math.ceil(math.ceil(N / bn) / c["SPLIT"]), 4, 6
+    if name == "_dq_kernel":
+        return math.ceil(M / bm), 3, 6
+    jg = c["JG"]
+    if name == "_dkdv_mixed_kernel":  # every output head, its split's query blocks: S_g, dP, dv, dk_j x JG
+        loop = H * math.ceil(math.ceil(N / bn) / c["SPLIT"])
+        return loop, H + 2 + jg, 14 + 2 * H + 2 * jg * c["BD"] / bn  # + the dW products (BD BM per j)
+    if name == "_dq_mixed_kernel":  # every output head, every key block: S_g^T, dP^T, dq_j x JG
+        return H * math.ceil(M / bm), H + 1 + jg, 14 + 2 * H
+    raise KeyError(name)
 
 
 #: argument positions read / written by each kernel (see the kernels' signatures)
@@ -159,31 +160,25 @@ def triton_kernel(ev, dtype: str) -> Kernel:
     if name in _TILED:
         B, H, N, _ = a[0].shape
         M = a[1].shape[2]
-        bn, bm, bd = c["BN"], c["BM"], c["BD"]
-        hp = c.get("HP", 1)  # heads per program: the 3-D mixed backward holds all, the 2-D kernels one
-        key_side = name in ("_dkdv_kernel", "_dkdv_mixed_kernel")
-        if name == "_dkdv_kernel":  # each program walks its split's share of the query blocks
-            loop = math.ceil(math.ceil(N / bn) / c["SPLIT"])
-        else:
-            loop = math.ceil(N / bn) if key_side else math.ceil(M / bm)
-        elems = grid * loop * hp * bn * bm
-        mixed_2d = name == "_stats_kernel" or (name == "_attn_kernel" and c["NORM"])
-        heads = H if mixed_2d else 1
-        k.dot_flops = _dots(name, c, heads) * 2.0 * bd * elems
+        loop, dots, fp_per = _tile_work(name, c, H, N, M)
+        elems = grid * loop * c["BN"] * c["BM"]
+        k.dot_flops = dots * 2.0 * c["BD"] * elems
         k.dot_unit = "tc16" if c["DOT"] == 2 else "fp32"
-        k.fp32 = _tile_fp(name, c, heads) * elems
+        k.fp32 = fp_per * elems
         k.sfu = float(elems)
-        # operands every program walks again: k, v by the query-block programs (and, with the
-        # 2-D mix, every head of q and k by the program of each output head); q, dO and the row
-        # statistics by the key-block ones
+        # operands every program walks again: k, v by the query-block programs; q, dO and the row
+        # statistics by the key-block ones; with the mix (2-D), every head of q and k by the
+        # programs of every output head (and head group)
+        key_side = name in ("_dkdv_kernel", "_dkdv_mixed_kernel")
         if key_side:
             again = (0, 3, 4, 5) if name == "_dkdv_kernel" else (0, 3, 5, 6, 7)
-            k.reread = (gx - 1) * sum(nb[i] for i in again)
         else:
             again = (1,) if name == "_stats_kernel" else (1, 2)
-            k.reread = (gx - 1) * sum(nb[i] for i in again)
-            if mixed_2d:  # every output head's programs read all heads of q and k
-                k.reread += (H - 1) * (nb[0] + gx * nb[1])
+        k.reread = (gx - 1) * sum(nb[i] for i in again)
+        mixed = name in ("_stats_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel") or (
+            name == "_attn_kernel" and c["NORM"])
+        if mixed:  # each output head g (per program or per loop step) reads every head of q and k
+            k.reread += (H * gz - 1) * (nb[0] + nb[1]) if name != "_attn_kernel" else (H - 1) * (nb[0] + nb[1])
         k.reuse_set = sum(nb[i] for i in again) / B
         k.sharers = gx * gz
     elif name in ("_pa_fwd_kernel", "_pa_bwd_kernel"):

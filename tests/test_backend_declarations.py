@@ -28,6 +28,11 @@ def test_mix_heads_limit_is_declared_and_enforced():
     q = _meta(1, h, 3, 8, dtype=torch.float32)
     assert any("head mix for up to" in r for r in t.emsa_not_supported_reasons(q, q, q, _meta(h, h)))
     assert not any("head mix" in r for r in t.emsa_not_supported_reasons(q, q, q, None))
+    d = t.max_mix_head_dim + 1  # a head dim it fuses without the mix, not with it
+    q = _meta(1, 2, 3, d, dtype=torch.float32)
+    assert any(f"head dims up to {t.max_mix_head_dim}, got {d}" in r
+               for r in t.emsa_not_supported_reasons(q, q, q, _meta(2, 2)))
+    assert not any("head dims" in r for r in t.emsa_not_supported_reasons(q, q, q, None))
 
 
 def test_reference_serves_everything():
@@ -40,7 +45,7 @@ def test_reference_serves_everything():
 def test_declarations_have_the_declared_types(name):
     b = BACKENDS[name]
     assert all(isinstance(d, torch.dtype) for d in b.dtypes)
-    for limit in (b.max_head_dim, b.max_mix_heads, b.max_batch_heads):
+    for limit in (b.max_head_dim, b.max_mix_heads, b.max_mix_head_dim, b.max_batch_heads):
         assert limit is None or (isinstance(limit, int) and limit > 0)
 
 

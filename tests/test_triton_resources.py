@@ -77,7 +77,27 @@ def _assert_within_budget(rows, budget):
 
 
 KERNELS = {"_stats_kernel", "_rowsum_kernel", "_attn_kernel", "_row_terms_kernel", "_vbar_kernel",
-           "_dkdv_kernel", "_dq_kernel", "_pa_fwd_kernel", "_pa_bwd_kernel"}
+           "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel", "_pa_fwd_kernel",
+           "_pa_bwd_kernel"}
+#: the EMSA kernels whose products are dots (on tensor cores for fp16 / bf16)
+DOT_KERNELS = {"_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel",
+               "_dq_mixed_kernel"}
+
+
+def _assert_redesign_targets(rows):
+    """What the Triton redesign promises at ResT's shapes, on every arch compiled: zero spill bytes
+    and, for fp16 / bf16, every dot kernel on tensor cores: wgmma (HGMMA) on sm_90 and no mma.sync
+    left there, mma.sync (HMMA) on sm_80 / 86 / 89. (Head dims beyond 128, the edge shapes only,
+    are held to the budget alone.)"""
+    spilling = [f"{r.key}: {r.spill_stores} B" for r in rows if r.spill_stores or r.spill_loads]
+    assert not spilling, "spills:\n" + "\n".join(spilling)
+    for r in rows:
+        if r.kernel not in DOT_KERNELS or r.dtype == "fp32" or "BD=256" in r.config:
+            continue
+        if r.arch >= 90:
+            assert r.hgmma > 0 and r.hmma == 0, f"{r.key}: {r.hgmma} HGMMA, {r.hmma} HMMA"
+        else:
+            assert r.hmma > 0, f"{r.key}: no HMMA"
 
 
 @pytest.mark.slow
@@ -86,8 +106,8 @@ def test_resource_gate_ci_subset(tmp_path):
     rows = _resource_rows(tmp_path, [["--arch", "90", "--dtype", "bf16"], ["--arch", "80", "--dtype", "fp32"]])
     assert {r.kernel for r in rows} == KERNELS, "every kernel of the backend is compiled and measured"
     assert {(r.arch, r.dtype) for r in rows} == {(90, "bf16"), (80, "fp32")}
-    # bf16 dots on sm_90 run on tensor cores; fp32 dots are "ieee" fp32 (no tensor core) by contract
-    assert any(r.hmma + r.hgmma > 0 for r in rows if r.dtype == "bf16")
+    # bf16 dots on sm_90 run on wgmma; fp32 dots are "ieee" fp32 (no tensor core) by contract
+    _assert_redesign_targets(rows)
     assert all(r.hmma + r.hgmma == 0 for r in rows if r.dtype == "fp32")
     _assert_within_budget(rows, budget)
 
@@ -99,6 +119,7 @@ def test_resource_gate_full(tmp_path, request):
     budget = _toolchain_or_skip()
     rows = _resource_rows(tmp_path, [["--full", "--arch", "80,86"], ["--full", "--arch", "89,90"]])
     assert len(rows) == len(budget["rows"]), "the full table and the budget list the same kernels"
+    _assert_redesign_targets([r for r in rows if any(not t.startswith("edge") for t in r.shapes)])
     _assert_within_budget(rows, budget)
 
 

@@ -52,6 +52,8 @@ class Backend:
     max_head_dim: int | None = None
     #: largest number of heads whose mix the EMSA kernels fuse (None: any)
     max_mix_heads: int | None = None
+    #: largest head dim d with the head mix (None: max_head_dim)
+    max_mix_head_dim: int | None = None
     #: largest batch x heads of one EMSA call (None: any)
     max_batch_heads: int | None = None
     #: where "auto" prefers the reference to this backend (measured; backends/preference.py)
@@ -80,6 +82,9 @@ class Backend:
             reasons.append(f"{self.name} supports head dims up to {self.max_head_dim}, got {d}")
         if self.max_mix_heads is not None and mix_weight is not None and h > self.max_mix_heads:
             reasons.append(f"{self.name} fuses the head mix for up to {self.max_mix_heads} heads, got {h}")
+        if (self.max_mix_head_dim is not None and mix_weight is not None and d > self.max_mix_head_dim
+                and not (self.max_head_dim is not None and d > self.max_head_dim)):
+            reasons.append(f"{self.name} fuses the head mix for head dims up to {self.max_mix_head_dim}, got {d}")
         if self.max_batch_heads is not None and B * h > self.max_batch_heads:
             reasons.append(f"{self.name} supports batch x heads up to {self.max_batch_heads} (the CUDA grid's "
                            f"y dimension), got {B} x {h}; split the batch")

@@ -80,6 +80,9 @@ class TritonBackend(Backend):
     #: need tiles below Triton's 16 x 16 dot minimum to fit shared memory. Whether a given call fits
     #: the GPU it runs on is decided by compiling it for that GPU (_emsa_extra_reasons).
     max_mix_heads = 8
+    #: the mixed backward keeps one [BD, width] fp32 accumulator per head: beyond head dim 128 every
+    #: tile configuration spilled (rest_kernels/triton/tiles.py); ResT's head dims are 64 and 96
+    max_mix_head_dim = 128
 
     def _emsa_extra_reasons(self, q, k, v, mix_weight, needs_backward):
         from ..triton.capability import plan_emsa

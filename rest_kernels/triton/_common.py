@@ -1,12 +1,9 @@
 """Pieces shared by the Triton kernels: dtype mapping, tile loads, the dot policy and the
 logits of one (query block x key block) tile.
 
-Two tile shapes:
-- 2-D, [rows, BD] of one head (load_2d, store_2d, head_logits): the forward and the backward without
-  the head mix. 2-D dots are what Triton lowers to wgmma (HGMMA) on sm_90.
-- 3-D, [HP, rows, BD] of HP heads (load_tile, store_tile, mixed_logits): the backward with the
-  head mix, whose per-program accumulators span every head (3-D dots lower to mma.sync).
-The head dim is padded to a power of two BD and masked. Every load and store is masked (the
+Every tile is 2-D, [rows, BD] of one head (a batched [heads, rows, d] dot only ever lowers to
+mma.sync; a 2-D dot with 64 rows per warpgroup lowers to wgmma, HGMMA, on sm_90). The head dim is
+padded to a power of two BD and masked. Every load and store is masked (the
 interpreter does not bounds-check).
 """
 from __future__ import annotations
@@ -62,102 +59,12 @@ def dot(a, b, DTYPE: tl.constexpr, DOT: tl.constexpr):
         return tl.dot(a.to(DTYPE), b.to(DTYPE))
 
 
-@triton.jit
-def trans(x, DOT: tl.constexpr):
-    """Swap the last two axes of a 3-D tile. Under the interpreter the permuted numpy view is copied
-    to C order (a flatten forces it): np.matmul falls back to a ~1000x slower loop on
-    non-contiguous operands with an explicit dtype, which is how the interpreter calls it."""
-    t = tl.permute(x, (0, 2, 1))
-    if DOT == 0:
-        t = tl.reshape(tl.reshape(t, (t.shape[0] * t.shape[1] * t.shape[2],)), t.shape)
-    return t
-
-
-@triton.jit
-def load_tile(ptr, sb, sh, sr, sd, b, h0, r0, H, R, D,
-              HP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """[HP, BR, BD] tile of a (B, H, R, D) tensor with any strides, zero outside; as fp32."""
-    hh = h0 + tl.arange(0, HP)[:, None, None]
-    rr = r0 + tl.arange(0, BR)[None, :, None]
-    dd = tl.arange(0, BD)[None, None, :]
-    mask = (hh < H) & (rr < R) & (dd < D)
-    offs = b.to(tl.int64) * sb + hh.to(tl.int64) * sh + rr.to(tl.int64) * sr + dd.to(tl.int64) * sd
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def store_tile(ptr, val, sb, sh, sr, sd, b, h0, r0, H, R, D,
-               HP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    hh = h0 + tl.arange(0, HP)[:, None, None]
-    rr = r0 + tl.arange(0, BR)[None, :, None]
-    dd = tl.arange(0, BD)[None, None, :]
-    mask = (hh < H) & (rr < R) & (dd < D)
-    offs = b.to(tl.int64) * sb + hh.to(tl.int64) * sh + rr.to(tl.int64) * sr + dd.to(tl.int64) * sd
-    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def load_rows(ptr, b, h0, r0, H, R, HP: tl.constexpr, BR: tl.constexpr, other):
-    """[HP, BR] of a contiguous (B, H, R) fp32 statistic."""
-    hh = h0 + tl.arange(0, HP)[:, None]
-    rr = r0 + tl.arange(0, BR)[None, :]
-    mask = (hh < H) & (rr < R)
-    offs = (b.to(tl.int64) * H + hh) * R + rr
-    return tl.load(ptr + offs, mask=mask, other=other)
-
-
-@triton.jit
-def store_rows(ptr, val, b, h0, r0, H, R, HP: tl.constexpr, BR: tl.constexpr):
-    hh = h0 + tl.arange(0, HP)[:, None]
-    rr = r0 + tl.arange(0, BR)[None, :]
-    mask = (hh < H) & (rr < R)
-    offs = (b.to(tl.int64) * H + hh) * R + rr
-    tl.store(ptr + offs, val, mask=mask)
-
-
-@triton.jit
-def load_heads(ptr, b, h0, H, HP: tl.constexpr):
-    """[HP] of a contiguous (B, H) fp32 statistic."""
-    hh = h0 + tl.arange(0, HP)
-    return tl.load(ptr + b.to(tl.int64) * H + hh, mask=hh < H, other=0.0)
-
-
-@triton.jit
-def load_mix(w_ptr, H, HP: tl.constexpr):
-    """The (H, H) fp32 head-mix weight as [HP, HP] (g, j), zero outside."""
-    g = tl.arange(0, HP)[:, None]
-    j = tl.arange(0, HP)[None, :]
-    return tl.load(w_ptr + g * H + j, mask=(g < H) & (j < H), other=0.0)
-
-
-@triton.jit
-def mixed_logits(q, k, w, scale, MIX: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
-    """S[g] = sum_j w[g, j] scale (q_j k_j^T) for the tile: q [HP,BN,BD], k [HP,BM,BD] -> [HP,BN,BM].
-
-    Also returns the unmixed logits L = q k^T (needed by the backward for d(mix_weight)). The mix is
-    summed over j = 0, 1, ... in order, each term w[g, j] scale L_j, exactly as head_logits (the
-    forward's 2-D tiles) sums it: the backward's P = exp(S - lse) / M then uses the same S as the
-    forward's lse (for M = 1, P - 1/M is exactly 0 and so is dv). Selecting L_j and w[:, j] with a
-    masked sum adds zeros only, so it is exact."""
-    logits = dot(q, trans(k, DOT), DTYPE, DOT)
-    if MIX:
-        HP: tl.constexpr = logits.shape[0]
-        heads = tl.arange(0, HP)[:, None, None]
-        cols = tl.arange(0, HP)[None, :]
-        s = tl.zeros(logits.shape, tl.float32)
-        for j in tl.static_range(HP):
-            lj = tl.sum(tl.where(heads == j, logits, 0.0), axis=0)
-            wj = tl.sum(tl.where(cols == j, w, 0.0), axis=1) * scale
-            s += wj[:, None, None] * lj[None, :, :]
-    else:
-        s = logits * scale
-    return s, logits * scale
-
-
 # ----------------------------------------------------------------------------- 2-D tiles of one head
 @triton.jit
 def trans2(x, DOT: tl.constexpr):
-    """x^T of a 2-D tile (copied to C order under the interpreter: see `trans`)."""
+    """x^T of a 2-D tile. Under the interpreter the transposed numpy view is copied to C order (a
+    flatten forces it): np.matmul falls back to a ~1000x slower loop on non-contiguous operands
+    with an explicit dtype, which is how the interpreter calls it."""
     t = tl.trans(x)
     if DOT == 0:
         t = tl.reshape(tl.reshape(t, (t.shape[0] * t.shape[1],)), t.shape)
@@ -211,6 +118,9 @@ def head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_g
         with the mix  S_g = sum_j W[g, j] scale q_j k_j^T     (the mix folded into the contraction:
                                                                one 2-D dot per input head j)
         without       S_g = scale q_g k_g^T                    (q_g: the program's query tile)
+
+    Called with q and k swapped (and N, M, BN, BM with them) it gives S_g^T, summed in the same
+    order (the mixed backward's dq kernel works on transposed tiles).
 
     Each product is a 2-D dot accumulated in fp32 and mixed in fp32 (the same arithmetic as the
     unfused reference: the logits are formed exactly, then mixed), so the mix costs h dots per

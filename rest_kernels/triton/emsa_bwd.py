@@ -16,25 +16,31 @@ one head (wgmma on sm_90, like the forward):
 3. `_dq_kernel`, grid (query blocks, B, h): the same tile recomputation over all key blocks,
    dq = scale dS k.
 
-With the head mix: 3-D tiles [HP, rows, BD] of all heads per program (the dk / dv / dq
-accumulators of every head of a block live together; their 3-D dots lower to mma.sync):
+With the head mix, also on 2-D tiles. dk_j and dq_j sum over every output head g
+(dL_j = sum_g W[g, j] dS_g), so a program owns a block of every head's dk (or dq) and walks the
+output heads g in turn, recomputing S_g as the forward does (one dot per input head j); its
+accumulators are a tuple of one [BD, width] fp32 tile per input head j (transposed, so that BD is
+the M side of the dots and the width can be as narrow as the registers need; JG heads per program,
+the others on grid axis z, where HP tiles do not fit):
 1. `_vbar_kernel`, grid (B, h): vbar = mean over keys of v, fp32.
 2. `_row_terms_kernel`: delta_i = dO_i . O_i. For fp16 / bf16, O is first recomputed into a
-   transient fp32 buffer by the forward's 2-D `_attn_kernel` (16-bit operands, fp32 accumulation):
+   transient fp32 buffer by the forward's `_attn_kernel` (16-bit operands, fp32 accumulation):
    rstd (up to eps^-1/2) amplifies the rounding of the stored 16-bit O in the norm terms. A
    fixed-order rowsum gives c = mean(dY * Y) = sum_i delta_i / (N M) per (b, g).
-3. `_dkdv_mixed_kernel`, grid (cdiv(M, BLOCK_M), B, 1): a program owns a key block of all mixed
-   heads, walks the query blocks and recomputes per tile S, P = exp(S - lse) / M (lse the row's
-   log-mean-exp), Y = (P - 1/M) rstd and
+3. `_dkdv_mixed_kernel`, grid (key blocks x SPLIT, B, head groups): per output head g and query
+   block, S_g, P = exp(S - lse) / M (lse the row's log-mean-exp), Y = (P - 1/M) rstd and
        dP - D_i = rstd dO_i (v_m - vbar) - c rstd (Y_im - rstd rsq_i) - delta_i
    (the notes' dP = rstd (dO v^T - a - Y c) and D_i = delta_i + rstd dO_i.vbar - rstd a
    - c rstd^2 rsq_i with the a terms cancelled and v centred before the dot, so no
-   difference of two large numbers is formed: it is exactly 0 when M = 1), dS = P (dP - D_i), the
-   head-mix transpose dL_j = sum_g W[g, j] dS_g, and accumulates dv = Y^T dO, dk = dL^T q scale
-   and a per-program partial dW[g, j] = sum dS_g L_j.
-4. `_dq_mixed_kernel`, grid (cdiv(N, BLOCK_N), B, 1): the same tile recomputation per query
-   block over all key blocks, dq = dL k scale.
-The dW partials (h, h, B * key blocks) are summed in a fixed order by the rowsum kernel.
+   difference of two large numbers is formed: it is exactly 0 when M = 1), dS = P (dP - D_i);
+   accumulates dv_g^T = dO_g^T Y_g, dk_j^T += W[g, j] q_j^T dS_g for the group's heads j, and
+   dW[g, j] = scale sum (q_j^T dS_g) . k_j^T (= sum dS_g . L_j with L_j = scale q_j k_j^T).
+4. `_dq_mixed_kernel`, grid (query blocks, B, head groups), on transposed tiles [BM, BN]: per
+   output head g and key block, S_g^T and dS_g^T; dq_j^T += W[g, j] k_j^T dS_g^T.
+The dk / dv split partials are summed over the splits, the dW partials (h, h, programs) by the
+rowsum kernel, both in a fixed order. The price of 2-D tiles: S_g costs h dots per output head
+(h^2 per tile pair instead of h dots and an h x h contraction on the CUDA cores), once per head
+group; the performance model (bench/perf_model.py) counts it.
 """
 from __future__ import annotations
 
@@ -43,9 +49,8 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from ._common import (TORCH_TO_TL, dot, dot_mode, interpreting, load_2d, load_heads, load_mix,
-                      load_row_stat, load_rows, load_tile, mixed_logits, pow2, store_2d, store_rows,
-                      store_tile, trans, trans2)
+from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, store_2d,
+                      store_row_stat, trans2)
 from .emsa_fwd import attention_output, rowsum
 from .tiles import tiles_for
 
@@ -54,10 +59,10 @@ from .tiles import tiles_for
 def _vbar_kernel(v_ptr, vbar_ptr, svb, svh, svm, svd, H, M, D, BM: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
-    acc = tl.zeros((1, BD), tl.float32)
+    acc = tl.zeros((BD,), tl.float32)
     for m0 in range(0, M, BM):
-        acc += tl.sum(load_tile(v_ptr, svb, svh, svm, svd, b, g, m0, H, M, D, 1, BM, BD), axis=1)
-    dd = tl.arange(0, BD)[None, :]
+        acc += tl.sum(load_2d(v_ptr, svb, svh, svm, svd, b, g, m0, M, D, BM, BD).to(tl.float32), axis=0)
+    dd = tl.arange(0, BD)
     tl.store(vbar_ptr + (b.to(tl.int64) * H + g) * D + dd, acc / M, mask=dd < D)
 
 
@@ -67,85 +72,110 @@ def _row_terms_kernel(o_ptr, do_ptr, delta_ptr, sob, soh, son, sod, sdb, sdh, sd
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1)
     g = tl.program_id(2)
-    o = load_tile(o_ptr, sob, soh, son, sod, b, g, n0, H, N, D, 1, BN, BD)
-    do = load_tile(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, H, N, D, 1, BN, BD)
-    store_rows(delta_ptr, tl.sum(do * o, axis=2), b, g, n0, H, N, 1, BN)
+    o = load_2d(o_ptr, sob, soh, son, sod, b, g, n0, N, D, BN, BD).to(tl.float32)
+    do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BN, BD).to(tl.float32)
+    store_row_stat(delta_ptr, tl.sum(do * o, axis=1), b, g, n0, H, N, BN)
 
 
 @triton.jit
-def _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, m0, H, M, D,
-               HP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-    """[HP, BM, BD] tile of v - vbar (fp32); zero outside."""
-    v = load_tile(v_ptr, svb, svh, svm, svd, b, 0, m0, H, M, D, HP, BM, BD)
-    hh = tl.arange(0, HP)[:, None, None]
-    dd = tl.arange(0, BD)[None, None, :]
-    vbar = tl.load(vbar_ptr + (b.to(tl.int64) * H + hh) * D + dd, mask=(hh < H) & (dd < D), other=0.0)
-    rows = m0 + tl.arange(0, BM)[None, :, None]
-    return tl.where(rows < M, v - vbar, 0.0)
+def _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, g, m0, H, M, D,
+               BM: tl.constexpr, BD: tl.constexpr):
+    """[BM, BD] tile of v_g - vbar_g (fp32); zero outside."""
+    v = load_2d(v_ptr, svb, svh, svm, svd, b, g, m0, M, D, BM, BD).to(tl.float32)
+    dd = tl.arange(0, BD)
+    vbar = tl.load(vbar_ptr + ((tl.zeros((), tl.int64) + b) * H + g) * D + dd, mask=dd < D, other=0.0)
+    rows = m0 + tl.arange(0, BM)[:, None]
+    return tl.where(rows < M, v - vbar[None, :], 0.0)
 
 
 @triton.jit
-def _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, n0, m0, H, N, M, scale,
-             DTYPE: tl.constexpr, DOT: tl.constexpr,
-             HP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """Recompute one [HP, BN, BM] tile: returns dS, Y (the weights of dv) and the logits L."""
-    s, logits = mixed_logits(q, k, w, scale, True, DTYPE, DOT)
-    heads = tl.arange(0, HP)[:, None, None]
-    rows = n0 + tl.arange(0, BN)[None, :, None]
-    cols = m0 + tl.arange(0, BM)[None, None, :]
-    valid = (heads < H) & (rows < N) & (cols < M)
-    p = tl.where(valid, tl.exp(s - lse[:, :, None]) * (1.0 / M), 0.0)  # lse: the row's log-mean-exp
-    # dP = rstd (dO v^T - a - Y c) and D_i = sum_m P dP, which only needs row quantities:
-    # D_i = delta_i + rstd e_i - rstd a - c rstd^2 rsq_i (sum_m P Y = rstd rsq_i, rsq centred).
-    # In dP - D_i the terms a cancel and dO v^T - e_i = dO (v - vbar)^T: v is centred before the
-    # dot (vc = v - vbar), so the difference is never formed from two large terms (exactly zero
-    # when M = 1).
-    inv_m = 1.0 / M
-    rs = rstd[:, None]
-    y = tl.where(valid, (p - inv_m) * rs[:, :, None], 0.0)  # (P - 1/M) rstd
-    dpv = dot(do, trans(vc, DOT), DTYPE, DOT)
-    dp_minus_d = (rs[:, :, None] * dpv - c[:, None, None] * rs[:, :, None] * (y - (rs * r)[:, :, None])
-                  - delta[:, :, None])
-    return p * dp_minus_d, y, logits
+def _mixed_ds(s, vc_dot, lse, delta, r, rstd, c, inv_m, valid):
+    """dS and Y of one logit tile of output head g, in either orientation ([rows, cols] with the row
+    statistics broadcast by the caller). s: the mixed logits S_g; vc_dot: dO (v - vbar)^T.
+
+    dP = rstd (dO v^T - a - Y c) and D_i = sum_m P dP, which only needs row quantities:
+    D_i = delta_i + rstd e_i - rstd a - c rstd^2 rsq_i (sum_m P Y = rstd rsq_i, rsq centred). In
+    dP - D_i the terms a cancel and dO v^T - e_i = dO (v - vbar)^T: v is centred before the dot, so
+    the difference is never formed from two large terms (exactly zero when M = 1)."""
+    p = tl.where(valid, tl.exp(s - lse) * inv_m, 0.0)  # lse: the row's log-mean-exp
+    y = tl.where(valid, (p - inv_m) * rstd, 0.0)       # (P - 1/M) rstd
+    dp_minus_d = rstd * vc_dot - c * rstd * (y - rstd * r) - delta
+    return p * dp_minus_d, y
 
 
 @triton.jit
 def _dkdv_mixed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq_ptr, vbar_ptr,
                        rstd_ptr, c_ptr, dk_ptr, dv_ptr, dw_ptr,
                        sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
-                       H, N, M, D, scale,
-                       HP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                       DTYPE: tl.constexpr, DOT: tl.constexpr):
-    pid_m = tl.program_id(0)
+                       sps, spb, sph, spm,
+                       H, N, M, D, scale, blocks_per_split,
+                       SPLIT: tl.constexpr, HP: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
+                       BM: tl.constexpr, BD: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """One key block (of 1/SPLIT of the query blocks) of one batch element, every head: for each
+    output head g in turn, walk the query blocks, recompute S_g (one 2-D dot per input head),
+    dS_g, Y_g, and accumulate dv_g^T = dO_g^T Y_g and, for every input head j,
+    dk_j^T += W[g, j] q_j^T dS_g (HP accumulators [BD, BM], a tuple: dk_j sums over g, so the
+    program owns every head's dk of its key block) and dW[g, j] = scale sum (q_j^T dS_g) . k_j^T.
+    Transposed accumulators put BD (64, 128) on the M side of the dots: wgmma on sm_90 even with
+    the narrow key blocks the HP accumulators need. Where HP accumulators do not fit the registers
+    the input heads j are split into groups of JG over grid axis z (each group recomputes S_g; the
+    first also accumulates dv)."""
+    pid = tl.program_id(0)
+    m0 = (pid // SPLIT) * BM
+    split = pid % SPLIT
     b = tl.program_id(1)
-    m0 = pid_m * BM
-    k = load_tile(k_ptr, skb, skh, skm, skd, b, 0, m0, H, M, D, HP, BM, BD)
-    vc = _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, m0, H, M, D, HP, BM, BD)
-    w = load_mix(w_ptr, H, HP)
-    rstd = load_heads(rstd_ptr, b, 0, H, HP)
-    c = load_heads(c_ptr, b, 0, H, HP)
-    dk = tl.zeros((HP, BM, BD), tl.float32)
-    dv = tl.zeros((HP, BM, BD), tl.float32)
-    dw = tl.zeros((HP, HP), tl.float32)
-    for n0 in range(0, N, BN):
-        q = load_tile(q_ptr, sqb, sqh, sqn, sqd, b, 0, n0, H, N, D, HP, BN, BD)
-        do = load_tile(do_ptr, sdb, sdh, sdn, sdd, b, 0, n0, H, N, D, HP, BN, BD)
-        lse = load_rows(lse_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-        delta = load_rows(delta_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-        r = load_rows(rsq_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-        ds, y, logits = _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, n0, m0, H, N, M,
-                                 scale, DTYPE, DOT, HP, BN, BM)
-        dv += dot(trans(y, DOT), do, DTYPE, DOT)  # dv = Y^T dO
-        dl = tl.sum(w[:, :, None, None] * ds[:, None, :, :], axis=0)  # dL_j = sum_g W[g,j] dS_g
-        dw += tl.sum(tl.sum(ds[:, None, :, :] * logits[None, :, :, :], axis=3), axis=2)
-        dk += dot(trans(dl, DOT), q, DTYPE, DOT)
-    store_tile(dk_ptr, dk * scale, H * M * D, M * D, D, 1, b, 0, m0, H, M, D, HP, BM, BD)
-    store_tile(dv_ptr, dv, H * M * D, M * D, D, 1, b, 0, m0, H, M, D, HP, BM, BD)
-    g = tl.arange(0, HP)[:, None]
-    j = tl.arange(0, HP)[None, :]
-    part = b.to(tl.int64) * tl.num_programs(0) + pid_m
-    tl.store(dw_ptr + (g * H + j) * (tl.num_programs(0) * tl.num_programs(1)) + part, dw,
-             mask=(g < H) & (j < H))
+    j0 = tl.program_id(2) * JG
+    first = (j0 == 0).to(tl.int32)
+    n_lo = split * blocks_per_split * BN
+    n_hi = tl.minimum(N, n_lo + blocks_per_split * BN)
+    inv_m = 1.0 / M
+    rows_n = tl.arange(0, BN)[:, None]
+    cols = m0 + tl.arange(0, BM)[None, :]
+    heads = tl.arange(0, HP)
+    dk = ()
+    for jl in tl.static_range(JG):
+        dk = dk + (tl.zeros((BD, BM), tl.float32),)
+    dw = tl.zeros((HP, HP), tl.float32)  # [g, j]
+    base = split.to(tl.int64) * sps  # (SPLIT, B, H, M, D) partials, or the gradients when SPLIT = 1
+    for g in range(H):
+        vc = _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, g, m0, H, M, D, BM, BD)
+        rstd = tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+        c = tl.load(c_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+        dv = tl.zeros((BD, BM), tl.float32)
+        dw_g = tl.zeros((HP,), tl.float32)
+        for n0 in range(n_lo, n_hi, BN):
+            s = head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_ptr,
+                            b, g, n0, m0, H, N, M, D, scale, BN, BM, BD, True, DTYPE, DOT)
+            do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BN, BD)
+            lse = load_row_stat(lse_ptr, b, g, n0, H, N, BN, 0.0)
+            delta = load_row_stat(delta_ptr, b, g, n0, H, N, BN, 0.0)
+            r = load_row_stat(rsq_ptr, b, g, n0, H, N, BN, 0.0)
+            valid = (n0 + rows_n < N) & (cols < M)
+            ds, y = _mixed_ds(s, dot(do, trans2(vc, DOT), DTYPE, DOT), lse[:, None], delta[:, None],
+                              r[:, None], rstd, c, inv_m, valid)
+            dv += dot(trans2(do, DOT), y, DTYPE, DOT)
+            new = ()
+            for jl in tl.static_range(JG):
+                j = j0 + jl
+                jj = tl.minimum(j, H - 1)  # padded heads (HP > H) read head H - 1, weighted 0
+                on = (j < H).to(tl.float32)
+                qj = load_2d(q_ptr, sqb, sqh, sqn, sqd, b, jj, n0, N, D, BN, BD)
+                t = dot(trans2(qj, DOT), ds, DTYPE, DOT)  # q_j^T dS_g, [BD, BM]
+                kj = load_2d(k_ptr, skb, skh, skm, skd, b, jj, m0, M, D, BM, BD).to(tl.float32)
+                dw_g += tl.where(heads == j, tl.sum(t * trans2(kj, DOT)) * on, 0.0)
+                new = new + (dk[jl] + (tl.load(w_ptr + g * H + jj) * on) * t,)
+            dk = new
+        store_2d(dv_ptr + base, trans2(dv, DOT), spb, sph, spm, 1, b, g, m0, M * first, D, BM, BD)
+        dw = tl.where(heads[:, None] == g, dw_g[None, :] * scale, dw)
+    for jl in tl.static_range(JG):
+        j = j0 + jl
+        store_2d(dk_ptr + base, trans2(dk[jl], DOT) * scale, spb, sph, spm, 1, b, tl.minimum(j, H - 1), m0,
+                 M * (j < H), D, BM, BD)
+    gg = heads[:, None]
+    jj2 = heads[None, :]
+    part = b.to(tl.int64) * tl.num_programs(0) + pid
+    tl.store(dw_ptr + (gg * H + jj2) * (tl.num_programs(0) * tl.num_programs(1)) + part, dw,
+             mask=(gg < H) & (jj2 < H) & (jj2 >= j0) & (jj2 < j0 + JG))
 
 
 @triton.jit
@@ -153,27 +183,50 @@ def _dq_mixed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq
                      rstd_ptr, c_ptr, dq_ptr,
                      sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
                      H, N, M, D, scale,
-                     HP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                     JG: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                      DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """One query block of one batch element, every head (input heads in groups of JG over grid axis
+    z, as in _dkdv_mixed_kernel), in the transposed orientation (tiles
+    [BM, BN]: the key side BM = 64 is the M side of the logit dots, so the query block BN can be as
+    narrow as the HP accumulators dq_j^T [BD, BN] need): for each output head g, over the key
+    blocks, recompute S_g^T (one 2-D dot per input head), dS_g^T, and for every input head j
+    accumulate dq_j^T += W[g, j] k_j^T dS_g^T."""
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1)
-    q = load_tile(q_ptr, sqb, sqh, sqn, sqd, b, 0, n0, H, N, D, HP, BN, BD)
-    do = load_tile(do_ptr, sdb, sdh, sdn, sdd, b, 0, n0, H, N, D, HP, BN, BD)
-    w = load_mix(w_ptr, H, HP)
-    rstd = load_heads(rstd_ptr, b, 0, H, HP)
-    c = load_heads(c_ptr, b, 0, H, HP)
-    lse = load_rows(lse_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-    delta = load_rows(delta_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-    r = load_rows(rsq_ptr, b, 0, n0, H, N, HP, BN, 0.0)
-    dq = tl.zeros((HP, BN, BD), tl.float32)
-    for m0 in range(0, M, BM):
-        k = load_tile(k_ptr, skb, skh, skm, skd, b, 0, m0, H, M, D, HP, BM, BD)
-        vc = _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, m0, H, M, D, HP, BM, BD)
-        ds, _, _ = _ds_tile(q, k, vc, do, w, lse, delta, r, rstd, c, n0, m0, H, N, M,
-                            scale, DTYPE, DOT, HP, BN, BM)
-        dl = tl.sum(w[:, :, None, None] * ds[:, None, :, :], axis=0)  # dL_j = sum_g W[g,j] dS_g
-        dq += dot(dl, k, DTYPE, DOT)
-    store_tile(dq_ptr, dq * scale, H * N * D, N * D, D, 1, b, 0, n0, H, N, D, HP, BN, BD)
+    j0 = tl.program_id(2) * JG
+    inv_m = 1.0 / M
+    rows_m = tl.arange(0, BM)[:, None]
+    cols = n0 + tl.arange(0, BN)[None, :]
+    dq = ()
+    for jl in tl.static_range(JG):
+        dq = dq + (tl.zeros((BD, BN), tl.float32),)
+    for g in range(H):
+        do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BN, BD)
+        lse = load_row_stat(lse_ptr, b, g, n0, H, N, BN, 0.0)
+        delta = load_row_stat(delta_ptr, b, g, n0, H, N, BN, 0.0)
+        r = load_row_stat(rsq_ptr, b, g, n0, H, N, BN, 0.0)
+        rstd = tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+        c = tl.load(c_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+        for m0 in range(0, M, BM):
+            st = head_logits(k_ptr, q_ptr, w_ptr, skb, skh, skm, skd, sqb, sqh, sqn, sqd, k_ptr,
+                             b, g, m0, n0, H, M, N, D, scale, BM, BN, BD, True, DTYPE, DOT)
+            vc = _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, g, m0, H, M, D, BM, BD)
+            valid = (m0 + rows_m < M) & (cols < N)
+            dst, _ = _mixed_ds(st, dot(vc, trans2(do, DOT), DTYPE, DOT), lse[None, :], delta[None, :],
+                               r[None, :], rstd, c, inv_m, valid)
+            new = ()
+            for jl in tl.static_range(JG):
+                j = j0 + jl
+                jj = tl.minimum(j, H - 1)
+                on = (j < H).to(tl.float32)
+                kj = load_2d(k_ptr, skb, skh, skm, skd, b, jj, m0, M, D, BM, BD)
+                u = dot(trans2(kj, DOT), dst, DTYPE, DOT)  # k_j^T dS_g^T, [BD, BN]
+                new = new + (dq[jl] + (tl.load(w_ptr + g * H + jj) * on) * u,)
+            dq = new
+    for jl in tl.static_range(JG):
+        j = j0 + jl
+        store_2d(dq_ptr, trans2(dq[jl], DOT) * scale, H * N * D, N * D, D, 1, b, tl.minimum(j, H - 1), n0,
+                 N * (j < H), D, BN, BD)
 
 
 # ----------------------------------------------------------------------------- without the mix: 2-D
@@ -299,40 +352,20 @@ def _plain_backward(dout, q, k, v, out, lse, scale):
     return dq, dk, dv, None
 
 
-# ----------------------------------------------------------------------------- with the mix: 3-D
-# Tiles (BLOCK_N, BLOCK_M) of the mixed backward by (heads per program, 16-bit inputs?), kept under
-# the shared memory of an H100 block for head dims <= 64 (rest_kernels/triton/capability.py refuses
-# what does not fit the device; the budget table lists every number).
-_MIXED_TILES = {
-    (2, True): (64, 64), (4, True): (64, 32), (8, True): (16, 32),
-    (2, False): (32, 32), (4, False): (16, 32), (8, False): (16, 16),
-}
-
-
-def mixed_block_sizes(hp: int, bd: int, m: int, low_precision: bool):
-    """(BLOCK_N, BLOCK_M) of the mixed backward (fixed: autotune needs a driver)."""
-    if interpreting():  # numpy per op: big tiles, bounded so the HP^2 BN BM mix stays small
-        bn = 64 if hp <= 4 else 32
-        return bn, min(128 if hp <= 2 else 64, pow2(m, 16))
-    bn, bm = _MIXED_TILES[(hp, low_precision)]
-    if bd > 64:  # head dims 65..256: the [HP, BLOCK, BD] operands grow with BD
-        bn, bm = max(16, bn // (bd // 64)), max(16, bm // 2)
-    return bn, min(bm, pow2(m, 16))
-
-
+# ----------------------------------------------------------------------------- with the mix
 def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
     B, H, N, D = q.shape
     M = k.shape[2]
     dev = q.device
     HP, BD = pow2(H), pow2(D, 16)
-    BN, BM = mixed_block_sizes(HP, BD, M, q.dtype != torch.float32)
+    low = q.dtype != torch.float32
     DTYPE, DOT = TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
     f32 = dict(dtype=torch.float32, device=dev)
     rsq, rstd = rsq.contiguous(), rstd.contiguous()
     w = mix_weight.contiguous()
 
     delta = torch.empty(B, H, N, **f32)
-    if q.dtype != torch.float32:
+    if low:
         # delta_i = dO_i . O_i enters dS through the InstanceNorm terms, where rstd (up to eps^-1/2)
         # amplifies the fp16 / bf16 rounding of the stored O: recompute O into an fp32 buffer that
         # autograd never saves (the forward's kernel: 16-bit operands, fp32 accumulation).
@@ -340,21 +373,35 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
         attention_output(q, k, v, w, lse, rstd, scale, out)
     _row_terms(out, dout, delta, BD)
     vbar = torch.empty(B, H, D, **f32)
-    launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=BM, BD=BD)
+    launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=64, BD=BD)
     c = rowsum(delta) / (N * M)  # mean(dY * Y) per (b, g), fixed-order sum
-
-    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
-    dk = torch.empty(B, H, M, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, H, M, D, dtype=v.dtype, device=dev)
-    grid_m, grid_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
-    dw_part = torch.empty(H, H, B * grid_m, **f32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    common = dict(HP=HP, BN=BN, BM=BM, BD=BD, DTYPE=DTYPE, DOT=DOT)
     stats = (lse, delta, rsq, vbar, rstd, c)
-    launch(_dkdv_mixed_kernel, (grid_m, B, 1), q, k, v, dout, w, *stats, dk, dv, dw_part, *strides,
-           H, N, M, D, float(scale), **common)
-    launch(_dq_mixed_kernel, (grid_n, B, 1), q, k, v, dout, w, *stats, dq, *strides, H, N, M, D,
-           float(scale), **common)
+
+    t = tiles_for("dkdv_mix", low, BD, hp=HP)
+    grid_m, n_blocks = triton.cdiv(M, t.BM), triton.cdiv(N, t.BN)
+    split = dkdv_split(grid_m * B * (HP // t.JG), n_blocks)
+    per_split = triton.cdiv(n_blocks, split)
+    split = triton.cdiv(n_blocks, per_split)  # no empty split
+    if split == 1:
+        dk = torch.empty(B, H, M, D, dtype=k.dtype, device=dev)
+        dv = torch.empty(B, H, M, D, dtype=v.dtype, device=dev)
+        pk, pv = dk, dv
+    else:
+        pk = torch.empty(split, B, H, M, D, **f32)
+        pv = torch.empty(split, B, H, M, D, **f32)
+    dw_part = torch.empty(H, H, B * grid_m * split, **f32)
+    launch(_dkdv_mixed_kernel, (grid_m * split, B, HP // t.JG), q, k, v, dout, w, *stats, pk, pv, dw_part,
+           *strides, B * H * M * D, H * M * D, M * D, D, H, N, M, D, float(scale), per_split,
+           SPLIT=split, HP=HP, JG=t.JG, BN=t.BN, BM=t.BM, BD=BD, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
+    if split > 1:  # fixed-order sum over the splits (torch's reduction is deterministic)
+        dk, dv = pk.sum(0).to(k.dtype), pv.sum(0).to(v.dtype)
+
+    t = tiles_for("dq_mix", low, BD, hp=HP)
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
+    launch(_dq_mixed_kernel, (triton.cdiv(N, t.BN), B, HP // t.JG), q, k, v, dout, w, *stats, dq, *strides,
+           H, N, M, D, float(scale), JG=t.JG, BN=t.BN, BM=t.BM, BD=BD, DTYPE=DTYPE, DOT=DOT,
+           **t.launch_options())
     return dq, dk, dv, rowsum(dw_part)  # fixed-order sum of the per-program dW partials
 
 

@@ -36,6 +36,7 @@ class Tiles:
     BM: int          # key rows per tile
     num_warps: int
     num_stages: int
+    JG: int = 0      # mixed backward only: input heads whose accumulators one program holds
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -62,7 +63,8 @@ def arch_class(arch: int) -> int:
 
 
 #: (kernel family, precision, BD) -> Tiles, for arch class 80 and 86 (mma.sync) and 90 (wgmma).
-#: Kernel families: "fwd" (_stats_kernel, _attn_kernel), "dkdv" (_dkdv_kernel), "dq" (_dq_kernel).
+#: Kernel families: "fwd" (_stats_kernel, _attn_kernel), "dkdv" (_dkdv_kernel), "dq" (_dq_kernel);
+#: below, "dkdv_mix" and "dq_mix" (the mixed backward), keyed also by the padded head count HP.
 _T = Tiles
 _TABLE: dict[int, dict[tuple[str, str, int], Tiles]] = {}
 
@@ -99,13 +101,47 @@ for _arch in (80, 86, 90):
 # sm_80 / sm_86: at BD 256 the 64-row tiles spill without wgmma's register-resident accumulators
 _TABLE[80][("fwd", "16", 256)] = _TABLE[86][("fwd", "16", 256)] = _T(32, 64, 8, 1)
 
+# The mixed backward (rest_kernels/triton/emsa_bwd.py) keeps one fp32 accumulator [BD, width] per
+# input head in every program (the dk_j^T of its key block, or the dq_j^T of its query block), JG
+# heads per program (the other head groups on grid axis z, each recomputing the logits): the width
+# (BM for dk / dv, BN for dq) and JG are the largest that compiled without spills in the ahead-of-
+# time compile of each arch (JG first: a smaller JG recomputes the logits HP / JG times), measured
+# on 2026-12-04 with Triton 3.8.0 for a (B 2, N 300, M 100) call, head dims 16, 32, 64, 96 (BD 128);
+# the edge head dims on sm_80 / sm_86 take BD 64's choice. The long side (the M side of the logit
+# dots) is 64 for 16-bit inputs (wgmma on sm_90), 32 (16 at BD 128 on sm_86 / sm_90) for fp32.
+# 8 warps. Head dims beyond 128 with the mix spilled in every configuration tried: the backend
+# refuses them (TritonBackend.max_mix_head_dim). tests/test_triton_resources.py holds every row at
+# ResT's shapes to zero spills.
+#: (arch class, family, precision) -> {(BD, HP): (long side, width, num_warps, JG)}
+_MIXED = {
+    (80, "dkdv_mix", "16"): {(16, 2): (64, 16, 8, 2), (16, 4): (64, 16, 8, 2), (16, 8): (64, 16, 8, 2), (32, 2): (64, 16, 8, 2), (32, 4): (64, 16, 8, 2), (32, 8): (64, 16, 8, 2), (64, 2): (64, 16, 8, 2), (64, 4): (64, 16, 8, 2), (64, 8): (64, 16, 8, 2), (128, 2): (64, 16, 8, 2), (128, 4): (64, 16, 8, 2), (128, 8): (64, 16, 8, 2)},
+    (80, "dq_mix", "16"): {(16, 2): (64, 32, 8, 2), (16, 4): (64, 16, 8, 4), (16, 8): (64, 16, 8, 8), (32, 2): (64, 32, 8, 2), (32, 4): (64, 16, 8, 4), (32, 8): (64, 16, 8, 8), (64, 2): (64, 32, 8, 2), (64, 4): (64, 16, 8, 4), (64, 8): (64, 16, 8, 8), (128, 2): (64, 32, 8, 2), (128, 4): (64, 16, 8, 4), (128, 8): (64, 16, 8, 8)},
+    (80, "dkdv_mix", "32"): {(16, 2): (32, 16, 8, 2), (16, 4): (32, 16, 8, 2), (16, 8): (32, 16, 8, 2), (32, 2): (32, 16, 8, 2), (32, 4): (32, 16, 8, 2), (32, 8): (32, 16, 8, 2), (64, 2): (32, 16, 8, 2), (64, 4): (32, 16, 8, 2), (64, 8): (32, 16, 8, 2), (128, 2): (32, 16, 8, 1), (128, 4): (32, 16, 8, 1), (128, 8): (32, 16, 8, 1)},
+    (80, "dq_mix", "32"): {(16, 2): (32, 64, 8, 2), (16, 4): (32, 32, 8, 4), (16, 8): (32, 32, 8, 8), (32, 2): (32, 64, 8, 2), (32, 4): (32, 32, 8, 4), (32, 8): (32, 32, 8, 8), (64, 2): (32, 64, 8, 2), (64, 4): (32, 32, 8, 4), (64, 8): (32, 32, 8, 8), (128, 2): (32, 16, 8, 2), (128, 4): (32, 16, 8, 4), (128, 8): (32, 16, 8, 4)},
+    (86, "dkdv_mix", "16"): {(16, 2): (64, 16, 8, 2), (16, 4): (64, 16, 8, 2), (16, 8): (64, 16, 8, 4), (32, 2): (64, 16, 8, 2), (32, 4): (64, 16, 8, 2), (32, 8): (64, 16, 8, 4), (64, 2): (64, 16, 8, 2), (64, 4): (64, 16, 8, 2), (64, 8): (64, 16, 8, 4), (128, 2): (64, 16, 8, 2), (128, 4): (64, 16, 8, 4), (128, 8): (64, 16, 8, 4)},
+    (86, "dq_mix", "16"): {(16, 2): (64, 32, 8, 2), (16, 4): (64, 16, 8, 4), (16, 8): (64, 16, 8, 4), (32, 2): (64, 32, 8, 2), (32, 4): (64, 16, 8, 4), (32, 8): (64, 16, 8, 4), (64, 2): (64, 32, 8, 2), (64, 4): (64, 16, 8, 4), (64, 8): (64, 16, 8, 4), (128, 2): (64, 16, 8, 2), (128, 4): (64, 16, 8, 4), (128, 8): (64, 16, 8, 4)},
+    (86, "dkdv_mix", "32"): {(16, 2): (32, 16, 8, 2), (16, 4): (32, 16, 8, 4), (16, 8): (32, 16, 8, 4), (32, 2): (32, 16, 8, 2), (32, 4): (32, 16, 8, 4), (32, 8): (32, 16, 8, 4), (64, 2): (32, 16, 8, 2), (64, 4): (32, 16, 8, 4), (64, 8): (32, 16, 8, 4), (128, 2): (16, 16, 8, 2), (128, 4): (16, 16, 8, 2), (128, 8): (16, 16, 8, 2)},
+    (86, "dq_mix", "32"): {(16, 2): (32, 32, 8, 2), (16, 4): (32, 16, 8, 4), (16, 8): (32, 32, 8, 8), (32, 2): (32, 32, 8, 2), (32, 4): (32, 16, 8, 4), (32, 8): (32, 32, 8, 8), (64, 2): (32, 32, 8, 2), (64, 4): (32, 16, 8, 4), (64, 8): (32, 32, 8, 8), (128, 2): (32, 16, 8, 2), (128, 4): (32, 16, 8, 2), (128, 8): (32, 16, 8, 2)},
+    (90, "dkdv_mix", "16"): {(16, 2): (64, 64, 8, 2), (16, 4): (64, 64, 8, 4), (16, 8): (64, 32, 8, 8), (32, 2): (64, 64, 8, 2), (32, 4): (64, 64, 8, 4), (32, 8): (64, 64, 8, 4), (64, 2): (64, 32, 8, 2), (64, 4): (64, 32, 8, 4), (64, 8): (64, 16, 8, 8), (128, 2): (64, 32, 8, 2), (128, 4): (64, 16, 8, 4), (128, 8): (64, 16, 8, 4)},
+    (90, "dq_mix", "16"): {(16, 2): (64, 64, 8, 2), (16, 4): (64, 64, 8, 4), (16, 8): (64, 64, 8, 8), (32, 2): (64, 64, 8, 2), (32, 4): (64, 64, 8, 4), (32, 8): (64, 64, 8, 4), (64, 2): (64, 64, 8, 2), (64, 4): (64, 32, 8, 4), (64, 8): (64, 32, 8, 8), (128, 2): (64, 32, 8, 2), (128, 4): (64, 16, 8, 4), (128, 8): (64, 16, 8, 4)},
+    (90, "dkdv_mix", "32"): {(16, 2): (32, 32, 8, 2), (16, 4): (32, 32, 8, 4), (16, 8): (32, 16, 8, 8), (32, 2): (32, 32, 8, 2), (32, 4): (32, 32, 8, 4), (32, 8): (32, 32, 8, 4), (64, 2): (32, 16, 8, 2), (64, 4): (32, 16, 8, 2), (64, 8): (32, 16, 8, 2), (128, 2): (16, 16, 8, 2), (128, 4): (16, 16, 8, 2), (128, 8): (16, 16, 8, 2)},
+    (90, "dq_mix", "32"): {(16, 2): (32, 64, 8, 2), (16, 4): (32, 64, 8, 4), (16, 8): (32, 16, 8, 8), (32, 2): (32, 64, 8, 2), (32, 4): (32, 32, 8, 4), (32, 8): (32, 32, 8, 4), (64, 2): (32, 32, 8, 2), (64, 4): (32, 16, 8, 4), (64, 8): (32, 16, 8, 4), (128, 2): (32, 16, 8, 2), (128, 4): (32, 16, 8, 2), (128, 8): (32, 16, 8, 2)},
+}
+for (_arch, _fam, _prec), _rows in _MIXED.items():
+    for (_bd, _hp), (_long, _width, _warps, _jg) in _rows.items():
+        _bn, _bm = (_long, _width) if _fam == "dkdv_mix" else (_width, _long)
+        _TABLE[_arch][(_fam, _prec, _bd, _hp)] = _T(_bn, _bm, _warps, 1, _jg)
+
 #: the interpreter's tiles: NumPy per tile op, no GPU resources
 _INTERPRETER = Tiles(64, 128, 4, 1)
 
 
-def tiles_for(family: str, low_precision: bool, bd: int, arch: int | None = None) -> Tiles:
-    """The configuration of `family` for the target arch (default: what Triton compiles for now)."""
-    if interpreting():
-        return _INTERPRETER
+def tiles_for(family: str, low_precision: bool, bd: int, arch: int | None = None,
+              hp: int | None = None) -> Tiles:
+    """The configuration of `family` for the target arch (default: what Triton compiles for now);
+    `hp`: the padded head count, for the mixed backward's families ("dkdv_mix", "dq_mix")."""
+    if interpreting():  # the mixed backward in head groups of half its heads: both paths tested
+        return dataclasses.replace(_INTERPRETER, JG=max(1, hp // 2)) if hp else _INTERPRETER
     arch = target_arch() if arch is None else arch
-    return _TABLE[arch_class(arch)][(family, "16" if low_precision else "32", bd)]
+    key = (family, "16" if low_precision else "32", bd) + ((hp,) if hp is not None else ())
+    return _TABLE[arch_class(arch)][key]
