@@ -17,7 +17,7 @@ which only names the target).
 
 Counts: bytes are HBM bytes, each tensor a kernel touches once (bench/perf_model.py); FLOPs are
 those the kernel executes, padding of its tiles included (masked lanes compute too): Triton pads
-the head dim to BD and the rows to BN / BM (the mixed backward's 3-D tiles also the heads to HP);
+the head dim to BD and the rows to BN / BM (the mixed backward's head groups the heads to HP);
 the CUDA kernels pad to 32 x 32 tiles
 and the PV / dq / dk / dv accumulators to DPAD (64 or 128), while their logit dots stop at d.
 """

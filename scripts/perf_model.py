@@ -137,21 +137,23 @@ def model_row(case: Case, impl: str, gpus, tables, cache) -> dict:
     row = dict(case=case.label, op=case.op_name, **{"pass": case.pass_}, dtype=case.dtype, dims=case.dims(), impl=impl)
     if kernels is None:
         return dict(row, status="unsupported", reason=why)
-    times = {}
+    times, own = {}, {}
     for g in gpus:
-        # each GPU's own launches (Triton's tiles are per arch); the row's byte and FLOP totals are
-        # the first GPU's
-        own = kernels if impl != "triton" or g.arch == gpus[0].arch else impl_kernels(case, impl, cache, g.arch)[0]
-        if [k.name for k in own] != [k.name for k in kernels]:
-            raise RuntimeError(f"{impl} launches different kernels on sm_{g.arch} than on sm_{gpus[0].arch}")
-        times[g.name] = [PM.kernel_time(k, g, *resource_of(k, impl, g, tables)) for k in own]
+        # each GPU's own launches (Triton's tiles are per arch, and with them the grids, splits and
+        # the host code's torch ops); the row's byte and FLOP totals are the first GPU's
+        own[g.name] = kernels if impl != "triton" or g.arch == gpus[0].arch else impl_kernels(case, impl, cache, g.arch)[0]
+        times[g.name] = [PM.kernel_time(k, g, *resource_of(k, impl, g, tables)) for k in own[g.name]]
     tot = PM.totals(kernels, times)
     row.update(status="ok", launches=tot.launches, hbm_bytes=tot.bytes, tc_flops=tot.tc_flops,
                fp32_flops=tot.fp32_flops, sfu_ops=tot.sfu, seconds=tot.seconds, bound=tot.bound)
     # fused kernels (grid known) without occupancy on a GPU: their wave factor is 1
-    row["occupancy_missing"] = {g.name: sum(1 for k, kt in zip(kernels, times[g.name])
+    row["occupancy_missing"] = {g.name: sum(1 for k, kt in zip(own[g.name], times[g.name])
                                             if k.grid is not None and kt.occupancy is None) for g in gpus}
-    row["kernels"] = [kernel_dict(k, {g.name: times[g.name][i] for g in gpus}) for i, k in enumerate(kernels)]
+    # the per-kernel listing is the first GPU's launches, with the GPUs that make the same ones
+    same = [g for g in gpus if [k.name for k in own[g.name]] == [k.name for k in kernels]]
+    row["kernels"] = [kernel_dict(k, {g.name: times[g.name][i] for g in same}) for i, k in enumerate(kernels)]
+    row["resource_keys"] = {str(g.arch): sorted({k.resource_key for k in own[g.name] if k.resource_key})
+                            for g in gpus}
     return row
 
 
@@ -258,27 +260,28 @@ def summary_table(rows: list[dict], gpu) -> list[str]:
 def occupancy_table(rows: list[dict], impl: str, gpus, tables) -> list[str]:
     """One line per distinct compiled kernel the rows launch, per arch."""
     table, why_none = tables[impl]
-    seen = {}
+    seen = {}  # arch -> {resource key: threads of the launch, when known}
     for r in rows:
         if r["impl"] != impl or r["status"] != "ok":
             continue
-        for k in r["kernels"]:
-            if k["resource_key"] is not None:
-                seen.setdefault(k["resource_key"], k["threads"])
+        threads = {k["resource_key"]: k["threads"] for k in r["kernels"] if k["resource_key"] is not None}
+        for arch, keys in r["resource_keys"].items():
+            for key in keys:
+                seen.setdefault(int(arch), {}).setdefault(key, threads.get(key))
     archs = sorted({g.arch for g in gpus})
     if table is None:
-        return [f"{impl}: occupancy n/a for all {len(seen)} kernels: {why_none}"]
+        return [f"{impl}: occupancy n/a for all {len(set().union(*seen.values()) if seen else ())} kernels: {why_none}"]
     header = ["arch", "kernel (dtype, name, config)", "threads", "regs", "spill B", "smem KiB", "HMMA", "HGMMA",
               "blocks/SM", "limited by", "warps/SM"]
     body = []
     for arch in archs:
         limits = PM.arch_limits(arch)
-        for key in sorted(seen):
+        for key in sorted(seen.get(arch, {})):
             res = table.get((arch, key))
             if res is None:
                 body.append([f"sm_{arch}", key] + ["-"] * 8 + ["n/a: no resource row"])
                 continue
-            threads = res.threads or seen[key]
+            threads = res.threads or seen[arch][key]
             occ = PM.occupancy(res, threads, limits)
             body.append([f"sm_{arch}", key, str(threads), str(res.registers), str(res.spill_bytes),
                          f"{res.shared / 1024:.1f}", "-" if res.hmma is None else str(res.hmma),
@@ -303,7 +306,10 @@ def kernel_table(rows: list[dict], gpus) -> list[str]:
                      k["per_gpu"][gpus[0].name]["dot_unit"] if k["dot_flops"] else "-"]
             last = tag
             for g in gpus:
-                p = k["per_gpu"][g.name]
+                p = k["per_gpu"].get(g.name)
+                if p is None:  # this GPU launches other kernels (its own tiles): see its totals
+                    cells += ["-"] * 4
+                    continue
                 occ = p["occupancy"]
                 cells += ["n/a" if occ is None else str(occ["blocks_per_sm"]),
                           "-" if p["waves"] is None else str(p["waves"]), f"{p['wave_factor']:.2f}", us(p["seconds"])]

@@ -16,7 +16,7 @@ and the memory is returned when that process ends.
 cuda-emu and triton are skipped: the CUDA emulation runs each CUDA thread as a fiber and the Triton
 interpreter runs each program in numpy, both thousands of times slower than the cpu kernels, which
 take ~10-20 s here; over 2**31 elements they would take hours. Their offset arithmetic is the same
-64-bit code reviewed in csrc/cuda and rest_kernels/triton/_common.py (load_tile / store_tile).
+64-bit code reviewed in csrc/cuda and rest_kernels/triton/_common.py (load_2d / store_2d: head_offset).
 """
 import sys
 

@@ -74,11 +74,11 @@ class TritonBackend(Backend):
             return _interpreter_incompatibility()
         return None
 
-    #: the register tiles are [HP, BLOCK, BD]: beyond this head dim they spill badly
+    #: the register tiles are [BLOCK, BD]: beyond this head dim the fp32 accumulators spill
     max_head_dim = 256
-    #: the mix is an HP x HP contraction held in registers; ResT uses at most 8 heads, and 16 would
-    #: need tiles below Triton's 16 x 16 dot minimum to fit shared memory. Whether a given call fits
-    #: the GPU it runs on is decided by compiling it for that GPU (_emsa_extra_reasons).
+    #: with the mix the backward holds one accumulator per head (rest_kernels/triton/tiles.py has
+    #: them measured for HP up to 8, ResT's largest head count). Whether a given call fits the GPU
+    #: it runs on is decided by compiling it for that GPU (_emsa_extra_reasons).
     max_mix_heads = 8
     #: the mixed backward keeps one [BD, width] fp32 accumulator per head: beyond head dim 128 every
     #: tile configuration spilled (rest_kernels/triton/tiles.py); ResT's head dims are 64 and 96

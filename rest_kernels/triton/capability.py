@@ -6,7 +6,7 @@ is compiled for the device's arch (the same specialisation and JIT cache as the 
 GPU the real launch later finds its kernel compiled) and recorded with its grid. Each recorded
 launch is then held against the arch's limits (rest_kernels/triton/targets.py): shared memory per
 block, the grid's y/z limit, threads per block. The answer is every reason, e.g.
-"_dkdv_kernel needs 320 KiB of shared memory per block; sm_90 (H100 / H200) allows 227 KiB", so
+"_dkdv_kernel needs 120 KiB of shared memory per block; sm_86 (RTX 3090 / A40) allows 99 KiB", so
 "auto" falls back instead of the launch raising OutOfResources.
 
 Plans are cached per (device, op, direction, shapes, strides, dtypes): a model calls each shape
