@@ -309,6 +309,27 @@ def dkdv_split(key_programs: int, query_blocks: int) -> int:
     return max(1, min(query_blocks, -(-MIN_DKDV_PROGRAMS // max(1, key_programs))))
 
 
+def _split_outputs(k, v, key_programs: int, query_blocks: int):
+    """(SPLIT, query blocks per split, dk target, dv target) of a dk / dv launch: the gradients
+    themselves when SPLIT = 1, else (SPLIT, B, H, M, D) fp32 partials (_sum_splits)."""
+    split = dkdv_split(key_programs, query_blocks)
+    per_split = triton.cdiv(query_blocks, split)
+    split = triton.cdiv(query_blocks, per_split)  # no empty split
+    if split == 1:
+        return 1, per_split, torch.empty(k.shape, dtype=k.dtype, device=k.device), \
+            torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    return split, per_split, torch.empty(split, *k.shape, **f32), torch.empty(split, *v.shape, **f32)
+
+
+def _sum_splits(pk, pv, k, v):
+    """dk, dv from _split_outputs' targets: partials summed over the splits in a fixed order
+    (torch's reduction is deterministic), or the gradients as they are."""
+    if pk.dim() == k.dim():
+        return pk, pv
+    return pk.sum(0).to(k.dtype), pv.sum(0).to(v.dtype)
+
+
 def _row_terms(out, dout, delta, BD):
     B, H, N, D = out.shape
     BNR = 64
@@ -328,22 +349,12 @@ def _plain_backward(dout, q, k, v, out, lse, scale):
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
 
     t = tiles_for("dkdv", low, BD)
-    grid_m, n_blocks = triton.cdiv(M, t.BM), triton.cdiv(N, t.BN)
-    split = dkdv_split(grid_m * B * H, n_blocks)
-    per_split = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, per_split)  # no empty split
-    if split == 1:
-        dk = torch.empty(B, H, M, D, dtype=k.dtype, device=dev)
-        dv = torch.empty(B, H, M, D, dtype=v.dtype, device=dev)
-        pk, pv = dk, dv
-    else:
-        pk = torch.empty(split, B, H, M, D, dtype=torch.float32, device=dev)
-        pv = torch.empty(split, B, H, M, D, dtype=torch.float32, device=dev)
+    grid_m = triton.cdiv(M, t.BM)
+    split, per_split, pk, pv = _split_outputs(k, v, grid_m * B * H, triton.cdiv(N, t.BN))
     launch(_dkdv_kernel, (grid_m * split, B, H), q, k, v, dout, lse, delta, pk, pv, *strides,
            B * H * M * D, H * M * D, M * D, D, H, N, M, D, float(scale), per_split,
            SPLIT=split, BN=t.BN, BM=t.BM, BD=BD, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
-    if split > 1:  # fixed-order sum over the splits (torch's reduction is deterministic)
-        dk, dv = pk.sum(0).to(k.dtype), pv.sum(0).to(v.dtype)
+    dk, dv = _sum_splits(pk, pv, k, v)
 
     t = tiles_for("dq", low, BD)
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
@@ -379,23 +390,13 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
     stats = (lse, delta, rsq, vbar, rstd, c)
 
     t = tiles_for("dkdv_mix", low, BD, hp=HP)
-    grid_m, n_blocks = triton.cdiv(M, t.BM), triton.cdiv(N, t.BN)
-    split = dkdv_split(grid_m * B * (HP // t.JG), n_blocks)
-    per_split = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, per_split)  # no empty split
-    if split == 1:
-        dk = torch.empty(B, H, M, D, dtype=k.dtype, device=dev)
-        dv = torch.empty(B, H, M, D, dtype=v.dtype, device=dev)
-        pk, pv = dk, dv
-    else:
-        pk = torch.empty(split, B, H, M, D, **f32)
-        pv = torch.empty(split, B, H, M, D, **f32)
+    grid_m = triton.cdiv(M, t.BM)
+    split, per_split, pk, pv = _split_outputs(k, v, grid_m * B * (HP // t.JG), triton.cdiv(N, t.BN))
     dw_part = torch.empty(H, H, B * grid_m * split, **f32)
     launch(_dkdv_mixed_kernel, (grid_m * split, B, HP // t.JG), q, k, v, dout, w, *stats, pk, pv, dw_part,
            *strides, B * H * M * D, H * M * D, M * D, D, H, N, M, D, float(scale), per_split,
            SPLIT=split, HP=HP, JG=t.JG, BN=t.BN, BM=t.BM, BD=BD, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
-    if split > 1:  # fixed-order sum over the splits (torch's reduction is deterministic)
-        dk, dv = pk.sum(0).to(k.dtype), pv.sum(0).to(v.dtype)
+    dk, dv = _sum_splits(pk, pv, k, v)
 
     t = tiles_for("dq_mix", low, BD, hp=HP)
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=dev)
