@@ -44,10 +44,6 @@ def pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def strides4(t: torch.Tensor):
-    return tuple(t.stride())
-
-
 @triton.jit
 def dot(a, b, DTYPE: tl.constexpr, DOT: tl.constexpr):
     """a @ b with fp32 accumulation under the dot policy above (a, b may be fp32 values)."""

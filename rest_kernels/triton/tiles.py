@@ -28,7 +28,8 @@ Python-level steps) and bounded so the tests stay fast; it has no resources to r
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from ._common import interpreting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +42,6 @@ class Tiles:
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def target_arch() -> int:
