@@ -61,6 +61,13 @@ TORCH_LIBRARY(rest_kernels_C, m) {
   }
 }
 
+// Test machinery of the CUDA source, outside the ops the backends call: one warp's tensor-core
+// product through the kernels' own fragment loaders (csrc/cuda/mma_selftest.cuh), on CUDA tensors
+// by the GPU and on CPU tensors by the emulation.
+TORCH_LIBRARY(rest_kernels_selftest, m) {
+  m.def("mma_fragments(Tensor a, Tensor b, int lane_shift) -> Tensor");
+}
+
 static py::dict build_info() {
   py::dict d;
   d["torch"] = REST_BUILT_TORCH;

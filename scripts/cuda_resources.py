@@ -24,7 +24,9 @@ HOT = ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_bwd_kernel", "pa_fwd_kernel
        "pa_bwd_dx_kernel", "pa_bwd_dw_kernel")
 #: every kernel family csrc/cuda defines (the build test checks each has code for every arch)
 FAMILIES = HOT + ("emsa_rstd_kernel", "emsa_vbar_kernel", "emsa_bwd_rowdot_kernel", "emsa_bwd_rowstat_kernel",
-                  "emsa_dmix_kernel")
+                  "emsa_dmix_kernel", "mma_selftest_kernel")
+#: SASS instructions counted per kernel (sass_counts): the tensor-core products and the fp32 FMAs
+SASS_OPS = ("HMMA", "HGMMA", "FFMA")
 
 
 def find_tool(name: str) -> str | None:
@@ -91,6 +93,40 @@ def resource_usage(so_path: str) -> list[dict]:
         r["kernel"] = names[r.pop("mangled")]
         r["family"] = family_of(r["kernel"])
     return rows
+
+
+def sass_counts(so_path: str) -> dict[tuple[str, str], dict[str, int]]:
+    """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n}} summed over the kernels of each family,
+    from the extension's SASS (`cuobjdump -sass`): what the GPU would execute."""
+    tool = find_tool("cuobjdump")
+    if tool is None:
+        raise SystemExit("cuobjdump not found (set CUDA_HOME)")
+    text = subprocess.run([tool, "-sass", so_path], capture_output=True, text=True, check=True).stdout
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    funcs: dict[str, str] = {}
+    arch, key = None, None
+    pattern = re.compile(r"\b(" + "|".join(SASS_OPS) + r")\.")
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            key = (m.group(1), arch)
+            funcs[m.group(1)] = m.group(1)
+            counts.setdefault(key, dict.fromkeys(SASS_OPS, 0))
+            continue
+        if key is not None:
+            for op in pattern.findall(line):
+                counts[key][op] += 1
+    names = demangle(sorted(funcs))
+    by_family: dict[tuple[str, str], dict[str, int]] = {}
+    for (mangled, a), c in counts.items():
+        fam = by_family.setdefault((family_of(names[mangled]), a), dict.fromkeys(SASS_OPS, 0))
+        for op, n in c.items():
+            fam[op] += n
+    return by_family
 
 
 def problems(rows: list[dict], archs: list[str]) -> list[str]:

@@ -36,3 +36,14 @@ def test_every_kernel_for_every_arch_without_spills(usage):
     for fam in cuda_resources.FAMILIES:
         have = {r["arch"] for r in rows if r["family"] == fam}
         assert set(archs) <= have, f"{fam}: archs {sorted(have)}"
+
+
+def test_mma_selftest_runs_on_tensor_cores(usage):
+    """rk::mma_16816 (csrc/cuda/mma.cuh) is an HMMA in the SASS of every built arch, with no FFMA
+    doing its products (the self-test kernel has no other arithmetic)."""
+    _, archs = usage
+    counts = cuda_resources.sass_counts(_extension.load()[0].__file__)
+    for arch in archs:
+        c = counts[("mma_selftest_kernel", arch)]
+        assert c["HMMA"] >= 2 and c["FFMA"] == 0, (arch, c)  # one per instantiation: bf16, fp16
+

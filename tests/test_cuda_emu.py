@@ -185,3 +185,37 @@ def test_selftest_ops_live_outside_the_production_namespace():
     for op in ("emu_selftest_reduce", "emu_selftest_diverge", "emu_selftest_oversized_shared", "emu_set_schedule"):
         with pytest.raises((AttributeError, RuntimeError)):
             getattr(torch.ops.rest_kernels_C, op)
+
+
+# ------------------------------------------------------------------------- tensor-core fragments
+def _mma_operands(dtype):
+    # small integers: every product and every partial sum is exact in fp32, whatever the order
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(-4, 5, (16, 16), generator=g).to(dtype),
+            torch.randint(-4, 5, (16, 8), generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mma_fragments_give_the_product(schedule, dtype):
+    """csrc/cuda/mma.cuh's fragment loaders and mma_16816, emulated: D = A B exactly, under every
+    schedule; loading the fragments of another lane (a permuted lane layout) gives a wrong D."""
+    a, b = _mma_operands(dtype)
+    want = a.float() @ b.float()
+    mma = torch.ops.rest_kernels_selftest.mma_fragments
+    for spec in SCHEDULES:
+        schedule(spec)
+        assert torch.equal(mma(a, b, 0), want), spec
+    for shift in (1, 4, 8, 31):  # same group / other group / the +8 rows
+        assert not torch.equal(mma(a, b, shift), want), shift
+
+
+def test_mma_fragments_bad_input_names_the_argument():
+    mma = torch.ops.rest_kernels_selftest.mma_fragments
+    a, b = _mma_operands(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="a must be \\(16, 16\\)"):
+        mma(a[:8], b, 0)
+    with pytest.raises(RuntimeError, match="both be bfloat16 or both float16"):
+        mma(a.float(), b.float(), 0)
+    with pytest.raises(RuntimeError, match="lane_shift"):
+        mma(a, b, 32)
+

@@ -58,3 +58,15 @@ def test_gpu_matches_emulation():
     gpu = ops.emsa_fwd(*(t.cuda() for t in args), 24 ** -0.5, 1e-5)
     for a, b in zip(emu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mma_fragment_layout_matches_the_hardware(dtype):
+    """csrc/cuda/mma.cuh's fragment loaders against the GPU's own mma.sync: D = A B exactly (small
+    integers), the check the emulation cannot make of itself."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (16, 16), generator=g).to(dtype)
+    b = torch.randint(-4, 5, (16, 8), generator=g).to(dtype)
+    d = torch.ops.rest_kernels_selftest.mma_fragments(a.cuda(), b.cuda(), 0)
+    assert torch.equal(d.cpu(), a.float() @ b.float())
+

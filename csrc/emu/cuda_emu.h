@@ -100,6 +100,67 @@ inline T warp_collective(T v, F src_lane_of, const std::source_location& loc) {
   std::memcpy(&r, &bank[src], sizeof(T));
   return r;
 }
+// Every lane's 64-bit value, in lane order (one warp collective: every lane of the warp must call).
+inline void warp_gather(uint64_t v, uint64_t out[32], const std::source_location& loc) {
+  int lane;
+  uint64_t* bank;
+  uint64_t* mine = warp_exchange(lane, &bank);
+  *mine = v;
+  warp_barrier(loc);  // every lane has deposited its value
+  std::memcpy(out, bank, 32 * sizeof(uint64_t));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 as a warp collective:
+// D (16 x 8) = A (16 x 16) B (16 x 8) + C, fp32 accumulation, each lane holding the fragments the
+// PTX ISA assigns to it ("Matrix fragments for mma.m16n8k16 with floating point type"; lane =
+// 4 groupID + threadID_in_group):
+//   A: 4 registers of two 16-bit values (a0..a7, the lower index in the low half);
+//      a_i is at row groupID + 8 (i in {2,3,6,7}), column 2 threadID_in_group + (i & 1) + 8 (i >= 4)
+//   B: 2 registers (b0..b3): row (k) 2 threadID_in_group + (i & 1) + 8 (i >= 2), column groupID
+//   C, D: 4 floats (c0..c3): row groupID + 8 (i >= 2), column 2 threadID_in_group + (i & 1)
+// The emulation gathers every lane's registers, rebuilds A, B and C from this table (written here
+// independently of the kernels' own fragment loaders, csrc/cuda/mma.cuh, so a loader that puts a
+// value in the wrong lane or slot gives a wrong product) and computes the calling lane's D.
+// ELEM is c10::BFloat16 or c10::Half.
+template <class ELEM>
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                         const std::source_location& loc) {
+  auto elem = [](uint32_t reg, int half) {
+    const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xFFFFu);
+    return static_cast<float>(ELEM(bits, typename ELEM::from_bits_t{}));
+  };
+  uint64_t ga[2][32], gb[32], gc[2][32];
+  warp_gather(a[0] | (uint64_t(a[1]) << 32), ga[0], loc);
+  warp_gather(a[2] | (uint64_t(a[3]) << 32), ga[1], loc);
+  warp_gather(b[0] | (uint64_t(b[1]) << 32), gb, loc);
+  uint32_t c01[2], c23[2];
+  std::memcpy(c01, c, 8);
+  std::memcpy(c23, c + 2, 8);
+  warp_gather(c01[0] | (uint64_t(c01[1]) << 32), gc[0], loc);
+  warp_gather(c23[0] | (uint64_t(c23[1]) << 32), gc[1], loc);
+  float A[16][16], B[16][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    const uint32_t ra[4] = {uint32_t(ga[0][l]), uint32_t(ga[0][l] >> 32), uint32_t(ga[1][l]), uint32_t(ga[1][l] >> 32)};
+    for (int i = 0; i < 8; ++i)
+      A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >= 4)] = elem(ra[i >> 1], i & 1);
+    const uint32_t rb[2] = {uint32_t(gb[l]), uint32_t(gb[l] >> 32)};
+    for (int i = 0; i < 4; ++i) B[2 * t + (i & 1) + 8 * (i >= 2)][g] = elem(rb[i >> 1], i & 1);
+    const uint64_t rc[2] = {gc[0][l], gc[1][l]};
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t bits = uint32_t(rc[i >> 1] >> (32 * (i & 1)));
+      std::memcpy(&C[g + 8 * (i >= 2)][2 * t + (i & 1)], &bits, 4);
+    }
+  }
+  const int lane = g_thread->linear % 32;
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >= 2), col = 2 * t + (i & 1);
+    float acc = C[row][col];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    d[i] = acc;
+  }
+}
 }  // namespace emu
 
 template <class T>

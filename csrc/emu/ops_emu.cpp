@@ -9,10 +9,15 @@
 #define REST_NS rest_emu
 #include "cuda/emsa_kernels.cuh"
 #include "cuda/pa_kernels.cuh"
+#include "cuda/mma_selftest.cuh"
 
 TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
   m.impl("emsa_fwd_emu", &rest_checks::checked_emsa_fwd<&rest_emu::emsa_fwd>);
   m.impl("emsa_bwd_emu", &rest_checks::checked_emsa_bwd<&rest_emu::emsa_bwd>);
   m.impl("pa_fwd_emu", &rest_checks::checked_pa_fwd<&rest_emu::pa_fwd>);
   m.impl("pa_bwd_emu", &rest_checks::checked_pa_bwd<&rest_emu::pa_bwd>);
+}
+
+TORCH_LIBRARY_IMPL(rest_kernels_selftest, CPU, m) {
+  m.impl("mma_fragments", &rest_emu::mma_selftest);
 }
