@@ -77,7 +77,8 @@ def test_pa_op(dtype, bias):
     check_pa_op(BACKEND, 2, 5, 7, 9, dtype, bias=bias)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 4, 1, 9), (1, 2, 17, 3)], ids=str)
+# (2, 3, 70, 65): 9,100 elements per channel, two uneven slices of the dweight reduction
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 4, 1, 9), (1, 2, 17, 3), (2, 3, 70, 65)], ids=str)
 def test_pa_op_shapes(shape):
     check_pa_op(BACKEND, *shape, torch.float32, channels_last=True)
 

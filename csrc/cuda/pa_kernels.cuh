@@ -6,8 +6,9 @@
 //                 the direct term dout * s into dx's float32 accumulator;
 //             (2) one thread per element: dx += sum of the 9 mirrored taps of dz (the transposed
 //                 depthwise conv), written in x's dtype;
-//             (3) one block per channel: dweight (9 taps) and dbias reduced over (B, H, W) in a
-//                 fixed order (per-thread strided partial sums, then a fixed tree): deterministic.
+//             (3) blocks (channel, slice of B x H x W): dweight (9 taps) and dbias partials in a
+//                 fixed order (per-thread strided sums, then a fixed tree), summed over the
+//                 slices by the host code: deterministic, and C x slices blocks, not C.
 #pragma once
 
 #include "cuda/portability.cuh"
@@ -96,15 +97,19 @@ constexpr int kPaReduceThreads = 256;
 template <class T>
 __global__ void __launch_bounds__(kPaReduceThreads) pa_bwd_dw_kernel(const T* __restrict__ x, PaShape s,
                                                                      const float* __restrict__ dz,
-                                                                     float* __restrict__ dwb) {
+                                                                     int64_t slice_len,
+                                                                     float* __restrict__ part) {
+  // block (c, slice): the (B, H, W) elements [slice * slice_len, (slice + 1) * slice_len) of channel c;
+  // part (C, 10, slices) is then summed over the slices in a fixed order by the host code
   using Partials = float[10][kPaReduceThreads];
-  REST_SHARED(Partials, part);
-  const int64_t c = blockIdx.x;
+  REST_SHARED(Partials, red);
+  const int64_t c = blockIdx.x, slice = blockIdx.y, slices = gridDim.y;
   const int tid = threadIdx.x;
   float acc[10];
   for (int t = 0; t < 10; ++t) acc[t] = 0.f;
   const int64_t per_plane = s.H * s.W, total = s.B * per_plane;
-  for (int64_t e = tid; e < total; e += kPaReduceThreads) {
+  const int64_t lo = slice * slice_len, hi = lo + slice_len < total ? lo + slice_len : total;
+  for (int64_t e = lo + tid; e < hi; e += kPaReduceThreads) {
     const int64_t b = e / per_plane, y = (e % per_plane) / s.W, xx = e % s.W;
     const float g = dz[(b * s.C + c) * per_plane + y * s.W + xx];
     const T* base = x + b * s.sb + c * s.sc;
@@ -117,15 +122,20 @@ __global__ void __launch_bounds__(kPaReduceThreads) pa_bwd_dw_kernel(const T* __
     }
     acc[9] += g;
   }
-  for (int t = 0; t < 10; ++t) part[t][tid] = acc[t];
+  for (int t = 0; t < 10; ++t) red[t][tid] = acc[t];
   __syncthreads();
   for (int stride = kPaReduceThreads / 2; stride > 0; stride /= 2) {
     if (tid < stride)
-      for (int t = 0; t < 10; ++t) part[t][tid] += part[t][tid + stride];
+      for (int t = 0; t < 10; ++t) red[t][tid] += red[t][tid + stride];
     __syncthreads();
   }
-  if (tid < 10) dwb[c * 10 + tid] = part[tid][0];
+  if (tid < 10) part[(c * 10 + tid) * slices + slice] = red[tid][0];
 }
+
+// Elements of (B, H, W) one dweight block reduces: enough blocks (C x slices) to fill a GPU when C
+// is small (ResT stage 1: 64 channels), a function of the shape only (the same sums on every GPU).
+constexpr int64_t kPaDwSliceTarget = 8192;
+constexpr int64_t kPaDwMaxSlices = 256;
 
 // ----------------------------------------------------------------------------------- host side
 inline PaShape pa_shape(const at::Tensor& t) {
@@ -173,6 +183,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd(const at::Tensor& d
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dwb = at::zeros({C, 10}, x.options().dtype(at::kFloat));
   if (x.numel() > 0) {
+    const int64_t total = x.size(0) * x.size(2) * x.size(3);
+    const int64_t slices = std::min<int64_t>(kPaDwMaxSlices, (total + kPaDwSliceTarget - 1) / kPaDwSliceTarget);
+    const int64_t slice_len = (total + slices - 1) / slices;
+    at::Tensor part = at::empty({C, 10, slices}, x.options().dtype(at::kFloat));
     at::Tensor w = weight.to(at::kFloat).contiguous();
     at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor dz = at::empty(x.sizes(), x.options().dtype(at::kFloat));
@@ -186,9 +200,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd(const at::Tensor& d
                  dz.data_ptr<float>(), direct.data_ptr<float>());
       rk::launch(pa_bwd_dx_kernel<scalar_t>, grid, dim3(kPaThreads), stream, s, w.data_ptr<float>(),
                  dz.data_ptr<float>(), direct.data_ptr<float>(), dx.data_ptr<scalar_t>());
-      rk::launch(pa_bwd_dw_kernel<scalar_t>, dim3(static_cast<unsigned>(C)), dim3(kPaReduceThreads), stream,
-                 x.data_ptr<scalar_t>(), s, dz.data_ptr<float>(), dwb.data_ptr<float>());
+      rk::launch(pa_bwd_dw_kernel<scalar_t>, dim3(static_cast<unsigned>(C), static_cast<unsigned>(slices)),
+                 dim3(kPaReduceThreads), stream, x.data_ptr<scalar_t>(), s, dz.data_ptr<float>(), slice_len,
+                 part.data_ptr<float>());
     });
+    dwb = part.sum(2);  // over the slices, in a fixed order (no atomics): deterministic
   }
   at::Tensor dweight = dwb.narrow(1, 0, 9).reshape(weight.sizes()).to(weight.scalar_type());
   at::Tensor dbias = bias ? dwb.select(1, 9).to(bias->scalar_type()).contiguous()
