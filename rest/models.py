@@ -19,11 +19,10 @@ import torch.nn as nn
 
 import rest_kernels
 
-from . import _checks
+from . import _checks, layout
 from .checkpoint import load_checkpoint
 from .dense import Linear, check_linear_impl
 from .layers import BasicStem, Block, PatchEmbed
-from .layout import check_cpu_layout, images_memory_format
 from .modules import EMSA, PA
 
 __all__ = ["ResT", "rest_lite", "rest_small", "rest_base", "rest_large"]
@@ -50,13 +49,13 @@ class ResT(nn.Module):
     - backend: pins the rest_kernels backend of every EMSA and PA (None, the default: the current
       default backend, see rest_kernels.use_backend).
     - cpu_layout: the memory layout of CPU images and so of every map after them (rest/layout.py).
-      "auto" (default): channels-last for float32 CPU images when the backend is not "reference",
-      torch has oneDNN, nothing traces the model and REST_KERNELS_CHANNELS_LAST is not "0"; else the
-      images as given. "channels_last": always channels-last on the CPU. "contiguous": always
-      NCHW-contiguous images on the CPU (the official layout).
+      "auto" (default): channels-last for a float32 CPU model when the backend is not "reference",
+      torch has oneDNN and REST_KERNELS_CHANNELS_LAST is not "0"; else the images as given.
+      "channels_last": always channels-last on the CPU. "contiguous": always NCHW-contiguous images
+      on the CPU (the official layout).
     - linear_impl: the product of the linear layers of the blocks (q, kv, proj, the MLP; not the
-      classifier head) (rest/dense.py). "auto" (default): oneDNN's matmul where it can serve the call
-      (float32 CPU input, no CPU autocast, not traced) unless the backend is "reference" or
+      classifier head) (rest/dense.py). "auto" (default): oneDNN's matmul for a float32 CPU model (CPU
+      autocast off, not while exporting to ONNX) unless the backend is "reference" or
       REST_KERNELS_ONEDNN_LINEAR is "0"; else F.linear. "onednn": oneDNN wherever it can serve the
       call. "aten": always F.linear (exactly nn.Linear).
     The environment variables only steer "auto"; both options change results by rounding only.
@@ -75,7 +74,7 @@ class ResT(nn.Module):
         self.depths = list(depths)
         self.apply_transform = apply_transform
         self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
-        self.cpu_layout = check_cpu_layout(cpu_layout)
+        self.cpu_layout = layout.check_cpu_layout(cpu_layout)
         self.linear_impl = check_linear_impl(linear_impl)
 
         self.stem = BasicStem(in_ch=in_chans, out_ch=embed_dims[0], with_pos=True, backend=backend)
@@ -164,10 +163,7 @@ class ResT(nn.Module):
         """The checked images in the memory layout that the model's cpu_layout option and rest/layout.py's
         rule give them (every later map follows from it)."""
         self._check_input(x)
-        memory_format = images_memory_format(x, self.backend, self.cpu_layout)
-        if memory_format is not None:
-            x = x.contiguous(memory_format=memory_format)
-        return x
+        return layout.to_model_layout(x, self.stem.conv1.weight, self.backend, self.cpu_layout)
 
     # ------------------------------------------------------------------ forward
     def forward_stages(self, x) -> list[tuple[torch.Tensor, tuple[int, int]]]:
