@@ -82,3 +82,12 @@ def symbolic(x) -> bool:
     their arguments when it runs)."""
     return isinstance(x, torch.fx.Proxy)
 
+
+def refuse_torchscript(module) -> None:
+    """Called by torch.jit.script (through __prepare_scriptable__) on the package's modules: why they
+    cannot be scripted, instead of an error from deep inside the TorchScript compiler."""
+    raise RuntimeError(
+        f"{type(module).__name__} does not support TorchScript (torch.jit.script): TorchScript is deprecated "
+        "in torch 2.14, and these modules call rest_kernels' Python-level ops and make Python-level choices "
+        "(backend, memory layout, GEMM) that it cannot compile. Use torch.compile or torch.export, torch.fx "
+        "(torch.fx.symbolic_trace), or rest.export_onnx for deployment.")

@@ -70,7 +70,8 @@ class ResT(nn.Module):
     - num_features / head_hidden_size (the head's input width), num_classes, in_chans, global_pool,
       get_classifier(), reset_classifier(num_classes, global_pool=None), set_grad_checkpointing(),
       group_matcher(), no_weight_decay().
-    torch.compile, torch.export and torch.fx trace the model.
+    TorchScript (torch.jit.script) is refused with an error saying why; torch.compile, torch.export
+    and torch.fx trace the model.
 
     Options beyond the official configuration (none changes the parameters or the state_dict):
     - global_pool: "avg" (default) or "" (no pooling, see forward_head).
@@ -148,6 +149,9 @@ class ResT(nn.Module):
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def __prepare_scriptable__(self):
+        _checks.refuse_torchscript(self)
 
     # ------------------------------------------------------------------ sizes
     def _stage_pairs(self) -> list[tuple[nn.Module, Stage]]:

@@ -84,6 +84,9 @@ class EMSA(nn.Module):
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1, stride=1)
             self.transform_norm = nn.InstanceNorm2d(num_heads)
 
+    def __prepare_scriptable__(self):
+        _checks.refuse_torchscript(self)
+
     def _check_input(self, x, H, W):
         _checks.input_tensor("x", x, 3, "(B, N, dim)", self.dim, 2, self.q.weight)
         for name, n in (("H", H), ("W", W)):
@@ -143,6 +146,9 @@ class PA(nn.Module):
         dim = _checks.integer("dim", dim)
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
+
+    def __prepare_scriptable__(self):
+        _checks.refuse_torchscript(self)
 
     def forward(self, x):
         if not _checks.symbolic(x):

@@ -1,6 +1,6 @@
 """ResT's model protocol (timm's, as timm's own models have it; rest/models.py): features and head,
-intermediates and pruning, feature_info, the classifier, gradient checkpointing and torch.fx
-tracing. None of this needs timm; tests/test_timm.py checks timm's tools on it."""
+intermediates and pruning, feature_info, the classifier, gradient checkpointing, torch.fx tracing and
+the TorchScript refusal. None of this needs timm; tests/test_timm.py checks timm's tools on it."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import rest
 import rest_kernels
-from rest import ResT, rest_base, rest_large, rest_lite, rest_small
+from rest import EMSA, PA, ResT, rest_base, rest_large, rest_lite, rest_small
 
 X = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(0))  # not multiples of 32
 SIZES = [(16, 12), (8, 6), (4, 3), (2, 2)]  # ceil(61 / r), ceil(45 / r) at strides 4, 8, 16, 32
@@ -229,3 +229,10 @@ def test_symbolic_trace_trains_like_eager_and_decides_when_it_runs():
     traced = torch.fx.symbolic_trace(model)
     with rest_kernels.use_backend("reference"), torch.no_grad():
         assert torch.equal(traced(X), model(X))
+
+
+# --------------------------------------------------------------------------- TorchScript
+@pytest.mark.parametrize("module", [lambda: small(), lambda: EMSA(8, 2), lambda: PA(8)], ids=["ResT", "EMSA", "PA"])
+def test_torchscript_is_refused_with_the_reason(module):
+    with pytest.raises(RuntimeError, match=r"does not support TorchScript.*deprecated"):
+        torch.jit.script(module())
