@@ -41,6 +41,9 @@ ENV_VAR = "REST_KERNELS_CHANNELS_LAST"
 #: the values of the cpu_layout option ("auto" is the default)
 CPU_LAYOUTS = ("auto", "channels_last", "contiguous")
 
+# a property of the torch build; read once (torch.compile cannot trace the query itself)
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
 
 def check_cpu_layout(cpu_layout) -> str:
     """cpu_layout if it is one of CPU_LAYOUTS, else TypeError / ValueError naming the argument."""
@@ -60,7 +63,7 @@ def images_memory_format(device: torch.device, dtype: torch.dtype, backend: str 
         return torch.contiguous_format
     if dtype != torch.float32:
         return None
-    if os.environ.get(ENV_VAR, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if os.environ.get(ENV_VAR, "1") == "0" or not _HAS_ONEDNN:
         return None
     return None if on_reference_backend(backend) else torch.channels_last
 
