@@ -73,3 +73,21 @@ def input_tensor(name: str, x, ndim: int, layout: str, channels: int, channel_di
         raise TypeError(f"{name} must have the module's dtype {str(param.dtype).replace('torch.', '')} "
                         f"(convert the module with .to(dtype), or run under torch.autocast), "
                         f"got {str(x.dtype).replace('torch.', '')}")
+
+
+def symbolic(x) -> bool:
+    """Whether x is a torch.fx Proxy, i.e. torch.fx is tracing the caller symbolically. Argument checks
+    need values, which a Proxy does not have, so they are skipped for it; they never decide the math,
+    so the traced module computes what the eager one does (the rest_kernels ops it calls still check
+    their arguments when it runs)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def refuse_torchscript(module) -> None:
+    """Called by torch.jit.script (through __prepare_scriptable__) on the package's modules: why they
+    cannot be scripted, instead of an error from deep inside the TorchScript compiler."""
+    raise RuntimeError(
+        f"{type(module).__name__} does not support TorchScript (torch.jit.script): TorchScript is deprecated "
+        "in torch 2.14, and these modules call rest_kernels' Python-level ops and make Python-level choices "
+        "(backend, memory layout, GEMM) that it cannot compile. Use torch.compile or torch.export, torch.fx "
+        "(torch.fx.symbolic_trace), or rest.export_onnx for deployment.")

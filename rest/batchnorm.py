@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -86,32 +87,55 @@ class BatchNorm2d(nn.BatchNorm2d):
     accurately (see the module docstring); the same module in every other respect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = self.training or not self.track_running_stats
-        if not (batch_stats and self._accurate_path_applies(x)):
-            return super().forward(x)
-        self._check_input_dim(x)
-        y, mean, var = _ChannelsLastBatchNorm.apply(x, self.weight, self.bias, self.eps)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, x.numel() // x.shape[1])
+        return batch_norm_2d(x, self.weight, self.bias, self.running_mean, self.running_var,
+                             self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
+                             self.eps)
+
+
+def _accurate_path_applies(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.numel() > x.shape[1]  # one value per channel: nn.BatchNorm2d's own error
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous() and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
+
+
+# A leaf function for torch.fx (torch.fx.wrap): the path depends on x's memory layout, which a
+# symbolic trace cannot see; the trace records this call and the traced module chooses when it runs.
+@torch.fx.wrap
+def batch_norm_2d(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked,
+                  training: bool, track_running_stats: bool, momentum: float | None, eps: float) -> torch.Tensor:
+    """BatchNorm2d's forward with nn.BatchNorm2d's rules: batch statistics in training (or without
+    running statistics), else the running ones; in training with track_running_stats,
+    num_batches_tracked += 1 and the running statistics move by `momentum` (None: a cumulative
+    average). The accurate channels-last path where it applies (see the module docstring)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-dimensional (B, C, H, W) map, got shape {tuple(x.shape)}")
+    update = training and track_running_stats
+    factor = 0.0 if momentum is None else momentum
+    if update and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    batch_stats = training or (running_mean is None and running_var is None)
+    if batch_stats and _accurate_path_applies(x):
+        y, mean, var = _ChannelsLastBatchNorm.apply(x, weight, bias, eps)
+        if update:
+            _update_running_stats(running_mean, running_var, mean, var, factor, x.numel() // x.shape[1])
         return y
+    # buffers go in only where they are read or updated (eval, or training that tracks them)
+    keep = not training or track_running_stats
+    return F.batch_norm(x, running_mean if keep else None, running_var if keep else None, weight, bias,
+                        batch_stats, factor, eps)
 
-    @staticmethod
-    def _accurate_path_applies(x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-                and x.numel() > x.shape[1]  # one value per channel: nn.BatchNorm2d's own error
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous() and not torch.is_autocast_enabled("cpu")
-                and not torch.jit.is_scripting() and not torch.jit.is_tracing()
-                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export())
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int):
-        """As nn.BatchNorm2d: num_batches_tracked += 1, then an exponential (momentum) or cumulative
-        (momentum None) average, with the unbiased variance in running_var."""
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        if self.running_mean is not None:
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        if self.running_var is not None:
-            unbiased = var * (n / (n - 1)) if n > 1 else var
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, mean: torch.Tensor, var: torch.Tensor, factor: float, n: int):
+    """As nn.BatchNorm2d: an exponential average with weight `factor`, the unbiased batch variance
+    in running_var."""
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    if running_var is not None:
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)

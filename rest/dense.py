@@ -17,14 +17,19 @@ Which product a layer runs is its `linear_impl` option (the models and modules p
   so that the reference model stays the official eager math, the benchmarks' baseline, or when the
   environment variable REST_KERNELS_ONEDNN_LINEAR is "0" (the switch for comparisons; the explicit
   values ignore it).
-oneDNN can serve a call when (all must hold):
-- the input is a float32 CPU tensor and CPU autocast is off (under autocast nn.Linear runs in the
-  autocast dtype, on oneDNN already);
-- nothing is tracing the model (torch.compile, torch.export, ONNX, TorchScript): those see plain
-  F.linear, which their own backends lower as they see fit;
+oneDNN can serve a layer when (all must hold):
+- its weight is a float32 CPU tensor (the layer's own device and dtype: the input must match them
+  anyway) and CPU autocast is off (under autocast nn.Linear runs in the autocast dtype, on oneDNN
+  already);
+- no ONNX export is running: ONNX has no operator for oneDNN's matmul, so the file gets MatMul / Gemm
+  (the same product up to rounding, as the rest_kernels ops get their reference math there);
 - torch was built with oneDNN and its linear entry point answers a self-test (checked once; the
   reason it is unusable is logged once).
-uses_onednn() is the one place where the choice is made.
+uses_onednn() is the one place where the choice is made. It reads the layer's configuration and the
+process, never the input, and tracers do not change it: torch.compile and torch.export record the
+oneDNN call that eager runs, and torch.fx records one call of linear() (a leaf function), which
+makes the same choice when the traced module runs. So a traced model computes what the eager one
+does.
 
 The results are the float32 products of a different GEMM: equal to nn.Linear's up to rounding
 (tests/test_dense.py compares both with float64).
@@ -58,6 +63,8 @@ def check_linear_impl(linear_impl) -> str:
 _unavailable: list[str | None] = []  # [reason or None], computed once
 
 
+# assume_constant_result: torch.compile takes the answer as a constant instead of tracing the self-test
+@torch.compiler.assume_constant_result
 def onednn_unavailable_reason() -> str | None:
     """None when oneDNN's fused linear can run in this process, else why not (computed once)."""
     if not _unavailable:
@@ -85,37 +92,34 @@ def _probe() -> str | None:
     return None
 
 
-def tracing() -> bool:
-    """Whether torch.compile, torch.export, ONNX export or TorchScript is tracing the caller."""
-    return (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
-
-
 def on_reference_backend(backend: str | None) -> bool:
     """Whether a module pinned to `backend` (None: the current default) runs the `reference` backend,
     whose models "auto" keeps on the official eager math (nn.Linear here, NCHW maps in rest/layout.py)."""
     return (backend if backend is not None else rest_kernels.default_backend()) == "reference"
 
 
-def uses_onednn(x: torch.Tensor, layer: Linear) -> bool:
-    """Whether `layer(x)` takes the oneDNN path: the layer's linear_impl and backend, the input and
-    the process decide (see the module docstring for the rule)."""
-    if layer.linear_impl == "aten" or tracing():
+def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | None = None) -> bool:
+    """Whether a linear layer with this weight, linear_impl and backend takes the oneDNN path (see the
+    module docstring for the rule): the layer's configuration and the process decide, not the input."""
+    if linear_impl == "aten":
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
-    if layer.linear_impl == "auto":
+    if torch.onnx.is_in_onnx_export():
+        return False  # no ONNX operator for it: the file gets the standard product
+    if linear_impl == "auto":
         if os.environ.get(ENV_VAR, "1") == "0":
             return False
-        if on_reference_backend(layer.backend):
+        if on_reference_backend(backend):
             return False
     return onednn_unavailable_reason() is None
 
 
-def _needs_grad(x: torch.Tensor, layer: nn.Linear) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -163,6 +167,24 @@ class _TrainableOneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+@torch.fx.wrap
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, linear_impl: str = "auto",
+           backend: str | None = None, gelu: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias, then the exact GELU when `gelu`, by the product uses_onednn() picks for
+    these options: oneDNN (the GELU inside its matmul when no gradient is needed), else F.linear.
+
+    A leaf function for torch.fx (torch.fx.wrap): a symbolic trace records this call instead of the
+    branches below, so the traced module makes the same choice, on the real tensors, as eager."""
+    if uses_onednn(weight, linear_impl, backend):
+        if _needs_grad(x, weight, bias):
+            y = _TrainableOneDnnLinear.apply(x, weight, bias)
+        else:
+            return onednn_linear(x, weight, bias, gelu=gelu)
+    else:
+        y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys, init and results up to rounding) whose CPU float32
     products run on oneDNN. linear_impl: "auto" (default), "onednn" or "aten" (see the module
@@ -178,18 +200,13 @@ class Linear(nn.Linear):
         return super().extra_repr() + (f", linear_impl={self.linear_impl!r}" if self.linear_impl != "auto" else "")
 
     def forward(self, x):
-        if uses_onednn(x, self):
-            if _needs_grad(x, self):
-                return _TrainableOneDnnLinear.apply(x, self.weight, self.bias)
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.linear_impl, self.backend)
 
 
 def linear_gelu(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """act(fc(x)), with the exact (erf) GELU applied inside oneDNN's matmul where the rule allows and
-    neither module has hooks that fusing would skip."""
+    """act(fc(x)), with the exact (erf) GELU applied inside oneDNN's matmul where fc takes the oneDNN
+    path without gradients and neither module has hooks that fusing would skip."""
     if (isinstance(fc, Linear) and type(act) is nn.GELU and act.approximate == "none"
-            and not _has_hooks(fc) and not _has_hooks(act) and not _needs_grad(x, fc)
-            and uses_onednn(x, fc)):
-        return onednn_linear(x, fc.weight, fc.bias, gelu=True)
+            and not _has_hooks(fc) and not _has_hooks(act)):
+        return linear(x, fc.weight, fc.bias, fc.linear_impl, fc.backend, gelu=True)
     return act(fc(x))

@@ -1,5 +1,6 @@
 """The building blocks of ResT v1 around the attention: stochastic depth, the MLP, the encoder
-block, the convolutional stem and the stage-to-stage patch embedding.
+block, a stage of blocks, the convolutional stem, the stage-to-stage patch embedding and the final
+norm over a map's channels.
 
 Parameter names match the official code (github wofmanaf/ResT, models/rest.py) so that its
 checkpoints load unchanged. Stage sizes are always read from a convolution's actual output, so
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .batchnorm import BatchNorm2d
 from .dense import Linear, linear_gelu
@@ -80,6 +83,43 @@ class Block(nn.Module):
     def forward(self, x, H: int, W: int):
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.ModuleList):
+    """A stage's blocks, run on a (B, C, H, W) map: the map's tokens go through the blocks and come
+    back as a map. A ModuleList, so the blocks keep the official state_dict keys (stage1.0.attn...);
+    a module with a forward, so that the stage's map is the output of a real, called module (what
+    timm's hook and fx feature extractors read).
+
+    The output is a view of the last block's (B, H*W, C) tokens (channels-last strides), not a copy.
+    grad_checkpointing: while gradients are recorded, each block runs under torch.utils.checkpoint (its
+    activations are recomputed in the backward instead of stored). That gives the same results: the
+    blocks hold no buffers that a second forward could update twice, and the checkpoint restores the
+    RNG state, so stochastic depth and dropout draw the same masks again."""
+
+    def __init__(self, blocks=()):
+        super().__init__(blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        B, C, H, W = x.shape  # the convolution's real output size, for any input size
+        t = x.flatten(2).transpose(1, 2)  # a view when x is channels-last
+        for blk in self:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                t = checkpoint(blk, t, H, W, use_reentrant=False)
+            else:
+                t = blk(t, H, W)
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """nn.LayerNorm over the channels of a (B, C, H, W) map, returning the map: the same parameters
+    (state_dict keys weight, bias) and, on the channels-last maps the stages return, bitwise the same
+    numbers as nn.LayerNorm over the map's (B, H*W, C) tokens."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
 
 
 class BasicStem(nn.Module):

@@ -10,19 +10,21 @@ pa_gate returns channels-last results for channels-last inputs).
 
 The model puts CPU images into one layout before the stem, and every later map follows from it. The
 model's `cpu_layout` option says which:
-- "channels_last": channels-last, for CPU images of any floating dtype, traced or not;
+- "channels_last": channels-last, for a CPU model of any floating dtype;
 - "contiguous": NCHW-contiguous (channels-last images are copied to NCHW), the official layout;
 - "auto" (the default): channels-last when all of the following hold, otherwise the images stay as
   they are given (NCHW images: the official code's layout):
   - the model's rest_kernels backend (its `backend`, else the current default) is not "reference":
     the reference model stays the official eager math, the benchmarks' baseline;
-  - the images are a float32 CPU tensor and torch has oneDNN;
-  - nothing is tracing the model (torch.compile, torch.export, ONNX, TorchScript): those see the
-    official layout and choose their own;
+  - the model is a float32 CPU model (its parameters' dtype and device, which its input must match)
+    and torch has oneDNN;
   - REST_KERNELS_CHANNELS_LAST is not "0" (the switch for comparisons; the explicit values ignore it).
-Images on other devices are always left as they are. The results are the same up to float32 rounding
-(another convolution algorithm); tests/test_models.py compares both layouts. images_memory_format()
-is the one place where the layout is chosen.
+Models on other devices leave their images as they are. The choice reads the model's configuration
+and the process, never the images, so tracing cannot change it: torch.compile, torch.export and ONNX
+record the same layout conversion as eager runs, and torch.fx records one call of to_model_layout()
+(a leaf function), which decides again, identically, when the traced module runs. The results are the
+same up to float32 rounding (another convolution algorithm); tests/test_models.py compares both
+layouts. images_memory_format() is the one place where the layout is chosen.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import os
 import torch
 
 from . import _checks
-from .dense import on_reference_backend, tracing
+from .dense import on_reference_backend
 
 #: set to "0" to keep the maps of models whose cpu_layout is "auto" as the images come (NCHW)
 ENV_VAR = "REST_KERNELS_CHANNELS_LAST"
@@ -39,23 +41,36 @@ ENV_VAR = "REST_KERNELS_CHANNELS_LAST"
 #: the values of the cpu_layout option ("auto" is the default)
 CPU_LAYOUTS = ("auto", "channels_last", "contiguous")
 
+# a property of the torch build; read once (torch.compile cannot trace the query itself)
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
 
 def check_cpu_layout(cpu_layout) -> str:
     """cpu_layout if it is one of CPU_LAYOUTS, else TypeError / ValueError naming the argument."""
     return _checks.choice("cpu_layout", cpu_layout, CPU_LAYOUTS)
 
 
-def images_memory_format(x: torch.Tensor, backend: str | None, cpu_layout: str) -> torch.memory_format | None:
-    """The memory format a ResT model with these options gives the images x before its stem; None:
-    x stays as it is. backend: the model's pinned backend (None: the current default)."""
-    if x.device.type != "cpu":
+def images_memory_format(device: torch.device, dtype: torch.dtype, backend: str | None,
+                         cpu_layout: str) -> torch.memory_format | None:
+    """The memory format a ResT model on `device` with parameters of `dtype` and these options gives
+    its images before the stem; None: the images stay as they are. backend: the model's pinned
+    backend (None: the current default)."""
+    if device.type != "cpu":
         return None
     if cpu_layout == "channels_last":
         return torch.channels_last
     if cpu_layout == "contiguous":
         return torch.contiguous_format
-    if x.dtype != torch.float32 or tracing():
+    if dtype != torch.float32:
         return None
-    if os.environ.get(ENV_VAR, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if os.environ.get(ENV_VAR, "1") == "0" or not _HAS_ONEDNN:
         return None
     return None if on_reference_backend(backend) else torch.channels_last
+
+
+@torch.fx.wrap
+def to_model_layout(x: torch.Tensor, param: torch.Tensor, backend: str | None, cpu_layout: str) -> torch.Tensor:
+    """The images x in the memory format images_memory_format() gives a model whose parameters have
+    param's device and dtype. A leaf function for torch.fx (see the module docstring)."""
+    memory_format = images_memory_format(param.device, param.dtype, backend, cpu_layout)
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)

@@ -21,6 +21,24 @@ logger = logging.getLogger("rest_kernels")
 _warned_attn_drop = False
 
 
+# The ops as leaf functions for torch.fx (torch.fx.wrap): a symbolic trace records one call of each
+# instead of tracing into rest_kernels (whose argument checks and backend choice need real tensors),
+# and the traced module calls the op, with the current backend choice, when it runs.
+@torch.fx.wrap
+def attention(q, k, v, mix_weight, mix_bias, scale: float, eps: float, backend: str | None):
+    return rest_kernels.emsa_attention(q, k, v, mix_weight, mix_bias, scale=scale, eps=eps, backend=backend)
+
+
+@torch.fx.wrap
+def attention_map(q, k, mix_weight, mix_bias, scale: float, eps: float):
+    return rest_kernels.emsa_attention_map(q, k, mix_weight, mix_bias, scale=scale, eps=eps)
+
+
+@torch.fx.wrap
+def position_gate(x, weight, bias, backend: str | None):
+    return rest_kernels.pa_gate(x, weight, bias, backend=backend)
+
+
 class EMSA(nn.Module):
     """Efficient multi-head self-attention: q from x; k, v from a depthwise strided conv of the token
     map (kernel sr+1, stride sr, pad sr//2) plus LayerNorm; with more than one head and
@@ -66,7 +84,10 @@ class EMSA(nn.Module):
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1, stride=1)
             self.transform_norm = nn.InstanceNorm2d(num_heads)
 
-    def forward(self, x, H, W):
+    def __prepare_scriptable__(self):
+        _checks.refuse_torchscript(self)
+
+    def _check_input(self, x, H, W):
         _checks.input_tensor("x", x, 3, "(B, N, dim)", self.dim, 2, self.q.weight)
         for name, n in (("H", H), ("W", W)):
             # ints; SymInts under torch.compile; 0-dim tensors while TorchScript traces (ONNX export),
@@ -75,9 +96,14 @@ class EMSA(nn.Module):
                 raise TypeError(f"{name} must be an int (the token map's height / width), got {type(n).__name__}")
             if not isinstance(n, torch.Tensor) and n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
-        B, N, C = x.shape
+        N = x.shape[1]
         if N != H * W:
             raise ValueError(f"x has {N} tokens but H*W = {H}*{W} = {H * W}")
+
+    def forward(self, x, H, W):
+        if not _checks.symbolic(x):
+            self._check_input(x, H, W)
+        B, N, C = x.shape
         h = self.num_heads
         d = C // h
         # Views, no copies: (B,N,C) -> (B,h,N,d) with strides of the projection output.
@@ -96,8 +122,7 @@ class EMSA(nn.Module):
         if self.training and self.attn_drop.p > 0:
             out = self._forward_with_attn_dropout(q, k, v, mix_weight, mix_bias, eps)
         else:
-            out = rest_kernels.emsa_attention(q, k, v, mix_weight, mix_bias, scale=self.scale, eps=eps,
-                                              backend=self.backend)
+            out = attention(q, k, v, mix_weight, mix_bias, self.scale, eps, self.backend)
         x = out.transpose(1, 2).reshape(B, N, C)  # a view: the op lays its output out as (B,N,h,d)
         return self.proj_drop(self.proj(x))
 
@@ -109,7 +134,7 @@ class EMSA(nn.Module):
             _warned_attn_drop = True
             logger.warning("EMSA: attn_drop=%s in training needs the N x M map; using the reference math "
                            "instead of a fused backend", self.attn_drop.p)
-        attn = rest_kernels.emsa_attention_map(q, k, mix_weight, mix_bias, scale=self.scale, eps=eps)
+        attn = attention_map(q, k, mix_weight, mix_bias, self.scale, eps)
         return self.attn_drop(attn) @ v
 
 
@@ -122,6 +147,10 @@ class PA(nn.Module):
         self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
 
+    def __prepare_scriptable__(self):
+        _checks.refuse_torchscript(self)
+
     def forward(self, x):
-        _checks.input_tensor("x", x, 4, "(B, dim, H, W)", self.pa_conv.in_channels, 1, self.pa_conv.weight)
-        return rest_kernels.pa_gate(x, self.pa_conv.weight, self.pa_conv.bias, backend=self.backend)
+        if not _checks.symbolic(x):
+            _checks.input_tensor("x", x, 4, "(B, dim, H, W)", self.pa_conv.in_channels, 1, self.pa_conv.weight)
+        return position_gate(x, self.pa_conv.weight, self.pa_conv.bias, self.backend)

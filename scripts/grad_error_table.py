@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import rest  # noqa: E402
 import rest_kernels  # noqa: E402
 from rest import EMSA, PA, rest_lite  # noqa: E402
-from rest.batchnorm import BatchNorm2d  # noqa: E402
+from rest import batchnorm  # noqa: E402
 from rest.dense import Linear  # noqa: E402
 from rest_kernels import _extension, use_backend  # noqa: E402
 from support.reference_data import fill_weights, load  # noqa: E402
@@ -157,7 +157,7 @@ def main(argv=None):
                    help="channels-last maps use PyTorch's own BatchNorm kernel (as before rest/batchnorm.py)")
     args = p.parse_args(argv)
     if args.native_batchnorm:
-        BatchNorm2d._accurate_path_applies = staticmethod(lambda x: False)
+        batchnorm._accurate_path_applies = lambda x: False
     ref = load("rest_v1_models.zip")
     x32, dlogits = ref["input"].float(), ref["rest_lite"]["dlogits"]
     errors = {name: errors_of(parts, layout, x32, dlogits, rev) for name, (parts, layout, rev) in RUNS.items()}

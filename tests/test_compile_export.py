@@ -28,20 +28,8 @@ X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 RTOL32 = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _plain_linear_layers_and_layout(monkeypatch):
-    # Eager float32 linear layers run on oneDNN (rest/dense.py) while a traced model sees plain
-    # F.linear: two GEMMs whose rounding differs, which 20+ blocks of near-eps InstanceNorm magnify
-    # past RTOL32. Pin eager to F.linear so that eager vs compiled is kernel for kernel here;
-    # tests/test_dense.py checks the oneDNN layers themselves.
-    monkeypatch.setenv("REST_KERNELS_ONEDNN_LINEAR", "0")
-    # Likewise the convolutions: eager float32 CPU models run them channels-last (rest/layout.py),
-    # traced ones on the official NCHW maps.
-    monkeypatch.setenv("REST_KERNELS_CHANNELS_LAST", "0")
-
-
-def model_of(variant, dtype=torch.float32, seed=1):
-    model = VARIANTS[variant]().double()
+def model_of(variant, dtype=torch.float32, seed=1, **kwargs):
+    model = VARIANTS[variant](**kwargs).double()
     fill_weights(model, seed)
     return model.to(dtype)
 
@@ -113,7 +101,11 @@ def test_fused_ops_are_single_graph_nodes_under_compile(monkeypatch, variant):
 
 def test_fused_ops_compile_gradients_match_eager(monkeypatch):
     with fused_cpu_route(monkeypatch):
-        model = model_of("rest_lite").train()
+        # NCHW maps: in training on channels-last CPU maps eager BatchNorm takes rest/batchnorm.py's
+        # accurate path, which compiled graphs do not (they get PyTorch's kernel, whose channels-last
+        # statistics err by ~1e-5, moving the stem's gradients by ~1e-4); the linear layers and
+        # everything else are the same kernels compiled and eager
+        model = model_of("rest_lite", cpu_layout="contiguous").train()
 
         def grads(fn):
             model.zero_grad()

@@ -154,14 +154,29 @@ def test_double_backward_works(spy):
     assert spy["plain"] >= 1
 
 
-def test_traced_graphs_see_plain_linear(spy):
-    # torch.compile must get F.linear (its own backends lower it), never the private oneDNN op.
+def test_traced_graphs_run_the_eager_product(spy):
+    # The choice reads the layer (its options, device and dtype), never the input or a tracer: a
+    # compiled or fx-traced layer runs oneDNN as eager does, with bitwise the same result.
     torch._dynamo.reset()
     layer = dense.Linear(6, 4)
     x = torch.randn(3, 6)
-    compiled = torch.compile(layer, backend="eager", fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        traced = torch.fx.symbolic_trace(layer)
+        assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [dense.linear]
+        fx_out = traced(x)
+    assert torch.equal(compiled, eager) and torch.equal(fx_out, eager)
+    assert spy["plain"] >= 3  # eager, the compiled graph's trace, the fx module's run
+
+
+def test_onnx_export_gets_the_standard_product(spy, monkeypatch):
+    # ONNX has no operator for oneDNN's matmul: while an export runs the layer takes F.linear
+    layer = dense.Linear(6, 4)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    with torch.no_grad():
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
     assert spy["plain"] == 0
 
 

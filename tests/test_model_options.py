@@ -179,26 +179,44 @@ def test_cpu_layout_channels_last_is_used_everywhere(monkeypatch, backend, dtype
 
 
 def test_cpu_layout_auto_follows_the_rule(monkeypatch):
-    """"auto" (the default) is rest/layout.py's rule: channels-last for float32 CPU images unless the
+    """"auto" (the default) is rest/layout.py's rule: channels-last for a float32 CPU model unless the
     backend is "reference" or REST_KERNELS_CHANNELS_LAST=0; else the images as they are given."""
     monkeypatch.delenv("REST_KERNELS_BACKEND", raising=False)
     monkeypatch.delenv(layout.ENV_VAR, raising=False)
-    x = images()
     assert ResT().cpu_layout == "auto"
-    fmt = layout.images_memory_format
-    assert fmt(x, None, "auto") == (torch.channels_last if torch.backends.mkldnn.is_available() else None)
-    assert fmt(x, "reference", "auto") is None
-    assert fmt(x.double(), None, "auto") is None
+    cpu, f32, f64 = torch.device("cpu"), torch.float32, torch.float64
+
+    def fmt(dtype=f32, backend=None, cpu_layout="auto", device=cpu):
+        return layout.images_memory_format(device, dtype, backend, cpu_layout)
+
+    assert fmt() == (torch.channels_last if torch.backends.mkldnn.is_available() else None)
+    assert fmt(backend="reference") is None
+    assert fmt(f64) is None
+    assert fmt(device=torch.device("meta")) is None  # not a CPU model: the images stay as they are
     with rest_kernels.use_backend("reference"):
-        assert fmt(x, None, "auto") is None
+        assert fmt() is None
     monkeypatch.setenv(layout.ENV_VAR, "0")
-    assert fmt(x, None, "auto") is None
+    assert fmt() is None
     # the explicit values ignore the backend, the dtype and the switch
-    assert fmt(x.double(), "reference", "channels_last") == torch.channels_last
-    assert fmt(x, "cpu", "contiguous") == torch.contiguous_format
+    assert fmt(f64, "reference", "channels_last") == torch.channels_last
+    assert fmt(f32, "cpu", "contiguous") == torch.contiguous_format
     # "reference" + auto leaves channels-last images channels-last (the official code converts nothing)
     seen = conv_inputs(small_model(backend="reference"), images(channels_last=True))
     assert seen["stem.conv1"][1]
+
+
+def test_cpu_layout_is_the_model_s_not_the_images(monkeypatch):
+    """The layout follows the model's dtype, not the images': under CPU autocast a float32 model gets
+    bfloat16 images channels-last too, while a float64 model keeps float64 images as they come."""
+    monkeypatch.delenv("REST_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv(layout.ENV_VAR, raising=False)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: 'auto' keeps every layout")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = conv_inputs(small_model(), images(torch.bfloat16))
+    assert seen["stem.conv1"][1]
+    seen = conv_inputs(small_model(torch.float64), images(torch.float64))
+    assert seen["stem.conv1"][0]
 
 
 def test_cpu_layouts_agree(monkeypatch):
@@ -292,14 +310,30 @@ def test_linear_impl_onednn_falls_back_where_onednn_cannot_serve(onednn_calls):
     layer = dense.Linear(6, 4, linear_impl="onednn")
     x = torch.randn(3, 6)
     with torch.no_grad():
-        layer.double()(x.double())  # float64
+        layer.double()(x.double())  # a float64 layer
         layer.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert layer(x).dtype == torch.bfloat16
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, backend="eager", fullgraph=True)  # traced: plain F.linear
-        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
     assert onednn_calls["n"] == 0
+
+
+@needs_onednn
+def test_traced_layers_take_the_eager_path(onednn_calls):
+    """The choice reads the layer, not the input and not whether something traces it: torch.compile and
+    torch.fx run the oneDNN product that eager runs, bitwise."""
+    layer = dense.Linear(6, 4, linear_impl="onednn")
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        eager = layer(x)
+        assert onednn_calls["n"] == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        traced = torch.fx.symbolic_trace(layer)
+        assert onednn_calls["n"] > 1  # dynamo traced the oneDNN call
+        n = onednn_calls["n"]
+        fx_out = traced(x)
+        assert onednn_calls["n"] == n + 1  # the fx module made the same choice when it ran
+    assert torch.equal(compiled, eager) and torch.equal(fx_out, eager)
 
 
 # --------------------------------------------------------------------------- invalid values

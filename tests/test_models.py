@@ -136,30 +136,50 @@ def test_eval_logits_match_official(variant, dtype):
     assert_close_scaled(logits, ref[variant]["logits_eval"], rtol, f"{variant} {dtype} logits")
 
 
+def stage_maps(model: ResT, x: torch.Tensor) -> list[torch.Tensor]:
+    """The four stage maps (stage 4 after the final norm)."""
+    return model.forward_intermediates(x, intermediates_only=True)
+
+
+def capture_outputs(modules):
+    """Forward hooks keeping each module's last output; returns (outputs dict by index, handles)."""
+    outputs = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
+               for i, m in enumerate(modules)]
+    return outputs, handles
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_lite_stage_outputs_match_official(dtype):
     ref = load("rest_v1_models.zip")
     model = official_model("rest_lite", ref["rest_lite"]["seed"], dtype).eval()
     x = ref["input"].to(dtype)
+    # the official stage tokens are the blocks' outputs: stage 4's before the final norm, which the
+    # stage4 module's output is
+    pre_norm, handles = capture_outputs([model.stage4])
     with torch.no_grad():
-        stages = model.forward_stages(x)
-        feats = model.forward_features(x)
-    for i, (tokens, (H, W)) in enumerate(stages, start=1):
-        expected = ref["rest_lite"][f"stage{i}_tokens"]
-        assert tokens.shape == expected.shape and H * W == expected.shape[1]
-        assert_close_scaled(tokens, expected, RTOL[dtype], f"stage{i} tokens")
-    # forward_features: the same stages as (B, C, H, W) maps, stage 4 after the final norm
-    for i, (f, (tokens, (H, W))) in enumerate(zip(feats, stages)):
-        B, N, C = tokens.shape
-        assert f.shape == (B, C, H, W) and (H, W) == (56 // 2 ** i, 56 // 2 ** i)
-        expected_tokens = model.norm(tokens) if i == 3 else tokens
-        torch.testing.assert_close(f.flatten(2).transpose(1, 2), expected_tokens, rtol=0, atol=0)
+        maps = stage_maps(model, x)
+        features = model.forward_features(x)
+    for h in handles:
+        h.remove()
+    for i, m in enumerate(maps[:3] + [pre_norm[0]]):
+        expected = ref["rest_lite"][f"stage{i + 1}_tokens"]
+        B, C, H, W = m.shape
+        assert (H, W) == (56 // 2 ** i, 56 // 2 ** i) and H * W == expected.shape[1]
+        assert_close_scaled(m.flatten(2).transpose(1, 2), expected, RTOL[dtype], f"stage{i + 1} tokens")
+    # stage 4's intermediate and forward_features: the final LayerNorm over each pixel's channels,
+    # bitwise what nn.LayerNorm gives on the official (B, N, C) tokens
+    tokens4 = pre_norm[0].flatten(2).transpose(1, 2)
+    normed = torch.nn.functional.layer_norm(tokens4, (tokens4.shape[-1],), model.norm.weight, model.norm.bias,
+                                            model.norm.eps)
+    torch.testing.assert_close(maps[3].flatten(2).transpose(1, 2), normed, rtol=0, atol=0)
+    torch.testing.assert_close(features, maps[3], rtol=0, atol=0)
 
 
 def test_stage_maps_are_views_of_the_tokens(monkeypatch):
     """No copies between stages: each stage map (what the next PatchEmbed reads, and what
-    forward_features returns for stages 1-3) is a view of the block output, and each EMSA's q/k/v
-    reach the op as views of the projections."""
+    forward_intermediates returns for stages 1-3) is a view of its last block's output tokens, and
+    each EMSA's q/k/v reach the op as views of the projections."""
     model = tiny_model(11).eval()
     seen = []
     original = rest.modules.rest_kernels.emsa_attention
@@ -169,14 +189,21 @@ def test_stage_maps_are_views_of_the_tokens(monkeypatch):
         return original(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(rest.modules.rest_kernels, "emsa_attention", spy)
+    stages = [model.stage1, model.stage2, model.stage3]
+    tokens, handles = capture_outputs([stage[-1] for stage in stages])
+    maps, more = capture_outputs(stages)
+    embed_inputs = []
+    handles += more + [embed.register_forward_pre_hook(lambda mod, args: embed_inputs.append(args[0]))
+                       for embed in (model.patch_embed_2, model.patch_embed_3, model.patch_embed_4)]
     x = randn((1, 3, 97, 131), 17)
     with torch.no_grad():
-        stages = model.forward_stages(x)
-        feats = model.forward_features(x)
-    assert seen == [True] * 8
-    for (tokens, hw), f in zip(stages[:3], feats[:3]):
-        assert ResT._to_map(tokens, hw)._base is tokens
-        assert f._base is not None
+        feats = stage_maps(model, x)
+    for h in handles:
+        h.remove()
+    assert seen == [True] * sum(model.depths)  # one EMSA call per block
+    for i in range(3):
+        assert maps[i]._base is tokens[i]  # the (B, H*W, C) tokens seen as (B, C, H, W)
+        assert embed_inputs[i] is maps[i] and feats[i] is maps[i]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -262,7 +289,7 @@ def test_odd_sizes_forward_and_feature_shapes(size):
     model = tiny_model(11).eval()
     x = randn((2, 3, H, W), 5)
     with torch.no_grad():
-        feats = model.forward_features(x)
+        feats = stage_maps(model, x)
         logits = model(x)
     hs, ws = expected_stage_sizes(H), expected_stage_sizes(W)
     assert [tuple(f.shape) for f in feats] == [(2, c, h, w) for c, h, w in zip(model.embed_dims, hs, ws)]
@@ -279,8 +306,8 @@ def test_odd_sizes_batch_composition_does_not_matter(size):
     with torch.no_grad():
         batched = model(x)
         single = torch.cat([model(x[i:i + 1]) for i in range(3)])
-        feats_batched = model.forward_features(x)
-        feats_single = model.forward_features(x[1:2])
+        feats_batched = stage_maps(model, x)
+        feats_single = stage_maps(model, x[1:2])
     assert_close_scaled(single, batched, 1e-12, f"{size} per-sample vs batched logits")
     for i, (a, b) in enumerate(zip(feats_single, feats_batched)):
         assert_close_scaled(a, b[1:2], 1e-12, f"{size} stage {i + 1} map")
@@ -302,10 +329,10 @@ def test_odd_sizes_transposition_equivariance(size):
     model = tiny_model(11).eval()
     x = randn((2, 3, *size), 7)
     with torch.no_grad():
-        feats, logits = model.forward_features(x), model(x)
+        feats, logits = stage_maps(model, x), model(x)
         transpose_spatial_kernels(model)
         xt = x.transpose(-1, -2).contiguous()
-        feats_t, logits_t = model.forward_features(xt), model(xt)
+        feats_t, logits_t = stage_maps(model, xt), model(xt)
     assert_close_scaled(logits_t, logits, 1e-12, f"{size} logits")
     for i, (a, b) in enumerate(zip(feats_t, feats)):
         assert_close_scaled(a, b.transpose(-1, -2), 1e-12, f"{size} stage {i + 1} map")
@@ -393,7 +420,7 @@ def test_smallest_inputs():
     assert model.min_input_size == (1, 1)  # stock strides/paddings leave >= 1 pixel for any size
     with torch.no_grad():
         for size in [(1, 1), (1, 7), (5, 3)]:
-            feats = model.forward_features(randn((1, 3, *size), 12))
+            feats = stage_maps(model, randn((1, 3, *size), 12))
             assert [f.shape[-2:] for f in feats] == [torch.Size(s) for s in zip(*map(expected_stage_sizes, size))]
     with pytest.raises(ValueError, match=r"0x5 is too small.*at least 1x1"):
         model(torch.zeros(1, 3, 0, 5, dtype=torch.float64))

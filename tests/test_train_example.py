@@ -1,4 +1,5 @@
-"""Smoke test of examples/train.py: two steps with AMP and clipping, then a resumed third step."""
+"""Smoke test of examples/train.py: two steps with AMP and clipping, then a resumed third step; an
+ImageFolder step; gradient checkpointing trains the same weights."""
 from __future__ import annotations
 
 import os
@@ -58,3 +59,18 @@ def test_image_folder_data(tmp_path):
     assert "step 1/1" in log
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert state["model"]["head.weight"].shape[0] == 2  # classes from the folder
+
+
+def test_grad_checkpointing_trains_the_same_weights(tmp_path):
+    # checkpointed blocks recompute their activations in the backward: the same step, bitwise
+    pytest.importorskip("timm")
+    states = []
+    for extra in ([], ["--grad-checkpointing"]):
+        out_dir = tmp_path / ("ckpt" if extra else "plain")
+        assert "step 1/1" in run("--steps", "1", "--drop-path", "0.2", "--output", str(out_dir), *extra)
+        states.append(torch.load(out_dir / "last.pth", weights_only=True))
+    assert states[1]["args"]["grad_checkpointing"] is True
+    plain, checkpointed = states[0]["model"], states[1]["model"]
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        assert torch.equal(plain[k], checkpointed[k]), k
