@@ -145,7 +145,7 @@ _TILED = ("_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_
 
 
 def triton_kernel(ev, dtype: str) -> Kernel:
-    name, c, a = ev.name, ev.constexprs, ev.args
+    name, c, a = ev.name, {**ev.constexprs, **ev.scalars}, ev.args  # scalars: e.g. the dk / dv split
     gx, gy, gz = ev.grid
     grid = gx * gy * gz
     if name == "_attn_kernel":
@@ -156,7 +156,7 @@ def triton_kernel(ev, dtype: str) -> Kernel:
             reads += (2,)
     nb = [float(tensor_bytes(t)) if isinstance(t, torch.Tensor) else 0.0 for t in a]
     k = Kernel(name, sum(nb[i] for i in reads + writes), grid=grid,
-               resource_key=f"{dtype} {name} {triton_config(c)}")
+               resource_key=f"{dtype} {name} {triton_config(ev.constexprs)}")
     if name in _TILED:
         B, H, N, _ = a[0].shape
         M = a[1].shape[2]

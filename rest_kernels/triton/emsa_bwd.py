@@ -103,13 +103,16 @@ def _mixed_ds(s, vc_dot, lse, delta, r, rstd, c, inv_m, valid):
     return p * dp_minus_d, y
 
 
-@triton.jit
+# SPLIT and blocks_per_split are runtime arguments, never specialised: as constexprs (or as the
+# JIT's specialisations of 1 and of multiples of 16) every split count compiled its own kernel, with
+# its own register allocation, and some of those spilled where the tuned tiles did not.
+@triton.jit(do_not_specialize=["SPLIT", "blocks_per_split"])
 def _dkdv_mixed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq_ptr, vbar_ptr,
                        rstd_ptr, c_ptr, dk_ptr, dv_ptr, dw_ptr,
                        sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
                        sps, spb, sph, spm,
-                       H, N, M, D, scale, blocks_per_split,
-                       SPLIT: tl.constexpr, HP: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
+                       H, N, M, D, scale, blocks_per_split, SPLIT,
+                       HP: tl.constexpr, JG: tl.constexpr, BN: tl.constexpr,
                        BM: tl.constexpr, BD: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
     """One key block (of 1/SPLIT of the query blocks) of one batch element, every head: for each
     output head g in turn, walk the query blocks, recompute S_g (one 2-D dot per input head),
@@ -242,12 +245,12 @@ def _plain_ds(q, k, v, do, lse, delta, n0, m0, N, M, scale,
     return p, p * (dp - delta[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT", "blocks_per_split"])
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                  sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
                  sps, spb, sph, spm,
-                 H, N, M, D, scale, blocks_per_split,
-                 SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                 H, N, M, D, scale, blocks_per_split, SPLIT,
+                 BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                  DTYPE: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     m0 = (pid // SPLIT) * BM
@@ -384,7 +387,8 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
         attention_output(q, k, v, w, lse, rstd, scale, out)
     _row_terms(out, dout, delta, BD)
     vbar = torch.empty(B, H, D, **f32)
-    launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=64, BD=BD)
+    # [BM, BD] fp32 tiles of 2048 elements: 16 registers per thread at 4 warps (64 x 128 spilled)
+    launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=max(16, 2048 // BD), BD=BD)
     c = rowsum(delta) / (N * M)  # mean(dY * Y) per (b, g), fixed-order sum
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     stats = (lse, delta, rsq, vbar, rstd, c)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 
 _local = threading.local()
@@ -24,12 +25,16 @@ _local = threading.local()
 @dataclasses.dataclass
 class PlannedLaunch:
     """One launch of a plan: the kernel's name, its grid and the compiled kernel (metadata.shared,
-    metadata.num_warps, asm['ptx'] / asm['cubin'] ...)."""
+    metadata.num_warps, asm['ptx'] / asm['cubin'] ...). `constexprs`: the keyword arguments that
+    select the compiled kernel (constexpr parameters, num_warps, num_stages); `scalars`: keyword
+    arguments that are runtime parameters (e.g. a split count that must not multiply the
+    kernel's specialisations)."""
     name: str
     grid: tuple[int, int, int]
     compiled: object
     constexprs: dict
     args: tuple = ()  # the positional arguments (kept by recording() only)
+    scalars: dict = dataclasses.field(default_factory=dict)
 
 
 def _grid3(grid) -> tuple[int, int, int]:
@@ -37,16 +42,34 @@ def _grid3(grid) -> tuple[int, int, int]:
     return g + (1,) * (3 - len(g))
 
 
+def _runtime_params(kernel) -> set[str]:
+    """Names of the kernel's runtime (not constexpr) parameters: from the JIT's parameters, or from
+    the annotations of the Python function under the interpreter (which keeps no such list)."""
+    params = getattr(kernel, "params", None)
+    if params is not None:
+        return {p.name for p in params if not p.is_constexpr}
+    return {name for name, p in inspect.signature(kernel.fn).parameters.items()
+            if "constexpr" not in str(p.annotation)}
+
+
+def _split_kwargs(kernel, kwargs: dict) -> tuple[dict, dict]:
+    """(constexpr and launch options, runtime parameters) of a launch's keyword arguments."""
+    runtime = _runtime_params(kernel)
+    return ({k: v for k, v in kwargs.items() if k not in runtime},
+            {k: v for k, v in kwargs.items() if k in runtime})
+
+
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, or, inside `planning()`, compile it and record the launch."""
     plan = getattr(_local, "plan", None)
     if plan is None:
         return kernel[grid](*args, **kwargs)
+    constexprs, scalars = _split_kwargs(kernel, kwargs)
     if getattr(_local, "record_only", False):
-        plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), None, dict(kwargs), args))
+        plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), None, constexprs, args, scalars))
         return None
     compiled = kernel.warmup(*args, grid=grid, **kwargs)
-    plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), compiled, dict(kwargs)))
+    plan.append(PlannedLaunch(kernel.fn.__name__, _grid3(grid), compiled, constexprs, scalars=scalars))
     return compiled
 
 
