@@ -67,27 +67,38 @@ def family_of(pretty: str) -> str:
     return pretty
 
 
-def resource_usage(so_path: str) -> list[dict]:
-    """[{kernel, family, arch, REG, STACK, SHARED, LOCAL}] from the extension's cubins."""
+def _cuobjdump(flag: str, so_path: str) -> str:
     tool = find_tool("cuobjdump")
     if tool is None:
         raise SystemExit("cuobjdump not found (set CUDA_HOME)")
-    text = subprocess.run([tool, "--dump-resource-usage", so_path], capture_output=True, text=True,
-                          check=True).stdout
-    rows, arch, func = [], None, None
+    return subprocess.run([tool, flag, so_path], capture_output=True, text=True, check=True).stdout
+
+
+def _function_lines(text: str, header: str):
+    """(mangled function, arch, line) for every line of cuobjdump's output that follows a function
+    header (the regex `header`, group 1 the name), within its arch's section."""
+    arch, func = None, None
     for line in text.splitlines():
         m = re.search(r"arch = (sm_\d+a?)", line)
         if m:
-            arch = m.group(1)
+            arch, func = m.group(1), None
             continue
-        m = re.match(r"\s*Function (\S+):", line)
+        m = re.match(header, line)
         if m:
             func = m.group(1)
             continue
-        if func and "REG:" in line:
+        if func is not None:
+            yield func, arch, line
+
+
+def resource_usage(so_path: str) -> list[dict]:
+    """[{kernel, family, arch, REG, STACK, SHARED, LOCAL}] from the extension's cubins."""
+    rows, seen = [], set()
+    for func, arch, line in _function_lines(_cuobjdump("--dump-resource-usage", so_path), r"\s*Function (\S+):"):
+        if "REG:" in line and (func, arch) not in seen:
+            seen.add((func, arch))
             vals = dict((k, int(v)) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line))
             rows.append({"mangled": func, "arch": arch, **vals})
-            func = None
     names = demangle(sorted({r["mangled"] for r in rows}))
     for r in rows:
         r["kernel"] = names[r.pop("mangled")]
@@ -98,32 +109,16 @@ def resource_usage(so_path: str) -> list[dict]:
 def sass_counts(so_path: str) -> dict[tuple[str, str], dict[str, int]]:
     """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n}} summed over the kernels of each family,
     from the extension's SASS (`cuobjdump -sass`): what the GPU would execute."""
-    tool = find_tool("cuobjdump")
-    if tool is None:
-        raise SystemExit("cuobjdump not found (set CUDA_HOME)")
-    text = subprocess.run([tool, "-sass", so_path], capture_output=True, text=True, check=True).stdout
-    counts: dict[tuple[str, str], dict[str, int]] = {}
-    funcs: dict[str, str] = {}
-    arch, key = None, None
     pattern = re.compile(r"\b(" + "|".join(SASS_OPS) + r")\.")
-    for line in text.splitlines():
-        m = re.search(r"arch = (sm_\d+a?)", line)
-        if m:
-            arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            key = (m.group(1), arch)
-            funcs[m.group(1)] = m.group(1)
-            counts.setdefault(key, dict.fromkeys(SASS_OPS, 0))
-            continue
-        if key is not None:
-            for op in pattern.findall(line):
-                counts[key][op] += 1
-    names = demangle(sorted(funcs))
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for func, arch, line in _function_lines(_cuobjdump("-sass", so_path), r"\s*Function : (\S+)"):
+        c = counts.setdefault((func, arch), dict.fromkeys(SASS_OPS, 0))
+        for op in pattern.findall(line):
+            c[op] += 1
+    names = demangle(sorted({func for func, _ in counts}))
     by_family: dict[tuple[str, str], dict[str, int]] = {}
-    for (mangled, a), c in counts.items():
-        fam = by_family.setdefault((family_of(names[mangled]), a), dict.fromkeys(SASS_OPS, 0))
+    for (mangled, arch), c in counts.items():
+        fam = by_family.setdefault((family_of(names[mangled]), arch), dict.fromkeys(SASS_OPS, 0))
         for op, n in c.items():
             fam[op] += n
     return by_family
