@@ -160,7 +160,7 @@ def model_cases():
         ("x-numpy", lambda b: forward(b, torch.randn(1, 3, 8, 8).numpy()), type_error(r"x must be a torch\.Tensor")),
         ("x-empty-height", lambda b: forward(b, torch.randn(1, 3, 0, 64)), value_error(r"too small")),
         ("train-batch-1-too-small", lambda b: forward(b, torch.randn(1, 3, 32, 32), mode="train"),
-         value_error(r"x: a batch of 1 image of 32x32 gives a 1x1 stage-4 map")),
+         value_error(r"x: a batch of 1 image of 32x32 gives a 1x1 last stage map")),
         ("rest_lite-x-channels", lambda b: forward(b, torch.randn(1, 2, 32, 32), model=lambda b_: rest_lite(backend=b_)),
          value_error(r"x must have 3")),
     ]
