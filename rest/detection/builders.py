@@ -60,11 +60,12 @@ def _level_strides(backbone: ResTFPN) -> list[int] | None:
 
 
 def _backbone(variant, weights_backbone, backbone_weights, trainable_backbone_layers, returned_layers,
-              extra_blocks, layout, backbone_kwargs):
+              extra_blocks, layout, out_channels, backbone_kwargs):
     weights = _backbone_weights(weights_backbone, backbone_weights)
     trainable = _trainable_layers(weights is not None, trainable_backbone_layers)
     return rest_fpn_backbone(variant, weights=weights, trainable_layers=trainable, returned_layers=returned_layers,
-                             extra_blocks=extra_blocks, layout=layout, **(backbone_kwargs or {}))
+                             extra_blocks=extra_blocks, layout=layout, out_channels=out_channels,
+                             **(backbone_kwargs or {}))
 
 
 def _feature_names(backbone: ResTFPN) -> list[str]:
@@ -74,7 +75,7 @@ def _feature_names(backbone: ResTFPN) -> list[str]:
 def retinanet_rest(variant: str = "rest_small", *, num_classes: int = 91, weights_backbone=None,
                    backbone_weights=None, trainable_backbone_layers: int | None = None,
                    returned_layers: Sequence[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
-                   layout: str = "ours", min_size: int = 800, max_size: int = 1333,
+                   layout: str = "ours", out_channels: int = 256, min_size: int = 800, max_size: int = 1333,
                    backbone_kwargs: dict | None = None, **kwargs) -> RetinaNet:
     """torchvision's RetinaNet on a ResT backbone with FPN (torchvision's retinanet_resnet50_fpn).
 
@@ -84,14 +85,15 @@ def retinanet_rest(variant: str = "rest_small", *, num_classes: int = 91, weight
     BatchNorm is frozen and trainable_backbone_layers (0-5, default 3) of the units stem, stage 1-4
     train, from the top. returned_layers: default [2, 3, 4] (P3-P5; P2 would make too many anchors,
     as torchvision says). extra_blocks: default P6 and P7 from stage 4's map (LastLevelP6P7(C4, 256),
-    as the official ResT RetinaNet; also a callable, see rest_fpn_backbone). layout: "ours" or "official" (the official detection code's
-    per-stage norms). min_size, max_size: torchvision's resize. backbone_kwargs: to the variant's
+    as the official ResT RetinaNet; also a callable, see rest_fpn_backbone). layout: "ours" or
+    "official" (the official detection code's per-stage norms). out_channels: the FPN's width
+    (torchvision's 256). min_size, max_size: torchvision's resize. backbone_kwargs: to the variant's
     constructor (drop_path_rate, backend, ...). Other keyword arguments go to RetinaNet.
     """
     num_classes = _checks.integer("num_classes", num_classes)
     returned_layers = check_returned_layers([2, 3, 4] if returned_layers is None else returned_layers)
     backbone = _backbone(variant, weights_backbone, backbone_weights, trainable_backbone_layers, returned_layers,
-                         LastLevelP6P7 if extra_blocks is None else extra_blocks, layout, backbone_kwargs)
+                         LastLevelP6P7 if extra_blocks is None else extra_blocks, layout, out_channels, backbone_kwargs)
     if "anchor_generator" not in kwargs:
         strides = _level_strides(backbone)
         if strides is not None:
@@ -115,11 +117,11 @@ def _rcnn_kwargs(backbone: ResTFPN, kwargs: dict, mask: bool) -> dict:
 
 
 def _rcnn(cls, variant, num_classes, weights_backbone, backbone_weights, trainable_backbone_layers, returned_layers,
-          extra_blocks, layout, min_size, max_size, backbone_kwargs, kwargs):
+          extra_blocks, layout, out_channels, min_size, max_size, backbone_kwargs, kwargs):
     num_classes = _checks.integer("num_classes", num_classes)
     returned_layers = check_returned_layers([1, 2, 3, 4] if returned_layers is None else returned_layers)
     backbone = _backbone(variant, weights_backbone, backbone_weights, trainable_backbone_layers, returned_layers,
-                         extra_blocks, layout, backbone_kwargs)  # None: LastLevelMaxPool
+                         extra_blocks, layout, out_channels, backbone_kwargs)  # None: LastLevelMaxPool
     kwargs = _rcnn_kwargs(backbone, dict(kwargs), mask=cls is MaskRCNN)
     return cls(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -127,22 +129,22 @@ def _rcnn(cls, variant, num_classes, weights_backbone, backbone_weights, trainab
 def fasterrcnn_rest(variant: str = "rest_small", *, num_classes: int = 91, weights_backbone=None,
                     backbone_weights=None, trainable_backbone_layers: int | None = None,
                     returned_layers: Sequence[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
-                    layout: str = "ours", min_size: int = 800, max_size: int = 1333,
+                    layout: str = "ours", out_channels: int = 256, min_size: int = 800, max_size: int = 1333,
                     backbone_kwargs: dict | None = None, **kwargs) -> FasterRCNN:
     """torchvision's Faster R-CNN on a ResT backbone with FPN (torchvision's fasterrcnn_resnet50_fpn).
     Arguments as retinanet_rest's, except: returned_layers default [1, 2, 3, 4] (P2-P5) and
     extra_blocks default LastLevelMaxPool (P6 for the RPN), as torchvision's. Other keyword arguments
     go to FasterRCNN."""
     return _rcnn(FasterRCNN, variant, num_classes, weights_backbone, backbone_weights, trainable_backbone_layers,
-                 returned_layers, extra_blocks, layout, min_size, max_size, backbone_kwargs, kwargs)
+                 returned_layers, extra_blocks, layout, out_channels, min_size, max_size, backbone_kwargs, kwargs)
 
 
 def maskrcnn_rest(variant: str = "rest_small", *, num_classes: int = 91, weights_backbone=None,
                   backbone_weights=None, trainable_backbone_layers: int | None = None,
                   returned_layers: Sequence[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
-                  layout: str = "ours", min_size: int = 800, max_size: int = 1333,
+                  layout: str = "ours", out_channels: int = 256, min_size: int = 800, max_size: int = 1333,
                   backbone_kwargs: dict | None = None, **kwargs) -> MaskRCNN:
     """torchvision's Mask R-CNN on a ResT backbone with FPN (torchvision's maskrcnn_resnet50_fpn).
     Arguments as fasterrcnn_rest's; other keyword arguments go to MaskRCNN."""
     return _rcnn(MaskRCNN, variant, num_classes, weights_backbone, backbone_weights, trainable_backbone_layers,
-                 returned_layers, extra_blocks, layout, min_size, max_size, backbone_kwargs, kwargs)
+                 returned_layers, extra_blocks, layout, out_channels, min_size, max_size, backbone_kwargs, kwargs)
