@@ -44,6 +44,8 @@ try:
     from pycocotools.coco import COCO
     from torchmetrics.detection import MeanAveragePrecision
     from torchvision.io import ImageReadMode, read_image, write_png
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
     from rest import detection
 except ImportError as e:
@@ -90,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--min-size", type=int, default=None, help="detector's resize (default: 800, or --image-size)")
     p.add_argument("--max-size", type=int, default=None, help="detector's resize (default: 1333, or --image-size)")
     p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 256; 64 for rest_tiny)")
+    p.add_argument("--head-width", type=int, default=None,
+                   help="R-CNN heads of this width (default: torchvision's; 64 for rest_tiny)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW, as the official detection recipe")
@@ -205,11 +209,26 @@ def make_datasets(args):
 
 
 # ---------------------------------------------------------------------------- model and training state
+def _narrow_heads(detector: str, fpn: int, width: int, num_classes: int) -> dict:
+    """R-CNN heads of `width` channels instead of torchvision's (a 1024-wide box MLP, four 256-channel
+    mask convolutions): for quick runs, where those heads cost more than the whole tiny backbone."""
+    if detector == "retinanet":
+        return {}  # its head is as wide as the FPN
+    heads = dict(box_head=TwoMLPHead(fpn * 7 * 7, 4 * width), box_predictor=FastRCNNPredictor(4 * width, num_classes))
+    if detector == "maskrcnn":
+        heads.update(mask_head=MaskRCNNHeads(fpn, [width, width], 1),
+                     mask_predictor=MaskRCNNPredictor(width, width, num_classes))
+    return heads
+
+
 def build_model(args, num_classes: int, **detector_kwargs):
     synthetic = args.train_images is None
     min_size = args.min_size or (args.image_size if synthetic else 800)
     max_size = args.max_size or (args.image_size if synthetic else 1333)
     fpn = args.fpn_channels or (64 if args.model == "rest_tiny" else 256)
+    width = args.head_width or (64 if args.model == "rest_tiny" else None)
+    if width is not None:
+        detector_kwargs = {**_narrow_heads(args.detector, fpn, width, num_classes), **detector_kwargs}
     return DETECTORS[args.detector](args.model, num_classes=num_classes, backbone_weights=args.backbone_weights,
                                     trainable_backbone_layers=args.trainable_backbone_layers, layout=args.layout,
                                     out_channels=fpn, min_size=min_size, max_size=max_size,
@@ -285,7 +304,27 @@ def overfit(model, images, targets, args, opt, scaler, amp_dtype):
             print(f"overfit step {step + 1}/{args.overfit} loss {losses[-1]:.4f}", flush=True)
     if bar is not None:
         bar.close()
+    precise_batchnorm(model, [(images, targets)], args, amp_dtype)
     return losses, evaluate(model, [(images, targets)], images[0].device, args, amp_dtype)
+
+
+@torch.no_grad()
+def precise_batchnorm(model, batches, args, amp_dtype):
+    """Recompute the running statistics of the model's trainable BatchNorm layers as the plain average
+    over `batches` (detectron2's PreciseBN). During training they trail the weights by ~1 / momentum
+    steps, which on a fast-moving model (a few steps of overfitting) makes evaluation, which reads
+    them, see another network than the one trained. Frozen BatchNorm has nothing to update."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the passes below
+    for images, targets in batches:
+        with torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=args.amp):
+            model(images, targets)  # train mode: batch statistics, as in training
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
 
 
 def _progress(total, desc):

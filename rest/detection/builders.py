@@ -123,7 +123,9 @@ def _rcnn(cls, variant, num_classes, weights_backbone, backbone_weights, trainab
     backbone = _backbone(variant, weights_backbone, backbone_weights, trainable_backbone_layers, returned_layers,
                          extra_blocks, layout, out_channels, backbone_kwargs)  # None: LastLevelMaxPool
     kwargs = _rcnn_kwargs(backbone, dict(kwargs), mask=cls is MaskRCNN)
-    return cls(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    # torchvision refuses num_classes beside predictors the caller made (they fix the classes)
+    given = "box_predictor" in kwargs or "mask_predictor" in kwargs
+    return cls(backbone, num_classes=None if given else num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
 
 def fasterrcnn_rest(variant: str = "rest_small", *, num_classes: int = 91, weights_backbone=None,
