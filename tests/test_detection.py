@@ -357,3 +357,23 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     moved = "body.model.stage4.0.mlp.fc1.weight"
     assert not torch.equal(expected[moved], initial[moved])
     assert torch.equal(expected["body.model.stem.conv1.weight"], initial["body.model.stem.conv1.weight"])  # frozen
+
+
+def test_grad_checkpointing_keeps_gradients_and_saves_less():
+    from rest_kernels.diagnostics import saved_tensor_bytes
+
+    x = images(h=64, w=96)
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        backbone = detection.rest_fpn_backbone(TINY, out_channels=16, grad_checkpointing=lean).double().train()
+        with torch.enable_grad():
+            out, nbytes = saved_tensor_bytes(backbone, x.double())
+        sum(m.square().mean() for m in out.values()).backward()
+        results.append((nbytes, [p.grad for p in backbone.parameters()]))
+    (eager_bytes, eager_grads), (lean_bytes, lean_grads) = results
+    assert lean_bytes < eager_bytes / 2
+    for g, e in zip(lean_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    model = detection.maskrcnn_rest(TINY, num_classes=3, out_channels=16, backbone_kwargs=dict(grad_checkpointing=True))
+    assert all(s.grad_checkpointing for _, s in model.backbone.body.model._stage_pairs())

@@ -165,7 +165,7 @@ def freeze_units(body: ResTFeatures, trainable_layers: int) -> None:
 def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | None = None, norm_layer=None,
                       trainable_layers: int | None = None, returned_layers: Sequence[int] | None = None,
                       extra_blocks=None, layout: str = "ours", out_channels: int = 256,
-                      fpn_norm_layer=None, **model_kwargs) -> ResTFPN:
+                      fpn_norm_layer=None, grad_checkpointing: bool = False, **model_kwargs) -> ResTFPN:
     """A ResT backbone with FPN, as torchvision's resnet_fpn_backbone builds a ResNet one.
 
     variant: a name in rest.detection.BACKBONES ("rest_lite", "rest_small", "rest_base", "rest_large").
@@ -182,6 +182,10 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
         (channels of the last returned map, out_channels) -> one, such as the class LastLevelP6P7.
     layout: "ours" or "official" (see ResTFeatures). out_channels: the FPN's width.
     fpn_norm_layer: torchvision FPN's norm_layer (None: no norm in the FPN, as torchvision's default).
+    grad_checkpointing: the memory-lean option: every block of the backbone runs under
+        torch.utils.checkpoint while gradients are recorded (the model's set_grad_checkpointing), so
+        a training step keeps only each block's input for backward and recomputes the rest (the same
+        gradients, one more forward of the blocks).
     model_kwargs: to the variant's constructor (drop_path_rate, backend, cpu_layout, linear_impl, ...).
     """
     spec = backbone_spec(variant)
@@ -197,6 +201,8 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
     if trainable_layers is None:
         trainable_layers = 3 if trained else NUM_UNITS
     model = spec.build(num_classes=0, **model_kwargs)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     norm_states = load_backbone_weights(model, weights, spec) if trained else {}
     body = ResTFeatures(model, [k - 1 for k in returned_layers], layout, spec)
     if norm_states:

@@ -87,8 +87,9 @@ def retinanet_rest(variant: str = "rest_small", *, num_classes: int = 91, weight
     as torchvision says). extra_blocks: default P6 and P7 from stage 4's map (LastLevelP6P7(C4, 256),
     as the official ResT RetinaNet; also a callable, see rest_fpn_backbone). layout: "ours" or
     "official" (the official detection code's per-stage norms). out_channels: the FPN's width
-    (torchvision's 256). min_size, max_size: torchvision's resize. backbone_kwargs: to the variant's
-    constructor (drop_path_rate, backend, ...). Other keyword arguments go to RetinaNet.
+    (torchvision's 256). min_size, max_size: torchvision's resize. backbone_kwargs: to
+    rest_fpn_backbone and through it to the variant's constructor (drop_path_rate, backend,
+    grad_checkpointing, ...). Other keyword arguments go to RetinaNet.
     """
     num_classes = _checks.integer("num_classes", num_classes)
     returned_layers = check_returned_layers([2, 3, 4] if returned_layers is None else returned_layers)
