@@ -4,15 +4,12 @@ detectron2 checkpoints, frozen BatchNorm and frozen stages, the builders' torchv
 the detectors in train and eval at awkward sizes, under autocast, torch.compile and DDP."""
 from __future__ import annotations
 
-import datetime
 import os
-import time
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -322,32 +319,19 @@ def _ddp_train(model, data, rank=0, world=1):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
-    try:
+    from test_distributed import process_group
+
+    with process_group(rank, world, port, DDP_TIMEOUT_S):
         model = _ddp_backbone()
         _ddp_train(nn.parallel.DistributedDataParallel(model), _ddp_data(), rank, world)
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
 def test_ddp_two_processes_match_one_process(tmp_path):
-    from test_distributed import free_port
+    from test_distributed import run_ranks
 
-    ctx = mp.start_processes(_ddp_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {DDP_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # only our own workers, by handle
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_ddp_worker, WORLD, str(tmp_path), DDP_TIMEOUT_S)
     expected = _ddp_train(_ddp_backbone(), _ddp_data()).state_dict()
     initial = _ddp_backbone().state_dict()
     for rank in range(WORLD):
