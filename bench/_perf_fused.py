@@ -195,6 +195,7 @@ def triton_kernel(ev, dtype: str) -> Kernel:
 # ----------------------------------------------------------------------------- CUDA
 CUDA_T = {"bf16": "c10::BFloat16", "fp16": "c10::Half", "fp32": "float"}
 TILE, THREADS, PA_THREADS = 32, 128, 256
+MMA_ROWS = 64  # query rows per block of csrc/cuda/emsa_mma.cuh
 def cuda_unsupported(shape) -> str | None:
     """The cuda backend's own declared limits (rest_kernels/backends/base.py), on meta tensors."""
     if shape.op != "emsa":
@@ -226,31 +227,42 @@ def _cuda_emsa(s, dtype, backward):
     B, h, N, M, d, mix = s.B, s.heads, s.N, s.M, s.d, s.mix
     es, T, f32 = (4 if dtype == "fp32" else 2), CUDA_T[dtype], dtype == "fp32"
     DP = 64 if d <= 64 else 128
-    BH, nT, nMt, E = B * h, math.ceil(N / TILE), math.ceil(M / TILE), TILE * TILE
+    BH, nT, nMt, E = B * h, math.ceil(N / TILE), math.ceil(M / TILE), TILE * TILE  # SIMT 32 x 32 tiles
     q, kv, rows, ws, heads4 = B * h * N * d * es, B * h * M * d * es, BH * N * 4, B * N * h * d * 4, BH * 4
     vbar = BH * d * 4
     lw = h if mix else 1  # logits of output head g: a dot of width lw * d (the mix folded in)
 
-    def K(fam, key, nbytes, grid, threads=THREADS, **kw):
-        return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit="fp32", **kw)
+    def K(fam, key, nbytes, grid, threads=THREADS, unit="fp32", **kw):
+        return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit=unit, **kw)
 
-    # L2 re-reads: a block loads its query rows again for every key tile (and, with the mix, the
-    # rows of every input head), and so on; reread = all tile loads - the distinct bytes
+    # The 16-bit forward written in its own dtype runs emsa_mma.cuh on tensor cores: 64-row blocks,
+    # 32-key tiles, the head dim computed in 16-wide chunks (logits) and 8-wide tiles (P V); float32,
+    # and the backward's float32 rebuild of O (TO = float), run the SIMT kernels on 32 x 32 tiles.
     def fwd_kernel(out_bytes, TO):
+        mma = not f32 and TO == T
+        rows_b = MMA_ROWS if mma else TILE
+        nR, e = math.ceil(N / rows_b), rows_b * TILE
+        tiles = nR * BH * nMt
+        loads = nMt * lw * q + nR * lw * kv + nR * kv
+        dots = (2.0 * math.ceil(d / 16) * 16 * lw + 2.0 * math.ceil(d / 8) * 8) if mma else (2.0 * d * lw + 2.0 * DP)
+        name = "emsa_fwd_mma_kernel" if mma else "emsa_fwd_kernel"
         # MIX reads lse and rstd (P final); plain writes lse
-        tiles = nT * BH * nMt
-        loads = nMt * lw * q + nT * lw * kv + nT * kv
-        return K("emsa_fwd_kernel", f"emsa_fwd_kernel<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
+        return K(name, f"{name}<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
                  q + 2 * kv + out_bytes + rows + (heads4 if mix else 0),
-                 nT * BH, dot_flops=tiles * E * (2.0 * d * lw + 2.0 * DP), fp32=tiles * E * 6.0, sfu=tiles * E * 1.0,
-                 reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h)
+                 nR * BH, unit="tc16" if mma else "fp32", dot_flops=tiles * e * dots, fp32=tiles * e * 6.0,
+                 sfu=tiles * e * 1.0, reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nR * h)
 
     def stats_kernel():
         # online lse and the centred row sums (Chan's merge): writes lse and rsq
-        tiles = nT * BH * nMt
-        return K("emsa_stats_kernel", f"emsa_stats_kernel<{T}>", q + kv + 2 * rows, nT * BH,
-                 dot_flops=tiles * E * 2.0 * d * h, fp32=tiles * E * 8.0, sfu=tiles * E * 1.0,
-                 reread=nMt * h * q + nT * h * kv - q - kv, reuse_set=kv / B, sharers=nT * h)
+        rows_b = TILE if f32 else MMA_ROWS
+        nR, e = math.ceil(N / rows_b), rows_b * TILE
+        tiles = nR * BH * nMt
+        name, key = ("emsa_stats_kernel", f"emsa_stats_kernel<{T}>") if f32 else \
+            ("emsa_stats_mma_kernel", f"emsa_stats_mma_kernel<{T}, {DP}>")
+        dots = 2.0 * d * h if f32 else 2.0 * math.ceil(d / 16) * 16 * h
+        return K(name, key, q + kv + 2 * rows, nR * BH, unit="fp32" if f32 else "tc16",
+                 dot_flops=tiles * e * dots, fp32=tiles * e * 8.0, sfu=tiles * e * 1.0,
+                 reread=nMt * h * q + nR * h * kv - q - kv, reuse_set=kv / B, sharers=nR * h)
 
     rstd_k = K("emsa_rstd_kernel", "emsa_rstd_kernel", rows + heads4, BH, fp32=float(B * h * N))
     vbar_k = K("emsa_vbar_kernel", f"emsa_vbar_kernel<{T}>", kv + vbar, BH, fp32=float(B * h * M * d))
