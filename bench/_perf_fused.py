@@ -270,13 +270,15 @@ def _cuda_emsa(s, dtype, backward):
     out.append(fwd_kernel(B * N * h * d * es, T))  # out written once, in the output dtype
     if not backward:
         return out
-    # emsa_bwd: zero-filled outputs and scratch, then the launches in order
+    # emsa_bwd: zero-filled outputs and scratch, then the launches in order. dW partials: one row per
+    # key block of the dk / dv kernel (64 keys on tensor cores, 32 on SIMT)
+    nWb = math.ceil(M / (TILE if f32 else MMA_ROWS))
     out += [_fill("zeros", q), _fill("zeros", kv), _fill("zeros", kv)]  # dq, dk, dv
     if mix:
         out += [_fill("zeros", h * h * 4)]  # dmix
     out += [_fill("zeros", heads4)]  # cg
     if mix:
-        out += [_fill("zeros", B * h * nMt * h * 4), vbar_k]  # dw_part
+        out += [_fill("zeros", B * h * nWb * h * 4), vbar_k]  # dw_part
     rowdot_grid = math.ceil(N / (THREADS // 32)) * BH
     if mix and not f32:  # O rebuilt in float32 from the saved lse and rstd, then u = dO . O
         out.append(fwd_kernel(ws, "float"))
@@ -290,25 +292,45 @@ def _cuda_emsa(s, dtype, backward):
     g = h if mix else 1  # output heads a tile of input head j goes through
     mx = 1 if mix else 0
     ins = 2 * q + 2 * kv + 2 * rows + (vbar if mix else 0)  # q, dO, k, v, lse, E
-    tiles = nMt * BH * nT
-    # KEYS: per (key tile, query tile): logits of each g (lw q and k tiles), dO_g v_g^T, L_j (mix),
-    # Y^T dO (dv) and dL^T q (dk)
-    dots_keys = E * (2.0 * d * (g * (lw + 1) + mx) + 2 * 2.0 * DP)
-    loads_keys = nMt * (g * lw + mx + 1) * q + nMt * (g + 1) * q + nT * (g * lw + mx) * kv + nT * g * kv
-    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, true>",
-                 ins + 2 * kv + (2 * B * h * nMt * h * 4 if mix else 0), nMt * BH,
-                 dot_flops=tiles * dots_keys, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
-                 reread=loads_keys - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nMt * h))
-    # !KEYS: per (query tile, key tile): logits and dO_g v_g^T of each g, then dL k (dq)
-    dots_rows = E * (2.0 * d * g * (lw + 1) + 2.0 * DP)
-    loads_rows = nMt * g * lw * q + nMt * g * q + nT * (g * lw + 1) * kv + nT * g * kv
-    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, false>", ins + q, nT * BH,
-                 dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
-                 reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
+    if not f32:
+        # emsa_bwd_mma_kernel (tensor cores): 64 own rows x 32-row tiles of the other side. KEYS walks
+        # the query tiles twice: dv (head j's logits over lw heads, Y^T dO), then per tile L_j (mix),
+        # per output head its logits and dO V^T, and dS^T Q; !KEYS: per output head logits and
+        # dO V^T, then dS K. Head dims padded to 16 (X Y^T) and 8 (tile x Z).
+        d16, d8 = 16 * math.ceil(d / 16), 8 * math.ceil(d / 8)
+        nKb, nQt, nQb, nKt, e = math.ceil(M / MMA_ROWS), math.ceil(N / TILE), math.ceil(N / MMA_ROWS), nMt, MMA_ROWS * TILE
+        tiles_k, tiles_r = nKb * BH * nQt, nQb * BH * nKt
+        dots_k = e * (2.0 * d16 * lw + 2.0 * d8 + 2.0 * d16 * (mx + g * (lw + 1)) + 2.0 * d8)
+        loads_k = nQt * (lw + mx + g * lw + g) * kv + nKb * (lw + 1 + mx + g * lw + g + 1) * q
+        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, true>",
+                     ins + 2 * kv + (2 * B * h * nKb * h * 4 if mix else 0), nKb * BH, unit="tc16",
+                     dot_flops=tiles_k * dots_k, fp32=tiles_k * e * (12.0 * g + 4.0), sfu=tiles_k * e * (g + 1.0),
+                     reread=loads_k - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nKb * h))
+        dots_r = e * (2.0 * d16 * g * (lw + 1) + 2.0 * d8)
+        loads_r = nKt * g * (lw + 1) * q + nQb * (g * lw + g + 1) * kv
+        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, false>", ins + q, nQb * BH, unit="tc16",
+                     dot_flops=tiles_r * dots_r, fp32=tiles_r * e * 12.0 * g, sfu=tiles_r * e * 1.0 * g,
+                     reread=loads_r - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nQb * h))
+    else:
+        tiles = nMt * BH * nT
+        # KEYS: per (key tile, query tile): logits of each g (lw q and k tiles), dO_g v_g^T, L_j (mix),
+        # Y^T dO (dv) and dL^T q (dk)
+        dots_keys = E * (2.0 * d * (g * (lw + 1) + mx) + 2 * 2.0 * DP)
+        loads_keys = nMt * (g * lw + mx + 1) * q + nMt * (g + 1) * q + nT * (g * lw + mx) * kv + nT * g * kv
+        out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, true>",
+                     ins + 2 * kv + (2 * B * h * nMt * h * 4 if mix else 0), nMt * BH,
+                     dot_flops=tiles * dots_keys, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                     reread=loads_keys - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nMt * h))
+        # !KEYS: per (query tile, key tile): logits and dO_g v_g^T of each g, then dL k (dq)
+        dots_rows = E * (2.0 * d * g * (lw + 1) + 2.0 * DP)
+        loads_rows = nMt * g * lw * q + nMt * g * q + nT * (g * lw + 1) * kv + nT * g * kv
+        out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, false>", ins + q, nT * BH,
+                     dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                     reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
     if mix:
-        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nMt * h * 4 + h * h * 4,
+        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nWb * h * 4 + h * h * 4,
                      math.ceil(h * h / THREADS),
-                     fp32=float(B * h * nMt * h)))
+                     fp32=float(B * h * nWb * h)))
     return out
 
 

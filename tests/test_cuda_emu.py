@@ -238,6 +238,33 @@ def test_emsa_forward_runs_on_the_tensor_core_kernels(dtype, mix):
     assert ran == (0 if dtype == torch.float32 else want)
 
 
+@pytest.mark.parametrize("mix", [True, False], ids=["mix", "nomix"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emsa_backward_runs_on_the_tensor_core_kernels(dtype, mix):
+    """fp16 / bf16 backward: the emulated mma.sync count of one emsa_bwd call is exactly that of
+    csrc/cuda/emsa_mma.cuh's emsa_bwd_mma_kernel tiling (with the mix the float32 rebuild of O
+    stays on SIMT: no mma). dk / dv kernel: 64-key blocks walking 32-query tiles twice (dv: head
+    j's logits and Y^T dO; then per tile L_j for dW (mix), per output head its logits and dO V^T,
+    and dS^T Q); dq kernel: 64-query blocks walking 32-key tiles (per output head its logits and
+    dO V^T, then dS K). float32: the SIMT kernels, no mma."""
+    B, h, N, M, d = 2, 3, 70, 45, 24
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, h, n, d, generator=g).to(dtype) for n in (N, M, M))
+    w = torch.randn(h, h, generator=g) if mix else None
+    ops = torch.ops.rest_kernels_C
+    saved = ops.emsa_fwd_emu(q, k, v, w, d ** -0.5, 1e-5)
+    dout = torch.randn(B, h, N, d, generator=g).to(dtype)
+    before = _mma_count()
+    ops.emsa_bwd_emu(dout, q, k, v, w, *saved, d ** -0.5, 1e-5)
+    ran = _mma_count() - before
+    warps, hm = 4, (h if mix else 1)
+    xyt, az = -(-d // 16) * 4 * warps, 2 * -(-d // 8) * warps  # one 16 x 32 X Y^T; one tile x (32 x d)
+    keys = -(-M // 64) * B * h * -(-N // 32) * ((hm * xyt + az)                              # dv walk
+                                                 + (xyt if mix else 0) + hm * (hm + 1) * xyt + az)
+    rows = -(-N // 64) * B * h * -(-M // 32) * (hm * (hm + 1) * xyt + az)
+    assert ran == (0 if dtype == torch.float32 else keys + rows)
+
+
 def test_mma_fragments_bad_input_names_the_argument():
     mma = torch.ops.rest_kernels_selftest.mma_fragments
     a, b = _mma_operands(torch.bfloat16)

@@ -647,7 +647,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   at::Tensor u = at::empty({B, h, N}, f32);
   at::Tensor E = at::empty({B, h, N}, f32);
   at::Tensor cg = at::zeros({B, h}, f32);
-  const int64_t nMt = (M + kTile - 1) / kTile;
+  // rows a block of the main backward kernels owns (keys or queries): 64 on tensor cores (fp16 /
+  // bf16), 32 on SIMT (float32); nMt = key blocks of the dk / dv kernel (dW partials per block)
+  const bool on_tc = q.scalar_type() != at::kFloat;
+  const int64_t block_rows = on_tc ? kMmaRows : kTile, nMt = (M + block_rows - 1) / block_rows;
   at::Tensor dw_part = mix ? at::zeros({B, h, nMt, h}, f32) : at::Tensor();
   // float32 outputs are stored exactly as computed; only 16-bit ones need O rebuilt (see below)
   const bool recompute_out = mix && q.scalar_type() != at::kFloat;
@@ -693,11 +696,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     p.rstd = rstd_c.data_ptr<float>();
     p.vbar = mix ? vbar.data_ptr<float>() : nullptr;
     float* dwp = mix ? dw_part.data_ptr<float>() : nullptr;
+    // the main kernels: tensor cores for fp16 / bf16 (emsa_mma.cuh), SIMT for float32
     auto keys = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, true> : &emsa_bwd_kernel<scalar_t, 128, true>;
     auto rows = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, false> : &emsa_bwd_kernel<scalar_t, 128, false>;
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      keys = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, true> : &emsa_bwd_mma_kernel<scalar_t, 128, true>;
+      rows = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, false> : &emsa_bwd_mma_kernel<scalar_t, 128, false>;
+    }
     rk::launch(keys, dim3(static_cast<unsigned>(nMt), BH), dim3(kThreads), stream, p, dk.data_ptr<scalar_t>(),
                dv.data_ptr<scalar_t>(), dwp);
-    rk::launch(rows, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
+    rk::launch(rows, dim3(rk::ceil_div(N, block_rows), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
                static_cast<scalar_t*>(nullptr), static_cast<float*>(nullptr));
     if (mix)
       rk::launch(emsa_dmix_kernel, dim3(rk::ceil_div(h * h, kThreads)), dim3(kThreads), stream,
