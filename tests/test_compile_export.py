@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) and torch.export of the ResT models: no graph breaks, same outputs
+"""torch.compile(fullgraph=True) and torch.export of the ResT and ResTv2 models: no graph breaks, same outputs
 and gradients as eager, and with a fused backend every EMSA / PA is one custom-op node.
 
 Two routes are exercised: the default backend of this machine ("auto": a fused backend where one
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from rest import ResT, rest_base, rest_large, rest_lite, rest_small
+from rest import ResT, ResTV2, rest_base, rest_large, rest_lite, rest_small
 
 from support.conformance import assert_close_scaled
 from support.fused_route import count_ops, fused_cpu_route
@@ -163,3 +163,51 @@ def test_export_tiny_model_odd_size(monkeypatch):
         program = torch.export.export(model, (x,))
         with torch.no_grad():
             assert_close_scaled(program.module()(x), model(x), RTOL32, "tiny exported logits")
+
+
+# --------------------------------------------------------------------------- ResTv2
+V2_TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 1, 1), num_classes=10)
+X_ODD = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(2))  # stage sizes not multiples of sr
+
+
+def v2_model(seed=3, dtype=torch.float32, **kwargs):
+    model = ResTV2(**{**V2_TINY, **kwargs}).double()
+    fill_weights(model, seed)
+    return model.to(dtype)
+
+
+def test_v2_fused_ops_are_single_nodes_under_compile_and_export(monkeypatch):
+    """ResTv2's plain attention and PA as single custom-op nodes, fullgraph compile and torch.export
+    (with a free batch), at a size whose up branch is cut (rest.modules.EMSAv2)."""
+    with fused_cpu_route(monkeypatch):
+        model = v2_model().eval()
+        graphs = []
+        with torch.no_grad():
+            expected = model(X_ODD)
+            actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(X_ODD)
+        assert len(graphs) == 1
+        assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+        assert_close_scaled(actual, expected, RTOL32, "restv2 compiled logits (custom ops)")
+        program = torch.export.export(model, (X_ODD,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+        assert count_ops(program.graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+        with torch.no_grad():
+            for x in (X_ODD, X_ODD[:1]):
+                assert_close_scaled(program.module()(x), model(x), RTOL32, f"restv2 exported, batch {x.shape[0]}")
+
+
+def test_v2_compile_gradients_match_eager(monkeypatch):
+    with fused_cpu_route(monkeypatch):
+        model = v2_model(dtype=torch.float64, cpu_layout="contiguous").train()
+
+        def grads(fn):
+            model.zero_grad()
+            inp = X_ODD.double().requires_grad_(True)
+            fn(inp).square().mean().backward()
+            return [inp.grad] + [p.grad.clone() for p in model.parameters()]
+
+        eager = grads(model)
+        compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    names = ["input"] + [n for n, _ in model.named_parameters()]
+    largest = max(g.abs().max().item() for g in eager[1:])
+    for name, a, e in zip(names, compiled, eager):
+        assert_close_scaled(a, e, 1e-9, f"grad {name}", floor=1e-3 * largest)
