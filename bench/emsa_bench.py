@@ -355,7 +355,7 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
     if reason is not None:
         return reason
     b = BACKENDS[backend]
-    if b.device_type != device:
+    if b.device_type and b.device_type != device:
         return f"{backend} serves {b.device_type} tensors; this run is on {device} (--device)"
     if backend in EMULATORS and not explicit:
         return "a test emulator of the cuda kernels on the CPU, not timed unless named in --backends"
