@@ -106,20 +106,24 @@ def test_fused_ops_compile_gradients_match_eager(monkeypatch):
         # statistics err by ~1e-5, moving the stem's gradients by ~1e-4); the linear layers and
         # everything else are the same kernels compiled and eager
         model = model_of("rest_lite", cpu_layout="contiguous").train()
+        assert_compiled_gradients_match_eager(model, X, RTOL32)
 
-        def grads(fn):
-            model.zero_grad()
-            inp = X.clone().requires_grad_(True)
-            fn(inp).square().mean().backward()
-            return [inp.grad] + [p.grad.clone() for p in model.parameters()]
 
-        eager = grads(model)
-        compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+def assert_compiled_gradients_match_eager(model, x, rtol):
+    """Gradients of the input and every parameter, fullgraph-compiled (aot_eager) against eager."""
+    def grads(fn):
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        fn(inp).square().mean().backward()
+        return [inp.grad] + [p.grad.clone() for p in model.parameters()]
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     names = ["input"] + [n for n, _ in model.named_parameters()]
     largest = max(g.abs().max().item() for g in eager[1:])
     for name, a, e in zip(names, compiled, eager):
         # same kernels, same order: only the exactly-zero gradients (mix bias etc.) are pure noise
-        assert_close_scaled(a, e, RTOL32, f"grad {name}", floor=1e-3 * largest)
+        assert_close_scaled(a, e, rtol, f"grad {name}", floor=1e-3 * largest)
 
 
 def test_compile_with_changing_scale_has_no_graph_break():
@@ -197,17 +201,6 @@ def test_v2_fused_ops_are_single_nodes_under_compile_and_export(monkeypatch):
 
 def test_v2_compile_gradients_match_eager(monkeypatch):
     with fused_cpu_route(monkeypatch):
+        # float64, NCHW maps (see test_fused_ops_compile_gradients_match_eager), an odd size
         model = v2_model(dtype=torch.float64, cpu_layout="contiguous").train()
-
-        def grads(fn):
-            model.zero_grad()
-            inp = X_ODD.double().requires_grad_(True)
-            fn(inp).square().mean().backward()
-            return [inp.grad] + [p.grad.clone() for p in model.parameters()]
-
-        eager = grads(model)
-        compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    names = ["input"] + [n for n, _ in model.named_parameters()]
-    largest = max(g.abs().max().item() for g in eager[1:])
-    for name, a, e in zip(names, compiled, eager):
-        assert_close_scaled(a, e, 1e-9, f"grad {name}", floor=1e-3 * largest)
+        assert_compiled_gradients_match_eager(model, X_ODD.double(), 1e-9)

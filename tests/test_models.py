@@ -301,16 +301,21 @@ def test_odd_sizes_forward_and_feature_shapes(size):
 
 @pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_odd_sizes_batch_composition_does_not_matter(size):
-    model = tiny_model(12).eval()
-    x = randn((3, 3, *size), 6)
+    check_batch_composition(tiny_model(12).eval(), randn((3, 3, *size), 6))
+
+
+def check_batch_composition(model, x):
+    """Per-sample logits and stage maps equal the batched ones (float64, 1e-12 of their scale)."""
     with torch.no_grad():
         batched = model(x)
-        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
-        feats_batched = stage_maps(model, x)
-        feats_single = stage_maps(model, x[1:2])
+        single = torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+        feats_batched = model.forward_intermediates(x, intermediates_only=True)
+        feats_single = model.forward_intermediates(x[1:2], intermediates_only=True)
+    size = tuple(x.shape[-2:])
     assert_close_scaled(single, batched, 1e-12, f"{size} per-sample vs batched logits")
     for i, (a, b) in enumerate(zip(feats_single, feats_batched)):
         assert_close_scaled(a, b[1:2], 1e-12, f"{size} stage {i + 1} map")
+    return feats_batched
 
 
 @torch.no_grad()

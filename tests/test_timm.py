@@ -134,19 +134,13 @@ def leaf_traced(model):
     return torch.fx.GraphModule(model, LeafTracer().trace(model))
 
 
-def test_emsa_and_pa_are_timm_leaf_modules():
-    assert {EMSA, PA} <= set(timm.models.get_notrace_modules())
-    model = timm.create_model("rest_small").eval()
+@pytest.mark.parametrize("name,attention", [("rest_small", EMSA), ("restv2_tiny", EMSAv2)])
+def test_attention_and_pa_are_timm_leaf_modules(name, attention):
+    assert {attention, PA} <= set(timm.models.get_notrace_modules())
+    model = timm.create_model(name).eval()
     traced = leaf_traced(model)
     called = [type(traced.get_submodule(n.target)) for n in traced.graph.nodes if n.op == "call_module"]
-    assert called.count(EMSA) == sum(model.depths) and called.count(PA) == 4
-    with torch.no_grad():
-        assert torch.equal(traced(X), model(X))
-    assert EMSAv2 in set(timm.models.get_notrace_modules())
-    model = timm.create_model("restv2_tiny").eval()
-    traced = leaf_traced(model)
-    called = [type(traced.get_submodule(n.target)) for n in traced.graph.nodes if n.op == "call_module"]
-    assert called.count(EMSAv2) == sum(model.depths) and called.count(PA) == 4
+    assert called.count(attention) == sum(model.depths) and called.count(PA) == 4
     with torch.no_grad():
         assert torch.equal(traced(X), model(X))
 
