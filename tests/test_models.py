@@ -92,14 +92,19 @@ def test_exports():
 
 
 def test_official_init():
-    model = rest_lite()
+    assert_official_init(rest_lite(), conv_bias_zero=False)
+
+
+def assert_official_init(model, conv_bias_zero: bool):
+    """trunc_normal_(std 0.02) weights of every Linear and Conv2d, zero Linear biases (and Conv2d ones
+    where the family's init zeroes them: ResTv2's), unit-weight zero-bias norms."""
     for name, m in model.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             w = m.weight.detach()
             assert w.abs().max() <= 2.0, name  # trunc_normal_ cuts at +-2 (absolute)
             if w.numel() >= 10_000:
                 assert abs(w.std().item() - 0.02) < 0.002, f"{name}: std {w.std().item()}"
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            if m.bias is not None and (isinstance(m, torch.nn.Linear) or conv_bias_zero):
                 assert torch.all(m.bias == 0), name
         elif isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name

@@ -20,7 +20,7 @@ from rest.layers_v2 import PatchEmbedV2
 
 from support.conformance import RTOL, assert_close_scaled
 from support.reference_data import fill_weights, load, randn
-from test_models import check_batch_composition, check_full_grads, train_step
+from test_models import assert_official_init, check_batch_composition, check_full_grads, train_step
 
 VARIANTS = {"restv2_tiny": restv2_tiny, "restv2_small": restv2_small, "restv2_base": restv2_base,
             "restv2_large": restv2_large}
@@ -56,16 +56,7 @@ def test_exports():
 def test_official_init():
     torch.manual_seed(0)
     model = ResTV2(**TINY)
-    for name, m in model.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            w = m.weight.detach()
-            assert w.abs().max() <= 2.0, name  # trunc_normal_ cuts at +-2 (absolute)
-            if w.numel() >= 10_000:
-                assert abs(w.std().item() - 0.02) < 0.002, f"{name}: std {w.std().item()}"
-            if m.bias is not None:  # v2 zeroes the conv biases too
-                assert torch.all(m.bias == 0), name
-        elif isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+    assert_official_init(model, conv_bias_zero=True)  # v2 zeroes the conv biases too
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
 
 
