@@ -232,6 +232,9 @@ VARIANT_BUILDERS = {"ResT": [rest_lite, rest_small, rest_base, rest_large],
 
 @pytest.mark.parametrize("variant", range(4), ids=["lite/tiny", "small", "base", "large"])
 def test_symbolic_trace_equals_eager_bitwise(variant, family):
+    if family == "ResTV2" and variant in (1, 2):
+        # the suite's time: ResTv2-S and -B are ResTv2-T's modules with more blocks (-L has its own widths)
+        pytest.skip("ResTv2-S / -B: the modules of ResTv2-T, more of them")
     model = VARIANT_BUILDERS[family][variant]().eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     traced = torch.fx.symbolic_trace(model)
