@@ -1,10 +1,12 @@
 """What the benchmark measures: ResT's stage shapes, the op and model cases, and their callables.
 
-Shapes follow ResT v1 (Zhang & Yang, 2021): a stride-4 stem (two 3x3 stride-2 convs), then stride-2
-patch embeddings; stage i has dims[i] channels, heads[i] heads (d = dims[i] / heads[i]) and its keys
-and values come from a depthwise conv of kernel sr+1, stride sr, padding sr//2 (sr = 8, 4, 2, 1).
-lite and small share their stage shapes (dims 64..512), base and large theirs (dims 96..768), so
-the op shapes are listed per family, not per variant.
+Shapes follow ResT v1 (Zhang & Yang, 2021) and ResTv2 (2022), which share them: a stride-4 stem,
+then stride-2 patch embeddings; stage i has dims[i] channels, heads[i] heads (d = dims[i] / heads[i])
+and its keys and values come from a depthwise conv of kernel sr+1, stride sr, padding sr//2 (sr = 8,
+4, 2, 1). ResT lite and small share their stage shapes (dims 64..512); ResT base and large and
+ResTv2 tiny, small and base theirs (dims 96..768); ResTv2 large has its own (dims 128..1024, heads
+2..16). So the op shapes are listed per family, not per variant. ResT mixes heads where a stage has
+several ("emsa-mix"); ResTv2 never does (plain "emsa" at every stage).
 
 A "runner" is what the timing and memory code calls: a zero-argument function doing one forward
 (inference, no autograd) or one forward plus backward (or, for the models, one training step),
@@ -22,12 +24,21 @@ import torch
 import rest_kernels
 
 # --------------------------------------------------------------------------- ResT shapes
+# v1 / v2: whether ResT (v1) / ResTv2 variants run at these shapes
 FAMILIES = {
-    "lite/small": dict(dims=(64, 128, 256, 512), heads=(1, 2, 4, 8), sr=(8, 4, 2, 1)),
-    "base/large": dict(dims=(96, 192, 384, 768), heads=(1, 2, 4, 8), sr=(8, 4, 2, 1)),
+    "lite/small": dict(dims=(64, 128, 256, 512), heads=(1, 2, 4, 8), sr=(8, 4, 2, 1), v1=True, v2=False),
+    "base/large": dict(dims=(96, 192, 384, 768), heads=(1, 2, 4, 8), sr=(8, 4, 2, 1), v1=True, v2=True),
+    "v2-large": dict(dims=(128, 256, 512, 1024), heads=(2, 4, 8, 16), sr=(8, 4, 2, 1), v1=False, v2=True),
 }
-VARIANT_FAMILY = {"lite": "lite/small", "small": "lite/small", "base": "base/large", "large": "base/large"}
-MODELS = ("lite", "small", "base", "large")
+VARIANT_FAMILY = {"lite": "lite/small", "small": "lite/small", "base": "base/large", "large": "base/large",
+                  "v2_tiny": "base/large", "v2_small": "base/large", "v2_base": "base/large", "v2_large": "v2-large"}
+#: the models: ResT's "lite" ... (rest.rest_lite ...), ResTv2's "v2_tiny" ... (rest.restv2_tiny ...)
+MODELS = ("lite", "small", "base", "large", "v2_tiny", "v2_small", "v2_base", "v2_large")
+
+
+def model_name(model: str) -> str:
+    """The rest constructor of a MODELS entry: rest_lite, ..., restv2_tiny, ..."""
+    return "rest" + model if model.startswith("v2_") else f"rest_{model}"
 #: input resolutions: ImageNet classification and a detection-size input (COCO-style 800 x 1216)
 INPUTS = {"224": (224, 224), "det": (800, 1216)}
 
@@ -88,9 +99,15 @@ def stage_shapes() -> list[StageShape]:
 
 
 def in_model(op: str, shape: StageShape) -> bool:
-    """Whether ResT runs this op at this stage: it mixes heads only where there are several
-    (rest/modules.py: apply_transform and num_heads > 1), so stage 1 runs plain emsa."""
-    return op == "pa" or (op == "emsa-mix") == (shape.h > 1)
+    """Whether a model runs this op at this stage: ResT mixes heads only where there are several
+    (rest/modules.py: apply_transform and num_heads > 1), so its stage 1 runs plain emsa; ResTv2 runs
+    plain emsa everywhere."""
+    family = FAMILIES[shape.family]
+    if op == "pa":
+        return True
+    if op == "emsa-mix":
+        return family["v1"] and shape.h > 1
+    return family["v2"] or shape.h == 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -144,7 +161,7 @@ class ModelCase:
 
     @property
     def name(self) -> str:
-        return f"rest_{self.model}"
+        return model_name(self.model)
 
     @property
     def pass_(self) -> str:
@@ -152,7 +169,7 @@ class ModelCase:
 
     @property
     def label(self) -> str:
-        return f"rest_{self.model} {self.mode} {self.image}px {dtype_name(self.dtype)}"
+        return f"{model_name(self.model)} {self.mode} {self.image}px {dtype_name(self.dtype)}"
 
     def dims(self) -> dict:
         return dict(B=self.batch, C=3, H=self.image, W=self.image)
@@ -278,7 +295,7 @@ def op_runner(case: OpCase, backend: str) -> Runner:
 def model_constructor(model: str):
     """(constructor, None), or (None, why it cannot be had): imported lazily, so the op rows
     work in a checkout that has no models yet."""
-    name = f"rest_{model}"
+    name = model_name(model)
     try:
         module = importlib.import_module("rest")
     except Exception as e:  # report, don't crash

@@ -20,6 +20,8 @@ from bench._cases import ModelUnavailable, Runner, _compile, dtype_name
 
 #: what is trained: the backbone with FPN alone, or a whole detector on it
 DETECTION = ("backbone", "retinanet", "maskrcnn")
+#: the ResT variants rest.detection builds (v1; a family registered in rest.detection.BACKBONES joins here)
+DET_MODELS = ("lite", "small", "base", "large")
 #: input sizes (height x width): COCO's usual 800 x 1216 batch and the largest the resize allows
 DET_INPUTS = {"800x1216": (800, 1216), "800x1333": (800, 1333)}
 

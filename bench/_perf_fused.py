@@ -195,6 +195,7 @@ def triton_kernel(ev, dtype: str) -> Kernel:
 # ----------------------------------------------------------------------------- CUDA
 CUDA_T = {"bf16": "c10::BFloat16", "fp16": "c10::Half", "fp32": "float"}
 TILE, THREADS, PA_THREADS = 32, 128, 256
+MMA_ROWS = 64  # query rows per block of csrc/cuda/emsa_mma.cuh
 def cuda_unsupported(shape) -> str | None:
     """The cuda backend's own declared limits (rest_kernels/backends/base.py), on meta tensors."""
     if shape.op != "emsa":
@@ -226,31 +227,42 @@ def _cuda_emsa(s, dtype, backward):
     B, h, N, M, d, mix = s.B, s.heads, s.N, s.M, s.d, s.mix
     es, T, f32 = (4 if dtype == "fp32" else 2), CUDA_T[dtype], dtype == "fp32"
     DP = 64 if d <= 64 else 128
-    BH, nT, nMt, E = B * h, math.ceil(N / TILE), math.ceil(M / TILE), TILE * TILE
+    BH, nT, nMt, E = B * h, math.ceil(N / TILE), math.ceil(M / TILE), TILE * TILE  # SIMT 32 x 32 tiles
     q, kv, rows, ws, heads4 = B * h * N * d * es, B * h * M * d * es, BH * N * 4, B * N * h * d * 4, BH * 4
     vbar = BH * d * 4
     lw = h if mix else 1  # logits of output head g: a dot of width lw * d (the mix folded in)
 
-    def K(fam, key, nbytes, grid, threads=THREADS, **kw):
-        return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit="fp32", **kw)
+    def K(fam, key, nbytes, grid, threads=THREADS, unit="fp32", **kw):
+        return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit=unit, **kw)
 
-    # L2 re-reads: a block loads its query rows again for every key tile (and, with the mix, the
-    # rows of every input head), and so on; reread = all tile loads - the distinct bytes
+    # The 16-bit forward written in its own dtype runs emsa_mma.cuh on tensor cores: 64-row blocks,
+    # 32-key tiles, the head dim computed in 16-wide chunks (logits) and 8-wide tiles (P V); float32,
+    # and the backward's float32 rebuild of O (TO = float), run the SIMT kernels on 32 x 32 tiles.
     def fwd_kernel(out_bytes, TO):
+        mma = not f32 and TO == T
+        rows_b = MMA_ROWS if mma else TILE
+        nR, e = math.ceil(N / rows_b), rows_b * TILE
+        tiles = nR * BH * nMt
+        loads = nMt * lw * q + nR * lw * kv + nR * kv
+        dots = (2.0 * math.ceil(d / 16) * 16 * lw + 2.0 * math.ceil(d / 8) * 8) if mma else (2.0 * d * lw + 2.0 * DP)
+        name = "emsa_fwd_mma_kernel" if mma else "emsa_fwd_kernel"
         # MIX reads lse and rstd (P final); plain writes lse
-        tiles = nT * BH * nMt
-        loads = nMt * lw * q + nT * lw * kv + nT * kv
-        return K("emsa_fwd_kernel", f"emsa_fwd_kernel<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
+        return K(name, f"{name}<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
                  q + 2 * kv + out_bytes + rows + (heads4 if mix else 0),
-                 nT * BH, dot_flops=tiles * E * (2.0 * d * lw + 2.0 * DP), fp32=tiles * E * 6.0, sfu=tiles * E * 1.0,
-                 reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h)
+                 nR * BH, unit="tc16" if mma else "fp32", dot_flops=tiles * e * dots, fp32=tiles * e * 6.0,
+                 sfu=tiles * e * 1.0, reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nR * h)
 
     def stats_kernel():
         # online lse and the centred row sums (Chan's merge): writes lse and rsq
-        tiles = nT * BH * nMt
-        return K("emsa_stats_kernel", f"emsa_stats_kernel<{T}>", q + kv + 2 * rows, nT * BH,
-                 dot_flops=tiles * E * 2.0 * d * h, fp32=tiles * E * 8.0, sfu=tiles * E * 1.0,
-                 reread=nMt * h * q + nT * h * kv - q - kv, reuse_set=kv / B, sharers=nT * h)
+        rows_b = TILE if f32 else MMA_ROWS
+        nR, e = math.ceil(N / rows_b), rows_b * TILE
+        tiles = nR * BH * nMt
+        name, key = ("emsa_stats_kernel", f"emsa_stats_kernel<{T}>") if f32 else \
+            ("emsa_stats_mma_kernel", f"emsa_stats_mma_kernel<{T}, {DP}>")
+        dots = 2.0 * d * h if f32 else 2.0 * math.ceil(d / 16) * 16 * h
+        return K(name, key, q + kv + 2 * rows, nR * BH, unit="fp32" if f32 else "tc16",
+                 dot_flops=tiles * e * dots, fp32=tiles * e * 8.0, sfu=tiles * e * 1.0,
+                 reread=nMt * h * q + nR * h * kv - q - kv, reuse_set=kv / B, sharers=nR * h)
 
     rstd_k = K("emsa_rstd_kernel", "emsa_rstd_kernel", rows + heads4, BH, fp32=float(B * h * N))
     vbar_k = K("emsa_vbar_kernel", f"emsa_vbar_kernel<{T}>", kv + vbar, BH, fp32=float(B * h * M * d))
@@ -258,13 +270,15 @@ def _cuda_emsa(s, dtype, backward):
     out.append(fwd_kernel(B * N * h * d * es, T))  # out written once, in the output dtype
     if not backward:
         return out
-    # emsa_bwd: zero-filled outputs and scratch, then the launches in order
+    # emsa_bwd: zero-filled outputs and scratch, then the launches in order. dW partials: one row per
+    # key block of the dk / dv kernel (64 keys on tensor cores, 32 on SIMT)
+    nWb = math.ceil(M / (TILE if f32 else MMA_ROWS))
     out += [_fill("zeros", q), _fill("zeros", kv), _fill("zeros", kv)]  # dq, dk, dv
     if mix:
         out += [_fill("zeros", h * h * 4)]  # dmix
     out += [_fill("zeros", heads4)]  # cg
     if mix:
-        out += [_fill("zeros", B * h * nMt * h * 4), vbar_k]  # dw_part
+        out += [_fill("zeros", B * h * nWb * h * 4), vbar_k]  # dw_part
     rowdot_grid = math.ceil(N / (THREADS // 32)) * BH
     if mix and not f32:  # O rebuilt in float32 from the saved lse and rstd, then u = dO . O
         out.append(fwd_kernel(ws, "float"))
@@ -278,25 +292,45 @@ def _cuda_emsa(s, dtype, backward):
     g = h if mix else 1  # output heads a tile of input head j goes through
     mx = 1 if mix else 0
     ins = 2 * q + 2 * kv + 2 * rows + (vbar if mix else 0)  # q, dO, k, v, lse, E
-    tiles = nMt * BH * nT
-    # KEYS: per (key tile, query tile): logits of each g (lw q and k tiles), dO_g v_g^T, L_j (mix),
-    # Y^T dO (dv) and dL^T q (dk)
-    dots_keys = E * (2.0 * d * (g * (lw + 1) + mx) + 2 * 2.0 * DP)
-    loads_keys = nMt * (g * lw + mx + 1) * q + nMt * (g + 1) * q + nT * (g * lw + mx) * kv + nT * g * kv
-    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, true>",
-                 ins + 2 * kv + (2 * B * h * nMt * h * 4 if mix else 0), nMt * BH,
-                 dot_flops=tiles * dots_keys, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
-                 reread=loads_keys - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nMt * h))
-    # !KEYS: per (query tile, key tile): logits and dO_g v_g^T of each g, then dL k (dq)
-    dots_rows = E * (2.0 * d * g * (lw + 1) + 2.0 * DP)
-    loads_rows = nMt * g * lw * q + nMt * g * q + nT * (g * lw + 1) * kv + nT * g * kv
-    out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, false>", ins + q, nT * BH,
-                 dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
-                 reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
+    if not f32:
+        # emsa_bwd_mma_kernel (tensor cores): 64 own rows x 32-row tiles of the other side. KEYS walks
+        # the query tiles twice: dv (head j's logits over lw heads, Y^T dO), then per tile L_j (mix),
+        # per output head its logits and dO V^T, and dS^T Q; !KEYS: per output head logits and
+        # dO V^T, then dS K. Head dims padded to 16 (X Y^T) and 8 (tile x Z).
+        d16, d8 = 16 * math.ceil(d / 16), 8 * math.ceil(d / 8)
+        nKb, nQt, nQb, nKt, e = math.ceil(M / MMA_ROWS), math.ceil(N / TILE), math.ceil(N / MMA_ROWS), nMt, MMA_ROWS * TILE
+        tiles_k, tiles_r = nKb * BH * nQt, nQb * BH * nKt
+        dots_k = e * (2.0 * d16 * lw + 2.0 * d8 + 2.0 * d16 * (mx + g * (lw + 1)) + 2.0 * d8)
+        loads_k = nQt * (lw + mx + g * lw + g) * kv + nKb * (lw + 1 + mx + g * lw + g + 1) * q
+        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, true>",
+                     ins + 2 * kv + (2 * B * h * nKb * h * 4 if mix else 0), nKb * BH, unit="tc16",
+                     dot_flops=tiles_k * dots_k, fp32=tiles_k * e * (12.0 * g + 4.0), sfu=tiles_k * e * (g + 1.0),
+                     reread=loads_k - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nKb * h))
+        dots_r = e * (2.0 * d16 * g * (lw + 1) + 2.0 * d8)
+        loads_r = nKt * g * (lw + 1) * q + nQb * (g * lw + g + 1) * kv
+        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, false>", ins + q, nQb * BH, unit="tc16",
+                     dot_flops=tiles_r * dots_r, fp32=tiles_r * e * 12.0 * g, sfu=tiles_r * e * 1.0 * g,
+                     reread=loads_r - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nQb * h))
+    else:
+        tiles = nMt * BH * nT
+        # KEYS: per (key tile, query tile): logits of each g (lw q and k tiles), dO_g v_g^T, L_j (mix),
+        # Y^T dO (dv) and dL^T q (dk)
+        dots_keys = E * (2.0 * d * (g * (lw + 1) + mx) + 2 * 2.0 * DP)
+        loads_keys = nMt * (g * lw + mx + 1) * q + nMt * (g + 1) * q + nT * (g * lw + mx) * kv + nT * g * kv
+        out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, true>",
+                     ins + 2 * kv + (2 * B * h * nMt * h * 4 if mix else 0), nMt * BH,
+                     dot_flops=tiles * dots_keys, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                     reread=loads_keys - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nMt * h))
+        # !KEYS: per (query tile, key tile): logits and dO_g v_g^T of each g, then dL k (dq)
+        dots_rows = E * (2.0 * d * g * (lw + 1) + 2.0 * DP)
+        loads_rows = nMt * g * lw * q + nMt * g * q + nT * (g * lw + 1) * kv + nT * g * kv
+        out.append(K("emsa_bwd_kernel", f"emsa_bwd_kernel<{T}, {DP}, false>", ins + q, nT * BH,
+                     dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
+                     reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
     if mix:
-        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nMt * h * 4 + h * h * 4,
+        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nWb * h * 4 + h * h * 4,
                      math.ceil(h * h / THREADS),
-                     fp32=float(B * h * nMt * h)))
+                     fp32=float(B * h * nWb * h)))
     return out
 
 

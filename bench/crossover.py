@@ -1,15 +1,16 @@
-"""Where the reference (eager PyTorch) beats a fused backend: the data "auto" decides with.
+"""Where the reference (eager PyTorch) or PyTorch's SDPA beats a fused backend: the data "auto" decides with.
 
     python bench/crossover.py [--backend cpu] [--write] [--repeats 5] [--margin 0.1]
 
-Times every op ResT runs (PA on NCHW and channels-last maps, EMSA with and without the head mix)
-at every stage of both ResT families, at 224 px with batch 1 and 8 and at 800 x 1216 with batch 1,
-forward (inference, no autograd) and forward plus backward, on the fused backend and on the
-reference, in one process, alternately per case. "auto" redirects inference calls only
-(rest_kernels/backends/preference.py), so rules are made for the forward; the training rows are
-stored with them for the record. For each (op, layout) the forward rule's threshold
-is the largest call size (elements: B C H W for PA, B h N M for EMSA) such that the reference was
-faster by more than `margin` on every measured call of that size or smaller: one slower call above
+Times every op ResT and ResTv2 run (PA on NCHW and channels-last maps, EMSA with and without the head
+mix) at every stage of the shape families (bench/_cases.py), at 224 px with batch 1 and 8 and at
+800 x 1216 with batch 1, forward (inference, no autograd) and forward plus backward, on the fused
+backend, on the reference and, for plain EMSA, on the `sdpa` backend, in one process, alternately per
+case. The reference takes inference calls only (rest_kernels/backends/preference.py), so its rules are
+made for the forward; sdpa's for both passes (the forward's for inference calls, the forward plus
+backward's for training calls). For each (route, op, pass, layout) the rule's threshold is the largest
+call size (elements: B C H W for PA, B h N M for EMSA) such that the route was faster than the fused
+backend by more than `margin` on every measured call of that size or smaller: one slower call above
 a faster one ends the region (no guessing between measurements). With --write the rules and their
 provenance (command, machine, date, commit) go to rest_kernels/backends/data/<backend>_crossover.json,
 which the backend declares (rest_kernels/backends/preference.py).
@@ -40,9 +41,9 @@ def elements(case: OpCase) -> int:
     return case.batch * (s.C * s.H * s.W if case.op == "pa" else s.h * s.N * s.M)
 
 
-def cases(device: str):
+def cases(device: str, ops=("pa", "emsa", "emsa-mix")):
     for s in stage_shapes():
-        for op in ("pa", "emsa", "emsa-mix"):
+        for op in ops:
             if op != "pa" and not in_model(op, s) and not (op == "emsa" and s.h > 1):
                 continue  # plain EMSA is measured at every stage (ResTv2 runs it), the mix where heads > 1
             for batch in BATCHES[s.input]:
@@ -51,21 +52,28 @@ def cases(device: str):
                         yield OpCase(op, pass_, s, batch, torch.float32, device, channels_last=cl)
 
 
+#: the routes "auto" may take instead of the fused backend, the passes it takes each for, and the row
+#: field with the route's time (backends/preference.py)
+ROUTES = (("reference", ("fwd",), "reference_s"), ("sdpa", ("fwd", "fwd+bwd"), "sdpa_s"))
+
+
 def rules_from(rows, margin: float) -> list[dict]:
-    groups = {}
-    for r in rows:
-        if r["pass"] == "fwd":  # inference: the only calls "auto" redirects
-            groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
     rules = []
-    for (op, pass_, layout), rs in sorted(groups.items()):
-        threshold = 0
-        for r in sorted(rs, key=lambda r: r["elements"]):
-            if r["reference_s"] < (1 - margin) * r["fused_s"]:
-                threshold = r["elements"]
-            else:
-                break
-        rules.append(dict(op=op, pass_=pass_, layout=layout, max_elements=threshold))
-    return [dict(op=r["op"], max_elements=r["max_elements"], layout=r["layout"], **{"pass": r["pass_"]}) for r in rules]
+    for faster, passes, field in ROUTES:
+        groups = {}
+        for r in rows:
+            if r["pass"] in passes and field in r:
+                groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
+        for (op, pass_, layout), rs in sorted(groups.items()):
+            threshold = 0
+            for r in sorted(rs, key=lambda r: r["elements"]):
+                if r[field] < (1 - margin) * r["fused_s"]:
+                    threshold = r["elements"]
+                else:
+                    break
+            rule = dict(op=op, max_elements=threshold, layout=layout, **{"pass": pass_})
+            rules.append(rule if faster == "reference" else dict(rule, faster=faster))
+    return rules
 
 
 def git_commit() -> str:
@@ -84,8 +92,13 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per repeat at least")
     ap.add_argument("--margin", type=float, default=0.1, help="the reference must be this much faster")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ops", default="pa,emsa,emsa-mix",
+                    help="comma-separated ops to measure (default all; --write needs all)")
     ap.add_argument("--write", action="store_true", help="write rest_kernels/backends/data/<backend>_crossover.json")
     args = ap.parse_args(argv)
+    args.ops = tuple(args.ops.split(","))
+    if args.write and set(args.ops) != {"pa", "emsa", "emsa-mix"}:
+        ap.error("--write replaces every rule of the backend: measure every op (no --ops)")
     if args.threads:
         torch.set_num_threads(args.threads)
     import rest_kernels
@@ -95,22 +108,28 @@ def main(argv=None) -> int:
         return 1
     device = "cuda" if args.backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
     rows = []
-    print(f"{'case':<56} {'elements':>10} {'fused':>10} {'reference':>10} {'ref/fused':>9}")
-    for case in cases(device):
+    print(f"{'case':<56} {'elements':>10} {'fused':>10} {'reference':>10} {'sdpa':>10} {'ref/fused':>9} "
+          f"{'sdpa/fused':>10}")
+    for case in cases(device, args.ops):
         times = {}
-        for who in (args.backend, "reference"):
+        for who in (args.backend, "reference") + (("sdpa",) if case.op == "emsa" else ()):
             runner = op_runner(case, who)
             times[who] = measure(runner.fn, device=device, warmup=2, repeats=args.repeats,
                                  min_time=args.min_time).median
         layout = ("channels_last" if case.channels_last else "contiguous") if case.op == "pa" else "any"
         row = dict(op=case.op, layout=layout, elements=elements(case), label=case.label, fused_s=times[args.backend],
                    reference_s=times["reference"], **{"pass": case.pass_})
+        if "sdpa" in times:
+            row["sdpa_s"] = times["sdpa"]
         rows.append(row)
+        sdpa = (f"{row['sdpa_s'] * 1e3:>8.3f}ms" if "sdpa_s" in row else f"{'-':>10}")
+        ratio = (f"{row['sdpa_s'] / row['fused_s']:>10.2f}" if "sdpa_s" in row else f"{'-':>10}")
         print(f"{case.label + f' B{case.batch}':<56} {row['elements']:>10} {row['fused_s'] * 1e3:>8.3f}ms "
-              f"{row['reference_s'] * 1e3:>8.3f}ms {row['reference_s'] / row['fused_s']:>9.2f}")
+              f"{row['reference_s'] * 1e3:>8.3f}ms {sdpa} {row['reference_s'] / row['fused_s']:>9.2f} {ratio}")
     rules = rules_from(rows, args.margin)
     for r in rules:
-        print(f"rule: {r['op']} {r['pass']} {r['layout']}: reference preferred up to {r['max_elements']} elements")
+        print(f"rule: {r['op']} {r['pass']} {r['layout']}: {r.get('faster', 'reference')} preferred up to "
+              f"{r['max_elements']} elements")
     measured = (f"bench/crossover.py --margin {args.margin}, {cpu_model()}, {torch.get_num_threads()} threads, "
                 f"torch {torch.__version__}, commit {git_commit()}, {datetime.date.today().isoformat()}")
     print(measured)

@@ -11,11 +11,12 @@ side by side with eager PyTorch and torch.compile of it.
 
 Rows. Op level: emsa_attention without ("emsa") and with the head mix ("emsa-mix"), and pa_gate
 ("pa"), forward (inference, no autograd) and forward + backward, at the stages of ResT's two
-shape families (lite/small, base/large) at 224 x 224 and at a detection-size 800 x 1216 input.
-Model level: rest_lite / small / base / large inference and one training step (forward,
-cross-entropy, backward, AdamW step), images/s. Detection (--detection; every one with --full): one
-training step of rest.detection's backbone with FPN, RetinaNet and Mask R-CNN on rest_lite at 800 x 1216
-and 800 x 1333, batch 1 on a CPU (bench/_detection_cases.py).
+shape families (lite/small, base/large, v2-large: ResTv2-L's) at 224 x 224 and at a detection-size
+800 x 1216 input. Model level: rest_lite / small / base / large and restv2_tiny / small / base / large
+inference and one training step (forward, cross-entropy, backward, AdamW step), images/s. Detection
+(--detection; every one with --full): one training step of rest.detection's backbone with FPN,
+RetinaNet and Mask R-CNN on rest_lite at 800 x 1216 and 800 x 1333, batch 1 on a CPU
+(bench/_detection_cases.py).
 Which rows run depends on the mode (SELECTIONS below; explicit --ops, --shapes, --models, --dtypes...
 override it): with no --quick / --full, the ops as ResT-Lite runs them at its four stages at 224 px
 (stage 1 has one head: plain emsa; stages 2-4 mix heads: emsa-mix) and at one detection-size stage,
@@ -241,14 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ops to run (default: the mode's, see --list; 'none' for models only)")
     p.add_argument("--passes", type=_list_type(_cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
                    help="op passes: fwd (inference), fwd+bwd (default both)")
-    p.add_argument("--models", type=_list_type(_cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
-                   help="ResT variants (default lite, all with --full; 'none' for ops only)")
+    p.add_argument("--models", type=_list_type(_cases.MODELS, {_cases.model_name(m): m for m in _cases.MODELS}),
+                   help="ResT and ResTv2 variants (lite, ..., v2_tiny, ... or rest_lite, ..., restv2_tiny, ...; "
+                        "default lite, all with --full; 'none' for ops only)")
     p.add_argument("--detection", type=_list_type(_detection_cases.DETECTION),
                    help="rest.detection training steps at detection sizes: backbone (ResT + FPN), retinanet, "
                         "maskrcnn (default none; all with --full: an eager step takes 20-60 s on a 2-core CPU)")
     p.add_argument("--det-inputs", type=_list_type(tuple(_detection_cases.DET_INPUTS)),
                    help="input sizes of the --detection rows (default: all)")
-    p.add_argument("--det-models", type=_list_type(_cases.MODELS, {f"rest_{m}": m for m in _cases.MODELS}),
+    p.add_argument("--det-models", type=_list_type(_detection_cases.DET_MODELS, {f"rest_{m}": m for m in _detection_cases.DET_MODELS}),
                    help="ResT variants of the --detection rows (default lite)")
     p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
                    help="model modes: infer, train (default both)")
@@ -376,7 +378,7 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
     if reason is not None:
         return reason
     b = BACKENDS[backend]
-    if b.device_type != device:
+    if b.device_type and b.device_type != device:
         return f"{backend} serves {b.device_type} tensors; this run is on {device} (--device)"
     if backend in EMULATORS and not explicit:
         return "a test emulator of the cuda kernels on the CPU, not timed unless named in --backends"

@@ -49,7 +49,8 @@ except ImportError:
     sys.exit("examples/train.py builds its model with timm.create_model: pip install timm")
 
 # --model: a timm model name and the configuration overrides create_model gets
-MODELS = {name: (name, {}) for name in ("rest_lite", "rest_small", "rest_base", "rest_large")}
+MODELS = {name: (name, {}) for name in ("rest_lite", "rest_small", "rest_base", "rest_large", "restv2_tiny",
+                                        "restv2_small", "restv2_base", "restv2_large")}
 # a few-hundred-thousand-parameter ResT for quick experiments and smoke tests: rest_lite, narrower and shallower
 MODELS["rest_tiny"] = ("rest_lite", dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official ImageNet normalisation

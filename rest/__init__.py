@@ -1,10 +1,12 @@
-"""ResT model zoo on rest_kernels' fused ops: the official architecture, init and state_dict keys."""
+"""ResT and ResTv2 model zoo on rest_kernels' fused ops: the official architecture, init and state_dict keys."""
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .export import export_onnx
 from .models import ResT, rest_base, rest_large, rest_lite, rest_small
-from .modules import EMSA, PA
+from .models_v2 import ResTV2, restv2_base, restv2_large, restv2_small, restv2_tiny
+from .modules import EMSA, PA, EMSAv2
 
 __all__ = ["ResT", "EMSA", "PA", "rest_lite", "rest_small", "rest_base", "rest_large",
+           "ResTV2", "EMSAv2", "restv2_tiny", "restv2_small", "restv2_base", "restv2_large",
            "load_checkpoint", "save_checkpoint", "CheckpointError", "export_onnx"]
 
 # timm integration: register the variants in timm's model registry when timm is installed (no hard

@@ -1,7 +1,7 @@
-"""ONNX export of ResT models: the fused EMSA / PA ops written out as standard ONNX operators.
+"""ONNX export of ResT and ResTv2 models: the fused EMSA / PA ops written out as standard ONNX operators.
 
 ONNX runtimes know nothing of rest_kernels' custom ops, so the exported graph must hold the official
-math (MatMul, Conv, Softmax, InstanceNormalization, Sigmoid...). The backend registry already picks
+math (MatMul, Conv, Softmax, InstanceNormalization, Sigmoid, and for ResTv2 DepthToSpace...). The backend registry already picks
 the `reference` math while torch.onnx.is_in_onnx_export() is true; export_onnx additionally pins the
 `reference` backend for the duration of the export, so the file is the same whichever exporter runs
 (torch.onnx.export's dynamo exporter, default since torch 2.9 and needing onnxscript, or the
@@ -22,8 +22,8 @@ __all__ = ["export_onnx"]
 
 
 def _pinned_backends(model: nn.Module):
-    from .modules import EMSA, PA
-    return [(m, m.backend) for m in model.modules() if isinstance(m, (EMSA, PA))]
+    from .modules import EMSA, PA, EMSAv2
+    return [(m, m.backend) for m in model.modules() if isinstance(m, (EMSA, EMSAv2, PA))]
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor | None = None, *,

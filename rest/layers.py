@@ -62,10 +62,18 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(linear_gelu(self.fc1, self.act, x))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block on tokens (B, H*W, C): x + EMSA(LN(x)), then x + MLP(LN(x)),
-    each residual branch under stochastic depth. linear_impl: the product of every linear layer of
-    the block (EMSA's and the MLP's), see rest/dense.py."""
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block on tokens (B, H*W, C): x + attn(norm1(x), H, W), then
+    x + mlp(norm2(x)), each residual branch under stochastic depth. Subclasses build the modules."""
+
+    def forward(self, x, H: int, W: int):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Block(PreNormBlock):
+    """ResT's block: EMSA and the MLP. linear_impl: the product of every linear layer of the block
+    (EMSA's and the MLP's), see rest/dense.py."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
                  attn_drop=0.0, drop_path=0.0, norm_layer=nn.LayerNorm, sr_ratio=1,
@@ -79,10 +87,6 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, backend=backend, linear_impl=linear_impl)
-
-    def forward(self, x, H: int, W: int):
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Stage(nn.ModuleList):

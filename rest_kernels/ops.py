@@ -4,8 +4,9 @@ Each fused call goes through one torch.library custom op per direction:
   rest_kernels::emsa_fwd / emsa_bwd     rest_kernels::pa_fwd / pa_bwd
 with the backend's name as a string argument. The custom op is what autograd, torch.compile
 (one node, no graph break) and torch.export see; its implementation hands the tensors to the
-chosen backend (rest_kernels/backends). The `reference` backend is called directly instead: its
-official math is ordinary PyTorch, so autograd, compile, export and ONNX take it as it is.
+chosen backend (rest_kernels/backends). The `reference` and `sdpa` backends are called directly
+instead: the official math and PyTorch's scaled_dot_product_attention are ordinary PyTorch, so
+autograd, compile, export and ONNX take them as they are.
 
 Saved for backward by emsa_fwd: q, k, v, mix_weight, out and the statistics of
 rest_kernels/backends/stats.py (lse (B,h,N); with the mix rsq (B,h,N) and rstd (B,h)): nothing of
@@ -23,6 +24,7 @@ from ._validation import (check_emsa_backward_args, check_pa_backward_args, chec
 from .backends.base import pa_layout
 from .backends.reference import attention_map, emsa_reference, pa_reference
 from .backends.registry import check_name, select
+from .backends.sdpa import sdpa_attention
 from .backends.stats import stat_dtype, stat_shapes
 
 
@@ -208,11 +210,13 @@ def _emsa_attention(p, backend):
     needs_backward = _needs_backward(q, k, v, p.mix_weight)
     chosen = select("emsa_attention", backend, (q, k, v),
                     lambda b: b.emsa_unsupported_reason(q, k, v, p.mix_weight, needs_backward),
-                    lambda b: b.emsa_reference_preference(q, k, p.mix_weight, needs_backward))
+                    lambda b: b.emsa_route_preference(q, k, p.mix_weight, needs_backward))
     if p.empty:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
         return emsa_reference(q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps)
+    if chosen.name == "sdpa":  # PyTorch's SDPA as it is (backends/sdpa.py): aten's op for autograd and tracing
+        return sdpa_attention(q, k, v, p.scale)
     return _validated_call(p, emsa_fwd, q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps, chosen.name)[0]
 
 
@@ -260,7 +264,7 @@ def _pa_gate(x, weight, bias, backend):
     needs_backward = _needs_backward(x, weight, bias)
     chosen = select("pa_gate", backend, (x, weight),
                     lambda b: b.pa_unsupported_reason(x, weight, bias, needs_backward),
-                    lambda b: b.pa_reference_preference(x, needs_backward))
+                    lambda b: b.pa_route_preference(x, needs_backward))
     if p.empty:
         return x * 0
     if chosen.name == "reference":

@@ -20,8 +20,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOT = ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_bwd_kernel", "pa_fwd_kernel", "pa_bwd_dz_kernel",
-       "pa_bwd_dx_kernel", "pa_bwd_dw_kernel")
+HOT = ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_stats_mma_kernel", "emsa_fwd_mma_kernel", "emsa_bwd_kernel",
+       "emsa_bwd_mma_kernel", "pa_fwd_kernel", "pa_bwd_dz_kernel", "pa_bwd_dx_kernel", "pa_bwd_dw_kernel")
 #: every kernel family csrc/cuda defines (the build test checks each has code for every arch)
 FAMILIES = HOT + ("emsa_rstd_kernel", "emsa_vbar_kernel", "emsa_bwd_rowdot_kernel", "emsa_bwd_rowstat_kernel",
                   "emsa_dmix_kernel", "mma_selftest_kernel")

@@ -22,8 +22,8 @@ def small_inputs(mix=True, dtype=torch.float32):
 # --------------------------------------------------------------------------- backend choice
 def test_available_backends_lists_every_backend_with_reason_or_none():
     status = rest_kernels.available_backends()
-    assert set(status) == {"reference", "triton", "cuda", "cpu", "cuda-emu"}
-    assert status["reference"] is None
+    assert set(status) == {"reference", "triton", "cuda", "cpu", "cuda-emu", "sdpa"}
+    assert status["reference"] is None and status["sdpa"] is None
     for name, reason in status.items():
         assert reason is None or (isinstance(reason, str) and reason), name
 

@@ -42,10 +42,10 @@ def _chosen(op, args, needs_backward=False):
     if op == "pa":
         x, w, b = args
         return registry.select("pa_gate", "auto", (x, w), lambda be: be.pa_unsupported_reason(x, w, b),
-                               lambda be: be.pa_reference_preference(x, needs_backward)).name
+                               lambda be: be.pa_route_preference(x, needs_backward)).name
     q, k, v, w = args
     return registry.select("emsa_attention", "auto", (q, k, v), lambda be: be.emsa_unsupported_reason(q, k, v, w),
-                           lambda be: be.emsa_reference_preference(q, k, w, needs_backward)).name
+                           lambda be: be.emsa_route_preference(q, k, w, needs_backward)).name
 
 
 def test_inside_a_rule_auto_takes_the_reference_and_says_why_once(rules, caplog):
@@ -127,3 +127,48 @@ def test_the_shipped_rules_are_the_measurements_they_cite():
                             if r["max_elements"] > 0}
     if not found:
         pytest.skip("no measured crossovers shipped")
+
+
+# --------------------------------------------------------------------------- the sdpa route
+def _sdpa_rule(pass_, max_elements):
+    return ReferenceFaster("emsa", pass_, "any", max_elements, "a test's sdpa rule", faster="sdpa")
+
+
+def test_inside_an_sdpa_rule_auto_takes_sdpa_per_pass(rules, caplog):
+    rules(_sdpa_rule("fwd", 2 * 3 * 7 * 5), _sdpa_rule("fwd+bwd", 2 * 3 * 7 * 4))
+    q, k, v = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    k4, v4 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        assert _chosen("emsa", (q, k, v, None)) == "sdpa"                          # inference, inside
+        assert _chosen("emsa", (q, k, v, None), needs_backward=True) == "cpu"      # training: its own rule
+        assert _chosen("emsa", (q, k4, v4, None), needs_backward=True) == "sdpa"
+        assert _chosen("emsa", (q, torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4), None)) == "cpu"  # bigger
+        assert _chosen("emsa", (q, k, v, torch.randn(3, 3))) == "cpu"             # the mix: another op
+    assert any("auto takes sdpa over cpu" in r.getMessage() and "a test's sdpa rule" in r.getMessage()
+               for r in caplog.records)
+    # the public op then runs PyTorch's SDPA, differentiable
+    qg = q.clone().requires_grad_()
+    out = rest_kernels.emsa_attention(qg, k4, v4)
+    qr = q.clone().requires_grad_()
+    ref = rest_kernels.emsa_attention(qr, k4, v4, backend="reference")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), qg)[0],
+                               torch.autograd.grad(ref.square().sum(), qr)[0])
+
+
+def test_sdpa_rules_come_before_reference_rules(rules):
+    rules(_rule("emsa", "fwd", "any", 10 ** 9), _sdpa_rule("fwd", 10 ** 9))
+    q = torch.randn(1, 1, 4, 4)
+    assert _chosen("emsa", (q, q, q, None)) == "sdpa"
+
+
+def test_plain_attention_falls_back_to_sdpa_where_no_fused_backend_serves(monkeypatch, caplog):
+    monkeypatch.setattr(registry, "AUTO_ORDER", ("cuda",))  # never serves CPU tensors
+    monkeypatch.setattr(registry, "_logged_fallbacks", set())
+    q = torch.randn(2, 3, 7, 4)
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        assert _chosen("emsa", (q, q, q, None)) == "sdpa"
+        assert _chosen("emsa", (q, q, q, torch.randn(3, 3))) == "reference"  # the mix
+        assert _chosen("pa", _pa()) == "reference"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("falls back to the sdpa backend" in m for m in messages)

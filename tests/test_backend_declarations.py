@@ -61,3 +61,15 @@ def test_interpreter_refuses_a_known_bad_triton_numpy_pair(monkeypatch, triton_v
     assert (reason is not None) == refused
     if refused:
         assert triton_v in reason and numpy_v in reason and "Triton >= 3.8" in reason
+
+
+def test_sdpa_declares_plain_attention_on_any_device_and_no_pa():
+    sdpa = BACKENDS["sdpa"]
+    assert sdpa.device_type == "" and not sdpa.serves_mix and not sdpa.serves_pa and sdpa.auto_device_type is None
+    q = _meta(2, 3, 5, 4)
+    assert sdpa.emsa_not_supported_reasons(q, q, q, None) == []  # any device: meta too
+    (reason,) = sdpa.emsa_not_supported_reasons(q, q, q, _meta(3, 3))
+    assert "plain softmax attention only" in reason
+    assert "attention only, not pa_gate" in sdpa.pa_unsupported_reason(_meta(1, 2, 3, 3), _meta(2, 1, 3, 3), None)
+    # every reason at once: a refused dtype and the mix
+    assert len(sdpa.emsa_not_supported_reasons(q.to(torch.int32), q, q, _meta(3, 3))) == 2

@@ -171,7 +171,8 @@ def test_explicit_options_override_the_default_selection():
     # named ops run at every shape (stage 1 included), whatever the model runs there
     args, cases = _selected("--ops", "emsa-mix", "--shapes", "s1", "--models", "small", "--dtypes", "bf16")
     assert {(c.op, c.shape.stage) for c in cases if c.kind == "op"} == {("emsa-mix", 1)}
-    assert len(args.shapes) == 4  # stage 1 of both families at 224 px and at the detection size
+    # stage 1 of every family (ResT's two, ResTv2-L's) at 224 px and at the detection size
+    assert len(args.shapes) == 2 * len(_cases.FAMILIES) == 6
     assert {c.model for c in cases if c.kind == "model"} == {"small"}
     assert {c.dtype for c in cases} == {torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) and torch.export of the ResT models: no graph breaks, same outputs
+"""torch.compile(fullgraph=True) and torch.export of the ResT and ResTv2 models: no graph breaks, same outputs
 and gradients as eager, and with a fused backend every EMSA / PA is one custom-op node.
 
 Two routes are exercised: the default backend of this machine ("auto": a fused backend where one
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from rest import ResT, rest_base, rest_large, rest_lite, rest_small
+from rest import ResT, ResTV2, rest_base, rest_large, rest_lite, rest_small
 
 from support.conformance import assert_close_scaled
 from support.fused_route import count_ops, fused_cpu_route
@@ -59,20 +59,8 @@ def test_compile_fullgraph_eval_matches_eager(variant):
 
 def test_compile_gradients_match_eager():
     model = model_of("rest_lite", torch.float64).train()  # BatchNorm on batch statistics
-    x = X.double()
-
-    def grads(fn):
-        model.zero_grad()
-        inp = x.clone().requires_grad_(True)
-        fn(inp).square().mean().backward()
-        return [inp.grad] + [p.grad.clone() for p in model.parameters()]
-
-    eager = grads(model)
-    compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    names = ["input"] + [n for n, _ in model.named_parameters()]
-    for name, a, e in zip(names, compiled, eager):
-        # float64: the same math in another order agrees to rounding
-        assert_close_scaled(a, e, 1e-9, f"grad {name}", floor=1e-3 * eager[1].abs().max().item())
+    # float64: the same math in another order agrees to rounding
+    assert_compiled_gradients_match_eager(model, X.double(), 1e-9)
 
 
 @pytest.mark.slow  # inductor's C++ code generation: ~45 s on a 2-core CPU
@@ -106,20 +94,24 @@ def test_fused_ops_compile_gradients_match_eager(monkeypatch):
         # statistics err by ~1e-5, moving the stem's gradients by ~1e-4); the linear layers and
         # everything else are the same kernels compiled and eager
         model = model_of("rest_lite", cpu_layout="contiguous").train()
+        assert_compiled_gradients_match_eager(model, X, RTOL32)
 
-        def grads(fn):
-            model.zero_grad()
-            inp = X.clone().requires_grad_(True)
-            fn(inp).square().mean().backward()
-            return [inp.grad] + [p.grad.clone() for p in model.parameters()]
 
-        eager = grads(model)
-        compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
+def assert_compiled_gradients_match_eager(model, x, rtol):
+    """Gradients of the input and every parameter, fullgraph-compiled (aot_eager) against eager."""
+    def grads(fn):
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        fn(inp).square().mean().backward()
+        return [inp.grad] + [p.grad.clone() for p in model.parameters()]
+
+    eager = grads(model)
+    compiled = grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
     names = ["input"] + [n for n, _ in model.named_parameters()]
     largest = max(g.abs().max().item() for g in eager[1:])
     for name, a, e in zip(names, compiled, eager):
-        # same kernels, same order: only the exactly-zero gradients (mix bias etc.) are pure noise
-        assert_close_scaled(a, e, RTOL32, f"grad {name}", floor=1e-3 * largest)
+        # only the exactly-zero gradients (mix bias etc.) are pure noise: compared against 1e-3 of the largest
+        assert_close_scaled(a, e, rtol, f"grad {name}", floor=1e-3 * largest)
 
 
 def test_compile_with_changing_scale_has_no_graph_break():
@@ -163,3 +155,40 @@ def test_export_tiny_model_odd_size(monkeypatch):
         program = torch.export.export(model, (x,))
         with torch.no_grad():
             assert_close_scaled(program.module()(x), model(x), RTOL32, "tiny exported logits")
+
+
+# --------------------------------------------------------------------------- ResTv2
+V2_TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 1, 1), num_classes=10)
+X_ODD = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(2))  # stage sizes not multiples of sr
+
+
+def v2_model(seed=3, dtype=torch.float32, **kwargs):
+    model = ResTV2(**{**V2_TINY, **kwargs}).double()
+    fill_weights(model, seed)
+    return model.to(dtype)
+
+
+def test_v2_fused_ops_are_single_nodes_under_compile_and_export(monkeypatch):
+    """ResTv2's plain attention and PA as single custom-op nodes, fullgraph compile and torch.export
+    (with a free batch), at a size whose up branch is cut (rest.modules.EMSAv2)."""
+    with fused_cpu_route(monkeypatch):
+        model = v2_model().eval()
+        graphs = []
+        with torch.no_grad():
+            expected = model(X_ODD)
+            actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(X_ODD)
+        assert len(graphs) == 1
+        assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+        assert_close_scaled(actual, expected, RTOL32, "restv2 compiled logits (custom ops)")
+        program = torch.export.export(model, (X_ODD,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+        assert count_ops(program.graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+        with torch.no_grad():
+            for x in (X_ODD, X_ODD[:1]):
+                assert_close_scaled(program.module()(x), model(x), RTOL32, f"restv2 exported, batch {x.shape[0]}")
+
+
+def test_v2_compile_gradients_match_eager(monkeypatch):
+    with fused_cpu_route(monkeypatch):
+        # float64, NCHW maps (see test_fused_ops_compile_gradients_match_eager), an odd size
+        model = v2_model(dtype=torch.float64, cpu_layout="contiguous").train()
+        assert_compiled_gradients_match_eager(model, X_ODD.double(), 1e-9)

@@ -47,3 +47,22 @@ def test_mma_selftest_runs_on_tensor_cores(usage):
         c = counts[("mma_selftest_kernel", arch)]
         assert c["HMMA"] >= 2 and c["FFMA"] == 0, (arch, c)  # one per instantiation: bf16, fp16
 
+
+
+def test_emsa_16bit_products_on_tensor_cores(usage):
+    """The fp16 / bf16 forward and backward (csrc/cuda/emsa_mma.cuh) do every product (QK^T, P V,
+    dO V^T, dS K, dS^T Q, Y^T dO) as HMMA on every built arch, and FFMA only for the element-wise work. Why the bound: a lane holds 16 logits of a tile
+    (four m16n8 fragments); the element-wise work on them (the head mix S += w L, the softmax and
+    centred statistics, the exp range reductions) is a few FFMA per logit, about 40 per kernel
+    instantiation as built (forward and backward). A product left on SIMT would need 16 FFMA per logit for every 16-wide
+    head-dim chunk (256 per chunk), so at most 8 FFMA per held logit (128 per instantiation) fails if
+    any product falls back to FFMA."""
+    rows, archs = usage
+    counts = cuda_resources.sass_counts(_extension.load()[0].__file__)
+    for arch in archs:
+        for fam in ("emsa_stats_mma_kernel", "emsa_fwd_mma_kernel", "emsa_bwd_mma_kernel"):
+            c = counts[(fam, arch)]
+            kernels = sum(1 for r in rows if r["family"] == fam and r["arch"] == arch)
+            # at least 4 head-dim chunks (d_pad >= 64) x 4 n-tiles of logits per instantiation
+            assert kernels > 0 and c["HMMA"] >= 16 * kernels, (fam, arch, c, kernels)
+            assert c["FFMA"] <= 8 * 16 * kernels, (fam, arch, c, kernels)

@@ -1,6 +1,7 @@
-"""ResT's model protocol (timm's, as timm's own models have it; rest/models.py): features and head,
-intermediates and pruning, feature_info, the classifier, gradient checkpointing, torch.fx tracing and
-the TorchScript refusal. None of this needs timm; tests/test_timm.py checks timm's tools on it."""
+"""The model protocol of ResT and ResTv2 (timm's, as timm's own models have it; rest/backbone.py):
+features and head, intermediates and pruning, feature_info, the classifier, gradient checkpointing,
+torch.fx tracing and the TorchScript refusal. Every test runs on both families (the `family` fixture).
+None of this needs timm; tests/test_timm.py checks timm's tools on it."""
 from __future__ import annotations
 
 import pytest
@@ -9,17 +10,35 @@ import torch.nn as nn
 
 import rest
 import rest_kernels
-from rest import EMSA, PA, ResT, rest_base, rest_large, rest_lite, rest_small
+from rest import (EMSA, PA, EMSAv2, ResT, ResTV2, rest_base, rest_large, rest_lite, rest_small, restv2_base,
+                  restv2_large, restv2_small, restv2_tiny)
 
 X = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(0))  # not multiples of 32
 SIZES = [(16, 12), (8, 6), (4, 3), (2, 2)]  # ceil(61 / r), ceil(45 / r) at strides 4, 8, 16, 32
 
 
-def small(**kwargs) -> ResT:
+# a small model of each family: (class, configuration)
+FAMILIES = {
+    "ResT": (ResT, dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 1, 1), qkv_bias=True,
+                        apply_transform=True, num_classes=5)),
+    "ResTV2": (ResTV2, dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 1, 1),
+                            num_classes=5)),
+}
+_family = ["ResT"]
+
+
+@pytest.fixture(autouse=True, params=list(FAMILIES))
+def family(request):
+    """Runs every test of this file on each family: small() builds the current one."""
+    _family[0] = request.param
+    yield request.param
+    _family[0] = "ResT"
+
+
+def small(**kwargs):
     torch.manual_seed(0)
-    cfg = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 1, 1), qkv_bias=True,
-               apply_transform=True, num_classes=5)
-    return ResT(**{**cfg, **kwargs})
+    cls, cfg = FAMILIES[_family[0]]
+    return cls(**{**cfg, **kwargs})
 
 
 def hooked_outputs(model, names):
@@ -110,7 +129,7 @@ def test_forward_intermediates_selects_formats_and_stops():
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(nhwc[0], full[1].permute(0, 2, 3, 1))
     # stop_early: nothing after the last wanted stage runs, and the first item is the last map computed
-    seen, handles = hooked_outputs(model, ["stage2", "patch_embed_3", "stage3", "stage4", "norm"])
+    seen, handles = hooked_outputs(model, ["stage2", model._STAGE_NAMES[2][0], "stage3", "stage4", "norm"])
     with torch.no_grad():
         final, maps = model.forward_intermediates(X, indices=[1], stop_early=True)
     for h in handles:
@@ -133,7 +152,7 @@ def test_prune_intermediate_layers_drops_what_the_maps_do_not_need():
     pruned = small().eval()
     assert pruned.prune_intermediate_layers((0, 2)) == [0, 2]
     keys = set(pruned.state_dict())
-    assert not any(k.startswith(("stage4", "patch_embed_4", "norm", "head")) for k in keys)
+    assert not any(k.startswith(("stage4", pruned._STAGE_NAMES[3][0] + ".", "norm", "head")) for k in keys)
     assert keys < set(full.state_dict())
     assert pruned.num_features == pruned.head_hidden_size == 64 and isinstance(pruned.head, nn.Identity)
     assert pruned.num_classes == 0 and pruned.global_pool == ""
@@ -184,8 +203,8 @@ def assert_equal_runs(got, want):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_grad_checkpointing_gives_the_same_outputs_and_gradients(monkeypatch):
-    model = small(drop_path_rate=0.2, drop_rate=0.1).train()
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(monkeypatch, family):
+    model = small(drop_path_rate=0.2, **(dict(drop_rate=0.1) if family == "ResT" else {})).train()
     plain = train_run(model, X)
     calls = []
     real = rest.layers.checkpoint
@@ -207,10 +226,16 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(monkeypatch):
 LEAF_CALLS = {"attention", "position_gate", "linear", "batch_norm_2d", "to_model_layout"}
 
 
-@pytest.mark.parametrize("build", [rest_lite, rest_small, rest_base, rest_large],
-                         ids=["rest_lite", "rest_small", "rest_base", "rest_large"])
-def test_symbolic_trace_equals_eager_bitwise(build):
-    model = build().eval()
+VARIANT_BUILDERS = {"ResT": [rest_lite, rest_small, rest_base, rest_large],
+                    "ResTV2": [restv2_tiny, restv2_small, restv2_base, restv2_large]}
+
+
+@pytest.mark.parametrize("variant", range(4), ids=["lite/tiny", "small", "base", "large"])
+def test_symbolic_trace_equals_eager_bitwise(variant, family):
+    if family == "ResTV2" and variant in (1, 2):
+        # the suite's time: ResTv2-S and -B are ResTv2-T's modules with more blocks (-L has its own widths)
+        pytest.skip("ResTv2-S / -B: the modules of ResTv2-T, more of them")
+    model = VARIANT_BUILDERS[family][variant]().eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     traced = torch.fx.symbolic_trace(model)
     leaves = {n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"
@@ -232,7 +257,8 @@ def test_symbolic_trace_trains_like_eager_and_decides_when_it_runs():
 
 
 # --------------------------------------------------------------------------- TorchScript
-@pytest.mark.parametrize("module", [lambda: small(), lambda: EMSA(8, 2), lambda: PA(8)], ids=["ResT", "EMSA", "PA"])
+@pytest.mark.parametrize("module", [lambda: small(), lambda: EMSA(8, 2), lambda: EMSAv2(8, 2, sr_ratio=2), lambda: PA(8)],
+                         ids=["model", "EMSA", "EMSAv2", "PA"])
 def test_torchscript_is_refused_with_the_reason(module):
     with pytest.raises(RuntimeError, match=r"does not support TorchScript.*deprecated"):
         torch.jit.script(module())

@@ -92,14 +92,19 @@ def test_exports():
 
 
 def test_official_init():
-    model = rest_lite()
+    assert_official_init(rest_lite(), conv_bias_zero=False)
+
+
+def assert_official_init(model, conv_bias_zero: bool):
+    """trunc_normal_(std 0.02) weights of every Linear and Conv2d, zero Linear biases (and Conv2d ones
+    where the family's init zeroes them: ResTv2's), unit-weight zero-bias norms."""
     for name, m in model.named_modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             w = m.weight.detach()
             assert w.abs().max() <= 2.0, name  # trunc_normal_ cuts at +-2 (absolute)
             if w.numel() >= 10_000:
                 assert abs(w.std().item() - 0.02) < 0.002, f"{name}: std {w.std().item()}"
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            if m.bias is not None and (isinstance(m, torch.nn.Linear) or conv_bias_zero):
                 assert torch.all(m.bias == 0), name
         elif isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
@@ -301,16 +306,21 @@ def test_odd_sizes_forward_and_feature_shapes(size):
 
 @pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_odd_sizes_batch_composition_does_not_matter(size):
-    model = tiny_model(12).eval()
-    x = randn((3, 3, *size), 6)
+    check_batch_composition(tiny_model(12).eval(), randn((3, 3, *size), 6))
+
+
+def check_batch_composition(model, x):
+    """Per-sample logits and stage maps equal the batched ones (float64, 1e-12 of their scale)."""
     with torch.no_grad():
         batched = model(x)
-        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
-        feats_batched = stage_maps(model, x)
-        feats_single = stage_maps(model, x[1:2])
+        single = torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])])
+        feats_batched = model.forward_intermediates(x, intermediates_only=True)
+        feats_single = model.forward_intermediates(x[1:2], intermediates_only=True)
+    size = tuple(x.shape[-2:])
     assert_close_scaled(single, batched, 1e-12, f"{size} per-sample vs batched logits")
     for i, (a, b) in enumerate(zip(feats_single, feats_batched)):
         assert_close_scaled(a, b[1:2], 1e-12, f"{size} stage {i + 1} map")
+    return feats_batched
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import rest  # noqa: E402
-from rest import ResT, rest_lite  # noqa: E402
+from rest import ResT, ResTV2, rest_lite  # noqa: E402
 
 from support.conformance import assert_close_scaled  # noqa: E402
 from support.fused_route import fused_cpu_route  # noqa: E402
@@ -92,3 +92,25 @@ def test_export_onnx_restores_the_model(tmp_path):
         assert_close_scaled(run_onnx(path, x), model(x), RTOL, "batch 1")
         x4 = torch.randn(4, 3, 64, 64)
         assert_close_scaled(run_onnx(path, x4), model(x4), RTOL, "batch 4")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
+def test_restv2_export_onnx_runs_in_onnxruntime(tmp_path, monkeypatch, dynamo):
+    """ResTv2 at a size whose stage maps are not multiples of the reduction ratios (the up branch is
+    cut to the map, rest.modules.EMSAv2): plain softmax attention, the up branch's PixelShuffle
+    (DepthToSpace) and PA as standard operators."""
+    model = ResTV2(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1), num_classes=10).double()
+    fill_weights(model, 4)
+    model = model.float().eval()
+    x = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(1))
+    with fused_cpu_route(monkeypatch):
+        path = rest.export_onnx(model, tmp_path / "v2.onnx", x, dynamo=dynamo)
+        with torch.no_grad():
+            expected = model(x)
+    ops = op_types(path)
+    assert {"MatMul", "Softmax", "Conv", "Sigmoid", "DepthToSpace"} <= ops and "InstanceNormalization" not in ops
+    assert_close_scaled(run_onnx(path, x), expected, RTOL, "onnxruntime restv2 logits")
+    if dynamo:
+        x3 = torch.randn(3, 3, 61, 45)
+        with torch.no_grad():
+            assert_close_scaled(run_onnx(path, x3), model(x3), RTOL, "onnxruntime restv2 logits, batch 3")

@@ -1,7 +1,7 @@
 """timm integration (rest/timm_integration.py): registry entries and tagged pretrained cfgs, create_model
 with configuration overrides and local pretrained files, and timm's own tools on the models: the
 getter, hook and fx feature extractors, the fx tracer with EMSA / PA as leaves, parameter grouping
-and weight-decay groups. Skipped when timm is not installed; tests/test_model_protocol.py checks the
+and weight-decay groups; the ResTv2 entries (restv2_*) likewise where the test names them. Skipped when timm is not installed; tests/test_model_protocol.py checks the
 protocol itself."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 timm = pytest.importorskip("timm")
 
 import rest  # noqa: E402  (registers the models)
-from rest import EMSA, PA, rest_base, rest_lite, save_checkpoint  # noqa: E402
+from rest import EMSA, PA, EMSAv2, rest_base, rest_lite, restv2_large, restv2_tiny, save_checkpoint  # noqa: E402
 
 NAMES = ["rest_lite", "rest_small", "rest_base", "rest_large"]
+NAMES_V2 = ["restv2_tiny", "restv2_small", "restv2_base", "restv2_large"]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
@@ -34,15 +35,23 @@ def test_registered_with_tagged_official_pretrained_cfgs():
         assert cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"
         assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 1000 and cfg["pool_size"] == (7, 7)
         assert cfg["classifier"] == "head" and cfg["first_conv"] == "stem.conv1"
+    # ResTv2: the same transform, its own stem and paper
+    assert timm.list_models("restv2_*", include_tags=True) == sorted(f"{n}.in1k" for n in NAMES_V2)
+    for name in NAMES_V2:
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        assert cfg["tag"] == "in1k" and cfg["architecture"] == name and cfg["crop_pct"] == 0.9
+        assert cfg["first_conv"] == "stem.proj.0" and cfg["paper_ids"] == "arXiv:2204.07366"
     # timm's own data pipeline reads it
     data_cfg = timm.data.resolve_data_config({}, model=timm.create_model("rest_lite.in1k"))
     assert data_cfg["crop_pct"] == 0.9 and data_cfg["interpolation"] == "bicubic"
 
 
-@pytest.mark.parametrize("name,builder", [("rest_lite", rest_lite), ("rest_base", rest_base)])
-def test_create_model_is_the_rest_model(name, builder):
+@pytest.mark.parametrize("name,builder,cls", [("rest_lite", rest_lite, rest.ResT), ("rest_base", rest_base, rest.ResT),
+                                              ("restv2_tiny", restv2_tiny, rest.ResTV2),
+                                              ("restv2_large", restv2_large, rest.ResTV2)])
+def test_create_model_is_the_rest_model(name, builder, cls):
     model = timm.create_model(name).eval()
-    assert type(model) is rest.ResT
+    assert type(model) is cls
     ref = builder().eval()
     assert list(model.state_dict()) == list(ref.state_dict())
     same_weights(ref, model)
@@ -65,7 +74,8 @@ def test_configuration_overrides():
         timm.create_model("rest_lite", embed_dims=(30, 64, 128, 256), num_heads=(4, 2, 4, 8))
 
 
-@pytest.mark.parametrize("name,channels", [("rest_lite", [64, 128, 256, 512]), ("rest_base", [96, 192, 384, 768])])
+@pytest.mark.parametrize("name,channels", [("rest_lite", [64, 128, 256, 512]), ("rest_base", [96, 192, 384, 768]),
+                                           ("restv2_tiny", [96, 192, 384, 768])])
 def test_every_feature_extractor_gives_the_stage_maps(name, channels):
     torch.manual_seed(0)  # the same official init in every model below
     plain = timm.create_model(name).eval()
@@ -124,12 +134,13 @@ def leaf_traced(model):
     return torch.fx.GraphModule(model, LeafTracer().trace(model))
 
 
-def test_emsa_and_pa_are_timm_leaf_modules():
-    assert {EMSA, PA} <= set(timm.models.get_notrace_modules())
-    model = timm.create_model("rest_small").eval()
+@pytest.mark.parametrize("name,attention", [("rest_small", EMSA), ("restv2_tiny", EMSAv2)])
+def test_attention_and_pa_are_timm_leaf_modules(name, attention):
+    assert {attention, PA} <= set(timm.models.get_notrace_modules())
+    model = timm.create_model(name).eval()
     traced = leaf_traced(model)
     called = [type(traced.get_submodule(n.target)) for n in traced.graph.nodes if n.op == "call_module"]
-    assert called.count(EMSA) == sum(model.depths) and called.count(PA) == 4
+    assert called.count(attention) == sum(model.depths) and called.count(PA) == 4
     with torch.no_grad():
         assert torch.equal(traced(X), model(X))
 
@@ -169,6 +180,12 @@ def test_group_matcher_groups_for_timm_layer_tools():
     # timm's layer-wise learning-rate decay reads it
     layer_groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75)
     assert sum(len(g["params"]) for g in layer_groups) == len(list(model.parameters()))
+    # ResTv2: the same groups under its official names (patch_N)
+    model = timm.create_model("restv2_tiny")
+    coarse = group_parameters(model, model.group_matcher(coarse=True))
+    assert [heads(g) for g in coarse.values()] == [
+        ["stem"], ["stage1"], ["patch_2", "stage2"], ["patch_3", "stage3"], ["norm", "patch_4", "stage4"], ["head"]]
+    assert len(group_parameters(model, model.group_matcher(coarse=False))) == 1 + sum(model.depths) + 1
 
 
 def test_weight_decay_exempts_only_one_dimensional_parameters():
@@ -196,6 +213,17 @@ def test_pretrained_from_local_file(tmp_path, suffix):
     # another class count: the backbone loads, the head is a fresh one
     model = timm.create_model("rest_lite", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
     assert model.head.out_features == 10 and torch.equal(model.stem.conv1.weight, source.stem.conv1.weight)
+
+
+def test_restv2_pretrained_from_an_official_style_file(tmp_path):
+    source = restv2_tiny()
+    with torch.no_grad():
+        source.head.bias.add_(1.0)
+    path = tmp_path / "restv2_tiny.pth"
+    torch.save({"model": source.state_dict()}, path)  # the official v2 files' wrapping
+    model = timm.create_model("restv2_tiny.in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_pretrained_without_a_file_says_how():

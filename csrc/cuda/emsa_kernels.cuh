@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/portability.cuh"
 
@@ -110,6 +111,39 @@ REST_UNROLL
   return x;
 }
 
+// One key tile merged into a row's online statistics (running max mrow, l = sum e with
+// e = exp(S - mrow), centred c = sum (e - l/n)^2 over the n keys seen): the tile is centred at its
+// own mean and merged by Chan's pairwise update, l and c rescaled by alpha, alpha^2 when the max
+// grows. x: the calling thread's 8 logits of the row (-inf where !ok, keys past M); the row's other
+// values sit in the 3 other lanes of its quad. tile: keys per tile (the last may be shorter).
+REST_DEVICE void centred_tile_update(const float (&x)[8], const bool (&ok)[8], int m0, int M, int tile, float& mrow,
+                                     float& l, float& c) {
+  float mloc = -INFINITY;
+REST_UNROLL
+  for (int s = 0; s < 8; ++s) mloc = fmaxf(mloc, x[s]);
+  const float mnew = fmaxf(mrow, quad_max(mloc));  // finite: every key tile holds a valid key
+  const float alpha = expf(mrow - mnew);
+  float e[8], ls = 0.f;
+REST_UNROLL
+  for (int s = 0; s < 8; ++s) {
+    e[s] = ok[s] ? expf(x[s] - mnew) : 0.f;
+    ls += e[s];
+  }
+  const float lb = quad_sum(ls);
+  const float nb = float(M - m0 < tile ? M - m0 : tile), na = float(m0);
+  const float mean_b = lb / nb;
+  float cs = 0.f;
+REST_UNROLL
+  for (int s = 0; s < 8; ++s) {
+    const float dev = ok[s] ? e[s] - mean_b : 0.f;
+    cs += dev * dev;
+  }
+  const float la = l * alpha, delta = mean_b - la / fmaxf(na, 1.f);
+  c = c * (alpha * alpha) + quad_sum(cs) + delta * delta * (na * nb / (na + nb));
+  l = la + lb;
+  mrow = mnew;
+}
+
 // vbar[b, g, :] = mean over keys of v[b, g]; one block per (b, g), fixed summation order.
 template <class T>
 __global__ void __launch_bounds__(kThreads) emsa_vbar_kernel(EmsaArgs<T> a, float* __restrict__ vbar) {
@@ -146,33 +180,14 @@ __global__ void __launch_bounds__(kThreads, 1) emsa_stats_kernel(EmsaArgs<T> a, 
   for (int m0 = 0; m0 < a.M; m0 += kTile) {
     float S[8];
     tile_logits(S, a, b, g, i0, m0, Ac, Bc);
-    float mloc = -INFINITY;
+    float x[8];
+    bool ok[8];
 REST_UNROLL
     for (int s = 0; s < 8; ++s) {
-      if (m0 + quad + 4 * s >= a.M) S[s] = -INFINITY;
-      mloc = fmaxf(mloc, S[s]);
+      ok[s] = m0 + quad + 4 * s < a.M;
+      x[s] = ok[s] ? S[s] : -INFINITY;
     }
-    const float mnew = fmaxf(mrow, quad_max(mloc));  // finite: every key tile holds a valid key
-    const float alpha = expf(mrow - mnew);
-    float e[8], ls = 0.f;
-REST_UNROLL
-    for (int s = 0; s < 8; ++s) {
-      e[s] = (m0 + quad + 4 * s < a.M) ? expf(S[s] - mnew) : 0.f;
-      ls += e[s];
-    }
-    const float lb = quad_sum(ls);
-    const float nb = float(a.M - m0 < kTile ? a.M - m0 : kTile), na = float(m0);
-    const float mean_b = lb / nb;
-    float cs = 0.f;
-REST_UNROLL
-    for (int s = 0; s < 8; ++s) {
-      const float dev = (m0 + quad + 4 * s < a.M) ? e[s] - mean_b : 0.f;
-      cs += dev * dev;
-    }
-    const float la = l * alpha, delta = mean_b - la / fmaxf(na, 1.f);
-    c = c * (alpha * alpha) + quad_sum(cs) + delta * delta * (na * nb / (na + nb));
-    l = la + lb;
-    mrow = mnew;
+    centred_tile_update(x, ok, m0, a.M, kTile, mrow, l, c);
   }
   if (i < a.N && quad == 0) {
     lse[int64_t(bg) * a.N + i] = mrow + logf(l / a.M);  // log-mean-exp: rest_kernels/backends/stats.py
@@ -493,6 +508,13 @@ __global__ void __launch_bounds__(kThreads) emsa_dmix_kernel(const float* __rest
   dmix[e] = s;
 }
 
+}  // namespace REST_NS
+
+// fp16 / bf16 forward on tensor cores: uses EmsaArgs, quad_sum, quad_max, centred_tile_update above
+#include "cuda/emsa_mma.cuh"
+
+namespace REST_NS {
+
 // ----------------------------------------------------------------------------------- host side
 // Arguments, dtypes and empty problems are checked and answered once by csrc/op_checks.h; what is
 // left here are the limits of these kernels (declared in Python as CudaBackend / CudaEmuBackend's
@@ -536,19 +558,37 @@ EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return a;
 }
 
-// emsa_fwd_kernel for head dim d, output type TO.
+// The forward's kernels run on tensor cores (emsa_mma.cuh) for 16-bit inputs written out in their
+// own dtype; float32 inputs, and the backward's float32 rebuild of a 16-bit O (TO = float, which
+// must not round P to 16 bits: see emsa_bwd), run the SIMT kernels.
+template <class T, class TO>
+constexpr bool kFwdOnTensorCores = !std::is_same_v<T, float> && std::is_same_v<T, TO>;
+
+template <class T, class TO>
+constexpr int fwd_rows_per_block() {
+  return kFwdOnTensorCores<T, TO> ? kMmaRows : kTile;
+}
+
+// The forward kernel for head dim d, output type TO.
 template <class T, class TO, bool MIX>
 auto fwd_kernel_for(int64_t d) {
-  return d <= 64 ? &emsa_fwd_kernel<T, TO, 64, MIX> : &emsa_fwd_kernel<T, TO, 128, MIX>;
+  if constexpr (kFwdOnTensorCores<T, TO>)
+    return d <= 64 ? &emsa_fwd_mma_kernel<T, TO, 64, MIX> : &emsa_fwd_mma_kernel<T, TO, 128, MIX>;
+  else
+    return d <= 64 ? &emsa_fwd_kernel<T, TO, 64, MIX> : &emsa_fwd_kernel<T, TO, 128, MIX>;
 }
 
 // With the mix: stats (lse, rsq) -> rstd -> out (rest_kernels/backends/stats.py).
 template <class T, class TO>
 void launch_mixed_forward(const EmsaArgs<T>& a, TO* out, float* lse, float* rsq, float* rstd, float eps,
                           bool stats, rk::Stream stream) {
-  const dim3 grid(rk::ceil_div(a.N, kTile), static_cast<unsigned>(a.B * a.h));
+  const dim3 grid(rk::ceil_div(a.N, fwd_rows_per_block<T, TO>()), static_cast<unsigned>(a.B * a.h));
   if (stats) {
-    rk::launch(emsa_stats_kernel<T>, grid, dim3(kThreads), stream, a, lse, rsq);
+    if constexpr (kFwdOnTensorCores<T, TO>)
+      rk::launch(a.d <= 64 ? &emsa_stats_mma_kernel<T, 64> : &emsa_stats_mma_kernel<T, 128>, grid, dim3(kThreads),
+                 stream, a, lse, rsq);
+    else
+      rk::launch(emsa_stats_kernel<T>, grid, dim3(kThreads), stream, a, lse, rsq);
     rk::launch(emsa_rstd_kernel, dim3(static_cast<unsigned>(a.B * a.h)), dim3(kThreads), stream,
                static_cast<const float*>(rsq), a.N, a.M, eps, rstd);
   }
@@ -578,7 +618,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const
                                                rsq.data_ptr<float>(), rstd.data_ptr<float>(),
                                                static_cast<float>(eps), true, stream);
     } else {
-      const dim3 grid(rk::ceil_div(N, kTile), static_cast<unsigned>(B * h));
+      const dim3 grid(rk::ceil_div(N, fwd_rows_per_block<scalar_t, scalar_t>()), static_cast<unsigned>(B * h));
       rk::launch(fwd_kernel_for<scalar_t, scalar_t, false>(d), grid, dim3(kThreads), stream, a,
                  out.data_ptr<scalar_t>(), lse.data_ptr<float>(), static_cast<const float*>(nullptr));
     }
@@ -607,7 +647,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   at::Tensor u = at::empty({B, h, N}, f32);
   at::Tensor E = at::empty({B, h, N}, f32);
   at::Tensor cg = at::zeros({B, h}, f32);
-  const int64_t nMt = (M + kTile - 1) / kTile;
+  // rows a block of the main backward kernels owns (keys or queries): 64 on tensor cores (fp16 /
+  // bf16), 32 on SIMT (float32); nMt = key blocks of the dk / dv kernel (dW partials per block)
+  const bool on_tc = q.scalar_type() != at::kFloat;
+  const int64_t block_rows = on_tc ? kMmaRows : kTile, nMt = (M + block_rows - 1) / block_rows;
   at::Tensor dw_part = mix ? at::zeros({B, h, nMt, h}, f32) : at::Tensor();
   // float32 outputs are stored exactly as computed; only 16-bit ones need O rebuilt (see below)
   const bool recompute_out = mix && q.scalar_type() != at::kFloat;
@@ -653,11 +696,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     p.rstd = rstd_c.data_ptr<float>();
     p.vbar = mix ? vbar.data_ptr<float>() : nullptr;
     float* dwp = mix ? dw_part.data_ptr<float>() : nullptr;
+    // the main kernels: tensor cores for fp16 / bf16 (emsa_mma.cuh), SIMT for float32
     auto keys = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, true> : &emsa_bwd_kernel<scalar_t, 128, true>;
     auto rows = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, false> : &emsa_bwd_kernel<scalar_t, 128, false>;
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      keys = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, true> : &emsa_bwd_mma_kernel<scalar_t, 128, true>;
+      rows = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, false> : &emsa_bwd_mma_kernel<scalar_t, 128, false>;
+    }
     rk::launch(keys, dim3(static_cast<unsigned>(nMt), BH), dim3(kThreads), stream, p, dk.data_ptr<scalar_t>(),
                dv.data_ptr<scalar_t>(), dwp);
-    rk::launch(rows, dim3(rk::ceil_div(N, kTile), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
+    rk::launch(rows, dim3(rk::ceil_div(N, block_rows), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
                static_cast<scalar_t*>(nullptr), static_cast<float*>(nullptr));
     if (mix)
       rk::launch(emsa_dmix_kernel, dim3(rk::ceil_div(h * h, kThreads)), dim3(kThreads), stream,

@@ -257,6 +257,12 @@ void set_schedule(const std::string& spec) {
   }
 }
 
+namespace {
+std::atomic<uint64_t> g_mma_executed{0};
+}
+uint64_t mma_executed() { return g_mma_executed.load(std::memory_order_relaxed); }
+void note_mma() { g_mma_executed.fetch_add(1, std::memory_order_relaxed); }
+
 std::string get_schedule() {
   init_schedule_from_env();
   int m = g_mode.load();

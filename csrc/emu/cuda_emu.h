@@ -60,6 +60,10 @@ void launch_impl(dim3 grid, dim3 block, const std::function<void()>& body);
 // Scheduling policy (process-wide).
 void set_schedule(const std::string& spec);
 std::string get_schedule();
+// mma.sync instructions executed so far (one per warp-wide instruction), process-wide: lets a test
+// see which kernels ran on the tensor-core path (csrc/cuda/mma.cuh).
+uint64_t mma_executed();
+void note_mma();
 
 struct Stream {};
 
@@ -160,6 +164,7 @@ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], c
     for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
     d[i] = acc;
   }
+  if (lane == 0) note_mma();
 }
 }  // namespace emu
 

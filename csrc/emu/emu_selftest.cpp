@@ -4,6 +4,7 @@
 //   emu_set_schedule(spec)   "forward" | "reverse" | "shuffle:<seed>": the order in which a block's
 //                            threads run between barriers (also REST_KERNELS_EMU_SCHEDULE)
 //   emu_get_schedule()       the current spec
+//   emu_mma_count()          mma.sync instructions (warp-wide) the emulation has executed so far
 //   emu_selftest_reduce(x, barrier)  per-row sum of x (rows of 128) by a shared-memory tree;
 //                            barrier=False drops the __syncthreads between the stores and the tree:
 //                            a race that the emulation must expose (NaN or a wrong sum)
@@ -73,12 +74,14 @@ at::Tensor selftest_diverge(const at::Tensor& x) {
 
 void set_schedule(c10::string_view spec) { emu::set_schedule(std::string(spec)); }
 std::string get_schedule() { return emu::get_schedule(); }
+int64_t mma_count() { return static_cast<int64_t>(emu::mma_executed()); }
 
 }  // namespace rest_emu_selftest
 
 TORCH_LIBRARY(rest_kernels_emu_test, m) {
   m.def("emu_set_schedule(str spec) -> ()", &rest_emu_selftest::set_schedule);
   m.def("emu_get_schedule() -> str", &rest_emu_selftest::get_schedule);
+  m.def("emu_mma_count() -> int", &rest_emu_selftest::mma_count);
   m.def("emu_selftest_reduce(Tensor x, bool barrier) -> Tensor");
   m.def("emu_selftest_diverge(Tensor x) -> Tensor");
   m.def("emu_selftest_oversized_shared(Tensor x) -> Tensor");

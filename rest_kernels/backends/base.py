@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_emsa_backward_args, check_pa_backward_args, emsa_problem, pa_problem
-from .preference import ReferenceFaster, emsa_key, pa_key, reference_preference
+from .preference import ReferenceFaster, emsa_key, pa_key, route_preference
 from .stats import empty_stats, stat_dtype
 
 
@@ -46,8 +46,12 @@ class Backend:
     auto_device_type: str | None = None
     #: dtypes the fused kernels accept
     dtypes: tuple[torch.dtype, ...] = ()
-    #: device type of the tensors it serves ("cpu" or "cuda")
+    #: device type of the tensors it serves ("cpu" or "cuda"; "" for any device)
     device_type: str = ""
+    #: serves EMSA with the head mix (mix_weight given); without it: plain softmax attention only
+    serves_mix: bool = True
+    #: serves pa_gate
+    serves_pa: bool = True
     #: largest head dim d the EMSA kernels take (None: any)
     max_head_dim: int | None = None
     #: largest number of heads whose mix the EMSA kernels fuse (None: any)
@@ -56,7 +60,7 @@ class Backend:
     max_mix_head_dim: int | None = None
     #: largest batch x heads of one EMSA call (None: any)
     max_batch_heads: int | None = None
-    #: where "auto" prefers the reference to this backend (measured; backends/preference.py)
+    #: where "auto" prefers the reference or sdpa to this backend (measured; backends/preference.py)
     reference_rules: tuple[ReferenceFaster, ...] = ()
 
     def unavailable_reason(self) -> str | None:
@@ -65,7 +69,7 @@ class Backend:
 
     def _common_reasons(self, t, what: str) -> list[str]:
         reasons = []
-        if t.device.type != self.device_type:
+        if self.device_type and t.device.type != self.device_type:
             reasons.append(f"{self.name} serves {self.device_type} tensors, got {what} on {t.device}")
         if t.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
@@ -77,6 +81,9 @@ class Backend:
         With needs_backward the backward of the call must be servable too (a backend that can run
         the forward of a training call but not its backward must refuse it before the forward)."""
         reasons = self._common_reasons(q, "q")
+        if mix_weight is not None and not self.serves_mix:
+            reasons.append(f"{self.name} serves plain softmax attention only (mix_weight None), not the head mix "
+                           "with InstanceNorm")
         B, h, _, d = q.shape
         if self.max_head_dim is not None and d > self.max_head_dim:
             reasons.append(f"{self.name} supports head dims up to {self.max_head_dim}, got {d}")
@@ -93,6 +100,8 @@ class Backend:
         return reasons
 
     def pa_not_supported_reasons(self, x, weight, bias, needs_backward: bool = False) -> list[str]:
+        if not self.serves_pa:
+            return [f"{self.name} serves attention only, not pa_gate"]
         reasons = self._common_reasons(x, "x")
         if not reasons:
             reasons += self._pa_extra_reasons(x, weight, bias, needs_backward)
@@ -104,12 +113,13 @@ class Backend:
     def _pa_extra_reasons(self, x, weight, bias, needs_backward) -> list[str]:
         return []
 
-    def emsa_reference_preference(self, q, k, mix_weight, needs_backward: bool = False):
-        """(prefer the reference for this call?, why, or None when no rule covers it)."""
-        return reference_preference(self.reference_rules, emsa_key(q, k, mix_weight), needs_backward, q)
+    def emsa_route_preference(self, q, k, mix_weight, needs_backward: bool = False):
+        """(the backend name auto takes instead of this one for this call, "reference" or "sdpa", or None;
+        why, or None when no rule covers it)."""
+        return route_preference(self.reference_rules, emsa_key(q, k, mix_weight), needs_backward, q)
 
-    def pa_reference_preference(self, x, needs_backward: bool = False):
-        return reference_preference(self.reference_rules, pa_key(x), needs_backward, x)
+    def pa_route_preference(self, x, needs_backward: bool = False):
+        return route_preference(self.reference_rules, pa_key(x), needs_backward, x)
 
     def emsa_unsupported_reason(self, q, k, v, mix_weight, needs_backward: bool = False) -> str | None:
         """All of emsa_not_supported_reasons as one message, or None."""

@@ -1,17 +1,22 @@
-"""Where "auto" prefers the reference to a fused backend that can serve a call: measured, as data.
+"""Where "auto" prefers another route to a fused backend that can serve a call: measured, as data.
 
 A fused backend may be slower than eager PyTorch (the reference) on small calls, where its fixed
-costs (packing, a thread rendezvous, several passes) outweigh the work. A backend declares such
-regions as `ReferenceFaster` rules, produced by a benchmark (bench/crossover.py) and stored with
-their provenance in rest_kernels/backends/data/<backend>_crossover.json. "auto" (registry.select)
-takes the reference for a call inside a rule only if the maps the reference materialises (its
-N x M maps for EMSA) fit comfortably in memory; otherwise it keeps the fused backend. Either decision
-is logged once, with the rule that made it.
+costs (packing, a thread rendezvous, several passes) outweigh the work, and slower than PyTorch's
+scaled_dot_product_attention (the `sdpa` backend) on plain softmax attention. A backend declares such
+regions as `ReferenceFaster` rules (`faster`: "reference" or "sdpa"), produced by a benchmark
+(bench/crossover.py) and stored with their provenance in rest_kernels/backends/data/<backend>_crossover.json.
+"auto" (registry.select) takes the faster route for a call inside a rule; `route_preference` says which.
 
-Only inference calls are redirected. A training call stays on the fused backend whatever its size,
-so that what autograd can do with the op (no double backward through a fused kernel; what is kept
-for the backward) does not depend on the size of the input. bench/crossover.py still measures the
-training pass and stores it with the rows; it makes no rule of it.
+The reference: only for inference calls, and only if the maps it materialises (its N x M maps for
+EMSA) fit comfortably in memory; otherwise auto keeps the fused backend. A training call stays on the
+fused backend whatever its size, so that what is kept for the backward does not depend on the size of
+the input; bench/crossover.py still measures the training pass and stores it with the rows.
+
+sdpa (plain attention, op "emsa", only): its rules are made per pass, the forward's for inference
+calls and the forward-plus-backward's for training calls: SDPA materialises no N x M map, and like
+the fused kernels it has a first backward and (PyTorch's flash kernels) no double backward, so
+nothing autograd can do depends on the route. sdpa rules are checked before the reference's. Either
+decision is logged once, with the rule that made it.
 """
 from __future__ import annotations
 
@@ -34,16 +39,18 @@ COMFORTABLE_FRACTION = 1 / 16
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceFaster:
-    """The reference beat the fused backend on every measured call of `op` / `pass_` / `layout`
-    with at most `max_elements` elements (B C H W for PA, B h N M for EMSA)."""
+    """The route `faster` ("reference" or "sdpa") beat the fused backend on every measured call of
+    `op` / `pass_` / `layout` with at most `max_elements` elements (B C H W for PA, B h N M for EMSA)."""
     op: str            # "pa", "emsa" (no mix) or "emsa-mix"
     pass_: str         # "fwd" (inference) or "fwd+bwd" (training)
     layout: str        # PA: "contiguous" or "channels_last"; EMSA: "any"
     max_elements: int
     measured: str      # command, machine, date and commit of the measurement
+    faster: str = "reference"
 
     def describe(self) -> str:
-        return (f"the reference was faster on every measured {self.op} {self.pass_} call of "
+        who = "the reference" if self.faster == "reference" else self.faster
+        return (f"{who} was faster on every measured {self.op} {self.pass_} call of "
                 f"{self.layout} layout with <= {self.max_elements} elements ({self.measured})")
 
 
@@ -53,7 +60,8 @@ def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
         return ()
     with open(path) as f:
         data = json.load(f)
-    return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"])
+    return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"],
+                                 r.get("faster", "reference"))
                  for r in data["rules"] if r["max_elements"] > 0)
 
 
@@ -77,18 +85,25 @@ def _device_memory(device_type: str, index: int | None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def reference_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[bool, str | None]:
-    """(prefer the reference?, why) for a call with `key` = (op, layout, elements) on tensor t's device.
-    why is None when no rule covers the call."""
-    if needs_backward:  # training calls stay fused (module docstring)
-        return False, None
-    op, layout, elements = key
-    rule = next((r for r in rules if r.op == op and r.pass_ == "fwd" and r.layout == layout
+def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int):
+    return next((r for r in rules if r.faster == faster and r.op == op and r.pass_ == pass_ and r.layout == layout
                  and elements <= r.max_elements), None)
+
+
+def route_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[str | None, str | None]:
+    """(the route to take instead of the fused backend: "sdpa", "reference" or None, why) for a call
+    with `key` = (op, layout, elements) on tensor t's device. why is None when no rule covers the call."""
+    op, layout, elements = key
+    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements)
+    if rule is not None:
+        return "sdpa", rule.describe()
+    if needs_backward:  # training calls stay fused rather than take the reference (module docstring)
+        return None, None
+    rule = _covering(rules, "reference", op, "fwd", layout, elements)
     if rule is None:
-        return False, None
+        return None, None
     maps = REFERENCE_MAPS[op] * elements * t.element_size()
     if maps > COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index):
-        return False, (f"{rule.describe()}, but the maps it would materialise would take more than "
-                       f"{COMFORTABLE_FRACTION:g} of the device's memory")
-    return True, rule.describe()
+        return None, (f"{rule.describe()}, but the maps it would materialise would take more than "
+                      f"{COMFORTABLE_FRACTION:g} of the device's memory")
+    return "reference", rule.describe()

@@ -2,7 +2,9 @@
 
 The default is the innermost `use_backend(...)` of the calling thread, else the environment
 variable REST_KERNELS_BACKEND, else "auto". "auto" takes the first backend of AUTO_ORDER that is
-available here and can serve the inputs, else `reference`, logging the reasons once.
+available here and can serve the inputs, unless its measured rules send the call to the reference or
+to sdpa (backends/preference.py); where none serves, `sdpa` for plain softmax attention and
+`reference` for everything else, logging the reasons once.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import torch
 from .base import Backend
 from .compiled import CpuBackend, CudaBackend, CudaEmuBackend
 from .reference import ReferenceBackend
+from .sdpa import SdpaBackend
 from .triton_backend import TritonBackend
 
 logger = logging.getLogger("rest_kernels")
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (ReferenceBackend(), TritonBackend(), CudaBackend(), CpuBackend(), CudaEmuBackend())
+    b.name: b for b in (ReferenceBackend(), TritonBackend(), CudaBackend(), CpuBackend(), CudaEmuBackend(),
+                        SdpaBackend())
 }
 #: "auto" tries these in order (each only for tensors on its auto_device_type)
 AUTO_ORDER = ("triton", "cuda", "cpu")
@@ -107,11 +111,14 @@ def _log_fallback_once(message: str) -> bool:
     return True
 
 
-def select(op: str, name: str | None, tensors: tuple, unsupported, prefer_reference=None) -> Backend:
+def select(op: str, name: str | None, tensors: tuple, unsupported, prefer_route=None) -> Backend:
     """Pick the backend for one call. `unsupported(backend)` returns None or a reason;
-    `prefer_reference(backend)` returns (prefer the reference?, why or None): "auto" takes the
-    reference over a fused backend that can serve the call where that backend's measured rules say
-    the reference is faster (backends/preference.py), logging once why either way."""
+    `prefer_route(backend)` returns (the name of the backend to take instead, "reference" or "sdpa", or
+    None; why or None): "auto" takes that route over a fused backend that can serve the call where
+    that backend's measured rules say it is faster (backends/preference.py), logging once why either
+    way. Where no fused backend serves, auto takes sdpa if it can serve the call (plain softmax
+    attention: PyTorch's SDPA, never slower than the official eager math and without its N x M maps),
+    else the reference."""
     name = default_backend() if name is None else check_name(name)
     if torch.onnx.is_in_onnx_export():
         # ONNX has no fused kernels: export the official math as standard operators.
@@ -130,16 +137,18 @@ def select(op: str, name: str | None, tensors: tuple, unsupported, prefer_refere
             continue
         reason = unavailable_reason(candidate) or unsupported(backend)
         if reason is None:
-            if prefer_reference is not None:
-                prefer, why = prefer_reference(backend)
-                if prefer:
-                    _log_fallback_once(f"rest_kernels.{op}: auto takes the reference over {candidate}: {why}")
-                    return BACKENDS["reference"]
+            if prefer_route is not None:
+                route, why = prefer_route(backend)
+                if route is not None:
+                    who = "the reference" if route == "reference" else route
+                    _log_fallback_once(f"rest_kernels.{op}: auto takes {who} over {candidate}: {why}")
+                    return BACKENDS[route]
                 if why is not None:
                     _log_fallback_once(f"rest_kernels.{op}: auto keeps {candidate}: {why}")
             return backend
         reasons.append(f"{candidate}: {reason}")
     if not reasons:
         reasons.append(f"no fused backend serves {device_type} tensors")
-    _log_fallback_once(f"rest_kernels.{op} falls back to the reference backend: " + "; ".join(reasons))
-    return BACKENDS["reference"]
+    fallback = "sdpa" if unavailable_reason("sdpa") is None and unsupported(BACKENDS["sdpa"]) is None else "reference"
+    _log_fallback_once(f"rest_kernels.{op} falls back to the {fallback} backend: " + "; ".join(reasons))
+    return BACKENDS[fallback]

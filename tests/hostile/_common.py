@@ -181,7 +181,7 @@ def emsa_expect(backend, dtype=F32, h=2, d=4, mix=True, device="cpu"):
     if reason is not None:
         return unavailable(backend)
     b = BACKEND_OBJECTS[backend]
-    if device != b.device_type:
+    if b.device_type and device != b.device_type:  # "" serves any device
         return unavailable(backend, f"{backend} serves")
     # the backend's own reasons for such a call (rest_kernels/backends/base.py), not a second copy
     # of its rules: tensors of the case's dtype, heads and head dim, one row and one key
@@ -198,7 +198,7 @@ def pa_expect(backend, dtype=F32, device="cpu"):
     if rest_kernels.available_backends()[backend] is not None:
         return unavailable(backend)
     b = BACKEND_OBJECTS[backend]
-    if device != b.device_type:
+    if b.device_type and device != b.device_type:  # "" serves any device
         return unavailable(backend, f"{backend} serves")
     x, w = torch.empty(1, 1, 1, 1, dtype=dtype, device=device), torch.empty(1, 1, 3, 3, dtype=dtype, device=device)
     reasons = b.pa_not_supported_reasons(x, w, None)

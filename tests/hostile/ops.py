@@ -253,16 +253,17 @@ def emsa_cases():
                         check_emsa(backend, make(dtype), tol=tol, **kwargs)
                 cases.append(Case(f"emsa-ok/{name}/{str(dtype)[6:]}/{backend}", fn, expect))
     # gradients through hostile layouts: zero-stride dout (out.sum()), expanded and aliased inputs
-    for name, make, dout_kind, dtypes in [
-            ("grad-with-bias", lambda dt: emsa_args(dtype=dt, bias=True), "random", (F32, F64)),
-            ("grad-sum-backward", lambda dt: emsa_args(dtype=dt), "ones", (F32,)),
-            ("grad-no-mix", lambda dt: emsa_args(dtype=dt, mix=False), "random", (F32,)),
-            ("grad-single-key", lambda dt: emsa_args(M=1, dtype=dt), "random", (F32,))]:
+    for name, make, dout_kind, dtypes, mix in [
+            ("grad-with-bias", lambda dt: emsa_args(dtype=dt, bias=True), "random", (F32, F64), True),
+            ("grad-sum-backward", lambda dt: emsa_args(dtype=dt), "ones", (F32,), True),
+            ("grad-no-mix", lambda dt: emsa_args(dtype=dt, mix=False), "random", (F32,), False),
+            ("grad-single-key", lambda dt: emsa_args(M=1, dtype=dt), "random", (F32,), True)]:
         for dtype in dtypes:
             for backend in BACKENDS:
                 def fn(make=make, dtype=dtype, backend=backend, dout_kind=dout_kind):
                     check_emsa_grads(backend, make(dtype), dout_kind)
-                cases.append(Case(f"emsa-ok/{name}/{str(dtype)[6:]}/{backend}", fn, emsa_expect(backend, dtype)))
+                cases.append(Case(f"emsa-ok/{name}/{str(dtype)[6:]}/{backend}", fn,
+                                  emsa_expect(backend, dtype, mix=mix)))
     # tensors on the meta device: shapes only (reference / auto), a reason elsewhere
     for backend in BACKENDS:
         def fn(backend=backend):
@@ -574,7 +575,10 @@ def custom_op_cases():
     ]
     for name, call in valid:
         for backend in KERNEL_BACKENDS:
-            cases.append(Case(f"custom-op-ok/{name}/{backend}", functools.partial(call, backend), emsa_expect(backend)))
+            # what the backend declares it serves: the op, and the head mix or not
+            expect = (pa_expect(backend) if name.startswith("pa/")
+                      else emsa_expect(backend, mix=name != "emsa/no-mix"))
+            cases.append(Case(f"custom-op-ok/{name}/{backend}", functools.partial(call, backend), expect))
     return cases
 
 
