@@ -13,7 +13,7 @@
     python examples/train_detection.py ... --resume runs/mrcnn/last.pth --epochs 12
 
     # sanity check: overfit one fixed batch, then evaluate on it
-    python examples/train_detection.py --detector retinanet --model rest_tiny --overfit 80 --lr 1e-3
+    python examples/train_detection.py --detector retinanet --model rest_tiny --overfit 100 --lr 1e-3
 
 After every epoch it writes OUTPUT/last.pth (model, optimizer, scheduler, AMP scaler, epoch,
 arguments; --resume continues from it) and evaluates COCO mAP on the validation set (torchmetrics'
