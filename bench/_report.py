@@ -70,7 +70,8 @@ def case_cell(r: dict) -> str:
     dt = _DTYPE_SHORT.get(r["dtype"], r["dtype"])
     if r["kind"] == "op":
         return f"{r['name']} {r['pass']} {r['shape_label']} {dt}"
-    return f"{r['name']} {r['pass']} B{r['shape']['B']} {r['shape']['H']}px {dt}"
+    H, W = r["shape"]["H"], r["shape"]["W"]
+    return f"{r['name']} {r['pass']} B{r['shape']['B']} {f'{H}px' if H == W else f'{H}x{W}'} {dt}"
 
 
 COLUMNS = ("case", "backend", "median", "IQR", "throughput", "peak mem", "saved bwd",

@@ -13,7 +13,10 @@ Rows. Op level: emsa_attention without ("emsa") and with the head mix ("emsa-mix
 ("pa"), forward (inference, no autograd) and forward + backward, at the stages of ResT's two
 shape families (lite/small, base/large, v2-large: ResTv2-L's) at 224 x 224 and at a detection-size
 800 x 1216 input. Model level: rest_lite / small / base / large and restv2_tiny / small / base / large
-inference and one training step (forward, cross-entropy, backward, AdamW step), images/s.
+inference and one training step (forward, cross-entropy, backward, AdamW step), images/s. Detection
+(--detection; every one with --full): one training step of rest.detection's backbone with FPN,
+RetinaNet and Mask R-CNN on rest_lite at 800 x 1216 and 800 x 1333, batch 1 on a CPU
+(bench/_detection_cases.py).
 Which rows run depends on the mode (SELECTIONS below; explicit --ops, --shapes, --models, --dtypes...
 override it): with no --quick / --full, the ops as ResT-Lite runs them at its four stages at 224 px
 (stage 1 has one head: plain emsa; stages 2-4 mix heads: emsa-mix) and at one detection-size stage,
@@ -51,7 +54,7 @@ import rest_kernels  # noqa: E402
 from rest_kernels.backends.registry import BACKENDS  # noqa: E402
 from rest_kernels.backends.triton_backend import interpreter_on  # noqa: E402
 
-from bench import _cases, _env, _memory, _progress, _report, _timing  # noqa: E402
+from bench import _cases, _detection_cases, _env, _memory, _progress, _report, _timing  # noqa: E402
 
 FUSED = tuple(n for n in BACKENDS if n != "reference")       # triton, cuda, cpu, cuda-emu
 BACKEND_CHOICES = ("reference", "compile") + FUSED
@@ -92,6 +95,7 @@ class Selection:
     models: tuple | None = None
     dtypes: tuple | None = None     # None: default_dtypes(device)
     as_in_model: bool = False       # unless --ops is given: only the ops ResT runs at each stage (_cases.in_model)
+    detection: tuple | None = ()    # rest.detection training steps (bench/_detection_cases.py); none by default
 
 
 #: ResT-Lite's four stages at 224 px (one head at stage 1, heads mixed at 2-4) and one detection-size
@@ -108,7 +112,7 @@ _QUICK_SELECTION = Selection(shapes=QUICK_SHAPES, models=("lite",), dtypes=("flo
 SELECTIONS = {
     "default": _DEFAULT_SELECTION,
     "quick": _QUICK_SELECTION,
-    "full": Selection(),
+    "full": Selection(detection=None),
     # a GPU runs these in seconds: every dtype it supports
     ("cuda", "default"): dataclasses.replace(_DEFAULT_SELECTION, dtypes=None),
     ("cuda", "quick"): dataclasses.replace(_QUICK_SELECTION, dtypes=None),
@@ -241,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_list_type(_cases.MODELS, {_cases.model_name(m): m for m in _cases.MODELS}),
                    help="ResT and ResTv2 variants (lite, ..., v2_tiny, ... or rest_lite, ..., restv2_tiny, ...; "
                         "default lite, all with --full; 'none' for ops only)")
+    p.add_argument("--detection", type=_list_type(_detection_cases.DETECTION),
+                   help="rest.detection training steps at detection sizes: backbone (ResT + FPN), retinanet, "
+                        "maskrcnn (default none; all with --full: an eager step takes 20-60 s on a 2-core CPU)")
+    p.add_argument("--det-inputs", type=_list_type(tuple(_detection_cases.DET_INPUTS)),
+                   help="input sizes of the --detection rows (default: all)")
+    p.add_argument("--det-models", type=_list_type(_detection_cases.DET_MODELS, {f"rest_{m}": m for m in _detection_cases.DET_MODELS}),
+                   help="ResT variants of the --detection rows (default lite)")
     p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
                    help="model modes: infer, train (default both)")
     p.add_argument("--backends", type=_list_type(BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
@@ -303,11 +314,17 @@ def parse_args(argv):
         args.models = list(sel.models or _cases.MODELS)
     if args.modes is None:
         args.modes = list(_cases.MODEL_MODES)
+    if args.detection is None:
+        args.detection = list(_detection_cases.DETECTION if sel.detection is None else sel.detection)
+    args.det_inputs = args.det_inputs or list(_detection_cases.DET_INPUTS)
+    args.det_models = args.det_models or ["lite"]
     if args.shapes is None:
         args.shapes = list(sel.shapes or [s.label for s in _cases.stage_shapes()])
     args.explicit_backends = args.backends is not None
     if args.backends is None:
         args.backends = [b for b in BACKEND_CHOICES if b not in EMULATORS]
+    # detection rows: float32 unless --dtypes names others (each costs minutes on a CPU)
+    args.det_dtypes = list(args.dtypes) if args.dtypes is not None else ["float32"]
     if args.dtypes is None:
         args.dtypes = list(sel.dtypes or default_dtypes(args.device))
     return args
@@ -328,7 +345,7 @@ def default_dtypes(device: str) -> list[str]:
 
 # --------------------------------------------------------------------------- plan
 def plan(args) -> list:
-    """The cases, in report order: ops (per shape, op, pass, dtype), then models."""
+    """The cases, in report order: ops (per shape, op, pass, dtype), then models, then detection."""
     shapes = {s.label: s for s in _cases.stage_shapes()}
     cases = []
     for label in args.shapes:
@@ -344,6 +361,12 @@ def plan(args) -> list:
         for mode in args.modes:
             for dt in args.dtypes:
                 cases.append(_cases.ModelCase(model, mode, args.model_batch, args.image_size, DTYPES[dt], args.device))
+    for what in args.detection:
+        for model in args.det_models:
+            for inp in args.det_inputs:
+                for dt in args.det_dtypes:
+                    cases.append(_detection_cases.DetectionCase(what, model, inp, args.det_batch, DTYPES[dt],
+                                                                args.device))
     return cases
 
 
@@ -368,9 +391,10 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
 # --------------------------------------------------------------------------- measuring
 def base_row(case, backend: str) -> dict:
     return dict(kind=case.kind, name=case.name, **{"pass": case.pass_},
-                shape_label=case.shape.label if case.kind == "op" else f"{case.image}px",
+                shape_label=(case.shape.label if case.kind == "op" else case.input if case.kind == "detection"
+                             else f"{case.image}px"),
                 shape=case.dims(), dtype=_cases.dtype_name(case.dtype), device=case.device,
-                autocast=(case.kind == "model" and case.dtype in (torch.float16, torch.bfloat16)),
+                autocast=(case.kind != "op" and case.dtype in (torch.float16, torch.bfloat16)),
                 backend=backend, status="ok", reason=None, group=case.group())
 
 
@@ -386,7 +410,8 @@ def measure_row(case, backend: str, args) -> dict:
         return dict(row, status="skipped", reason=reason)
     runner = None
     try:
-        runner = _cases.runner(case, backend)
+        runner = (_detection_cases.detection_runner(case, backend) if case.kind == "detection"
+                  else _cases.runner(case, backend))
         timing = _timing.measure(runner.fn, device=args.device, warmup=args.warmup,
                                  repeats=args.repeats, min_time=args.min_time)
         row.update(timing.as_dict())
@@ -413,7 +438,7 @@ def measure_row(case, backend: str, args) -> dict:
 
 def settings_of(args) -> dict:
     return dict(device=args.device, mode=args.mode, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
-                modes=args.modes, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
+                modes=args.modes, detection=args.detection, det_inputs=args.det_inputs, det_models=args.det_models, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
                 batch=args.batch, det_batch=args.det_batch, model_batch=args.model_batch,
                 image_size=args.image_size, threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
                 timing_method=_timing.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),

@@ -182,3 +182,32 @@ def test_full_and_quick_together_are_refused(capsys):
         emsa_bench.parse_args(["--full", "--quick"])
     assert e.value.code == 2
     assert "argument --quick: not allowed with argument --full" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- detection rows
+def test_detection_rows_only_with_full_or_when_named():
+    from bench import _detection_cases
+    assert not [c for c in _selected()[1] if c.kind == "detection"]
+    assert not [c for c in _selected("--quick")[1] if c.kind == "detection"]
+    full = [c for c in _selected("--full")[1] if c.kind == "detection"]
+    assert {(c.what, c.input, c.variant, c.dtype, c.batch) for c in full} == {
+        (w, i, "lite", torch.float32, 1) for w in _detection_cases.DETECTION for i in _detection_cases.DET_INPUTS}
+    named = [c for c in _selected("--detection", "backbone", "--det-inputs", "800x1216", "--ops", "none",
+                                  "--models", "none")[1]]
+    assert [(c.kind, c.what, c.input) for c in named] == [("detection", "backbone", "800x1216")]
+
+
+def test_detection_rows_measure_a_training_step(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    from bench import _detection_cases
+    monkeypatch.setitem(_detection_cases.DET_INPUTS, "64x96", (64, 96))  # a small stand-in for 800 x 1216
+    path = tmp_path / "d.json"
+    rc = emsa_bench.main(["--ops", "none", "--models", "none", "--detection", "backbone,maskrcnn", "--det-inputs",
+                          "64x96", "--backends", "reference", "--repeats", "1", "--warmup", "0", "--min-time",
+                          "0.0001", "--no-progress", "--json", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["kind"], r["name"], r["status"]) for r in rows] == [
+        ("detection", "backbone rest_lite", "ok"), ("detection", "maskrcnn rest_lite", "ok")]
+    for r in rows:
+        assert r["time_median_s"] > 0 and r["saved_bytes"] > 0 and r["shape"] == dict(B=1, C=3, H=64, W=96)

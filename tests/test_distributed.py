@@ -11,6 +11,7 @@ the full-batch one; SyncBatchNorm fixes that on GPUs but refuses CPU tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -67,17 +68,24 @@ def train(model, data, rank=0, world=1):
     return model
 
 
-def _worker(rank, world, port, out_dir):
+@contextlib.contextmanager
+def process_group(rank: int, world: int, port: int, timeout_s: float = TIMEOUT_S):
+    """A gloo process group for this worker (one thread: the ranks share the machine's cores)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, port, out_dir):
+    with process_group(rank, world, port):
         model = freeze_batchnorm(make_model())
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         train(ddp, batches(), rank, world)
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -86,19 +94,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
-def test_ddp_two_processes_match_one_process(tmp_path):
-    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+def run_ranks(worker, world: int, out_dir: str, timeout_s: float = TIMEOUT_S) -> None:
+    """worker(rank, world, port, out_dir) in `world` spawned processes; fails the test past timeout_s."""
+    ctx = mp.start_processes(worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+                pytest.fail(f"DDP workers did not finish within {timeout_s} s")
     finally:
         for p in ctx.processes:  # only our own workers, by handle
             if p.is_alive():
                 p.terminate()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo needed")
+def test_ddp_two_processes_match_one_process(tmp_path):
+    run_ranks(_worker, WORLD, str(tmp_path))
     single = train(freeze_batchnorm(make_model()), batches())
     expected = single.state_dict()
     initial = make_model().state_dict()
