@@ -23,6 +23,8 @@ import torch
 
 import rest_kernels
 
+from bench import _engines
+
 # --------------------------------------------------------------------------- ResT shapes
 # v1 / v2: whether ResT (v1) / ResTv2 variants run at these shapes
 FAMILIES = {
@@ -185,6 +187,7 @@ class Runner:
     items: int                      # throughput items per call (1 call, or B images)
     unit: str                       # "calls/s" or "images/s"
     saved_bytes: object = None      # () -> int, bytes autograd saves for backward (None: n/a)
+    settings: dict | None = None    # a deployment engine's settings, reported with its row
 
 
 def _compile(fn):
@@ -306,20 +309,46 @@ def model_constructor(model: str):
     return ctor, None
 
 
-def model_runner(case: ModelCase, backend: str) -> Runner:
+def _model_and_data(case: ModelCase, backend: str, param_dtype: torch.dtype):
+    """The case's model (the same weights on every backend: the official init from seed 0), its
+    images and labels."""
     ctor, reason = model_constructor(case.model)
     if ctor is None:
         raise ModelUnavailable(reason)
-    torch.manual_seed(0)  # the same weights on every backend
-    model = ctor(backend="reference" if backend == "compile" else backend)
+    torch.manual_seed(0)
+    model = ctor(backend=backend).to(device=case.device, dtype=param_dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(case.batch, 3, case.image, case.image, generator=g).to(case.device, param_dtype)
+    labels = torch.randint(0, 1000, (case.batch,), generator=g).to(case.device)
+    return model, images, labels
+
+
+def reference_logits(case: ModelCase) -> torch.Tensor:
+    """The float64 logits of the case's model and images (the official math): what every inference
+    row's output is checked against before it is timed."""
+    model, images, _ = _model_and_data(case, "reference", torch.float64)
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def engine_runner(case: ModelCase, engine: str) -> Runner:
+    """ONNX Runtime or OpenVINO running rest.export_onnx's file of the case's model (bench/_engines.py);
+    Runner.settings holds the engine's settings."""
+    reason = _engines.case_reason(engine, case)
+    if reason is not None:
+        raise ModelUnavailable(reason)
+    model, images, _ = _model_and_data(case, "reference", torch.float32)
+    path = _engines.exported(model.eval(), (case.name, case.image), case.image)
+    fn, settings = _engines.runner(engine, path, images, case.dtype, torch.get_num_threads())
+    return Runner(fn, case.batch, "images/s", settings=settings)
+
+
+def model_runner(case: ModelCase, backend: str) -> Runner:
     autocast = case.dtype in (torch.float16, torch.bfloat16)
     # float16 / bfloat16: mixed precision (autocast) as one trains and serves these models; float32
     # and float64: the whole model in that dtype
     param_dtype = torch.float32 if autocast else case.dtype
-    model = model.to(device=case.device, dtype=param_dtype)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(case.batch, 3, case.image, case.image, generator=g).to(case.device, param_dtype)
-    labels = torch.randint(0, 1000, (case.batch,), generator=g).to(case.device)
+    model, images, labels = _model_and_data(case, "reference" if backend == "compile" else backend, param_dtype)
     net = _compile(model) if backend == "compile" else model
 
     def amp():
@@ -359,4 +388,6 @@ class ModelUnavailable(RuntimeError):
 
 
 def runner(case, backend: str) -> Runner:
+    if backend in _engines.ENGINES:
+        return engine_runner(case, backend)
     return op_runner(case, backend) if case.kind == "op" else model_runner(case, backend)

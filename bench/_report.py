@@ -78,11 +78,31 @@ COLUMNS = ("case", "backend", "median", "IQR", "throughput", "peak mem", "saved 
            "vs eager", "vs compiled", "mem vs eager")
 
 
-def _cells(r: dict) -> list[str]:
-    return [case_cell(r), r["backend"], fmt_time(r.get("time_median_s")), fmt_time(r.get("time_iqr_s")),
-            fmt_rate(r.get("throughput"), r.get("throughput_unit")), fmt_bytes(r.get("peak_memory_bytes")),
-            fmt_bytes(r.get("saved_bytes")), fmt_ratio(r.get("speedup_vs_eager")),
-            fmt_ratio(r.get("speedup_vs_compiled")), fmt_ratio(r.get("memory_vs_eager"))]
+ACCURACY_COLUMN = "err vs f64"
+
+
+def fmt_error(r: dict) -> str:
+    """The row's max |error| against the float64 logits, and its ratio to the tolerance when over it."""
+    if r.get("error_vs_float64") is None:
+        return "-"
+    text = f"{r['error_vs_float64']:.1e}"
+    tolerance = r.get("error_tolerance")
+    return text + (f" (over: {r['error_vs_float64'] / tolerance:.3g}x tol)" if tolerance and r["error_vs_float64"] > tolerance
+                   else "")
+
+
+def case_backend(r: dict) -> str:
+    """The backend, with an engine's precision hint (OpenVINO computes bf16 without autocast)."""
+    hint = (r.get("engine_settings") or {}).get("INFERENCE_PRECISION_HINT")
+    return f"{r['backend']} ({hint})" if hint else r["backend"]
+
+
+def _cells(r: dict, accuracy: bool = False) -> list[str]:
+    cells = [case_cell(r), case_backend(r), fmt_time(r.get("time_median_s")), fmt_time(r.get("time_iqr_s")),
+             fmt_rate(r.get("throughput"), r.get("throughput_unit")), fmt_bytes(r.get("peak_memory_bytes")),
+             fmt_bytes(r.get("saved_bytes")), fmt_ratio(r.get("speedup_vs_eager")),
+             fmt_ratio(r.get("speedup_vs_compiled")), fmt_ratio(r.get("memory_vs_eager"))]
+    return cells + [fmt_error(r)] if accuracy else cells
 
 
 def _grid(header, body, markdown: bool) -> list[str]:
@@ -134,15 +154,22 @@ def table(rows: list[dict], env: dict, settings: dict, markdown: bool = False) -
                 p = d["pa"]
                 parts.append(f"PA B={p['B']} C={p['C']} H={p['H']} W={p['W']}")
             out.append(f"{'- ' if markdown else '  '}{label}: " + "; ".join(parts))
+    accuracy = any(r.get("error_vs_float64") is not None for r in ran)
+    if accuracy:
+        out.append("")
+        out.append("Model inference rows: every backend of a case timed interleaved (one repeat of each per round, "
+                   f"order rotated); {ACCURACY_COLUMN} = max |logits - float64 logits| of the row's first call, "
+                   "checked before timing against a tolerance of 2x eager PyTorch's own error at that precision.")
     body, last = [], None
     for r in ran:
-        cells = _cells(r)
+        cells = _cells(r, accuracy)
         if not markdown and r["group"] == last:
             cells[0] = ""
         last = r["group"]
         body.append(cells)
     out.append("")
-    out.extend(_grid(list(COLUMNS), body, markdown) if body else ["(no row ran)"])
+    columns = list(COLUMNS) + ([ACCURACY_COLUMN] if accuracy else [])
+    out.extend(_grid(columns, body, markdown) if body else ["(no row ran)"])
     skipped = collections.Counter((r["backend"], r["reason"]) for r in rows if r["status"] == "skipped")
     if skipped:
         out.append("")

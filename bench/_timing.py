@@ -91,3 +91,32 @@ def measure(fn, *, device: str, warmup: int, repeats: int, min_time: float, max_
         if gc_was_enabled:
             gc.enable()
     return Timing(times, inner, first)
+
+
+def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, min_time: float,
+                        max_inner: int = 1000) -> dict:
+    """Time several callables doing the same work (one case on several backends) as `measure` does,
+    but interleaved: repeat r times every callable once (each `inner` calls), the order rotated by
+    one place per repeat, so that load changing on a shared machine reaches every backend alike and
+    their ratios stay meaningful. Returns {key: Timing}. Exceptions propagate."""
+    gc.collect()
+    first = {key: _timed_once(fn, device) for key, fn in fns.items()}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    inner = {}
+    for key, fn in fns.items():
+        estimate = _timed_once(fn, device) if warmup > 0 else first[key]
+        inner[key] = max(1, min(max_inner, math.ceil(min_time / max(estimate, 1e-9))))
+    keys = list(fns)
+    times = {key: [] for key in keys}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                times[key].append(_repeat(fns[key], device, inner[key]))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {key: Timing(times[key], inner[key], first[key]) for key in keys}

@@ -37,6 +37,7 @@ import dataclasses
 import gc
 import os
 import sys
+import time
 import traceback
 
 if __package__ in (None, ""):  # run as a script: make `bench` and (in a plain checkout) `rest_kernels` importable
@@ -54,11 +55,13 @@ import rest_kernels  # noqa: E402
 from rest_kernels.backends.registry import BACKENDS  # noqa: E402
 from rest_kernels.backends.triton_backend import interpreter_on  # noqa: E402
 
-from bench import _cases, _detection_cases, _env, _memory, _progress, _report, _timing  # noqa: E402
+from bench import _cases, _detection_cases, _engines, _env, _memory, _progress, _report, _timing  # noqa: E402
 
 FUSED = tuple(n for n in BACKENDS if n != "reference")       # triton, cuda, cpu, cuda-emu
-BACKEND_CHOICES = ("reference", "compile") + FUSED
-BACKEND_ALIASES = {"eager": "reference", "compiled": "compile", "torch.compile": "compile"}
+ENGINES = _engines.ENGINES                                   # onnxruntime, openvino: exported models
+BACKEND_CHOICES = ("reference", "compile") + FUSED + ENGINES
+BACKEND_ALIASES = {"eager": "reference", "compiled": "compile", "torch.compile": "compile",
+                   "ort": "onnxruntime", "ov": "openvino"}
 EMULATORS = ("cuda-emu",)                                    # timed only when named
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
@@ -96,6 +99,9 @@ class Selection:
     dtypes: tuple | None = None     # None: default_dtypes(device)
     as_in_model: bool = False       # unless --ops is given: only the ops ResT runs at each stage (_cases.in_model)
     detection: tuple | None = ()    # rest.detection training steps (bench/_detection_cases.py); none by default
+    modes: tuple | None = None      # model modes (None: infer and train)
+    model_batches: tuple | None = None  # None: the device's default model batch
+    min_repeats: int = 1            # unless --repeats is given: at least this many repeats
 
 
 #: ResT-Lite's four stages at 224 px (one head at stage 1, heads mixed at 2-4) and one detection-size
@@ -109,9 +115,15 @@ DEFAULT_SHAPES = ("224-s1-lite/small", "224-s2-lite/small", "224-s3-lite/small",
 _DEFAULT_SELECTION = Selection(ops=_cases.OPS, shapes=DEFAULT_SHAPES, models=("lite",), dtypes=("float32",),
                                as_in_model=True)
 _QUICK_SELECTION = Selection(shapes=QUICK_SHAPES, models=("lite",), dtypes=("float32",))
+#: the deployment comparison: rest_lite and rest_base inference at batch 1 and 16, float32 and
+#: bfloat16, eager, compile and the fused model beside ONNX Runtime and OpenVINO on the exported
+#: file, interleaved, at least 9 repeats (about 40 minutes on a 2-core CPU, torch.compile included)
+_DEPLOY_SELECTION = Selection(ops=(), models=("lite", "base"), dtypes=("float32", "bfloat16"), modes=("infer",),
+                              model_batches=(1, 16), min_repeats=9)
 SELECTIONS = {
     "default": _DEFAULT_SELECTION,
     "quick": _QUICK_SELECTION,
+    "deploy": _DEPLOY_SELECTION,
     "full": Selection(detection=None),
     # a GPU runs these in seconds: every dtype it supports
     ("cuda", "default"): dataclasses.replace(_DEFAULT_SELECTION, dtypes=None),
@@ -171,6 +183,13 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _positive_int_list(text):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected positive integers, comma-separated, got an empty list")
+    return list(dict.fromkeys(_positive_int(t) for t in items))
 
 
 def _nonnegative_int(text):
@@ -238,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "float32 on a CPU, small batches, few repeats")
     mode.add_argument("--full", action="store_true",
                       help="every op at every shape, every model, every dtype (about an hour on a 2-core CPU)")
+    mode.add_argument("--deploy", action="store_true",
+                      help="models only: rest_lite and rest_base inference, batch 1 and 16, float32 and bfloat16, "
+                           "PyTorch beside ONNX Runtime and OpenVINO, at least 9 interleaved repeats")
     p.add_argument("--ops", type=_list_type(_cases.OPS),
                    help="ops to run (default: the mode's, see --list; 'none' for models only)")
     p.add_argument("--passes", type=_list_type(_cases.PASSES, {"fwdbwd": "fwd+bwd", "bwd": "fwd+bwd"}),
@@ -265,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the mode's, see --list)")
     p.add_argument("--batch", type=_positive_int, help="op batch size (default 8 on CPU / 64 on GPU at 224 px, "
                                                         "1 / 8 at the detection size)")
-    p.add_argument("--model-batch", type=_positive_int, help="model batch size (default 4 on CPU, 64 on GPU)")
+    p.add_argument("--model-batch", type=_positive_int_list,
+                   help="model batch sizes, comma-separated (default 4 on CPU, 64 on GPU; 1,16 with --deploy)")
     p.add_argument("--image-size", type=_positive_int, default=224, help="model input size (default 224)")
     p.add_argument("--repeats", type=_positive_int, help="timed repeats per row (default 5 on CPU, 20 on GPU; 3 / 5 with --quick)")
     p.add_argument("--warmup", type=_nonnegative_int, help="untimed calls after the first (default 1 CPU, 5 GPU)")
@@ -296,24 +319,24 @@ def parse_args(argv):
         reason = _report.plot_unavailable_reason()
         if reason:
             parser.error(f"argument --plot: {reason}")
-    args.mode = "quick" if args.quick else "full" if args.full else "default"
+    args.mode = "quick" if args.quick else "full" if args.full else "deploy" if args.deploy else "default"
     d = DEFAULTS[(args.device, "quick") if args.quick else args.device]
     args.det_batch = args.batch or d.det_batch
     args.batch = args.batch or d.batch
-    args.model_batch = args.model_batch or d.model_batch
-    args.repeats = args.repeats or d.repeats
+    sel = SELECTIONS.get((args.device, args.mode), SELECTIONS[args.mode])
+    args.model_batch = args.model_batch or list(sel.model_batches or [d.model_batch])
+    args.repeats = args.repeats or max(d.repeats, sel.min_repeats)
     args.warmup = d.warmup if args.warmup is None else args.warmup
     args.min_time = args.min_time or d.min_time
-    sel = SELECTIONS.get((args.device, args.mode), SELECTIONS[args.mode])
     args.as_in_model = sel.as_in_model and args.ops is None  # ops the user names run at every shape
     if args.ops is None:
-        args.ops = list(sel.ops or _cases.OPS)
+        args.ops = list(_cases.OPS if sel.ops is None else sel.ops)
     if args.passes is None:
         args.passes = list(_cases.PASSES)
     if args.models is None:
         args.models = list(sel.models or _cases.MODELS)
     if args.modes is None:
-        args.modes = list(_cases.MODEL_MODES)
+        args.modes = list(sel.modes or _cases.MODEL_MODES)
     if args.detection is None:
         args.detection = list(_detection_cases.DETECTION if sel.detection is None else sel.detection)
     args.det_inputs = args.det_inputs or list(_detection_cases.DET_INPUTS)
@@ -359,8 +382,9 @@ def plan(args) -> list:
                     cases.append(_cases.OpCase(op, pass_, shape, batch, DTYPES[dt], args.device))
     for model in args.models:
         for mode in args.modes:
-            for dt in args.dtypes:
-                cases.append(_cases.ModelCase(model, mode, args.model_batch, args.image_size, DTYPES[dt], args.device))
+            for batch in args.model_batch:
+                for dt in args.dtypes:
+                    cases.append(_cases.ModelCase(model, mode, batch, args.image_size, DTYPES[dt], args.device))
     for what in args.detection:
         for model in args.det_models:
             for inp in args.det_inputs:
@@ -374,6 +398,8 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
     """Why a backend cannot have rows on this device at all (None: try it, per case)."""
     if backend in ("reference", "compile"):
         return None
+    if backend in ENGINES:
+        return _engines.unavailable_reason(backend, device)
     reason = rest_kernels.available_backends()[backend]
     if reason is not None:
         return reason
@@ -394,7 +420,8 @@ def base_row(case, backend: str) -> dict:
                 shape_label=(case.shape.label if case.kind == "op" else case.input if case.kind == "detection"
                              else f"{case.image}px"),
                 shape=case.dims(), dtype=_cases.dtype_name(case.dtype), device=case.device,
-                autocast=(case.kind != "op" and case.dtype in (torch.float16, torch.bfloat16)),
+                autocast=(case.kind != "op" and case.dtype in (torch.float16, torch.bfloat16)
+                          and backend not in ENGINES),  # an engine's precision: its row's engine_settings
                 backend=backend, status="ok", reason=None, group=case.group())
 
 
@@ -436,11 +463,103 @@ def measure_row(case, backend: str, args) -> dict:
     return row
 
 
+def interleaved(case) -> bool:
+    """Model inference rows: every backend of the case is timed in one interleaved loop, its output
+    first checked against the float64 reference (measure_model_group)."""
+    return case.kind == "model" and case.mode == "infer"
+
+
+#: how far from the float64 logits a row may be: this many times eager PyTorch's own error in the
+#: case's precision (float32; bfloat16 under autocast), the rule of the accuracy tests
+ACCURACY_FACTOR = 2.0
+
+
+def _check_accuracy(row: dict, out, exact, eager_error: float | None) -> None:
+    error = (out.double() - exact).abs().max().item()
+    tolerance = None if eager_error is None else ACCURACY_FACTOR * eager_error
+    accuracy = ("unchecked: eager PyTorch did not run" if tolerance is None
+                else "ok" if error <= tolerance else "over tolerance")
+    row.update(error_vs_float64=error, error_scale=exact.abs().max().item(), error_tolerance=tolerance,
+               accuracy=accuracy)
+
+
+def measure_model_group(case, backends: list, args) -> list:
+    """The rows of one model inference case: each backend's runner built and its output checked
+    against the float64 logits (error_vs_float64, tolerance = ACCURACY_FACTOR x eager's error at this
+    precision; a row over it is timed and marked, so the report shows what the speed costs), then
+    all of them timed interleaved (bench/_timing.py: measure_interleaved)."""
+    rows, runners = {}, {}
+    try:
+        exact = _cases.reference_logits(case)
+    except _cases.ModelUnavailable as e:
+        return [dict(base_row(case, b), status="skipped", reason=str(e)) for b in backends]
+    eager_error = None
+    for backend in ["reference"] + [b for b in backends if b != "reference"]:
+        row = rows[backend] = base_row(case, backend)
+        reason = skip_reason(backend, args.device, args.explicit_backends)
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+            continue
+        try:
+            runner = _cases.runner(case, backend)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = runner.fn()  # the first call: compilation, the engine's first inference
+            row["first_call_s"] = time.perf_counter() - start
+            if backend == "reference":
+                eager_error = (out.double() - exact).abs().max().item()
+            _check_accuracy(row, out, exact, eager_error)
+            if runner.settings is not None:
+                row["engine_settings"] = runner.settings
+            runners[backend] = runner
+        except (rest_kernels.BackendUnavailableError, _cases.ModelUnavailable) as e:
+            row.update(status="skipped", reason=str(e))
+        except Exception as e:
+            row.update(status="error", reason=_first_line(e), traceback=traceback.format_exc())
+    timed = {b: r for b, r in runners.items() if b in backends}
+    try:
+        timings = _timing.measure_interleaved({b: r.fn for b, r in timed.items()}, device=args.device,
+                                              warmup=args.warmup, repeats=args.repeats, min_time=args.min_time)
+    except Exception as e:  # one failing call fails the loop: every row of the case says why
+        for b in timed:
+            rows[b].update(status="error", reason=_first_line(e), traceback=traceback.format_exc())
+        timings = {}
+    for b, timing in timings.items():
+        row, runner = rows[b], timed[b]
+        first_call_s = row["first_call_s"]
+        row.update(timing.as_dict(), interleaved=True, throughput=runner.items / timing.median,
+                   throughput_unit=runner.unit, saved_bytes=None, first_call_s=first_call_s)
+        if b in ENGINES:  # their allocations are not PyTorch's: the profiler would see only the output
+            row.update(peak_memory_bytes=None, peak_memory_error="allocated outside PyTorch (not measured)")
+        else:
+            try:
+                row["peak_memory_bytes"] = _memory.peak_memory(runner.fn, args.device)
+            except Exception as e:
+                row["peak_memory_bytes"], row["peak_memory_error"] = None, _first_line(e)
+    del runners, timed
+    gc.collect()
+    return [rows[b] for b in backends]
+
+
+def float32_math() -> dict:
+    """The settings that decide whether float32 rows compute in float32 (no TF32 / bf16 math modes)."""
+    out = dict(float32_matmul_precision=torch.get_float32_matmul_precision())
+    for name in ("matmul", "conv", "rnn"):
+        sub = getattr(torch.backends.mkldnn, name, None)
+        if sub is not None and hasattr(sub, "fp32_precision"):
+            out[f"mkldnn_{name}_fp32_precision"] = sub.fp32_precision
+    return out
+
+
 def settings_of(args) -> dict:
     return dict(device=args.device, mode=args.mode, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
                 modes=args.modes, detection=args.detection, det_inputs=args.det_inputs, det_models=args.det_models, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
                 batch=args.batch, det_batch=args.det_batch, model_batch=args.model_batch,
                 image_size=args.image_size, threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
+                float32_math=float32_math(),
+                interleaving=("model inference rows: every backend of a case timed in one loop, one repeat "
+                              "of each per round, the order rotated each round (interleaved); outputs checked against the "
+                              f"float64 logits first (tolerance {ACCURACY_FACTOR:g}x eager's error at the precision)"),
                 timing_method=_timing.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
                 memory_method=_memory.method(args.device),
                 saved_bytes_method=("rest_kernels.diagnostics.saved_tensor_bytes: the distinct storages "
@@ -469,10 +588,16 @@ def main(argv=None) -> int:
     rows, interrupted = [], False
     bar = _progress.progress(len(jobs), enabled=not args.no_progress)
     try:
-        for case, backend in jobs:
-            bar.set_description(f"{case.label} {backend}")
-            rows.append(measure_row(case, backend, args))
-            bar.update(1)
+        for case in cases:
+            if interleaved(case):
+                bar.set_description(f"{case.label} (interleaved)")
+                rows.extend(measure_model_group(case, args.backends, args))
+                bar.update(len(args.backends))
+                continue
+            for backend in args.backends:
+                bar.set_description(f"{case.label} {backend}")
+                rows.append(measure_row(case, backend, args))
+                bar.update(1)
     except KeyboardInterrupt:  # report what was measured so far
         interrupted = True
     finally:

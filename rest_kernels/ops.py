@@ -22,7 +22,7 @@ from torch import Tensor
 from ._validation import (check_emsa_backward_args, check_pa_backward_args, check_same_device, emsa_problem,
                           handing_off, pa_problem, validate_emsa, validate_pa, validate_pa_args)
 from .backends.base import pa_layout
-from .backends.reference import attention_map, emsa_reference, pa_reference
+from .backends.reference import attention_map, emsa_export_form, emsa_reference, pa_reference
 from .backends.registry import check_name, select
 from .backends.sdpa import sdpa_attention
 from .backends.stats import stat_dtype, stat_shapes
@@ -214,7 +214,9 @@ def _emsa_attention(p, backend):
     if p.empty:  # nothing to compute (B, h, N or d is 0): an empty (B,N,h,d)-laid-out result
         return (q * 0).transpose(1, 2).contiguous().transpose(1, 2)
     if chosen.name == "reference":
-        return emsa_reference(q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps)
+        # an ONNX export writes the same math in the form the engines evaluate accurately and fast
+        official = emsa_export_form if torch.onnx.is_in_onnx_export() else emsa_reference
+        return official(q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps)
     if chosen.name == "sdpa":  # PyTorch's SDPA as it is (backends/sdpa.py): aten's op for autograd and tracing
         return sdpa_attention(q, k, v, p.scale)
     return _validated_call(p, emsa_fwd, q, k, v, p.mix_weight, p.mix_bias, p.scale, p.eps, chosen.name)[0]

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: `bench`
 
-from bench import _cases, _report, emsa_bench  # noqa: E402
+from bench import _cases, _report, _timing, emsa_bench  # noqa: E402
 
 TINY = ["--shapes", "224-s4-lite/small", "--batch", "1", "--repeats", "1", "--warmup", "0",
         "--min-time", "0.0001", "--models", "none", "--dtypes", "float32", "--no-progress"]
@@ -157,7 +157,16 @@ def test_full_is_every_op_shape_model_and_dtype():
         (m, mode, dt) for m in _cases.MODELS for mode in _cases.MODEL_MODES for dt in dtypes}
 
 
-@pytest.mark.parametrize("mode", [[], ["--quick"], ["--full"]], ids=["default", "quick", "full"])
+def test_deploy_is_lite_and_base_inference_at_batch_1_and_16_in_float32_and_bfloat16():
+    args, cases = _selected("--deploy")
+    assert args.mode == "deploy" and args.repeats >= 9
+    assert all(c.kind == "model" and c.mode == "infer" for c in cases)
+    assert {(c.model, c.batch, c.dtype) for c in cases} == {
+        (m, b, dt) for m in ("lite", "base") for b in (1, 16) for dt in (torch.float32, torch.bfloat16)}
+    assert {"reference", "compile", "cpu", "onnxruntime", "openvino"} <= set(args.backends)
+
+
+@pytest.mark.parametrize("mode", [[], ["--quick"], ["--full"], ["--deploy"]], ids=["default", "quick", "full", "deploy"])
 def test_list_shows_the_rows_of_each_mode(mode, capsys):
     assert emsa_bench.main(["--list", "--device", "cpu", *mode]) == 0
     *rows, summary = capsys.readouterr().out.splitlines()
@@ -211,3 +220,55 @@ def test_detection_rows_measure_a_training_step(tmp_path, monkeypatch):
         ("detection", "backbone rest_lite", "ok"), ("detection", "maskrcnn rest_lite", "ok")]
     for r in rows:
         assert r["time_median_s"] > 0 and r["saved_bytes"] > 0 and r["shape"] == dict(B=1, C=3, H=64, W=96)
+
+
+# --------------------------------------------------------------------------- deployment engines, interleaving
+def test_interleaved_timing_rotates_the_order_and_times_every_callable():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    timings = _timing.measure_interleaved(fns, device="cpu", warmup=1, repeats=4, min_time=1e-9)
+    assert {k: len(t.times) for k, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t.inner == 1 and t.median > 0 for t in timings.values())
+    rounds = calls[-12:]  # after the first call, warm-up and calibration of each: 4 rounds of 3
+    assert [rounds[i * 3] for i in range(4)] == ["a", "b", "c", "a"]  # each round starts one place on
+    assert all(sorted(rounds[i * 3:i * 3 + 3]) == ["a", "b", "c"] for i in range(4))
+
+
+def test_engine_rows_beside_pytorch_checked_against_float64(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "e.json"
+    rc = emsa_bench.main(["--ops", "none", "--models", "lite", "--modes", "infer", "--model-batch", "2",
+                          "--image-size", "64", "--backends", "reference,onnxruntime,openvino", "--dtypes",
+                          "float32,bfloat16", "--repeats", "2", "--warmup", "0", "--min-time", "0.0001",
+                          "--no-progress", "--json", str(path)])
+    assert rc == 0
+    doc = json.loads(path.read_text())
+    assert "order rotated" in doc["settings"]["interleaving"]
+    assert doc["settings"]["float32_math"]["float32_matmul_precision"] == "highest"
+    rows = {(r["backend"], r["dtype"]): r for r in doc["results"]}
+    for (backend, dtype), r in rows.items():
+        if r["status"] == "skipped":  # not installed, or no bfloat16 mode: said why
+            assert r["reason"], r
+            continue
+        assert r["status"] == "ok" and r["interleaved"] and r["repeats"] == 2, r
+        assert r["error_vs_float64"] >= 0 and r["error_tolerance"] > 0
+        if dtype == "float32":  # the export form keeps the engines' float32 within 2x of PyTorch's
+            assert r["accuracy"] == "ok", r
+    assert rows[("onnxruntime", "bfloat16")]["status"] == "skipped"
+    ort = rows[("onnxruntime", "float32")]["engine_settings"]
+    assert ort["graph_optimization_level"] == "ORT_ENABLE_ALL" and ort["intra_op_num_threads"] == torch.get_num_threads()
+    ov = rows[("openvino", "float32")]
+    if ov["status"] == "ok":  # float32 stated: OpenVINO's default on bf16-capable CPUs is bf16
+        assert ov["engine_settings"]["INFERENCE_PRECISION_HINT"] == "f32"
+        assert ov["engine_settings"]["INFERENCE_NUM_THREADS"] == torch.get_num_threads()
+        assert ov["engine_settings"]["PERFORMANCE_HINT"] == "THROUGHPUT"  # batch 2
+
+
+def test_engines_skip_what_they_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    rc, doc = _run(tmp_path, "--ops", "pa", "--passes", "fwd", "--backends", "reference,onnxruntime,openvino")
+    assert rc == 0
+    rows = {r["backend"]: r for r in doc["results"]}
+    assert "openvino cannot be imported" in rows["openvino"]["reason"] and "pip install" in rows["openvino"]["reason"]
+    assert rows["onnxruntime"]["status"] == "skipped"  # installed: not an op row's engine; else: not installed
+    assert any(why in rows["onnxruntime"]["reason"] for why in ("model infer rows", "cannot be imported"))

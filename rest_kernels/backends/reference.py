@@ -59,6 +59,44 @@ def emsa_reference(q, k, v, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def emsa_export_form(q, k, v, mix_weight=None, mix_bias=None, scale=1.0, eps=1e-5):
+    """emsa_reference's math in the form an ONNX export writes (torch.onnx.is_in_onnx_export()):
+    equal in exact arithmetic, cheaper, and accurate in the engines' float32.
+
+    The official graph normalises the softmax map P with InstanceNormalization, which ONNX Runtime
+    and OpenVINO evaluate by recomputing the map's mean (exactly 1/M) in float32: an error d in it
+    shifts every normalised entry by d * rstd (rstd up to eps^-1/2 ~ 316) and the product with v
+    adds the shifts up over the keys. At near-uniform maps (the official init) that put rest_lite's
+    logits 450x (ONNX Runtime) and 130x (OpenVINO) further from float64 than PyTorch's float32.
+    Here, with the head mix, as in the statistics contract of stats.py (the exact mean, the
+    centred sum of squares, one normalisation before the product with v):
+
+        D = P - 1/M            (InstanceNorm's mean is exactly 1/M: every row of P sums to one)
+        rstd = (sum_i sum_m D_im^2 / (N M) + eps)^-1/2      per (batch, head)
+        out = rstd * (D v)     (the scalar rstd applied to the N x d product, not the N x M map)
+
+    The softmax map is made once; the scale is folded into the h x h mix weight (or, without the
+    mix, into q: N x d instead of N x M products) and the mix bias is dropped (a per-head constant
+    added to every logit, which no softmax sees). rstd * (P v - 1 vbar^T), the same value, is
+    about 3x less accurate in float32 at near-uniform maps (the product with v cancels), so D is
+    multiplied instead. float16 / bfloat16 inputs: computed in float32, as attention_map does.
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    if mix_weight is None:
+        out = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    else:
+        h = q.shape[1]
+        weight = (mix_weight.reshape(h, h, 1, 1) * scale).to(q.dtype)
+        p = F.conv2d(q @ k.transpose(-2, -1), weight).softmax(dim=-1)
+        N, M = p.shape[-2], p.shape[-1]
+        centred = p - 1.0 / M
+        var = (centred * centred).sum(dim=(-2, -1), keepdim=True) / (N * M)
+        out = (centred @ v) * torch.rsqrt(var + eps)
+    return out.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def pa_reference(x, weight, bias=None):
     """Official PA: x * sigmoid(depthwise 3x3 conv(x))."""
     return x * torch.sigmoid(F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]))

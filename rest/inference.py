@@ -1,0 +1,51 @@
+"""One-time transformations of a model for inference that need no rebuild of the kernels.
+
+optimize_for_inference folds each BatchNorm into the convolution before it (the stem's conv1/norm1
+and conv2/norm2, each patch embedding's conv/norm; ResTv2's stem proj.0/proj.1 and proj.3/proj.4): in eval mode BatchNorm is the affine map
+y = (x - running_mean) * weight / sqrt(running_var + eps) + bias per channel, so the convolution's
+weight can be scaled by the first factor and its bias shifted, and the separate pass over the map
+goes away (torch.nn.utils.fusion.fuse_conv_bn_eval does the arithmetic, in the weights' dtype).
+The result is for inference only: it has no BatchNorm left to train.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .checkpoint import unwrap_model
+from .layers import BasicStem, PatchEmbed
+from .layers_v2 import ConvStem
+
+__all__ = ["optimize_for_inference"]
+
+# (convolution, BatchNorm after it) pairs of the layers that have them, as dotted submodule names
+_FOLDS = {BasicStem: (("conv1", "norm1"), ("conv2", "norm2")), PatchEmbed: (("conv", "norm"),),
+          ConvStem: (("proj.0", "proj.1"), ("proj.3", "proj.4"))}  # ResTv2's stem: an nn.Sequential
+
+
+def _set_submodule(root: nn.Module, name: str, value: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, value)
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every BatchNorm folded into the convolution before it.
+
+    Same outputs as model.eval() up to rounding (the folded weights are rounded once in their
+    dtype); the argument is left as it is. The copy's state_dict has no BatchNorm entries and its
+    folded convolutions gain biases, so it is not a checkpoint of the original architecture."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(unwrap_model(model)).eval()
+    for module in model.modules():
+        for kind, pairs in _FOLDS.items():
+            if not isinstance(module, kind):
+                continue
+            for conv_name, norm_name in pairs:
+                norm = module.get_submodule(norm_name)
+                if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                    _set_submodule(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), norm))
+                    _set_submodule(module, norm_name, nn.Identity())
+    return model

@@ -1,0 +1,59 @@
+"""rest.optimize_for_inference: BatchNorm folded into the convolutions, against the official outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rest
+from rest import ResT
+
+from support.conformance import RTOL, assert_close_scaled
+from support.fused_route import fused_cpu_route
+from support.reference_data import fill_weights, load
+
+
+def tiny(seed, dtype):
+    model = ResT(**load("rest_tiny.zip")["config"]).double()
+    fill_weights(model, seed)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("size", ["224x224", "64x96"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_folded_model_matches_official(size, dtype):
+    case = load("rest_tiny.zip")[size]
+    model = tiny(case["seed"], dtype).train()
+    optimized = rest.optimize_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.modules())
+    assert not optimized.training
+    # the argument is left as it was: its BatchNorms, its mode
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 5
+    with torch.no_grad():
+        logits = optimized(case["input"].to(dtype))
+    assert_close_scaled(logits, case["logits_eval"], RTOL[dtype], f"folded tiny {size}")
+
+
+def test_folded_model_on_the_fused_route(monkeypatch):
+    case = load("rest_tiny.zip")["224x224"]
+    with fused_cpu_route(monkeypatch), torch.no_grad():
+        model = tiny(case["seed"], torch.float32).eval()
+        expected = model(case["input"].float())
+        assert_close_scaled(rest.optimize_for_inference(model)(case["input"].float()), expected, 1e-5, "folded, fused")
+
+
+def test_bad_argument():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        rest.optimize_for_inference("rest_lite")
+
+
+def test_folded_restv2_matches_unfolded_float64():
+    # ResTv2's stem keeps its BatchNorms in an nn.Sequential (proj.1, proj.4): folded too. Reference
+    # here: the same model unfolded in eval, float64, with running statistics far from the init's.
+    model = rest.ResTV2(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1),
+                        num_classes=10).double()
+    fill_weights(model, 7)
+    optimized = rest.optimize_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.modules())
+    x = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_scaled(optimized(x), model.eval()(x), 1e-12, "folded ResTv2, float64")
