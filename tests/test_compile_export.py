@@ -77,14 +77,19 @@ def test_inductor_compile_matches_eager():
 @pytest.mark.parametrize("variant", ["rest_lite", "rest_base"])
 def test_fused_ops_are_single_graph_nodes_under_compile(monkeypatch, variant):
     with fused_cpu_route(monkeypatch):
-        model = model_of(variant).eval()
-        graphs = []
-        with torch.no_grad():
-            expected = model(X)
-            actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(X)
-        assert len(graphs) == 1
-        assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
-        assert_close_scaled(actual, expected, RTOL32, f"{variant} compiled logits (custom ops)")
+        assert_compiles_to_custom_op_nodes(model_of(variant).eval(), X, variant)
+
+
+def assert_compiles_to_custom_op_nodes(model, x, what):
+    """torch.compile(fullgraph) of `model` gives one graph in which each fused EMSA / PA call is one
+    custom-op node, and the logits eager gives."""
+    graphs = []
+    with torch.no_grad():
+        expected = model(x)
+        actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+    assert len(graphs) == 1
+    assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+    assert_close_scaled(actual, expected, RTOL32, f"{what} compiled logits (custom ops)")
 
 
 def test_fused_ops_compile_gradients_match_eager(monkeypatch):
@@ -173,13 +178,7 @@ def test_v2_fused_ops_are_single_nodes_under_compile_and_export(monkeypatch):
     (with a free batch), at a size whose up branch is cut (rest.modules.EMSAv2)."""
     with fused_cpu_route(monkeypatch):
         model = v2_model().eval()
-        graphs = []
-        with torch.no_grad():
-            expected = model(X_ODD)
-            actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(X_ODD)
-        assert len(graphs) == 1
-        assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
-        assert_close_scaled(actual, expected, RTOL32, "restv2 compiled logits (custom ops)")
+        assert_compiles_to_custom_op_nodes(model, X_ODD, "restv2")
         program = torch.export.export(model, (X_ODD,), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
         assert count_ops(program.graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
         with torch.no_grad():
