@@ -126,9 +126,11 @@ REST_UNROLL
   }
 }
 
-REST_DEVICE void zero_tile(float (&x)[kMmaNT][4]) {
+// Zero a warp's accumulator fragments (a 16 x 32 tile: NT = kMmaNT; rows by head dim: NT = d_pad / 8).
+template <int NT>
+REST_DEVICE void zero_tile(float (&x)[NT][4]) {
 REST_UNROLL
-  for (int n = 0; n < kMmaNT; ++n)
+  for (int n = 0; n < NT; ++n)
 REST_UNROLL
     for (int e = 0; e < 4; ++e) x[n][e] = 0.f;
 }
@@ -228,10 +230,7 @@ REST_UNROLL
     for (int hr = 0; hr < 2; ++hr) lse_r[hr] = row[hr] < a.N ? lse_io[int64_t(bg) * a.N + row[hr]] : 0.f;
 
   float acc[NT][4];
-REST_UNROLL
-  for (int n = 0; n < NT; ++n)
-REST_UNROLL
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  zero_tile(acc);
   float mrow[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // !MIX: running max and sum of exp
 
   if (!MIX) stage_head(s.own, a, false, b, g, i0);  // warp_logits syncs
@@ -298,15 +297,6 @@ REST_UNROLL
   }
 }
 
-// Zero a warp's rows-by-head-dim accumulator.
-template <int NT>
-REST_DEVICE void zero_rows(float (&acc)[NT][4]) {
-REST_UNROLL
-  for (int n = 0; n < NT; ++n)
-REST_UNROLL
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-}
-
 // dst[r, col] = f * acc for the lane's two rows r (< nrows) and columns col < d: dst is a contiguous
 // (rows, d) matrix.
 template <class T, int NT>
@@ -361,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1) emsa_bwd_mma_kernel(BwdArgs<T> p,
   const bool one_key = a.M == 1;
 
   float acc[NT][4];  // rows of dv (KEYS, first walk), dk (KEYS) or dq (!KEYS)
-  zero_rows(acc);
+  zero_tile(acc);
 
   if (KEYS) {  // dv_j = sum over query tiles of Y_j^T dO_j
     const int bg = b * a.h + j;
@@ -387,7 +377,7 @@ REST_UNROLL
       __syncthreads();
     }
     store_rows(acc, grad_b + int64_t(bj) * n_own * a.d, r_own, n_own, a.d, 1.f);
-    zero_rows(acc);
+    zero_tile(acc);
   }
 
   for (int t0 = 0; t0 < n_other; t0 += kMmaKeys) {
