@@ -10,8 +10,9 @@ case. The reference takes inference calls only (rest_kernels/backends/preference
 made for the forward; sdpa's for both passes (the forward's for inference calls, the forward plus
 backward's for training calls). For each (route, op, pass, layout) the rule's threshold is the largest
 call size (elements: B C H W for PA, B h N M for EMSA) such that the route was faster than the fused
-backend by more than `margin` on every measured call of that size or smaller: one slower call above
-a faster one ends the region (no guessing between measurements). With --write the rules and their
+backend by more than `margin`, per reduction class for EMSA (N / M, see rest_kernels/backends/preference.py):
+regions are runs of measured sizes where the route won every call; one slower call between two
+faster ones splits them (no guessing between measurements, nor beyond the largest). With --write the rules and their
 provenance (command, machine, date, commit) go to rest_kernels/backends/data/<backend>_crossover.json,
 which the backend declares (rest_kernels/backends/preference.py).
 """
@@ -31,6 +32,7 @@ sys.path.insert(0, ROOT)
 from bench._cases import PASSES, OpCase, in_model, op_runner, stage_shapes  # noqa: E402
 from bench._env import cpu_model  # noqa: E402
 from bench._timing import measure  # noqa: E402
+from rest_kernels.backends.preference import reduction_class  # noqa: E402
 
 #: (input, batches) measured
 BATCHES = {"224": (1, 8), "det": (1,)}
@@ -58,21 +60,33 @@ ROUTES = (("reference", ("fwd",), "reference_s"), ("sdpa", ("fwd", "fwd+bwd"), "
 
 
 def rules_from(rows, margin: float) -> list[dict]:
+    """The regions where a route beat the fused backend, per (route, op, pass, layout, reduction class):
+    the call sizes measured in the group, in order, split into maximal runs of sizes where the route
+    was faster by more than `margin` on every call measured at that size; each run is a rule from its
+    smallest to its largest measured size (the run that starts at the group's smallest size also
+    covers every smaller call: fixed costs dominate there). Nothing between a slower and a faster
+    measurement, nor beyond the largest one, is guessed."""
     rules = []
     for faster, passes, field in ROUTES:
         groups = {}
         for r in rows:
             if r["pass"] in passes and field in r:
-                groups.setdefault((r["op"], r["pass"], r["layout"]), []).append(r)
-        for (op, pass_, layout), rs in sorted(groups.items()):
-            threshold = 0
-            for r in sorted(rs, key=lambda r: r["elements"]):
-                if r[field] < (1 - margin) * r["fused_s"]:
-                    threshold = r["elements"]
-                else:
-                    break
-            rule = dict(op=op, max_elements=threshold, layout=layout, **{"pass": pass_})
-            rules.append(rule if faster == "reference" else dict(rule, faster=faster))
+                groups.setdefault((r["op"], r["pass"], r["layout"], r.get("reduction")), []).append(r)
+        for (op, pass_, layout, reduction), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            sizes = sorted({r["elements"] for r in rs})
+            wins = {e: all(r[field] < (1 - margin) * r["fused_s"] for r in rs if r["elements"] == e) for e in sizes}
+            run = []
+            for e in sizes + [None]:  # None closes the last run
+                if e is not None and wins[e]:
+                    run.append(e)
+                    continue
+                if run:
+                    rule = dict(op=op, min_elements=0 if run[0] == sizes[0] else run[0], max_elements=run[-1],
+                                layout=layout, **{"pass": pass_})
+                    if reduction is not None:
+                        rule["reduction"] = reduction
+                    rules.append(rule if faster == "reference" else dict(rule, faster=faster))
+                run = []
     return rules
 
 
@@ -119,6 +133,8 @@ def main(argv=None) -> int:
         layout = ("channels_last" if case.channels_last else "contiguous") if case.op == "pa" else "any"
         row = dict(op=case.op, layout=layout, elements=elements(case), label=case.label, fused_s=times[args.backend],
                    reference_s=times["reference"], **{"pass": case.pass_})
+        if case.op != "pa":
+            row["reduction"] = reduction_class(case.shape.N, case.shape.M)
         if "sdpa" in times:
             row["sdpa_s"] = times["sdpa"]
         rows.append(row)
@@ -128,8 +144,11 @@ def main(argv=None) -> int:
               f"{row['reference_s'] * 1e3:>8.3f}ms {sdpa} {row['reference_s'] / row['fused_s']:>9.2f} {ratio}")
     rules = rules_from(rows, args.margin)
     for r in rules:
-        print(f"rule: {r['op']} {r['pass']} {r['layout']}: {r.get('faster', 'reference')} preferred up to "
-              f"{r['max_elements']} elements")
+        shape = f" N/M~{r['reduction']}" if "reduction" in r else ""
+        print(f"rule: {r['op']} {r['pass']} {r['layout']}{shape}: {r.get('faster', 'reference')} preferred from "
+              f"{r['min_elements']} to {r['max_elements']} elements")
+    if not rules:
+        print("no rule: the fused backend was as fast or faster everywhere measured")
     measured = (f"bench/crossover.py --margin {args.margin}, {cpu_model()}, {torch.get_num_threads()} threads, "
                 f"torch {torch.__version__}, commit {git_commit()}, {datetime.date.today().isoformat()}")
     print(measured)

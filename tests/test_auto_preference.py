@@ -122,9 +122,10 @@ def test_the_shipped_rules_are_the_measurements_they_cite():
             data = json.load(f)
         assert data["backend"] == name and data["measured"]
         assert crossover.rules_from(data["rows"], data["margin"]) == data["rules"]
-        declared = {(r.op, r.pass_, r.layout, r.max_elements) for r in preference.load_rules(name)}
-        assert declared == {(r["op"], r["pass"], r["layout"], r["max_elements"]) for r in data["rules"]
-                            if r["max_elements"] > 0}
+        declared = {(r.faster, r.op, r.pass_, r.layout, r.min_elements, r.max_elements, r.reduction)
+                    for r in preference.load_rules(name)}
+        assert declared == {(r.get("faster", "reference"), r["op"], r["pass"], r["layout"], r.get("min_elements", 0),
+                             r["max_elements"], r.get("reduction")) for r in data["rules"] if r["max_elements"] > 0}
     if not found:
         pytest.skip("no measured crossovers shipped")
 
@@ -154,6 +155,28 @@ def test_inside_an_sdpa_rule_auto_takes_sdpa_per_pass(rules, caplog):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(torch.autograd.grad(out.square().sum(), qg)[0],
                                torch.autograd.grad(ref.square().sum(), qr)[0])
+
+
+def test_rules_are_regions_per_reduction_class(rules):
+    """A rule covers its size range and, for EMSA, one class of N / M (the nearest power of 4): on the
+    CPU SDPA's training pass wins at ResT's unreduced stage 4 (N = M) and loses at the same sizes
+    where M << N."""
+    rules(ReferenceFaster("emsa", "fwd+bwd", "any", 2 * 3 * 8 * 8, "a test's sdpa rule", faster="sdpa",
+                          min_elements=2 * 3 * 4 * 4, reduction=1))
+    def call(N, M):
+        return (torch.randn(2, 3, N, 4), torch.randn(2, 3, M, 4), torch.randn(2, 3, M, 4), None)
+    assert _chosen("emsa", call(6, 6), needs_backward=True) == "sdpa"     # inside, N / M = 1
+    assert _chosen("emsa", call(8, 8), needs_backward=True) == "sdpa"     # the largest measured size
+    assert _chosen("emsa", call(9, 9), needs_backward=True) == "cpu"      # above it: not guessed
+    assert _chosen("emsa", call(3, 3), needs_backward=True) == "cpu"      # below min_elements
+    assert _chosen("emsa", call(16, 2), needs_backward=True) == "cpu"     # same size, N / M = 8 -> class 4
+
+
+def test_reduction_classes_are_resT_sr_squared():
+    rc = preference.reduction_class
+    assert [rc(N, N // s2) for s2 in (1, 4, 16, 64) for N in (64 * 49, 64 * 950)] == [1, 1, 4, 4, 16, 16, 64, 64]
+    # odd maps: ceil(H / sr) keys move N / M a little, not to another class (800 x 1216 / 4 -> 200 x 304)
+    assert rc(200 * 304, 25 * 38) == 64 and rc(201 * 305, 26 * 39) == 64 and rc(7, 0) == 1
 
 
 def test_sdpa_rules_come_before_reference_rules(rules):

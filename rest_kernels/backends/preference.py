@@ -12,6 +12,12 @@ EMSA) fit comfortably in memory; otherwise auto keeps the fused backend. A train
 fused backend whatever its size, so that what is kept for the backward does not depend on the size of
 the input; bench/crossover.py still measures the training pass and stores it with the rows.
 
+A rule covers a range of call sizes (elements: B h N M for EMSA, B C H W for PA), and for EMSA one
+reduction class (`reduction_class`: N / M to the nearest power of 4, i.e. sr^2 for ResT's spatial
+reduction ratios): which route wins depends on the shape as well as the size (on the CPU, SDPA's
+training pass beats the fused kernels at the unreduced stage 4, N = M, and loses where M << N), and
+one size threshold per op cannot say that.
+
 sdpa (plain attention, op "emsa", only): its rules are made per pass, the forward's for inference
 calls and the forward-plus-backward's for training calls: SDPA materialises no N x M map, and like
 the fused kernels it has a first backward and (PyTorch's flash kernels) no double backward, so
@@ -40,18 +46,29 @@ COMFORTABLE_FRACTION = 1 / 16
 @dataclasses.dataclass(frozen=True)
 class ReferenceFaster:
     """The route `faster` ("reference" or "sdpa") beat the fused backend on every measured call of
-    `op` / `pass_` / `layout` with at most `max_elements` elements (B C H W for PA, B h N M for EMSA)."""
+    `op` / `pass_` / `layout` (and, for EMSA, `reduction` class) with min_elements to max_elements
+    elements (B C H W for PA, B h N M for EMSA)."""
     op: str            # "pa", "emsa" (no mix) or "emsa-mix"
     pass_: str         # "fwd" (inference) or "fwd+bwd" (training)
     layout: str        # PA: "contiguous" or "channels_last"; EMSA: "any"
     max_elements: int
     measured: str      # command, machine, date and commit of the measurement
     faster: str = "reference"
+    min_elements: int = 0
+    reduction: int | None = None  # EMSA: reduction_class(N, M) of the calls; None: any
+
+    def covers(self, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None) -> bool:
+        return (self.faster == faster and self.op == op and self.pass_ == pass_ and self.layout == layout
+                and self.min_elements <= elements <= self.max_elements
+                and (self.reduction is None or self.reduction == reduction))
 
     def describe(self) -> str:
         who = "the reference" if self.faster == "reference" else self.faster
+        size = (f"<= {self.max_elements}" if self.min_elements == 0
+                else f"{self.min_elements} to {self.max_elements}")
+        shape = "" if self.reduction is None else f", N / M ~ {self.reduction}"
         return (f"{who} was faster on every measured {self.op} {self.pass_} call of "
-                f"{self.layout} layout with <= {self.max_elements} elements ({self.measured})")
+                f"{self.layout} layout{shape} with {size} elements ({self.measured})")
 
 
 def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
@@ -61,19 +78,32 @@ def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
     with open(path) as f:
         data = json.load(f)
     return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"],
-                                 r.get("faster", "reference"))
+                                 r.get("faster", "reference"), int(r.get("min_elements", 0)), r.get("reduction"))
                  for r in data["rules"] if r["max_elements"] > 0)
 
 
-def emsa_key(q, k, mix_weight) -> tuple[str, str, int]:
-    """(op, layout, elements) of an EMSA call."""
+def reduction_class(N: int, M: int) -> int:
+    """An EMSA call's queries per key, N / M, rounded to the nearest power of 4 (at least 1): sr^2
+    for ResT's spatial reduction ratios sr = 1, 2, 4, 8 (exactly, where sr divides the map; the
+    ceil of odd sizes moves N / M a little, not to another class)."""
+    # integer comparisons (the class boundaries are 2 * 4^k, the geometric midpoints): the shapes may
+    # be SymInts while torch.compile traces
+    c = 1
+    while M > 0 and N >= 2 * c * M:
+        c *= 4
+    return c
+
+
+def emsa_key(q, k, mix_weight) -> tuple[str, str, int, int]:
+    """(op, layout, elements, reduction class) of an EMSA call."""
     B, h, N, _ = q.shape
-    return ("emsa-mix" if mix_weight is not None else "emsa"), "any", B * h * N * k.shape[2]
+    M = k.shape[2]
+    return ("emsa-mix" if mix_weight is not None else "emsa"), "any", B * h * N * M, reduction_class(N, M)
 
 
-def pa_key(x) -> tuple[str, str, int]:
+def pa_key(x) -> tuple[str, str, int, None]:
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return "pa", ("channels_last" if channels_last else "contiguous"), x.numel()
+    return "pa", ("channels_last" if channels_last else "contiguous"), x.numel(), None
 
 
 # Evaluated eagerly when torch.compile traces a caller: the machine's memory is a fact, not a graph.
@@ -85,21 +115,21 @@ def _device_memory(device_type: str, index: int | None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int):
-    return next((r for r in rules if r.faster == faster and r.op == op and r.pass_ == pass_ and r.layout == layout
-                 and elements <= r.max_elements), None)
+def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None):
+    return next((r for r in rules if r.covers(faster, op, pass_, layout, elements, reduction)), None)
 
 
 def route_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[str | None, str | None]:
     """(the route to take instead of the fused backend: "sdpa", "reference" or None, why) for a call
-    with `key` = (op, layout, elements) on tensor t's device. why is None when no rule covers the call."""
-    op, layout, elements = key
-    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements)
+    with `key` = (op, layout, elements, reduction) on tensor t's device. why is None when no rule covers
+    the call."""
+    op, layout, elements, reduction = key
+    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements, reduction)
     if rule is not None:
         return "sdpa", rule.describe()
     if needs_backward:  # training calls stay fused rather than take the reference (module docstring)
         return None, None
-    rule = _covering(rules, "reference", op, "fwd", layout, elements)
+    rule = _covering(rules, "reference", op, "fwd", layout, elements, reduction)
     if rule is None:
         return None, None
     maps = REFERENCE_MAPS[op] * elements * t.element_size()
