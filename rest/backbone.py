@@ -26,7 +26,8 @@ import rest_kernels
 from . import _checks, layout
 from .checkpoint import load_checkpoint
 from .dense import Linear, check_linear_impl
-from .layers import Stage
+from .layers import PreNormBlock, Stage
+from .lean_mlp import check_mlp_recompute
 from .modules import EMSA, PA, EMSAv2
 
 __all__ = ["ResTFamily", "GLOBAL_POOLS", "build_variant"]
@@ -67,7 +68,8 @@ class ResTFamily(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ construction
-    def _set_options(self, in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool):
+    def _set_options(self, in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool,
+                     mlp_recompute="auto"):
         """The attributes of timm's protocol and the model options (checked), before the modules are built."""
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -77,6 +79,7 @@ class ResTFamily(nn.Module):
         self.backend = rest_kernels.check_backend_name(backend) if backend is not None else None
         self.cpu_layout = layout.check_cpu_layout(cpu_layout)
         self.linear_impl = check_linear_impl(linear_impl)
+        self.mlp_recompute = check_mlp_recompute(mlp_recompute)
         # stages the model runs: 4, fewer after prune_intermediate_layers
         self.num_stages = 4
         self.num_features = self.head_hidden_size = embed_dims[3]
@@ -101,6 +104,7 @@ class ResTFamily(nn.Module):
         self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stage{i + 1}" if i < 3 else "norm")
                              for i, c in enumerate(self.embed_dims)]
         self.apply(self._init_weights)
+        self.set_mlp_recompute(self.mlp_recompute)
         self.min_input_size = (self._min_side(0), self._min_side(1))
 
     def __prepare_scriptable__(self):
@@ -263,6 +267,16 @@ class ResTFamily(nn.Module):
             raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
         for _, stage in self._stage_pairs():
             stage.grad_checkpointing = enable
+
+    def set_mlp_recompute(self, mode: str = "auto"):
+        """What every block's MLP branch keeps for the backward (rest/lean_mlp.py): "auto" (the
+        default: "hidden" on the CPU, "gelu" elsewhere, "none" on the reference backend), "none",
+        "gelu" or "hidden". The same results in every mode; "hidden" keeps the least."""
+        self.mlp_recompute = check_mlp_recompute(mode)
+        for m in self.modules():
+            if isinstance(m, PreNormBlock):
+                m.mlp_recompute = self.mlp_recompute
+        return self
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for timm's layer-wise tools (layer decay, group_parameters): the stem;

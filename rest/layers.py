@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .batchnorm import BatchNorm2d
 from .dense import Linear, linear_gelu
+from .lean_mlp import eligible, norm_mlp, resolve_mlp_recompute
 from .modules import EMSA, PA
 
 
@@ -64,11 +65,23 @@ class Mlp(nn.Module):
 
 class PreNormBlock(nn.Module):
     """A pre-norm transformer block on tokens (B, H*W, C): x + attn(norm1(x), H, W), then
-    x + mlp(norm2(x)), each residual branch under stochastic depth. Subclasses build the modules."""
+    x + mlp(norm2(x)), each residual branch under stochastic depth. Subclasses build the modules.
+
+    mlp_recompute: what the MLP branch keeps for the backward, one of rest.lean_mlp.MLP_RECOMPUTE
+    ("auto" by default; the models set it from their option of that name): the same results, less
+    memory for "gelu" and "hidden" (see rest/lean_mlp.py)."""
+
+    mlp_recompute = "auto"
 
     def forward(self, x, H: int, W: int):
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self._mlp_branch(x))
+
+    def _mlp_branch(self, x):
+        mode = resolve_mlp_recompute(self.mlp_recompute, self.mlp.fc1)
+        if mode != "none" and eligible(x, self.norm2, self.mlp):
+            return norm_mlp(x, self.norm2, self.mlp, mode)
+        return self.mlp(self.norm2(x))
 
 
 class Block(PreNormBlock):

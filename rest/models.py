@@ -64,6 +64,14 @@ class ResT(ResTFamily):
       (CPU autocast off, not while exporting to ONNX) unless the backend is "reference" or
       REST_KERNELS_ONEDNN_LINEAR is "0"; else F.linear. "onednn": oneDNN wherever it can serve.
       "aten": always F.linear (exactly nn.Linear).
+    - mlp_recompute: what each block's MLP branch (LayerNorm, fc1, GELU, fc2) keeps for the backward
+      (rest/lean_mlp.py): "none" (the modules: 10 token-widths), "gelu" (the LayerNorm's input and
+      statistics and fc1's output, recomputing the LayerNorm output and the GELU: 5 widths), "hidden"
+      (the LayerNorm's input and statistics, recomputing fc1 too: 1 width). "auto" (default): "hidden"
+      for a CPU model (no slower there, measured), "gelu" for others, "none" on the "reference"
+      backend (its model stays the official modules).
+      set_mlp_recompute(mode) changes it on a built model. The same results in every mode; the
+      fused modes have no double backward (as the fused attention).
     Both choices read the model's configuration (its device, dtype and options) and the process, not
     the input, so tracing does not change them. The environment variables only steer "auto"; both
     options change results by rounding only.
@@ -72,12 +80,14 @@ class ResT(ResTFamily):
     def __init__(self, in_chans=3, num_classes=1000, embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8),
                  mlp_ratios=(4, 4, 4, 4), qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), norm_layer=nn.LayerNorm,
-                 apply_transform=False, backend=None, cpu_layout="auto", linear_impl="auto", global_pool="avg"):
+                 apply_transform=False, backend=None, cpu_layout="auto", linear_impl="auto", global_pool="avg",
+                 mlp_recompute="auto"):
         super().__init__()
         embed_dims, num_heads, mlp_ratios, depths, sr_ratios = _check_config(
             in_chans, num_classes, embed_dims, num_heads, mlp_ratios, qk_scale, drop_rate, attn_drop_rate,
             drop_path_rate, depths, sr_ratios)
-        self._set_options(in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool)
+        self._set_options(in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool,
+                          mlp_recompute)
         self.apply_transform = apply_transform
 
         self.stem = BasicStem(in_ch=in_chans, out_ch=embed_dims[0], with_pos=True, backend=backend)

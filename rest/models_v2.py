@@ -41,17 +41,18 @@ class ResTV2(ResTFamily):
     final norm), prune_intermediate_layers, feature_info, num_features / head_hidden_size,
     get_classifier, reset_classifier, set_grad_checkpointing, group_matcher (stem; patch_N with
     stage N), no_weight_decay, set_backend. Options (none changes the parameters or the state_dict):
-    global_pool, backend, cpu_layout, linear_impl, as ResT's.
+    global_pool, backend, cpu_layout, linear_impl, mlp_recompute, as ResT's.
     """
 
     def __init__(self, in_chans=3, num_classes=1000, embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8),
                  drop_path_rate=0.0, depths=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1), backend=None, cpu_layout="auto",
-                 linear_impl="auto", global_pool="avg"):
+                 linear_impl="auto", global_pool="avg", mlp_recompute="auto"):
         super().__init__()
         embed_dims, num_heads, _, depths, sr_ratios = _check_config(
             in_chans, num_classes, embed_dims, num_heads, (4, 4, 4, 4), None, 0.0, 0.0, drop_path_rate, depths,
             sr_ratios)
-        self._set_options(in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool)
+        self._set_options(in_chans, num_classes, embed_dims, depths, backend, cpu_layout, linear_impl, global_pool,
+                          mlp_recompute)
 
         self.stem = ConvStem(in_chans, embed_dims[0], backend=backend)
         self.patch_2 = PatchEmbedV2(embed_dims[0], embed_dims[1], backend=backend)
