@@ -24,6 +24,10 @@ DETECTION = ("backbone", "retinanet", "maskrcnn")
 DET_MODELS = ("lite", "small", "base", "large")
 #: input sizes (height x width): COCO's usual 800 x 1216 batch and the largest the resize allows
 DET_INPUTS = {"800x1216": (800, 1216), "800x1333": (800, 1333)}
+#: what the backbone keeps for the backward, as backbone options: "default" (the model's own default,
+#: mlp_recompute "auto"), "modules" (each MLP kept by its modules, mlp_recompute="none": the fused
+#: step before rest/lean_mlp.py) and "lean" (grad_checkpointing: the blocks and the FPN recomputed)
+DET_MEMORY = {"default": {}, "modules": dict(mlp_recompute="none"), "lean": dict(grad_checkpointing=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +38,14 @@ class DetectionCase:
     batch: int
     dtype: torch.dtype
     device: str
+    memory: str = "default"  # key of DET_MEMORY
 
     kind = "detection"
     pass_ = "train"
 
     @property
     def name(self) -> str:
-        return f"{self.what} rest_{self.variant}"
+        return f"{self.what} rest_{self.variant}" + ("" if self.memory == "default" else f" [{self.memory}]")
 
     @property
     def label(self) -> str:
@@ -51,7 +56,8 @@ class DetectionCase:
         return dict(B=self.batch, C=3, H=H, W=W)
 
     def group(self) -> tuple:
-        return ("detection", self.what, self.variant, self.input, self.batch, dtype_name(self.dtype), self.device)
+        return ("detection", self.what, self.variant, self.input, self.batch, dtype_name(self.dtype), self.device,
+                self.memory)
 
 
 def _targets(batch: int, H: int, W: int, masks: bool, device) -> list[dict]:
@@ -82,11 +88,12 @@ def detection_runner(case: DetectionCase, backend: str) -> Runner:
     H, W = DET_INPUTS[case.input]
     g = torch.Generator().manual_seed(0)
     images = torch.rand(case.batch, 3, H, W, generator=g).to(case.device, param_dtype)
+    backbone_kwargs = dict(DET_MEMORY[case.memory], backend=pinned)
     if case.what == "backbone":
-        model = detection.rest_fpn_backbone(variant, backend=pinned)
+        model = detection.rest_fpn_backbone(variant, **backbone_kwargs)
     else:
         build = detection.retinanet_rest if case.what == "retinanet" else detection.maskrcnn_rest
-        model = build(variant, num_classes=91, min_size=800, max_size=1333, backbone_kwargs=dict(backend=pinned))
+        model = build(variant, num_classes=91, min_size=800, max_size=1333, backbone_kwargs=backbone_kwargs)
     model = model.to(case.device, param_dtype).train()
     if case.what == "backbone":
         net = _compile(model) if backend == "compile" else model

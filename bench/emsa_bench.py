@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input sizes of the --detection rows (default: all)")
     p.add_argument("--det-models", type=_list_type(_detection_cases.DET_MODELS, {f"rest_{m}": m for m in _detection_cases.DET_MODELS}),
                    help="ResT variants of the --detection rows (default lite)")
+    p.add_argument("--det-memory", type=_list_type(tuple(_detection_cases.DET_MEMORY)),
+                   help="what the --detection rows' backbone keeps for backward: default (the model's default), "
+                        "modules (every MLP's modules: the fused step before the lean MLP), lean "
+                        "(grad_checkpointing: blocks and FPN recomputed) (default: default)")
     p.add_argument("--modes", type=_list_type(_cases.MODEL_MODES, {"inference": "infer", "training": "train"}),
                    help="model modes: infer, train (default both)")
     p.add_argument("--backends", type=_list_type(BACKEND_CHOICES, BACKEND_ALIASES, special=("all",)),
@@ -341,6 +345,7 @@ def parse_args(argv):
         args.detection = list(_detection_cases.DETECTION if sel.detection is None else sel.detection)
     args.det_inputs = args.det_inputs or list(_detection_cases.DET_INPUTS)
     args.det_models = args.det_models or ["lite"]
+    args.det_memory = args.det_memory or ["default"]
     if args.shapes is None:
         args.shapes = list(sel.shapes or [s.label for s in _cases.stage_shapes()])
     args.explicit_backends = args.backends is not None
@@ -389,8 +394,9 @@ def plan(args) -> list:
         for model in args.det_models:
             for inp in args.det_inputs:
                 for dt in args.det_dtypes:
-                    cases.append(_detection_cases.DetectionCase(what, model, inp, args.det_batch, DTYPES[dt],
-                                                                args.device))
+                    for memory in args.det_memory:
+                        cases.append(_detection_cases.DetectionCase(what, model, inp, args.det_batch, DTYPES[dt],
+                                                                    args.device, memory))
     return cases
 
 
@@ -553,7 +559,7 @@ def float32_math() -> dict:
 
 def settings_of(args) -> dict:
     return dict(device=args.device, mode=args.mode, quick=args.quick, ops=args.ops, passes=args.passes, models=args.models,
-                modes=args.modes, detection=args.detection, det_inputs=args.det_inputs, det_models=args.det_models, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
+                modes=args.modes, detection=args.detection, det_inputs=args.det_inputs, det_models=args.det_models, det_memory=args.det_memory, backends=args.backends, dtypes=args.dtypes, shapes=args.shapes,
                 batch=args.batch, det_batch=args.det_batch, model_batch=args.model_batch,
                 image_size=args.image_size, threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup, min_time_s=args.min_time,
                 float32_math=float32_math(),

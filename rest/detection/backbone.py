@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
@@ -115,9 +116,13 @@ class ResTFPN(nn.Module):
     """ResTFeatures with torchvision's FeaturePyramidNetwork on top (torchvision's BackboneWithFPN for
     ResT): forward(images) -> OrderedDict of FPN maps, each with `out_channels` channels."""
 
-    def __init__(self, body: ResTFeatures, out_channels: int = 256, extra_blocks=None, norm_layer=None):
+    def __init__(self, body: ResTFeatures, out_channels: int = 256, extra_blocks=None, norm_layer=None,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.body = body
+        if not isinstance(grad_checkpointing, bool):
+            raise TypeError(f"grad_checkpointing must be a bool, got {type(grad_checkpointing).__name__}")
+        self.grad_checkpointing = grad_checkpointing
         if extra_blocks is None:
             extra_blocks = LastLevelMaxPool()
         elif not isinstance(extra_blocks, ExtraFPNBlock):
@@ -129,7 +134,13 @@ class ResTFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return self.fpn(self.body(x))
+        feats = self.body(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # the FPN's 3x3 convolutions keep their full-width inputs (stride 4 upwards): recompute
+            # them in the backward instead (no BatchNorm in the FPN unless fpn_norm_layer adds one, so a
+            # second forward updates nothing twice)
+            return checkpoint(self.fpn, feats, use_reentrant=False)
+        return self.fpn(feats)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -182,10 +193,11 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
         (channels of the last returned map, out_channels) -> one, such as the class LastLevelP6P7.
     layout: "ours" or "official" (see ResTFeatures). out_channels: the FPN's width.
     fpn_norm_layer: torchvision FPN's norm_layer (None: no norm in the FPN, as torchvision's default).
-    grad_checkpointing: the memory-lean option: every block of the backbone runs under
+    grad_checkpointing: the memory-lean option: every block of the backbone and the FPN run under
         torch.utils.checkpoint while gradients are recorded (the model's set_grad_checkpointing), so
-        a training step keeps only each block's input for backward and recomputes the rest (the same
-        gradients, one more forward of the blocks).
+        a training step keeps only each block's input and the FPN's input maps for backward and
+        recomputes the rest (the same gradients, one more forward of the blocks and the FPN).
+        Without it the blocks' MLPs still keep little (the model option mlp_recompute, "auto").
     model_kwargs: to the variant's constructor (drop_path_rate, backend, cpu_layout, linear_impl, ...).
     """
     spec = backbone_spec(variant)
@@ -210,7 +222,10 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
     if norm_layer is FrozenBatchNorm2d or (norm_layer is None and trained):
         freeze_batchnorm(body)
     freeze_units(body, trainable_layers)
-    return ResTFPN(body, out_channels, extra_blocks, fpn_norm_layer)
+    if grad_checkpointing and isinstance(fpn_norm_layer, type) and issubclass(fpn_norm_layer, nn.modules.batchnorm._BatchNorm):
+        raise ValueError("grad_checkpointing recomputes the FPN in the backward, which would update a BatchNorm's "
+                         "running statistics twice: use fpn_norm_layer=None, a GroupNorm or a frozen BatchNorm")
+    return ResTFPN(body, out_channels, extra_blocks, fpn_norm_layer, grad_checkpointing=grad_checkpointing)
 
 
 def _load_norms(body: ResTFeatures, norm_states: dict, layout: str) -> None:
