@@ -5,7 +5,7 @@ Why: with the N x M attention maps gone (the fused EMSA), what a training step k
 is mostly the MLP's: autograd saves the LayerNorm's input, fc1's input (the LayerNorm output), the
 GELU's input (fc1's output, 4C wide) and fc2's input (the GELU output, 4C wide) - 10 token-widths of
 the 14 a ResT block keeps. Measured on rest_lite's detection backbone at 800 x 1216 (batch 1, the
-`cpu` backend, saved-tensor hooks counting each storage once): 557 of its 1,132 MiB.
+`cpu` backend, saved-tensor hooks counting each storage once): 558 of its 1,132 MiB.
 
 What each mode keeps (`mlp_recompute`, a model option; "auto" picks "hidden" for a CPU model, "gelu"
 for others, and "none" on the reference backend, whose models stay the official eager modules):
@@ -17,7 +17,10 @@ for others, and "none" on the reference backend, whose models stay the official 
 
 Why "auto" differs by device: recomputing fc1 adds 8 C^2 of a block's ~60 C^2 multiply-adds per token
 in a training step (q 2, kv ~0, proj 2, fc1 8, fc2 8 per pass, times 3 for the backward), about 13%
-more product work, which a GEMM-bound GPU step would pay nearly in full (not measured: no GPU here).
+more linear-layer work, which a GEMM-bound GPU step at 224 px would pay nearly in full (an estimate:
+no GPU here). At detection sizes the attention (4 M C per token and pass, M ~ 950 keys at 800 x 1216)
+and the FPN dominate and the same recompute is ~3-6% of the step's multiply-adds; there "hidden" is
+worth setting on a GPU too (rest_lite's backbone: 631 instead of 854 MiB).
 On the CPU it does not show: rest_lite's detection backbone at 800 x 1216 (batch 1, fwd+bwd, `cpu`
 backend, 2 threads, 2-core AMD EPYC Zen 4, 2026-12-05; 4 interleaved repeats) took 4.68 s ("none"),
 4.59 s ("gelu") and 4.49 s ("hidden") - within the run's spread - while keeping 1,132 / 854 / 631 MiB
@@ -28,9 +31,8 @@ input (its output bitwise the forward's), the GELU backward is aten's gelu_backw
 are the ones the layers use (oneDNN where rest.dense picks it, F.linear / mm otherwise). Under autocast
 the products run in the autocast dtype on cast copies, as autocast's F.linear does, and the LayerNorm
 in the input's dtype (autocast's rule for layer_norm). The function has a first backward only
-(once_differentiable, as the fused attention ops): the branch falls back to the modules where a
-double backward could be asked for... it cannot be known in advance, so the "none" mode is the way to
-a double backward, and the reference backend's "auto" gives it.
+(once_differentiable, like the fused attention ops); whether a double backward will be asked for is
+not known at the forward, so a model that needs one uses "none" (the reference backend's "auto").
 
 `eligible` is the one place deciding whether a call may take the function: while gradients are
 recorded, not while torch.compile or torch.fx traces (AOTAutograd's partitioner chooses its own
