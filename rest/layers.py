@@ -78,9 +78,11 @@ class PreNormBlock(nn.Module):
         return x + self.drop_path(self._mlp_branch(x))
 
     def _mlp_branch(self, x):
-        mode = resolve_mlp_recompute(self.mlp_recompute, self.mlp.fc1)
-        if mode != "none" and eligible(x, self.norm2, self.mlp):
-            return norm_mlp(x, self.norm2, self.mlp, mode)
+        # eligible() first: it refuses torch.fx proxies before anything reads a (proxied) parameter
+        if eligible(x, self.norm2, self.mlp):
+            mode = resolve_mlp_recompute(self.mlp_recompute, self.mlp.fc1)
+            if mode != "none":
+                return norm_mlp(x, self.norm2, self.mlp, mode)
         return self.mlp(self.norm2(x))
 
 
