@@ -23,13 +23,15 @@ oneDNN can serve a layer when (all must hold):
   already);
 - no ONNX export is running: ONNX has no operator for oneDNN's matmul, so the file gets MatMul / Gemm
   (the same product up to rounding, as the rest_kernels ops get their reference math there);
+- torch.compile / torch.export are not tracing the layer: inductor lowers oneDNN's linear only for
+  weights that are graph constants (its "freezing" mode) and fails on a module's parameters, and it
+  generates its own GEMMs (oneDNN ones with freezing) anyway; an exported program should carry the
+  standard op. So a compiled or exported model has F.linear, the same product up to rounding;
 - torch was built with oneDNN and its linear entry point answers a self-test (checked once; the
   reason it is unusable is logged once).
 uses_onednn() is the one place where the choice is made. It reads the layer's configuration and the
-process, never the input, and tracers do not change it: torch.compile and torch.export record the
-oneDNN call that eager runs, and torch.fx records one call of linear() (a leaf function), which
-makes the same choice when the traced module runs. So a traced model computes what the eager one
-does.
+process, never the input: torch.fx records one call of linear() (a leaf function), which makes the
+same choice when the traced module runs, so an fx-traced model computes what the eager one does.
 
 The results are the float32 products of a different GEMM: equal to nn.Linear's up to rounding
 (tests/test_dense.py compares both with float64).
@@ -109,6 +111,8 @@ def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | 
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
     if torch.onnx.is_in_onnx_export():
         return False  # no ONNX operator for it: the file gets the standard product
+    if torch.compiler.is_compiling():
+        return False  # inductor cannot lower it on parameters (module docstring); tracers get F.linear
     if linear_impl == "auto":
         if os.environ.get(ENV_VAR, "1") == "0":
             return False

@@ -21,6 +21,7 @@ from rest import ResT, ResTV2, rest_base, rest_large, rest_lite, rest_small
 from support.conformance import assert_close_scaled
 from support.fused_route import count_ops, fused_cpu_route
 from support.reference_data import fill_weights, load
+from conftest import require_backend
 
 VARIANTS = {"rest_lite": rest_lite, "rest_small": rest_small, "rest_base": rest_base, "rest_large": rest_large}
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -72,6 +73,24 @@ def test_inductor_compile_matches_eager():
         expected = model(x)
         actual = torch.compile(model, fullgraph=True)(x)
     assert_close_scaled(actual, expected, 1e-9, "inductor logits")
+
+
+@pytest.mark.slow  # inductor's C++ code generation: ~30 s on a 2-core CPU
+def test_inductor_compiles_the_float32_cpu_model():
+    """The model as a CPU user has it (float32, fused backend, oneDNN linear layers, channels-last) under
+    inductor, the default torch.compile backend: inductor cannot lower oneDNN's linear on parameters,
+    so the traced layers take F.linear (rest/dense.py); the logits equal eager's up to float32 rounding
+    of differently ordered products (1e-4 of the largest logit: the float32 error of a few hundred
+    accumulated products, well above rounding and far below any wrong result)."""
+    require_backend("cpu")
+    torch.manual_seed(0)
+    model = ResT(num_classes=10, embed_dims=(16, 32, 32, 64), num_heads=(1, 2, 2, 4), depths=(1, 1, 1, 1),
+                 backend="cpu", linear_impl="onednn").eval()
+    x = torch.randn(2, 3, 61, 45)
+    with torch.no_grad():
+        expected = model(x)
+        actual = torch.compile(model)(x)
+    assert_close_scaled(actual, expected, 1e-4, "inductor float32 logits")
 
 
 @pytest.mark.parametrize("variant", ["rest_lite", "rest_base"])
