@@ -115,9 +115,9 @@ def test_fused_ops_compile_gradients_match_eager(monkeypatch):
     with fused_cpu_route(monkeypatch):
         # NCHW maps: in training on channels-last CPU maps eager BatchNorm takes rest/batchnorm.py's
         # accurate path, which compiled graphs do not (they get PyTorch's kernel, whose channels-last
-        # statistics err by ~1e-5, moving the stem's gradients by ~1e-4); the linear layers and
-        # everything else are the same kernels compiled and eager
-        model = model_of("rest_lite", cpu_layout="contiguous").train()
+        # statistics err by ~1e-5, moving the stem's gradients by ~1e-4); linear_impl "aten": compiled
+        # graphs take F.linear (rest/dense.py), so eager takes it too and every kernel is the same
+        model = model_of("rest_lite", cpu_layout="contiguous", linear_impl="aten").train()
         assert_compiled_gradients_match_eager(model, X, RTOL32)
 
 

@@ -154,20 +154,25 @@ def test_double_backward_works(spy):
     assert spy["plain"] >= 1
 
 
-def test_traced_graphs_run_the_eager_product(spy):
-    # The choice reads the layer (its options, device and dtype), never the input or a tracer: a
-    # compiled or fx-traced layer runs oneDNN as eager does, with bitwise the same result.
+def test_traced_graphs_run_the_eager_product_or_the_standard_one(spy):
+    # torch.fx: the choice reads the layer (its options, device and dtype), never the input or the
+    # tracer, so the fx-traced layer runs oneDNN as eager does, bitwise. torch.compile / torch.export:
+    # the traced layer takes F.linear (inductor cannot lower oneDNN's linear on parameters; an exported
+    # program carries the standard op), which aot_eager runs as aten's own product, bitwise.
     torch._dynamo.reset()
     layer = dense.Linear(6, 4)
     x = torch.randn(3, 6)
     with torch.no_grad():
         eager = layer(x)
+        assert spy["plain"] == 1
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+        assert spy["plain"] == 1  # the compiled graph's trace took F.linear
         traced = torch.fx.symbolic_trace(layer)
         assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [dense.linear]
         fx_out = traced(x)
-    assert torch.equal(compiled, eager) and torch.equal(fx_out, eager)
-    assert spy["plain"] >= 3  # eager, the compiled graph's trace, the fx module's run
+    assert spy["plain"] == 2  # the fx module's run: oneDNN, as eager
+    assert torch.equal(fx_out, eager)
+    assert torch.equal(compiled, F.linear(x, layer.weight, layer.bias))
 
 
 def test_onnx_export_gets_the_standard_product(spy, monkeypatch):
