@@ -356,6 +356,11 @@ def model_runner(case: ModelCase, backend: str) -> Runner:
 
     if case.mode == "infer":
         model.eval()
+        if backend not in ("reference", "compile"):
+            # a fused model runs inference as deployed: BatchNorms folded into the convolutions
+            # (rest.optimize_for_inference; the engines fold theirs too); the reference stays the
+            # official modules
+            net = importlib.import_module("rest").optimize_for_inference(model)
 
         def run():
             with torch.no_grad(), amp():
