@@ -73,7 +73,8 @@ class ResT(ResTFamily):
       set_mlp_recompute(mode) changes it on a built model. The same results in every mode; the
       fused modes have no double backward (as the fused attention).
     Both choices read the model's configuration (its device, dtype and options) and the process, not
-    the input, so tracing does not change them. The environment variables only steer "auto"; both
+    the input, so tracing does not change them (except that torch.compile / torch.export trace the
+    linear layers as F.linear: rest/dense.py). The environment variables only steer "auto"; both
     options change results by rounding only.
     """
 
