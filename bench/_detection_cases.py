@@ -16,12 +16,12 @@ import dataclasses
 
 import torch
 
-from bench._cases import ModelUnavailable, Runner, _compile, dtype_name
+from bench._cases import MODELS, ModelUnavailable, Runner, _compile, dtype_name, model_name
 
 #: what is trained: the backbone with FPN alone, or a whole detector on it
 DETECTION = ("backbone", "retinanet", "maskrcnn")
-#: the ResT variants rest.detection builds (v1; a family registered in rest.detection.BACKBONES joins here)
-DET_MODELS = ("lite", "small", "base", "large")
+#: the variants rest.detection builds: every ResT and ResTv2 model ("lite" ... "v2_tiny" ...; bench/_cases.py)
+DET_MODELS = MODELS
 #: input sizes (height x width): COCO's usual 800 x 1216 batch and the largest the resize allows
 DET_INPUTS = {"800x1216": (800, 1216), "800x1333": (800, 1333)}
 #: what the backbone keeps for the backward, as backbone options: "default" (the model's own default,
@@ -33,7 +33,7 @@ DET_MEMORY = {"default": {}, "modules": dict(mlp_recompute="none"), "lean": dict
 @dataclasses.dataclass(frozen=True)
 class DetectionCase:
     what: str           # one of DETECTION
-    variant: str        # a ResT variant (e.g. "lite")
+    variant: str        # one of DET_MODELS (e.g. "lite", "v2_tiny")
     input: str          # key of DET_INPUTS
     batch: int
     dtype: torch.dtype
@@ -45,7 +45,7 @@ class DetectionCase:
 
     @property
     def name(self) -> str:
-        return f"{self.what} rest_{self.variant}" + ("" if self.memory == "default" else f" [{self.memory}]")
+        return f"{self.what} {model_name(self.variant)}" + ("" if self.memory == "default" else f" [{self.memory}]")
 
     @property
     def label(self) -> str:
@@ -82,7 +82,7 @@ def detection_runner(case: DetectionCase, backend: str) -> Runner:
         raise ModelUnavailable(f"rest.detection needs torchvision ({e})") from e
     torch.manual_seed(0)  # the same weights on every backend
     pinned = "reference" if backend == "compile" else backend
-    variant = f"rest_{case.variant}"
+    variant = model_name(case.variant)
     autocast = case.dtype in (torch.float16, torch.bfloat16)
     param_dtype = torch.float32 if autocast else case.dtype
     H, W = DET_INPUTS[case.input]

@@ -272,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "maskrcnn (default none; all with --full: an eager step takes 20-60 s on a 2-core CPU)")
     p.add_argument("--det-inputs", type=_list_type(tuple(_detection_cases.DET_INPUTS)),
                    help="input sizes of the --detection rows (default: all)")
-    p.add_argument("--det-models", type=_list_type(_detection_cases.DET_MODELS, {f"rest_{m}": m for m in _detection_cases.DET_MODELS}),
-                   help="ResT variants of the --detection rows (default lite)")
+    p.add_argument("--det-models", type=_list_type(_detection_cases.DET_MODELS,
+                                                   {_cases.model_name(m): m for m in _detection_cases.DET_MODELS}),
+                   help="ResT and ResTv2 variants of the --detection rows (lite, ..., v2_tiny, ... or rest_lite, ..., "
+                        "restv2_tiny, ...; default lite)")
     p.add_argument("--det-memory", type=_list_type(tuple(_detection_cases.DET_MEMORY)),
                    help="what the --detection rows' backbone keeps for backward: default (the model's default), "
                         "modules (every MLP's modules: the fused step before the lean MLP), lean "

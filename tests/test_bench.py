@@ -204,6 +204,9 @@ def test_detection_rows_only_with_full_or_when_named():
     named = [c for c in _selected("--detection", "backbone", "--det-inputs", "800x1216", "--ops", "none",
                                   "--models", "none")[1]]
     assert [(c.kind, c.what, c.input) for c in named] == [("detection", "backbone", "800x1216")]
+    v2 = [c for c in _selected("--detection", "maskrcnn", "--det-inputs", "800x1216", "--det-models", "restv2_tiny",
+                               "--ops", "none", "--models", "none")[1]]
+    assert [(c.variant, c.name) for c in v2] == [("v2_tiny", "maskrcnn restv2_tiny")]
 
 
 def test_detection_rows_measure_a_training_step(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
 """rest.detection: the backbone's maps against the classification model's stage maps (our layout)
-and against the official detectron2 forward written out here (official layout), classification and
-detectron2 checkpoints, frozen BatchNorm and frozen stages, the builders' torchvision defaults, and
-the detectors in train and eval at awkward sizes, under autocast, torch.compile and DDP."""
+and against the official detectron2 forwards of ResT v1 and ResTv2 written out here (official
+layout), classification and detectron2 checkpoints, frozen BatchNorm and frozen stages, the builders'
+torchvision defaults, and the detectors in train and eval at awkward sizes, under autocast,
+torch.compile and DDP."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -18,21 +20,33 @@ from torchvision.models.detection import retinanet as tv_retinanet  # noqa: E402
 from torchvision.models.detection import rpn as tv_rpn  # noqa: E402
 from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
-from rest import CheckpointError, ResT  # noqa: E402
+from rest import CheckpointError, ResT, ResTV2  # noqa: E402
 from rest import detection  # noqa: E402
 from rest.models import variant_config  # noqa: E402
 from conftest import require_backend  # noqa: E402
+from rest.models_v2 import VARIANTS_V2, variant_config_v2  # noqa: E402
 
 TINY = "rest_detection_test_tiny"
 TINY_CONFIG = {**variant_config("rest_lite"), "embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1)}
+TINY_V2 = "restv2_detection_test_tiny"
+TINY_V2_CONFIG = {**variant_config_v2("restv2_tiny"), "embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 1)}
 
 
 def _tiny(pretrained=None, **kwargs):
     return ResT(**TINY_CONFIG, **kwargs)
 
 
-# a variant registered as another family would register its own
+def _tiny_v2(pretrained=None, **kwargs):
+    return ResTV2(**TINY_V2_CONFIG, **kwargs)
+
+
+# variants registered as another family would register its own, each with its family's spec
 detection.register_backbone(TINY, replace(detection.backbone_spec("rest_lite"), build=_tiny))
+detection.register_backbone(TINY_V2, replace(detection.backbone_spec("restv2_tiny"), build=_tiny_v2))
+BUILD = {TINY: _tiny, TINY_V2: _tiny_v2}
+CONFIG = {TINY: TINY_CONFIG, TINY_V2: TINY_V2_CONFIG}
+# the norms' weights: a model's (norm, norm1, sr_norm ...) and the official layout's (v1 norm1, v2 norm_1.0)
+NORM_WEIGHT = re.compile(r"(^|\.)\w*norm\d?(_\d\.0)?\.weight$")
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -45,17 +59,16 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight")) or \
-                    "running_mean" in name:
+            elif NORM_WEIGHT.search(name) or "running_mean" in name:
                 t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
             else:
                 t.add_(0.02 * torch.randn(t.shape, generator=g))
     return module
 
 
-def classifier(num_classes=10) -> ResT:
+def classifier(num_classes=10, variant=TINY) -> ResT | ResTV2:
     torch.manual_seed(0)
-    return randomize(_tiny(num_classes=num_classes)).eval()
+    return randomize(BUILD[variant](num_classes=num_classes)).eval()
 
 
 def images(b=2, h=67, w=93, seed=1):
@@ -63,12 +76,13 @@ def images(b=2, h=67, w=93, seed=1):
 
 
 # ------------------------------------------------------------------ the maps
+@pytest.mark.parametrize("variant", [TINY, TINY_V2])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_our_layout_is_the_classification_models_stage_maps(tmp_path, frozen):
-    model = classifier()
+def test_our_layout_is_the_classification_models_stage_maps(tmp_path, variant, frozen):
+    model = classifier(variant=variant)
     path = tmp_path / "cls.pth"
     torch.save({"model": model.state_dict()}, path)  # with its head, wrapped as the official files are
-    backbone = detection.rest_fpn_backbone(TINY, weights=str(path),
+    backbone = detection.rest_fpn_backbone(variant, weights=str(path),
                                            norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d).eval()
     bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     frozen_bns = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
@@ -79,11 +93,11 @@ def test_our_layout_is_the_classification_models_stage_maps(tmp_path, frozen):
         maps = backbone.body(x)
     assert list(maps) == ["0", "1", "2", "3"]
     for k, (m, e) in enumerate(zip(maps.values(), expected)):
-        assert m.shape == e.shape == (2, TINY_CONFIG["embed_dims"][k], *[s[k] for s in (
+        assert m.shape == e.shape == (2, CONFIG[variant]["embed_dims"][k], *[s[k] for s in (
             model.stage_sizes(67, 0), model.stage_sizes(93, 1))])
         # frozen BatchNorm computes x * scale + shift: the same map up to rounding
         torch.testing.assert_close(m, e, rtol=1e-4 if frozen else 0, atol=1e-4 if frozen else 0)
-    assert backbone.body.strides == [4, 8, 16, 32] and backbone.body.channels == list(TINY_CONFIG["embed_dims"])
+    assert backbone.body.strides == [4, 8, 16, 32] and backbone.body.channels == list(CONFIG[variant]["embed_dims"])
 
 
 def official_v1_forward(model: ResT, norms: dict, x: torch.Tensor, out_features) -> list[torch.Tensor]:
@@ -123,6 +137,53 @@ def test_official_layout_is_the_official_detectron2_forward(returned):
     assert not torch.allclose(list(ours.values())[-1], maps[-1], atol=1e-3)
 
 
+def official_v2_forward(model: ResTV2, norms: dict, x: torch.Tensor, out_features) -> list[torch.Tensor]:
+    """The official detectron2 ResTv2 forward (object_detection/restv2/restv2.py), written out: tokens
+    through each stage's blocks, back to a map; a returned stage's map goes out through its `norm_k`,
+    nn.Sequential(LayerNorm(channels_first, eps=1e-6)): mean and biased variance over the channels,
+    eps inside the root; the next stage receives the raw map; no final norm (stage 4 gets norm_4)."""
+    outs = []
+    embeds = ["stem", "patch_2", "patch_3", "patch_4"]
+    last = max(int(f[-1]) for f in out_features)  # a pruned model has no later stages
+    for i in range(last):
+        x = getattr(model, embeds[i])(x)
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        for blk in getattr(model, f"stage{i + 1}"):
+            t = blk(t, H, W)
+        x = t.transpose(1, 2).reshape(B, C, H, W)
+        if f"stage{i + 1}" in out_features:
+            ln = norms[f"norm_{i + 1}"][0]
+            u = x.mean(1, keepdim=True)
+            s = (x - u).pow(2).mean(1, keepdim=True)
+            outs.append(ln.weight[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + ln.bias[:, None, None])
+    return outs
+
+
+@pytest.mark.parametrize("returned", [[1, 2, 3, 4], [2, 3, 4], [1, 3]])
+def test_v2_official_layout_is_the_official_detectron2_forward(returned):
+    """float64, at a size the official code runs (multiples of 32)."""
+    backbone = randomize(detection.rest_fpn_backbone(TINY_V2, layout="official", returned_layers=returned), 3)
+    backbone = backbone.double().eval()
+    body = backbone.body
+    assert sorted(body.norms) == [f"norm_{k}" for k in returned]
+    # the official detection model has no final norm: its parameters are not in the backbone
+    assert isinstance(body.model.norm, nn.Identity)
+    assert not [k for k in body.state_dict() if k.startswith("model.norm.")]
+    # channels-last: the memory format the model runs on the CPU (the same values; float64 depthwise
+    # convolutions are slow in NCHW)
+    x = images(b=1, h=64, w=96).double().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = official_v2_forward(body.model, dict(body.norms.items()), x, [f"stage{k}" for k in returned])
+        maps = list(body(x).values())
+        raw = detection.ResTFeatures.forward(_as_ours(body), x)  # the stages' maps without the norms
+    for m, e in zip(maps, expected, strict=True):
+        torch.testing.assert_close(m, e, rtol=1e-10, atol=1e-12)
+    # the norms are on the output only: the map the next stage read is the raw one
+    for r, m, k in zip(raw.values(), maps, returned):
+        assert not torch.allclose(r, m, atol=1e-3), k
+
+
 def _as_ours(body):
     """The same body run in our layout (no per-stage norms)."""
     clone = detection.ResTFeatures.__new__(detection.ResTFeatures)
@@ -160,6 +221,61 @@ def test_detectron2_checkpoint_loads_converted(tmp_path):
         detection.rest_fpn_backbone(TINY, weights=str(path), layout="official", returned_layers=[2, 3, 4])
 
 
+def test_v2_detectron2_checkpoint_loads_converted(tmp_path):
+    source = randomize(detection.rest_fpn_backbone(TINY_V2, layout="official"), 5).eval()
+    ckpt = d2_checkpoint(source.body)
+    # the official v2 detection model's names: norm_1 ... norm_4, each nn.Sequential(LayerNorm), no final norm
+    assert {k for k in ckpt["model"] if k.startswith("backbone.bottom_up.norm")} == {
+        f"backbone.bottom_up.norm_{k}.0.{p}" for k in range(1, 5) for p in ("weight", "bias")}
+    path = tmp_path / "d2.pth"
+    torch.save(ckpt, path)
+    loaded = detection.rest_fpn_backbone(TINY_V2, weights=str(path), layout="official",
+                                         norm_layer=nn.BatchNorm2d).eval()
+    assert list(loaded.body.state_dict()) == list(source.body.state_dict())
+    for k, v in source.body.state_dict().items():
+        assert torch.equal(loaded.body.state_dict()[k], v), k
+    x = images(b=1, h=61, w=77)
+    with torch.no_grad():
+        for m, e in zip(loaded.body(x).values(), source.body(x).values(), strict=True):
+            torch.testing.assert_close(m, e, rtol=0, atol=0)
+    model = detection.fasterrcnn_rest(TINY_V2, num_classes=4, backbone_weights=str(path), layout="official",
+                                      out_channels=32)
+    assert torch.equal(model.backbone.body.norms["norm_4"][0].weight, source.body.norms["norm_4"][0].weight)
+    with pytest.raises(CheckpointError, match="layout='official'"):
+        detection.rest_fpn_backbone(TINY_V2, weights=str(path))
+    with pytest.raises(CheckpointError, match="(?s)norm_1.0.weight.*returned_layers"):
+        detection.rest_fpn_backbone(TINY_V2, weights=str(path), layout="official", returned_layers=[2, 3, 4])
+
+
+@pytest.mark.parametrize("official, wrong", [
+    ("norm_2.0.weight", "norm2.weight"),    # v1's name: not a v2 norm, so a key the model does not have
+    ("norm_2.0.weight", "norm_2.weight"),   # without the nn.Sequential's index
+])
+def test_v2_detectron2_checkpoint_with_wrong_norm_names_is_refused(official, wrong):
+    state = d2_checkpoint(detection.rest_fpn_backbone(TINY_V2, layout="official").body)["model"]
+    state[f"backbone.bottom_up.{wrong}"] = state.pop(f"backbone.bottom_up.{official}")
+    with pytest.raises(CheckpointError) as e:
+        detection.rest_fpn_backbone(TINY_V2, weights=state, layout="official")
+    assert wrong in str(e.value)
+
+
+def test_v2_classification_checkpoint_converted_to_detectron2(tmp_path):
+    """The official convert_to_d2.py output: every key of a classification checkpoint, head and final
+    norm included, under backbone.bottom_up. Our layout: the classifier's stage maps. The official
+    layout: the final norm ignored (the official model has none), the per-stage norms fresh."""
+    model = classifier(variant=TINY_V2)
+    converted = {f"backbone.bottom_up.{k}": v for k, v in model.state_dict().items()}
+    assert "backbone.bottom_up.head.weight" in converted and "backbone.bottom_up.norm.weight" in converted
+    ours = detection.rest_fpn_backbone(TINY_V2, weights=converted, norm_layer=nn.BatchNorm2d).eval()
+    x = images()
+    with torch.no_grad():
+        for m, e in zip(ours.body(x).values(), model.forward_intermediates(x, intermediates_only=True), strict=True):
+            torch.testing.assert_close(m, e, rtol=0, atol=0)
+    official = detection.rest_fpn_backbone(TINY_V2, weights=converted, layout="official", norm_layer=nn.BatchNorm2d)
+    assert torch.equal(official.body.model.stage4[0].mlp.fc1.weight, model.stage4[0].mlp.fc1.weight)
+    assert all(torch.equal(n[0].weight, torch.ones_like(n[0].weight)) for n in official.body.norms.values())
+
+
 def test_classification_checkpoint_mismatch_is_reported(tmp_path):
     state = classifier().state_dict()
     del state["stage2.0.mlp.fc1.weight"]
@@ -170,18 +286,33 @@ def test_classification_checkpoint_mismatch_is_reported(tmp_path):
 
 
 # ------------------------------------------------------------------ frozen stages and BatchNorm
-UNITS = [("model.stem.",), ("model.stage1.",), ("model.patch_embed_2.", "model.stage2.", "norms.norm2."),
-         ("model.patch_embed_3.", "model.stage3.", "norms.norm3."),
-         ("model.patch_embed_4.", "model.stage4.", "model.norm.")]
+# per family: the parameter name prefixes of each unit (stem, stages 1-4), in either layout
+UNITS = {
+    TINY: [("model.stem.",), ("model.stage1.", "norms.norm1."),
+           ("model.patch_embed_2.", "model.stage2.", "norms.norm2."),
+           ("model.patch_embed_3.", "model.stage3.", "norms.norm3."),
+           ("model.patch_embed_4.", "model.stage4.", "model.norm.")],
+    TINY_V2: [("model.stem.",), ("model.stage1.", "norms.norm_1."),
+              ("model.patch_2.", "model.stage2.", "norms.norm_2."),
+              ("model.patch_3.", "model.stage3.", "norms.norm_3."),
+              ("model.patch_4.", "model.stage4.", "model.norm.", "norms.norm_4.")],
+}
 
 
-@pytest.mark.parametrize("trainable", [0, 1, 3, 5])
-def test_trainable_layers_freeze_from_the_stem(trainable):
-    backbone = detection.rest_fpn_backbone(TINY, weights=classifier().state_dict(), trainable_layers=trainable,
-                                           layout="official", returned_layers=[2, 3, 4])
+@pytest.mark.parametrize("variant, layout, returned, trainable", [
+    *[(TINY, "official", [2, 3, 4], t) for t in (0, 1, 3, 5)],
+    *[(TINY_V2, "official", [1, 2, 3, 4], t) for t in (0, 1, 3, 5)],
+    (TINY_V2, "ours", [2, 3, 4], 1),  # v2's final norm trains with stage 4
+])
+def test_trainable_layers_freeze_from_the_stem(variant, layout, returned, trainable):
+    backbone = detection.rest_fpn_backbone(variant, weights=classifier(variant=variant).state_dict(),
+                                           trainable_layers=trainable, layout=layout, returned_layers=returned)
+    units = [0] * 5
     for name, p in backbone.body.named_parameters():
-        unit = next(u for u, prefixes in enumerate(UNITS) if name.startswith(prefixes))
+        unit = next(u for u, prefixes in enumerate(UNITS[variant]) if name.startswith(prefixes))
+        units[unit] += 1
         assert p.requires_grad == (unit >= 5 - trainable), name
+    assert all(units), units  # every unit has parameters
     assert all(p.requires_grad for p in backbone.fpn.parameters())
     # frozen BatchNorm by default with weights: constant buffers, nothing to train or update
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
@@ -231,6 +362,24 @@ def test_unknown_variant_lists_the_known_ones():
         detection.maskrcnn_rest("rest_smal")
 
 
+@pytest.mark.parametrize("variant", sorted(set(detection.BACKBONES) - {TINY, TINY_V2}))
+def test_published_variants_are_registered_with_units_covering_the_model(variant):
+    """Every published variant of both families; the freezable units name every module with parameters."""
+    spec = detection.backbone_spec(variant)
+    with torch.device("meta"):  # shapes only
+        model = spec.build(num_classes=0)
+    assert isinstance(model, ResTV2 if variant in VARIANTS_V2 else ResT)
+    assert {n.partition(".")[0] for n, _ in model.named_parameters()} == {m for unit in spec.units for m in unit}
+
+
+def test_builders_take_the_v2_variants():
+    model = detection.retinanet_rest("restv2_tiny", num_classes=3, layout="official")
+    body = model.backbone.body
+    assert isinstance(body.model, ResTV2) and body.channels == [192, 384, 768] and body.strides == [8, 16, 32]
+    assert sorted(body.norms) == ["norm_2", "norm_3", "norm_4"]
+    assert model.backbone.fpn.extra_blocks.p6.in_channels == 768  # P6 from C5, as the official RetinaNet
+
+
 # ------------------------------------------------------------------ detectors
 def targets(n_images, size, masks):
     out = []
@@ -246,6 +395,28 @@ def targets(n_images, size, masks):
     return out
 
 
+def train_step_and_eval(model, masks: bool, autocast: bool):
+    """One training step (finite losses, finite gradients for every trainable backbone parameter, an
+    SGD step that moves them), then eval on the same images: 61 x 83 and 57 x 90."""
+    imgs = [torch.rand(3, 61, 83), torch.rand(3, 57, 90)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = model(imgs, targets(2, (61, 83), masks)[:1] + targets(1, (57, 90), masks))
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.backbone.body.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in model.backbone.body.parameters() if p.requires_grad]
+    torch.optim.SGD(trainable, lr=0.01).step()
+    after = [p for p in model.backbone.body.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(imgs)
+    assert len(out) == 2 and all(o["boxes"].shape[-1] == 4 for o in out)
+
+
 @pytest.mark.parametrize("builder", ["retinanet_rest", "fasterrcnn_rest", "maskrcnn_rest"])
 @pytest.mark.parametrize("size_divisible, autocast", [(32, False), (1, True)])
 def test_detectors_train_and_eval(builder, size_divisible, autocast):
@@ -254,19 +425,17 @@ def test_detectors_train_and_eval(builder, size_divisible, autocast):
     torch.manual_seed(0)
     model = getattr(detection, builder)(TINY, num_classes=3, out_channels=32, min_size=61, max_size=90,
                                         size_divisible=size_divisible)
-    imgs = [torch.rand(3, 61, 83), torch.rand(3, 57, 90)]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        losses = model(imgs, targets(2, (61, 83), builder == "maskrcnn_rest")[:1] +
-                       targets(1, (57, 90), builder == "maskrcnn_rest"))
-    loss = sum(losses.values())
-    assert torch.isfinite(loss)
-    loss.backward()
-    grads = [p.grad for p in model.backbone.body.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(imgs)
-    assert len(out) == 2 and all(o["boxes"].shape[-1] == 4 for o in out)
+    train_step_and_eval(model, builder == "maskrcnn_rest", autocast)
+
+
+def test_v2_detector_trains_and_evaluates_at_odd_sizes():
+    """Faster R-CNN on ResTv2 in the official layout (norm_1 ... norm_4, no final norm) at the images'
+    own odd sizes (the builders share everything past the backbone: test_builders_take_the_v2_variants)."""
+    torch.manual_seed(0)
+    model = detection.fasterrcnn_rest(TINY_V2, num_classes=3, out_channels=32, min_size=61, max_size=90,
+                                      size_divisible=1, layout="official")
+    assert sorted(model.backbone.body.norms) == ["norm_1", "norm_2", "norm_3", "norm_4"]
+    train_step_and_eval(model, False, False)
 
 
 def test_compiled_backbone_matches_eager():

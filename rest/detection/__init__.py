@@ -1,9 +1,12 @@
-"""ResT backbones for torchvision's detection models (needs torchvision: pip install rest-kernels[detection]).
+"""ResT and ResTv2 backbones for torchvision's detection models (needs torchvision: pip install
+rest-kernels[detection]).
 
     from rest.detection import rest_fpn_backbone, retinanet_rest, fasterrcnn_rest, maskrcnn_rest
     model = maskrcnn_rest("rest_small", num_classes=81, backbone_weights="rest_small.pth")
+    model = maskrcnn_rest("restv2_tiny", num_classes=81, layout="official")
 
-- variants.py: the variant names and what each family needs (BACKBONES, register_backbone);
+- variants.py: the variant names (rest_lite ... rest_large, restv2_tiny ... restv2_large) and what each
+  family needs (BACKBONES, register_backbone);
 - backbone.py: the stage maps (ResTFeatures), the FPN backbone (ResTFPN, rest_fpn_backbone),
   frozen BatchNorm and frozen stages;
 - weights.py: official classification and detectron2 checkpoints as backbone weights;

@@ -24,10 +24,10 @@ from .variants import BackboneSpec, backbone_spec
 from .weights import load_backbone_weights
 
 __all__ = ["ResTFeatures", "ResTFPN", "rest_fpn_backbone", "LAYOUTS", "freeze_batchnorm", "freeze_units",
-           "check_returned_layers"]
+           "check_returned_layers", "drop_unofficial_final_norm"]
 
 #: the stage-map layouts: "ours" (the model's forward_intermediates) or "official" (the official
-#: detection code's per-stage norms; see rest/detection/variants.py)
+#: detection code's per-stage norms, v1's and v2's; see rest/detection/variants.py)
 LAYOUTS = ("ours", "official")
 NUM_UNITS = 5  # freezable units: the stem, then stages 1-4
 
@@ -42,6 +42,15 @@ def check_returned_layers(returned_layers) -> list[int]:
     return layers
 
 
+def drop_unofficial_final_norm(model: nn.Module, layout: str, spec: BackboneSpec) -> None:
+    """In the official layout of a family whose official detection backbone has no final norm (v2:
+    spec.official_final_norm is False), make the model's final norm an identity: stage 4's map is
+    then the raw stage output (its official norm comes on top), and the norm's parameters leave the
+    model (no checkpoint keys needed, no parameter without a gradient). Idempotent."""
+    if layout == "official" and not spec.official_final_norm:
+        model.norm = nn.Identity()
+
+
 class ResTFeatures(nn.Module):
     """The stage maps of a ResT-family model for a detector: forward(images) -> OrderedDict of the
     returned stages' maps (B, C_i, H_i, W_i), keyed "0", "1", ... in stage order.
@@ -50,7 +59,8 @@ class ResTFeatures(nn.Module):
     the last returned one are pruned away: prune_intermediate_layers). stages: 0-based stage indices.
     layout: "ours" (the model's forward_intermediates maps) or "official" (spec's per-stage norms, in
     `norms` under the official names, so official detectron2 checkpoints load; v1's normalised map
-    feeds the next stage). `channels` and `strides`: those of the returned maps.
+    feeds the next stage; v2's stage 4 gets its own norm_4 instead of the final norm, which goes:
+    drop_unofficial_final_norm). `channels` and `strides`: those of the returned maps.
     """
 
     def __init__(self, model: nn.Module, stages: Sequence[int], layout: str, spec: BackboneSpec):
@@ -60,6 +70,7 @@ class ResTFeatures(nn.Module):
         self.channels = [model.feature_info[i]["num_chs"] for i in self.stages]
         self.strides = [model.feature_info[i]["reduction"] for i in self.stages]
         model.prune_intermediate_layers(self.stages, prune_head=True)
+        drop_unofficial_final_norm(model, self.layout, spec)
         self.model = model
         norms = {}
         if self.layout == "official":
@@ -179,10 +190,12 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
                       fpn_norm_layer=None, grad_checkpointing: bool = False, **model_kwargs) -> ResTFPN:
     """A ResT backbone with FPN, as torchvision's resnet_fpn_backbone builds a ResNet one.
 
-    variant: a name in rest.detection.BACKBONES ("rest_lite", "rest_small", "rest_base", "rest_large").
+    variant: a name in rest.detection.BACKBONES: ResT "rest_lite", "rest_small", "rest_base",
+        "rest_large"; ResTv2 "restv2_tiny", "restv2_small", "restv2_base", "restv2_large".
     weights: backbone weights: an official classification checkpoint (its head is dropped) or an
         official detectron2 checkpoint (the `backbone.bottom_up.` keys; its FPN and heads are not
         torchvision's and are ignored), a path or a loaded dict (see rest/detection/weights.py).
+        One with the official per-stage norms (v1 norm1-norm3, v2 norm_1-norm_4) needs layout="official".
     norm_layer: what the backbone's BatchNorm2d layers become: None (torchvision's rule: frozen
         BatchNorm, torchvision.ops.FrozenBatchNorm2d, with weights; trainable BatchNorm2d without),
         FrozenBatchNorm2d or nn.BatchNorm2d.
@@ -191,7 +204,10 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
     returned_layers: the stage numbers (1-4) the FPN reads; default [1, 2, 3, 4].
     extra_blocks: torchvision's FPN extra block (default LastLevelMaxPool, as torchvision's), or a callable
         (channels of the last returned map, out_channels) -> one, such as the class LastLevelP6P7.
-    layout: "ours" or "official" (see ResTFeatures). out_channels: the FPN's width.
+    layout: "ours" or "official" (see ResTFeatures; the official code's per-stage norms: v1's norm1-norm3
+        on stages 1-3, feeding the next stage, and the final norm on stage 4; v2's norm_1-norm_4 on the
+        returned maps only, with no final norm; rest/detection/variants.py gives the details).
+    out_channels: the FPN's width.
     fpn_norm_layer: torchvision FPN's norm_layer (None: no norm in the FPN, as torchvision's default).
     grad_checkpointing: the memory-lean option: every block of the backbone and the FPN run under
         torch.utils.checkpoint while gradients are recorded (the model's set_grad_checkpointing), so
@@ -215,10 +231,11 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
     model = spec.build(num_classes=0, **model_kwargs)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    norm_states = load_backbone_weights(model, weights, spec) if trained else {}
+    drop_unofficial_final_norm(model, layout, spec)  # before loading: the official checkpoints have none
+    norm_states = load_backbone_weights(model, weights, spec, layout) if trained else {}
     body = ResTFeatures(model, [k - 1 for k in returned_layers], layout, spec)
     if norm_states:
-        _load_norms(body, norm_states, layout)
+        _load_norms(body, norm_states)
     if norm_layer is FrozenBatchNorm2d or (norm_layer is None and trained):
         freeze_batchnorm(body)
     freeze_units(body, trainable_layers)
@@ -228,15 +245,11 @@ def rest_fpn_backbone(variant: str, *, weights: str | os.PathLike | Mapping | No
     return ResTFPN(body, out_channels, extra_blocks, fpn_norm_layer, grad_checkpointing=grad_checkpointing)
 
 
-def _load_norms(body: ResTFeatures, norm_states: dict, layout: str) -> None:
+def _load_norms(body: ResTFeatures, norm_states: dict) -> None:
     from ..checkpoint import CheckpointError, load_checkpoint
 
-    if layout != "official":
-        names = sorted({k.partition(".")[0] for k in norm_states})
-        raise CheckpointError(f"the checkpoint has the official detection layout's per-stage norms ({', '.join(names)}); "
-                              "build with layout='official' to use them")
     try:
         load_checkpoint(body.norms, norm_states, source="backbone weights (official per-stage norms)")
     except CheckpointError as e:
-        raise CheckpointError(f"{e}\n  (the official layout has a norm for each returned stage 1-3: returned_layers "
-                              "must be the stages the checkpoint was trained to return)") from None
+        raise CheckpointError(f"{e}\n  (the official layout has a norm for each returned stage that has one: "
+                              "returned_layers must be the stages the checkpoint was trained to return)") from None
