@@ -343,11 +343,21 @@ def engine_runner(case: ModelCase, engine: str) -> Runner:
     return Runner(fn, case.batch, "images/s", settings=settings)
 
 
+def runs_cast_model(case, backend: str) -> bool:
+    """Whether the row runs its model cast to the case's dtype instead of under autocast: the fused
+    model's bfloat16 CPU inference, as deployed (rest.optimize_for_inference(model, dtype=torch.bfloat16):
+    weights cast once, rest/inference.py says why). Eager and torch.compile stay under autocast, the
+    official mixed-precision recipe; engines are separate (their precision hints)."""
+    return (case.kind == "model" and case.mode == "infer" and case.dtype == torch.bfloat16 and case.device == "cpu"
+            and backend not in ("reference", "compile") and backend not in _engines.ENGINES)
+
+
 def model_runner(case: ModelCase, backend: str) -> Runner:
-    autocast = case.dtype in (torch.float16, torch.bfloat16)
+    cast = runs_cast_model(case, backend)
+    autocast = case.dtype in (torch.float16, torch.bfloat16) and not cast
     # float16 / bfloat16: mixed precision (autocast) as one trains and serves these models; float32
     # and float64: the whole model in that dtype
-    param_dtype = torch.float32 if autocast else case.dtype
+    param_dtype = torch.float32 if (autocast or cast) else case.dtype
     model, images, labels = _model_and_data(case, "reference" if backend == "compile" else backend, param_dtype)
     net = _compile(model) if backend == "compile" else model
 
@@ -360,7 +370,8 @@ def model_runner(case: ModelCase, backend: str) -> Runner:
             # a fused model runs inference as deployed: BatchNorms folded into the convolutions
             # (rest.optimize_for_inference; the engines fold theirs too); the reference stays the
             # official modules
-            net = importlib.import_module("rest").optimize_for_inference(model)
+            net = importlib.import_module("rest").optimize_for_inference(model, dtype=case.dtype if cast else None)
+            images = images.to(case.dtype) if cast else images
 
         def run():
             with torch.no_grad(), amp():

@@ -124,6 +124,8 @@ def table(rows: list[dict], env: dict, settings: dict, markdown: bool = False) -
             f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
             f"commit {(env.get('git_commit') or 'unknown')[:10]}{' (dirty)' if env.get('git_dirty') else ''}")
     out.append(("**" + head + "**") if markdown else head)
+    if env.get("cpu_allocator", "default") != "default":
+        out.append(f"CPU allocator: {env['cpu_allocator']} (rest.tune_cpu_allocator(), for every row of this run).")
     load = env.get("load_average_start")
     if env["device"] == "cpu" and load and load[0] >= 1.0:
         out.append(f"Warning: load average {load[0]:.2f} on {env['cpu_count']} CPUs when the run started: other "

@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one repeat lasts at least; short calls repeat in a loop (default 0.02 CPU, 0.01 GPU)")
     p.add_argument("--threads", type=_threads,
                    help="CPU threads for PyTorch (torch.set_num_threads; default: PyTorch's own choice)")
+    p.add_argument("--cpu-allocator", choices=("default", "tuned"), default="default",
+                   help="glibc malloc for CPU tensors: default, or tuned (rest.tune_cpu_allocator(): freed memory "
+                        "reused instead of fresh pages for every large tensor; process-wide, so every row of "
+                        "the run gets it; rest/cpu_allocator.py says why)")
     p.add_argument("--json", metavar="PATH", help="write every measurement, versions, device and commit as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-up and memory against eager (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -429,7 +433,9 @@ def base_row(case, backend: str) -> dict:
                              else f"{case.image}px"),
                 shape=case.dims(), dtype=_cases.dtype_name(case.dtype), device=case.device,
                 autocast=(case.kind != "op" and case.dtype in (torch.float16, torch.bfloat16)
-                          and backend not in ENGINES),  # an engine's precision: its row's engine_settings
+                          and backend not in ENGINES and not _cases.runs_cast_model(case, backend)),
+                # an engine's precision: its row's engine_settings; a cast model: its dtype, no autocast
+                cast_model=_cases.runs_cast_model(case, backend),
                 backend=backend, status="ok", reason=None, group=case.group())
 
 
@@ -580,6 +586,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_allocator == "tuned" and not args.list:
+        import rest
+        rest.tune_cpu_allocator()
     cases = plan(args)
     jobs = [(case, backend) for case in cases for backend in args.backends]
     if args.list:
@@ -591,7 +600,7 @@ def main(argv=None) -> int:
             skipped += reason is not None
         print(f"{args.mode} run: {len(cases)} cases, {len(jobs) - skipped} rows to measure, {skipped} skipped")
         return 0
-    env = _env.environment(args.device, argv)
+    env = dict(_env.environment(args.device, argv), cpu_allocator=args.cpu_allocator)
     settings = settings_of(args)
     rows, interrupted = [], False
     bar = _progress.progress(len(jobs), enabled=not args.no_progress)

@@ -1,4 +1,5 @@
 """ResT and ResTv2 model zoo on rest_kernels' fused ops: the official architecture, init and state_dict keys."""
+from .cpu_allocator import tune_cpu_allocator
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .export import export_onnx
 from .inference import optimize_for_inference
@@ -8,7 +9,8 @@ from .modules import EMSA, PA, EMSAv2
 
 __all__ = ["ResT", "EMSA", "PA", "rest_lite", "rest_small", "rest_base", "rest_large",
            "ResTV2", "EMSAv2", "restv2_tiny", "restv2_small", "restv2_base", "restv2_large",
-           "load_checkpoint", "save_checkpoint", "CheckpointError", "export_onnx", "optimize_for_inference"]
+           "load_checkpoint", "save_checkpoint", "CheckpointError", "export_onnx", "optimize_for_inference",
+           "tune_cpu_allocator"]
 
 # timm integration: register the variants in timm's model registry when timm is installed (no hard
 # dependency). A broken timm install must not break `import rest`: it is skipped with a warning.

@@ -1,4 +1,4 @@
-"""The model zoo's linear layers: nn.Linear whose CPU float32 products run on oneDNN.
+"""The model zoo's linear layers: nn.Linear whose CPU float32 (and bfloat16) products run on oneDNN.
 
 Why: at 224 px the linear layers (q, kv, proj, the MLP) are about 60% of rest_base's CPU inference
 time, and the matrix multiply PyTorch uses for them (MKL's sgemm) does not take an AVX-512 path on
@@ -19,7 +19,9 @@ Which product a layer runs is its `linear_impl` option (the models and modules p
   values ignore it).
 oneDNN can serve a layer when (all must hold):
 - its weight is a float32 CPU tensor (the layer's own device and dtype: the input must match them
-  anyway) and CPU autocast is off (under autocast nn.Linear runs in the autocast dtype, on oneDNN
+  anyway), or a bfloat16 one where oneDNN has a bfloat16 path on this CPU
+  (torch.ops.mkldnn._is_mkldnn_bf16_supported(): avx512_bf16 / AMX, or AVX-512 cores it emulates on),
+  and CPU autocast is off (under autocast nn.Linear runs in the autocast dtype, on oneDNN
   already);
 - no ONNX export is running: ONNX has no operator for oneDNN's matmul, so the file gets MatMul / Gemm
   (the same product up to rounding, as the rest_kernels ops get their reference math there);
@@ -35,6 +37,13 @@ same choice when the traced module runs, so an fx-traced model computes what the
 
 The results are the float32 products of a different GEMM: equal to nn.Linear's up to rounding
 (tests/test_dense.py compares both with float64).
+
+Why bfloat16 too: a model cast to bfloat16 for CPU inference (rest.optimize_for_inference(model,
+dtype=torch.bfloat16)) otherwise runs nn.Linear's addmm, which first copies the broadcast bias into
+the whole output and leaves the MLP's GELU as a separate pass over the 4x-wide hidden map; oneDNN
+applies both inside its matmul (float32 accumulation, one rounding to bfloat16, as addmm). Measured
+2026-12-05 on the 2-core AMD EPYC Zen 4 with avx512_bf16, 2 threads, rest_lite batch 16 at 224 px in
+bfloat16: 267 ms per call with addmm, 249 ms with oneDNN (interleaved, median of 7).
 """
 from __future__ import annotations
 
@@ -63,6 +72,7 @@ def check_linear_impl(linear_impl) -> str:
     return _checks.choice("linear_impl", linear_impl, LINEAR_IMPLS)
 
 _unavailable: list[str | None] = []  # [reason or None], computed once
+_unavailable_bf16: list[str | None] = []  # the same for bfloat16 weights
 
 
 # assume_constant_result: torch.compile takes the answer as a constant instead of tracing the self-test
@@ -74,6 +84,32 @@ def onednn_unavailable_reason() -> str | None:
         if _unavailable[0] is not None:
             logger.info("rest: linear layers use nn.Linear's own CPU path: %s", _unavailable[0])
     return _unavailable[0]
+
+
+@torch.compiler.assume_constant_result
+def onednn_bf16_unavailable_reason() -> str | None:
+    """None when oneDNN's linear can also take bfloat16 weights in this process, else why not (once)."""
+    if not _unavailable_bf16:
+        _unavailable_bf16.append(onednn_unavailable_reason() or _probe_bf16())
+        if _unavailable_bf16[0] is not None:
+            logger.info("rest: bfloat16 linear layers use nn.Linear's own CPU path: %s", _unavailable_bf16[0])
+    return _unavailable_bf16[0]
+
+
+def _probe_bf16() -> str | None:
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bfloat16 path on this CPU (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)"
+    try:
+        x, w, b = (torch.randn(3, 5).bfloat16(), torch.randn(4, 5).bfloat16(), torch.randn(4).bfloat16())
+        with torch.no_grad():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+        want = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    except Exception as e:  # noqa: BLE001
+        return f"torch.ops.mkldnn._linear_pointwise failed its bfloat16 self-test ({type(e).__name__}: {e})"
+    # float32 accumulation of exact bfloat16 inputs, one rounding: within a bfloat16 ulp (2^-8 relative)
+    if got.dtype != torch.bfloat16 or not torch.allclose(got.double(), want, rtol=2 ** -7, atol=1e-2):
+        return "torch.ops.mkldnn._linear_pointwise failed its bfloat16 self-test (wrong values)"
+    return None
 
 
 def _probe() -> str | None:
@@ -105,7 +141,7 @@ def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | 
     module docstring for the rule): the layer's configuration and the process decide, not the input."""
     if linear_impl == "aten":
         return False
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
@@ -118,6 +154,8 @@ def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | 
             return False
         if on_reference_backend(backend):
             return False
+    if weight.dtype == torch.bfloat16:
+        return onednn_bf16_unavailable_reason() is None
     return onednn_unavailable_reason() is None
 
 
@@ -191,7 +229,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lin
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys, init and results up to rounding) whose CPU float32
-    products run on oneDNN. linear_impl: "auto" (default), "onednn" or "aten" (see the module
+    and bfloat16 products run on oneDNN. linear_impl: "auto" (default), "onednn" or "aten" (see the module
     docstring); `backend` pins the rest_kernels backend that "auto" looks at."""
 
     def __init__(self, in_features, out_features, bias=True, backend=None, device=None, dtype=None, *,

@@ -6,11 +6,21 @@ y = (x - running_mean) * weight / sqrt(running_var + eps) + bias per channel, so
 weight can be scaled by the first factor and its bias shifted, and the separate pass over the map
 goes away (torch.nn.utils.fusion.fuse_conv_bn_eval does the arithmetic, in the weights' dtype).
 The result is for inference only: it has no BatchNorm left to train.
+
+dtype=torch.bfloat16 then casts the folded model (folded in its own precision first, so the folded
+weights are rounded once). Why a bfloat16 model rather than torch.autocast for CPU inference: under
+autocast every linear layer casts its float32 weight to bfloat16 on every call, and its output back
+where the next op wants float32; a model that is bfloat16 itself does that once. The fused kernels,
+LayerNorm and softmax statistics still compute in float32 inside (rounded once per op), and the model
+takes its images in bfloat16 (x.to(torch.bfloat16)). Measured 2026-12-05 (2-core AMD EPYC Zen 4 with
+avx512_bf16, 2 threads, rest_lite batch 16, 224 px, interleaved, median of 7): float32 318 ms,
+autocast 204 ms, this bfloat16 model 190 ms; logits within 2.3e-2 of float32's (autocast's 2.1e-2).
 """
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -30,14 +40,21 @@ def _set_submodule(root: nn.Module, name: str, value: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, value)
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode with every BatchNorm folded into the convolution before it.
+#: the dtypes optimize_for_inference casts to (None: the model's own)
+INFERENCE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `model` in eval mode with every BatchNorm folded into the convolution before it, cast
+    to `dtype` (None: left as it is; torch.float32 or torch.bfloat16: the module docstring says why).
 
     Same outputs as model.eval() up to rounding (the folded weights are rounded once in their
     dtype); the argument is left as it is. The copy's state_dict has no BatchNorm entries and its
     folded convolutions gain biases, so it is not a checkpoint of the original architecture."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype must be one of None, torch.float32, torch.bfloat16, got {dtype!r}")
     model = copy.deepcopy(unwrap_model(model)).eval()
     for module in model.modules():
         for kind, pairs in _FOLDS.items():
@@ -48,4 +65,4 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
                 if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
                     _set_submodule(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), norm))
                     _set_submodule(module, norm_name, nn.Identity())
-    return model
+    return model if dtype is None else model.to(dtype)

@@ -1,4 +1,5 @@
-"""rest/dense.py: the model zoo's linear layers, oneDNN for CPU float32 inference, nn.Linear otherwise."""
+"""rest/dense.py: the model zoo's linear layers, oneDNN for CPU float32 (and bfloat16 where oneDNN has a
+bfloat16 path) products, nn.Linear otherwise."""
 import pytest
 import torch
 import torch.nn as nn
@@ -98,9 +99,11 @@ def test_falls_back_to_nn_linear_when_it_must(spy, monkeypatch):
     layer = dense.Linear(5, 3)
     x = torch.randn(2, 5)
     with torch.no_grad():
-        # float64 and bfloat16 stay on nn.Linear's path
+        # float64 and float16 stay on nn.Linear's path (bfloat16 where oneDNN has no bfloat16 path)
         layer.double()(x.double())
-        layer.bfloat16()(x.bfloat16())
+        layer.half()(x.half())
+        if dense.onednn_bf16_unavailable_reason() is not None:
+            layer.bfloat16()(x.bfloat16())
         layer.float()
         # the reference backend keeps the official eager math, pinned or as the default
         dense.Linear(5, 3, backend="reference")(x)
@@ -113,6 +116,38 @@ def test_falls_back_to_nn_linear_when_it_must(spy, monkeypatch):
         monkeypatch.setenv(dense.ENV_VAR, "0")
         layer(x)
     assert spy["plain"] == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bfloat16_layers_on_onednn_match_float64_like_nn_linear(bias, gelu, spy):
+    """A bfloat16 layer takes oneDNN where it has a bfloat16 path (inference and training) and is as
+    close to float64 as nn.Linear in bfloat16: both accumulate in float32 and round once to bfloat16,
+    so the bound is 2x nn.Linear's error plus one bfloat16 rounding of the output's scale."""
+    if dense.onednn_bf16_unavailable_reason() is not None:
+        pytest.skip(dense.onednn_bf16_unavailable_reason())
+    torch.manual_seed(3)
+    layer = dense.Linear(67, 45, bias=bias).bfloat16()
+    ref_layer = nn.Linear(67, 45, bias=bias).bfloat16()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 9, 67).bfloat16()
+    with torch.no_grad():
+        got = dense.linear_gelu(layer, nn.GELU(), x) if gelu else layer(x)
+        theirs = F.gelu(ref_layer(x)) if gelu else ref_layer(x)
+    want = f64_linear(x, layer)
+    want = F.gelu(want) if gelu else want
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert spy["gelu" if gelu else "plain"] == 1
+    eps = torch.finfo(torch.bfloat16).eps
+    assert _max_abs(got.double() - want) <= 2 * _max_abs(theirs.double() - want) + eps * _max_abs(want)
+    # with gradients: the trainable oneDNN path, gradients as nn.Linear's up to bfloat16 rounding
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(5, 9, 45).bfloat16()
+    layer(xg).backward(g)
+    ref_layer(xr).backward(g)
+    for a, b in [(xg.grad, xr.grad), (layer.weight.grad, ref_layer.weight.grad)]:
+        assert a.dtype == torch.bfloat16
+        assert _max_abs(a.double() - b.double()) <= 4 * eps * _max_abs(b.double())
 
 
 @pytest.mark.parametrize("shape", [(7, 13), (2, 3, 13), (13,), (4, 13, 3)])

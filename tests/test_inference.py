@@ -7,7 +7,8 @@ import torch
 import rest
 from rest import ResT
 
-from support.conformance import RTOL, assert_close_scaled
+import rest_kernels
+from support.conformance import RTOL, assert_close_scaled, assert_lowp_close
 from support.fused_route import fused_cpu_route
 from support.reference_data import fill_weights, load
 
@@ -41,9 +42,30 @@ def test_folded_model_on_the_fused_route(monkeypatch):
         assert_close_scaled(rest.optimize_for_inference(model)(case["input"].float()), expected, 1e-5, "folded, fused")
 
 
+@pytest.mark.parametrize("size", ["224x224", "64x96"])
+def test_bfloat16_model_matches_official_by_the_low_precision_rule(size, monkeypatch):
+    """optimize_for_inference(model, dtype=torch.bfloat16): folded, cast, on the fused route, against
+    the official float64 logits by the flash-attention rule (at most 2x the error of the official
+    math run in bfloat16, plus one bfloat16 rounding of the logits' scale)."""
+    case = load("rest_tiny.zip")[size]
+    x = case["input"].bfloat16()
+    with fused_cpu_route(monkeypatch), torch.no_grad():
+        optimized = rest.optimize_for_inference(tiny(case["seed"], torch.float32).train(), dtype=torch.bfloat16)
+        assert not optimized.training
+        assert all(t.dtype == torch.bfloat16 for t in optimized.state_dict().values() if t.is_floating_point())
+        got = optimized(x)
+    with rest_kernels.use_backend("reference"), torch.no_grad():
+        official_bf16 = tiny(case["seed"], torch.float64).eval().to(torch.bfloat16)(x)
+    assert got.dtype == torch.bfloat16
+    assert_lowp_close(got, official_bf16, case["logits_eval"], f"bfloat16 folded tiny {size}")
+
+
 def test_bad_argument():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
         rest.optimize_for_inference("rest_lite")
+    for dtype in (torch.float16, torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match="dtype must be one of None, torch.float32, torch.bfloat16"):
+            rest.optimize_for_inference(ResT(), dtype=dtype)
 
 
 def test_folded_restv2_matches_unfolded_float64():

@@ -179,7 +179,7 @@ def test_cpu_layout_channels_last_is_used_everywhere(monkeypatch, backend, dtype
 
 
 def test_cpu_layout_auto_follows_the_rule(monkeypatch):
-    """"auto" (the default) is rest/layout.py's rule: channels-last for a float32 CPU model unless the
+    """"auto" (the default) is rest/layout.py's rule: channels-last for a float32 or bfloat16 CPU model unless the
     backend is "reference" or REST_KERNELS_CHANNELS_LAST=0; else the images as they are given."""
     monkeypatch.delenv("REST_KERNELS_BACKEND", raising=False)
     monkeypatch.delenv(layout.ENV_VAR, raising=False)
@@ -192,6 +192,9 @@ def test_cpu_layout_auto_follows_the_rule(monkeypatch):
     assert fmt() == (torch.channels_last if torch.backends.mkldnn.is_available() else None)
     assert fmt(backend="reference") is None
     assert fmt(f64) is None
+    assert fmt(torch.float16) is None
+    # a bfloat16 model (rest.optimize_for_inference(model, dtype=torch.bfloat16)) is channels-last too
+    assert fmt(torch.bfloat16) == fmt()
     assert fmt(device=torch.device("meta")) is None  # not a CPU model: the images stay as they are
     with rest_kernels.use_backend("reference"):
         assert fmt() is None
