@@ -5,7 +5,10 @@ and conv2/norm2, each patch embedding's conv/norm; ResTv2's stem proj.0/proj.1 a
 y = (x - running_mean) * weight / sqrt(running_var + eps) + bias per channel, so the convolution's
 weight can be scaled by the first factor and its bias shifted, and the separate pass over the map
 goes away (torch.nn.utils.fusion.fuse_conv_bn_eval does the arithmetic, in the weights' dtype).
-The result is for inference only: it has no BatchNorm left to train.
+The result is for inference only: it has no BatchNorm left to train. Its linear layers that run on
+oneDNN keep oneDNN's blocked copy of their weight for calls without gradients (rest/dense.py,
+PackedWeight: oneDNN otherwise reorders the weight on every call); the copy follows the weight if it
+changes.
 
 dtype=torch.bfloat16 then casts the folded model (folded in its own precision first, so the folded
 weights are rounded once). Why a bfloat16 model rather than torch.autocast for CPU inference: under
@@ -25,6 +28,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .checkpoint import unwrap_model
+from .dense import Linear
 from .layers import BasicStem, PatchEmbed
 from .layers_v2 import ConvStem
 
@@ -65,4 +69,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
                 if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
                     _set_submodule(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), norm))
                     _set_submodule(module, norm_name, nn.Identity())
-    return model if dtype is None else model.to(dtype)
+    model = model if dtype is None else model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.prepack()  # oneDNN's blocked weight kept for inference (rest/dense.py, PackedWeight)
+    return model

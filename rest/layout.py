@@ -17,7 +17,8 @@ model's `cpu_layout` option says which:
   - the model's rest_kernels backend (its `backend`, else the current default) is not "reference":
     the reference model stays the official eager math, the benchmarks' baseline;
   - the model is a float32 or bfloat16 CPU model (its parameters' dtype and device, which its input
-    must match) and torch has oneDNN (bfloat16: a model cast for inference, whose convolutions gain as
+    must match) and torch has oneDNN (bfloat16: where oneDNN has a bfloat16 path on this CPU,
+    torch.ops.mkldnn._is_mkldnn_bf16_supported(); a model cast for inference, whose convolutions gain as
     much, measured 2026-12-05 on the Zen 4 EPYC, 2 threads, rest_lite batch 16 in bfloat16: the
     32-channel stem conv 11.4 -> 8.6 ms, the 3-channel one 3.2 -> 1.4 ms, the whole model 249 -> 218 ms);
   - REST_KERNELS_CHANNELS_LAST is not "0" (the switch for comparisons; the explicit values ignore it).
@@ -45,6 +46,8 @@ CPU_LAYOUTS = ("auto", "channels_last", "contiguous")
 
 # a property of the torch build; read once (torch.compile cannot trace the query itself)
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
+# bfloat16 models go channels-last only where oneDNN has a bfloat16 path (where it was measured)
+_HAS_ONEDNN_BF16 = _HAS_ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_cpu_layout(cpu_layout) -> str:
@@ -63,7 +66,7 @@ def images_memory_format(device: torch.device, dtype: torch.dtype, backend: str 
         return torch.channels_last
     if cpu_layout == "contiguous":
         return torch.contiguous_format
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in (torch.float32, torch.bfloat16) or (dtype == torch.bfloat16 and not _HAS_ONEDNN_BF16):
         return None
     if os.environ.get(ENV_VAR, "1") == "0" or not _HAS_ONEDNN:
         return None

@@ -255,3 +255,75 @@ def test_set_backend_reaches_the_linear_layers(spy):
     with torch.inference_mode():
         model(torch.randn(1, 3, 32, 32))
     assert spy == {"plain": 0, "gelu": 0}
+
+
+def _packed_layers(model):
+    return [m for m in model.modules() if isinstance(m, dense.Linear) and m.packed is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_prepacked_weights_follow_the_weight(dtype, spy):
+    """Linear.prepack (rest.optimize_for_inference): the oneDNN-blocked copy gives the layer's product
+    and is rebuilt whenever the weight changes: in place (load_state_dict), replaced (.data), cast."""
+    if dtype == torch.bfloat16 and dense.onednn_bf16_unavailable_reason() is not None:
+        pytest.skip(dense.onednn_bf16_unavailable_reason())
+    torch.manual_seed(4)
+    layer = dense.Linear(24, 40).to(dtype)
+    plain = dense.Linear(24, 40).to(dtype)
+    assert layer.prepack() is True
+    x = torch.randn(3, 7, 24).to(dtype)
+
+    def check():
+        plain.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            got, want = layer(x), plain(x)
+        # the same oneDNN product with the weight reordered once: equal here, and at most a summation
+        # order apart on a CPU where oneDNN picks another kernel for a pre-reordered weight (dtype's
+        # default tolerance); a stale copy would be off by the weights' whole change
+        torch.testing.assert_close(got, want)
+    check()
+    first = layer.packed._packed
+    check()
+    assert layer.packed._packed is first  # reused while the weight is unchanged
+    layer.load_state_dict({"weight": torch.randn(40, 24).to(dtype), "bias": layer.bias.detach()})
+    check()
+    assert layer.packed._packed is not first
+    with torch.no_grad():
+        layer.weight.data = torch.randn(40, 24).to(dtype)
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    check()
+    # with gradients the trainable path runs on the weight itself (the copy is for inference)
+    y = layer(x.clone().requires_grad_())
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_optimized_model_prepacks_and_survives_copies(spy):
+    model = rest.ResT(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1),
+                      num_classes=10).eval()
+    optimized = rest.optimize_for_inference(model)
+    layers = _packed_layers(optimized)
+    assert layers and len(layers) == sum(isinstance(m, dense.Linear) for m in optimized.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        got = optimized(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # BatchNorm folding rounds
+        # oneDNN's opaque copies cannot be deep-copied or pickled: the copies start empty and rebuild
+        import copy
+        import io
+        again = copy.deepcopy(optimized)
+        buf = io.BytesIO()
+        torch.save(optimized, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (again, loaded):
+            assert all(m.packed._packed is None for m in _packed_layers(other))
+            torch.testing.assert_close(other(x), got)
+        # torch.fx: the traced module passes the same Parameters, so it uses their copies too
+        traced = torch.fx.symbolic_trace(optimized)
+        torch.testing.assert_close(traced(x), got)
+        # optimizing an optimized model works too (it deep-copies)
+        torch.testing.assert_close(rest.optimize_for_inference(optimized)(x), got)
