@@ -227,28 +227,35 @@ class PackedWeight:
     reused by another tensor meanwhile; deepcopy and pickling give an empty one (rebuilt on first use):
     oneDNN's opaque tensors have no storage to copy."""
 
-    def __init__(self):
+    def __init__(self, pack=None):
+        # pack: weight -> oneDNN's copy (a picklable callable; default: the linear layers' reorder;
+        # rest/packed_conv.py gives the convolutions')
+        self._pack = pack
         self._source = None  # the weight the copy was made from (a detached alias: same version counter)
         self._version = None
         self._packed = None
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
+    def get(self, weight: torch.Tensor, *hint) -> torch.Tensor:
+        """The copy for `weight` (made now if it has none or the weight changed). hint: what else the
+        pack function is given and the copy depends on (a convolution's input shape: oneDNN's best
+        blocked layout depends on it, and a copy made for another shape is reordered on every call)."""
         source = self._source
         if (source is None or source.data_ptr() != weight.data_ptr() or source.dtype != weight.dtype
-                or source.shape != weight.shape or self._version != weight._version):
+                or source.shape != weight.shape or self._version != (weight._version, hint)):
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            self._source, self._version = weight.detach(), weight._version
+                w = weight.detach()
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w) if self._pack is None else self._pack(w, *hint)
+            self._source, self._version = weight.detach(), (weight._version, hint)
         return self._packed
 
     def __deepcopy__(self, memo):
-        return PackedWeight()
+        return PackedWeight(self._pack)
 
     def __getstate__(self):
-        return {}
+        return {"pack": self._pack}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(state.get("pack"))
 
 
 @torch.fx.wrap

@@ -29,6 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .checkpoint import unwrap_model
 from .dense import Linear
+from .packed_conv import PackedConv2d
 from .layers import BasicStem, PatchEmbed
 from .layers_v2 import ConvStem
 
@@ -69,6 +70,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
                 if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
                     _set_submodule(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), norm))
                     _set_submodule(module, norm_name, nn.Identity())
+            for name, conv in list(module.named_modules()):
+                if name and isinstance(conv, nn.Conv2d) and conv.groups == 1:
+                    _set_submodule(module, name, PackedConv2d.from_conv(conv))  # rest/packed_conv.py
     model = model if dtype is None else model.to(dtype)
     for module in model.modules():
         if isinstance(module, Linear):
