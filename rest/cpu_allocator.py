@@ -7,8 +7,11 @@ batch 16 ResT's stage-1 maps are larger than any threshold (rest_lite's MLP hidd
 256 float32, 51 MB), so every forward pays those page faults again. ONNX Runtime and OpenVINO keep
 their own memory arenas and do not. Measured 2026-12-05 (2-core AMD EPYC Zen 4, 2 threads, torch
 2.14.1): stage 1's fc1 on oneDNN (50176 x 64 -> 256, float32) 25.3 ms per call with glibc's defaults,
-9.4 ms with mmap off; F.gelu over its output 21.8 -> 4.4 ms; the whole fused rest_lite at batch 16,
-float32, in one process before and after the call: 360 -> 316 ms per image batch.
+9.4 ms with the mmap threshold raised above it (environment MALLOC_MMAP_THRESHOLD_=4294967296);
+F.gelu over its output 21.8 -> 4.4 ms; the whole fused rest_lite at batch 16, float32, in one process
+before and after this call: 355-362 -> 316 ms per image batch. At batch 1 the maps are small and the
+difference is within the run-to-run noise (rest_base, batch 1, fused, medians of 15 in five runs of
+`bench/emsa_bench.py`: tuned 66.6, 61.3, 62.4 ms; default 60.9, 62.2 ms).
 
 What it sets (mallopt): M_MMAP_MAX = 0, so blocks come from malloc's heaps and freed ones are reused,
 and M_TRIM_THRESHOLD = 2 GiB - 1, so freed memory at the top of the heap is not handed back to the

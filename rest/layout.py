@@ -20,7 +20,7 @@ model's `cpu_layout` option says which:
     must match) and torch has oneDNN (bfloat16: where oneDNN has a bfloat16 path on this CPU,
     torch.ops.mkldnn._is_mkldnn_bf16_supported(); a model cast for inference, whose convolutions gain as
     much, measured 2026-12-05 on the Zen 4 EPYC, 2 threads, rest_lite batch 16 in bfloat16: the
-    32-channel stem conv 11.4 -> 8.6 ms, the 3-channel one 3.2 -> 1.4 ms, the whole model 249 -> 218 ms);
+    32-channel stem conv 11.4 -> 8.6 ms, the 3-channel one 3.2 -> 1.4 ms, the whole model 253 -> 218 ms, interleaved, median of 7);
   - REST_KERNELS_CHANNELS_LAST is not "0" (the switch for comparisons; the explicit values ignore it).
 Models on other devices leave their images as they are. The choice reads the model's configuration
 and the process, never the images, so tracing cannot change it: torch.compile, torch.export and ONNX
