@@ -43,6 +43,10 @@ def elements(case: OpCase) -> int:
     return case.batch * (s.C * s.H * s.W if case.op == "pa" else s.h * s.N * s.M)
 
 
+#: the dtype of every measured call, and so of every rule (a rule covers only calls of its dtype)
+MEASURED_DTYPE = "float32"
+
+
 def cases(device: str, ops=("pa", "emsa", "emsa-mix")):
     for s in stage_shapes():
         for op in ops:
@@ -51,7 +55,7 @@ def cases(device: str, ops=("pa", "emsa", "emsa-mix")):
             for batch in BATCHES[s.input]:
                 for pass_ in PASSES:
                     for cl in ((False, True) if op == "pa" else (False,)):
-                        yield OpCase(op, pass_, s, batch, torch.float32, device, channels_last=cl)
+                        yield OpCase(op, pass_, s, batch, getattr(torch, MEASURED_DTYPE), device, channels_last=cl)
 
 
 #: the routes "auto" may take instead of the fused backend, the passes it takes each for, and the row
@@ -82,7 +86,7 @@ def rules_from(rows, margin: float) -> list[dict]:
                     continue
                 if run:
                     rule = dict(op=op, min_elements=0 if run[0] == sizes[0] else run[0], max_elements=run[-1],
-                                layout=layout, **{"pass": pass_})
+                                layout=layout, dtype=MEASURED_DTYPE, **{"pass": pass_})
                     if reduction is not None:
                         rule["reduction"] = reduction
                     rules.append(rule if faster == "reference" else dict(rule, faster=faster))

@@ -172,6 +172,19 @@ def test_rules_are_regions_per_reduction_class(rules):
     assert _chosen("emsa", call(16, 2), needs_backward=True) == "cpu"     # same size, N / M = 8 -> class 4
 
 
+def test_rules_cover_only_the_dtype_they_were_measured_in(rules):
+    """bench/crossover.py measures float32 calls: a bfloat16 call of the same shape stays on the fused
+    backend (its costs differ: the kernels convert bfloat16 inputs, SDPA has other kernels)."""
+    rules(_rule("pa", "fwd", "contiguous", 100), _sdpa_rule("fwd", 10 ** 9))
+    q = torch.randn(1, 1, 4, 4)
+    assert _chosen("emsa", (q, q, q, None)) == "sdpa"
+    assert _chosen("emsa", (q.bfloat16(), q.bfloat16(), q.bfloat16(), None)) == "cpu"
+    x, w, b = _pa(C=4, H=5, W=5)
+    assert _chosen("pa", (x, w, b)) == "reference"
+    assert _chosen("pa", (x.bfloat16(), w.bfloat16(), b.bfloat16())) == "cpu"
+    assert all(r.dtype == "float32" for r in preference.load_rules("cpu"))
+
+
 def test_reduction_classes_are_resT_sr_squared():
     rc = preference.reduction_class
     assert [rc(N, N // s2) for s2 in (1, 4, 16, 64) for N in (64 * 49, 64 * 950)] == [1, 1, 4, 4, 16, 16, 64, 64]

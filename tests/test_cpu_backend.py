@@ -59,6 +59,22 @@ def test_emsa_op_low_precision(dtype, mix):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", EMSA_SIZES, ids=lambda s: "B%d-h%d-N%d-M%d-d%d" % s)
+def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dtype, size):
+    """Without the mix the kernel reads bfloat16 / float16 q, k, v in place and rounds out once as it
+    writes it; widening is exact, so the result must equal, bit for bit, the float32 kernel on
+    float32 copies rounded once (what the kernel did before), for the model's strided q too."""
+    B, h, N, M, d = size
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(B, h, M, d, generator=g).to(dtype) for _ in range(2))
+    for q in (torch.randn(B, h, N, d, generator=g).to(dtype),
+              torch.randn(B, N, h, d, generator=g).to(dtype).transpose(1, 2)):  # the model's layout
+        got = rest_kernels.emsa_attention(q, k, v, backend="cpu")
+        want = rest_kernels.emsa_attention(q.float(), k.float(), v.float(), backend="cpu").to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pa_op_low_precision(dtype):
     conformance.check_pa_op("cpu", 2, 3, 9, 7, dtype)
     conformance.check_pa_op("cpu", 1, 4, 5, 6, dtype, bias=False, channels_last=True)

@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -92,35 +93,36 @@ struct View4 {
 };
 
 // dst[(b*h + j)][c][m] = scale * src[b, j, m, c], zero padded to Mp columns (the transposed pack).
-template <typename T>
+// S: the source's element type (T, or bfloat16 / float16 read and widened to T on the way).
+template <typename T, typename S = T>
 void pack_transposed(const at::Tensor& src, T scale, int64_t Mp, T* dst) {
   const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
-  View4<T> s(src);
+  View4<S> s(src);
   at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
     for (int64_t bj = lo; bj < hi; ++bj) {
       const int64_t b = bj / h, j = bj % h;
       T* o = dst + bj * d * Mp;
       for (int64_t c = 0; c < d; ++c) std::fill(o + c * Mp + M, o + (c + 1) * Mp, T(0));
       for (int64_t m = 0; m < M; ++m) {
-        const T* r = s.row(b, j, m);
-        for (int64_t c = 0; c < d; ++c) o[c * Mp + m] = r[c * s.s3] * scale;
+        const S* r = s.row(b, j, m);
+        for (int64_t c = 0; c < d; ++c) o[c * Mp + m] = T(r[c * s.s3]) * scale;
       }
     }
   });
 }
 
 // dst[(b*h + j)][m][c] = scale * src[b, j, m, c], zero padded to dp columns (the row-major pack).
-template <typename T>
+template <typename T, typename S = T>
 void pack_rows(const at::Tensor& src, T scale, int64_t dp, T* dst) {
   const int64_t B = src.size(0), h = src.size(1), M = src.size(2), d = src.size(3);
-  View4<T> s(src);
+  View4<S> s(src);
   at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
     for (int64_t bj = lo; bj < hi; ++bj) {
       const int64_t b = bj / h, j = bj % h;
       T* o = dst + bj * M * dp;
       for (int64_t m = 0; m < M; ++m) {
-        const T* r = s.row(b, j, m);
-        for (int64_t c = 0; c < d; ++c) o[m * dp + c] = r[c * s.s3] * scale;
+        const S* r = s.row(b, j, m);
+        for (int64_t c = 0; c < d; ++c) o[m * dp + c] = T(r[c * s.s3]) * scale;
         std::fill(o + m * dp + d, o + (m + 1) * dp, T(0));
       }
     }
@@ -129,16 +131,17 @@ void pack_rows(const at::Tensor& src, T scale, int64_t dp, T* dst) {
 
 // Copy rows i0..i0+nr of head j of a strided (B,h,N,d) tensor into a dense (nr x dp) block; the
 // padding columns of the block are zero from its allocation and never written.
-template <typename T>
-inline void load_block(const View4<T>& s, int64_t b, int64_t j, int64_t i0, int64_t nr, int64_t d, T* dst,
+// S: the source's element type (widened to T on the way, as the packs).
+template <typename T, typename S>
+inline void load_block(const View4<S>& s, int64_t b, int64_t j, int64_t i0, int64_t nr, int64_t d, T* dst,
                        int64_t dp) {
   for (int64_t r = 0; r < nr; ++r) {
-    const T* src = s.row(b, j, i0 + r);
+    const S* src = s.row(b, j, i0 + r);
     T* o = dst + r * dp;
     if (s.s3 == 1)
-      std::copy(src, src + d, o);
+      for (int64_t c = 0; c < d; ++c) o[c] = T(src[c]);
     else
-      for (int64_t c = 0; c < d; ++c) o[c] = src[c * s.s3];
+      for (int64_t c = 0; c < d; ++c) o[c] = T(src[c * s.s3]);
   }
 }
 
@@ -239,16 +242,18 @@ inline Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, int W) {
 
 // The forward pass over all tasks.
 // float64 backward to get rstd in float64). rsq (B,h,N) receives c_i (with the mix).
-template <typename T>
+// S: the element type of q and out (T, or bfloat16 / float16: q widened to T as it is loaded, out
+// rounded once as it is written; everything between is T).
+template <typename T, typename S = T>
 void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* vp, const std::vector<T>& W,
-                   T* out, T* lse, T* rsq) {
+                   S* out, T* lse, T* rsq) {
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
   const bool mix = !W.empty();
   const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 2 : 1) * h * Mp + h * dp + dp);
   const int64_t BN = block_rows(row_bytes, kFwdBufferBytes, N);
   const int64_t nblk = (N + BN - 1) / BN;
   const T shift = mix ? T(1) / T(M) : T(0);
-  View4<T> qv(q);
+  View4<S> qv(q);
   const int64_t plane = BN * Mp;
   struct Buffers {
     std::vector<T> Qb, Lb, Sb, Ob;
@@ -281,8 +286,10 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
           if (rsq) rsq[row] = q2;
         }
         tile_gemm<T>(nr, dp, M, P + g * plane, Mp, 1, vp + (b * h + g) * M * dp, dp, Ob.data(), dp, false);
-        for (int64_t r = 0; r < nr; ++r)  // out is (B, N, h, d) in memory
-          std::copy(Ob.data() + r * dp, Ob.data() + r * dp + d, out + ((b * N + i0 + r) * h + g) * d);
+        for (int64_t r = 0; r < nr; ++r) {  // out is (B, N, h, d) in memory
+          S* dst = out + ((b * N + i0 + r) * h + g) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = S(Ob[r * dp + c]);
+        }
       }
     }
   });
@@ -300,7 +307,9 @@ void rstd_from_rsq(const Shapes& sh, const T* rsq, double eps, double* rstd) {
   }
 }
 
-template <typename T>
+// S: the element type of q, k, v and out (T, or bfloat16 / float16 without the mix: read and written
+// in place of float32 copies, computed in T; the mix's rstd pass needs out in T, see emsa_fwd_cpu).
+template <typename T, typename S = T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mix_weight,
     double scale, double eps) {
@@ -308,22 +317,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d;
   const std::vector<T> W = mix_as<T>(mix_weight, h);
   const bool mix = !W.empty();
+  TORCH_INTERNAL_ASSERT((std::is_same_v<T, S>) || !mix);
   at::Tensor out = at::empty({B, N, h, d}, q.options());
-  auto st = q.options();  // statistics in T: float32, float64 for float64
+  auto st = q.options().dtype(c10::CppTypeToScalarType<T>::value);  // statistics in T: float32, float64 for float64
   at::Tensor lse = at::empty({B, h, N}, st);
   at::Tensor rsq = mix ? at::empty({B, h, N}, st) : at::empty({0}, st);
   at::Tensor rstd = mix ? at::empty({B, h}, st) : at::empty({0}, st);
   // empty problems are answered by csrc/op_checks.h before any kernel runs
   TORCH_INTERNAL_ASSERT(B * h * N > 0 && d > 0 && M > 0);
 
-  auto opt = q.options();
+  auto opt = st;
   at::Tensor kt = at::empty({B * h * d * sh.Mp}, opt), vp = at::empty({B * h * M * sh.dp}, opt);
-  pack_transposed<T>(k, T(scale), sh.Mp, kt.data_ptr<T>());
-  pack_rows<T>(v, T(1), sh.dp, vp.data_ptr<T>());
-  T* o = out.data_ptr<T>();
-  forward_tasks<T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(),
-                   mix ? rsq.data_ptr<T>() : nullptr);
-  if (mix) {
+  pack_transposed<T, S>(k, T(scale), sh.Mp, kt.data_ptr<T>());
+  pack_rows<T, S>(v, T(1), sh.dp, vp.data_ptr<T>());
+  S* o = out.data_ptr<S>();
+  forward_tasks<T, S>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(),
+                      mix ? rsq.data_ptr<T>() : nullptr);
+  if constexpr (std::is_same_v<T, S>) if (mix) {
     std::vector<double> rs(B * h);
     rstd_from_rsq<T>(sh, rsq.data_ptr<T>(), eps, rs.data());
     T* rstd_t = rstd.data_ptr<T>();
@@ -588,9 +598,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     double scale, double eps) {
   // dtypes, shapes, devices and empty problems: csrc/op_checks.h (the dtypes this backend declares)
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
+  if (q.scalar_type() != at::kFloat && !mix_weight.has_value()) {
+    // bfloat16 / float16 without the mix: q, k, v are widened to float32 as the kernel loads them
+    // and out is rounded once as it is written: the same arithmetic as on float32 copies (the
+    // widening is exact), without the copies (rest_lite's stage 1 at batch 16 in bfloat16: 10.3 ms
+    // with the copies, more than PyTorch's SDPA on the same call).
+    if (q.scalar_type() == at::kBFloat16) return emsa_fwd_impl<float, at::BFloat16>(q, k, v, mix_weight, scale, eps);
+    return emsa_fwd_impl<float, at::Half>(q, k, v, mix_weight, scale, eps);
+  }
   if (q.scalar_type() != at::kFloat) {
-    // bfloat16 / float16: computed in float32 on float32 copies (the CPU has no fast 16-bit FMAs to
-    // use here); out is rounded once at the end, keeping its (B, N, h, d) memory layout.
+    // bfloat16 / float16 with the mix: computed in float32 on float32 copies (the CPU has no fast
+    // 16-bit FMAs to use here, and the mix's rstd pass scales out in float32 after every row is
+    // done); out is rounded once at the end, keeping its (B, N, h, d) memory layout.
     auto r = emsa_fwd_impl<float>(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), mix_weight, scale, eps);
     return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }

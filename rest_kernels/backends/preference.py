@@ -12,7 +12,8 @@ EMSA) fit comfortably in memory; otherwise auto keeps the fused backend. A train
 fused backend whatever its size, so that what is kept for the backward does not depend on the size of
 the input; bench/crossover.py still measures the training pass and stores it with the rows.
 
-A rule covers a range of call sizes (elements: B h N M for EMSA, B C H W for PA), and for EMSA one
+A rule covers one dtype (the one measured: bench/crossover.py measures float32; other dtypes stay on
+the fused backend until measured), a range of call sizes (elements: B h N M for EMSA, B C H W for PA), and for EMSA one
 reduction class (`reduction_class`: N / M to the nearest power of 4, i.e. sr^2 for ResT's spatial
 reduction ratios): which route wins depends on the shape as well as the size (on the CPU, SDPA's
 training pass beats the fused kernels at the unreduced stage 4, N = M, and loses where M << N), and
@@ -56,18 +57,22 @@ class ReferenceFaster:
     faster: str = "reference"
     min_elements: int = 0
     reduction: int | None = None  # EMSA: reduction_class(N, M) of the calls; None: any
+    # the dtype the calls were measured in ("float32"): a rule says nothing about other dtypes, where
+    # the fused kernels' costs differ (bfloat16 inputs are converted, SDPA has other kernels)
+    dtype: str = "float32"
 
-    def covers(self, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None) -> bool:
+    def covers(self, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None,
+               dtype: str = "float32") -> bool:
         return (self.faster == faster and self.op == op and self.pass_ == pass_ and self.layout == layout
                 and self.min_elements <= elements <= self.max_elements
-                and (self.reduction is None or self.reduction == reduction))
+                and (self.reduction is None or self.reduction == reduction) and self.dtype == dtype)
 
     def describe(self) -> str:
         who = "the reference" if self.faster == "reference" else self.faster
         size = (f"<= {self.max_elements}" if self.min_elements == 0
                 else f"{self.min_elements} to {self.max_elements}")
         shape = "" if self.reduction is None else f", N / M ~ {self.reduction}"
-        return (f"{who} was faster on every measured {self.op} {self.pass_} call of "
+        return (f"{who} was faster on every measured {self.dtype} {self.op} {self.pass_} call of "
                 f"{self.layout} layout{shape} with {size} elements ({self.measured})")
 
 
@@ -78,7 +83,8 @@ def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
     with open(path) as f:
         data = json.load(f)
     return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"],
-                                 r.get("faster", "reference"), int(r.get("min_elements", 0)), r.get("reduction"))
+                                 r.get("faster", "reference"), int(r.get("min_elements", 0)), r.get("reduction"),
+                                 r.get("dtype", "float32"))
                  for r in data["rules"] if r["max_elements"] > 0)
 
 
@@ -94,16 +100,21 @@ def reduction_class(N: int, M: int) -> int:
     return c
 
 
-def emsa_key(q, k, mix_weight) -> tuple[str, str, int, int]:
-    """(op, layout, elements, reduction class) of an EMSA call."""
+def dtype_name(t: torch.Tensor) -> str:
+    """"float32", "bfloat16", ...: a rule's dtype field."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def emsa_key(q, k, mix_weight) -> tuple[str, str, int, int, str]:
+    """(op, layout, elements, reduction class, dtype) of an EMSA call."""
     B, h, N, _ = q.shape
     M = k.shape[2]
-    return ("emsa-mix" if mix_weight is not None else "emsa"), "any", B * h * N * M, reduction_class(N, M)
+    return ("emsa-mix" if mix_weight is not None else "emsa"), "any", B * h * N * M, reduction_class(N, M), dtype_name(q)
 
 
-def pa_key(x) -> tuple[str, str, int, None]:
+def pa_key(x) -> tuple[str, str, int, None, str]:
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return "pa", ("channels_last" if channels_last else "contiguous"), x.numel(), None
+    return "pa", ("channels_last" if channels_last else "contiguous"), x.numel(), None, dtype_name(x)
 
 
 # Evaluated eagerly when torch.compile traces a caller: the machine's memory is a fact, not a graph.
@@ -115,21 +126,21 @@ def _device_memory(device_type: str, index: int | None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None):
-    return next((r for r in rules if r.covers(faster, op, pass_, layout, elements, reduction)), None)
+def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None, dtype: str):
+    return next((r for r in rules if r.covers(faster, op, pass_, layout, elements, reduction, dtype)), None)
 
 
 def route_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[str | None, str | None]:
     """(the route to take instead of the fused backend: "sdpa", "reference" or None, why) for a call
-    with `key` = (op, layout, elements, reduction) on tensor t's device. why is None when no rule covers
-    the call."""
-    op, layout, elements, reduction = key
-    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements, reduction)
+    with `key` = (op, layout, elements, reduction, dtype) on tensor t's device. why is None when no rule
+    covers the call."""
+    op, layout, elements, reduction, dtype = key
+    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements, reduction, dtype)
     if rule is not None:
         return "sdpa", rule.describe()
     if needs_backward:  # training calls stay fused rather than take the reference (module docstring)
         return None, None
-    rule = _covering(rules, "reference", op, "fwd", layout, elements, reduction)
+    rule = _covering(rules, "reference", op, "fwd", layout, elements, reduction, dtype)
     if rule is None:
         return None, None
     maps = REFERENCE_MAPS[op] * elements * t.element_size()
