@@ -43,8 +43,9 @@
 // added chunk after chunk. No atomic accumulation (the only atomic hands out task indices) and no
 // per-thread accumulators: outputs and gradients are bitwise identical for any number of threads.
 //
-// Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 on float32
-// copies and rounded once at the end.
+// Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 and
+// rounded once at the end: the forward without the mix reads them in place (widened as loaded), the
+// forward with the mix and the backward work on float32 copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
