@@ -63,20 +63,24 @@ def cases(device: str, ops=("pa", "emsa", "emsa-mix")):
 ROUTES = (("reference", ("fwd",), "reference_s"), ("sdpa", ("fwd", "fwd+bwd"), "sdpa_s"))
 
 
-def rules_from(rows, margin: float) -> list[dict]:
-    """The regions where a route beat the fused backend, per (route, op, pass, layout, reduction class):
-    the call sizes measured in the group, in order, split into maximal runs of sizes where the route
-    was faster by more than `margin` on every call measured at that size; each run is a rule from its
-    smallest to its largest measured size (the run that starts at the group's smallest size also
+def rules_from(rows, margin: float, routes=ROUTES) -> list[dict]:
+    """The regions where a route beat the fused backend, per (route, op, pass, layout, reduction class,
+    dtype, GPU arch): the call sizes of the group, in order, split into maximal runs of sizes where the
+    route was faster by more than `margin` on every call measured at that size; each run is a rule
+    from its smallest to its largest size (the run that starts at the group's smallest size also
     covers every smaller call: fixed costs dominate there). Nothing between a slower and a faster
-    measurement, nor beyond the largest one, is guessed."""
+    measurement, nor beyond the largest one, is guessed. Rows without "dtype" are MEASURED_DTYPE's;
+    rows with "arch" (scripts/model_crossover.py's, per GPU arch) make rules for that arch only.
+    `routes`: (route, passes it takes, row field with its time), ROUTES by default."""
     rules = []
-    for faster, passes, field in ROUTES:
+    for faster, passes, field in routes:
         groups = {}
         for r in rows:
             if r["pass"] in passes and field in r:
-                groups.setdefault((r["op"], r["pass"], r["layout"], r.get("reduction")), []).append(r)
-        for (op, pass_, layout, reduction), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                key = (r["op"], r["pass"], r["layout"], r.get("reduction"), r.get("dtype", MEASURED_DTYPE),
+                       r.get("arch"))
+                groups.setdefault(key, []).append(r)
+        for (op, pass_, layout, reduction, dtype, arch), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
             sizes = sorted({r["elements"] for r in rs})
             wins = {e: all(r[field] < (1 - margin) * r["fused_s"] for r in rs if r["elements"] == e) for e in sizes}
             run = []
@@ -86,9 +90,11 @@ def rules_from(rows, margin: float) -> list[dict]:
                     continue
                 if run:
                     rule = dict(op=op, min_elements=0 if run[0] == sizes[0] else run[0], max_elements=run[-1],
-                                layout=layout, dtype=MEASURED_DTYPE, **{"pass": pass_})
+                                layout=layout, dtype=dtype, **{"pass": pass_})
                     if reduction is not None:
                         rule["reduction"] = reduction
+                    if arch is not None:
+                        rule["arch"] = arch
                     rules.append(rule if faster == "reference" else dict(rule, faster=faster))
                 run = []
     return rules

@@ -1,6 +1,8 @@
-"""The "auto" choice prefers the reference for inference calls only where a fused backend's measured rules say
-it is faster and its maps fit comfortably in memory (rest_kernels/backends/preference.py); it logs
-why, once; training calls stay fused."""
+"""The "auto" choice prefers the reference (or sdpa) only where a fused backend's rules say it is faster,
+for the pass the rule was made for, and the reference only where its maps fit comfortably in memory
+(rest_kernels/backends/preference.py); it logs why, once. The cpu backend's rules are measured
+(bench/crossover.py, inference only for the reference); the GPU backends' are the performance
+model's (scripts/model_crossover.py), per GPU arch, training included."""
 import json
 import logging
 import os
@@ -70,16 +72,84 @@ def test_emsa_rules_count_the_map(rules):
     assert _chosen("emsa", (q, k6, v6, w)) == "cpu"    # a bigger map
 
 
-def test_training_calls_stay_fused(rules):
-    # what autograd can do with the op (double backward, what is saved) must not depend on the size
-    rules(_rule("emsa-mix", "fwd", "any", 10 ** 9), _rule("emsa-mix", "fwd+bwd", "any", 10 ** 9))
+def test_training_calls_take_the_reference_only_inside_a_training_rule(rules):
+    # an inference rule says nothing of the backward: the training call stays fused (the fused op,
+    # with no double backward)
+    rules(_rule("emsa-mix", "fwd", "any", 10 ** 9))
     q, k, v, w = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
+    assert _chosen("emsa", (q, k, v, w)) == "reference"
     assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "cpu"
     qg = q.clone().requires_grad_()
     out = rest_kernels.emsa_attention(qg, k, v, w)  # auto, grad on: the fused custom op
     (g,) = torch.autograd.grad(out.sum(), qg, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(g.sum(), qg)
+    # a rule made for training (the GPU model's kind) sends it to the reference: autograd can then do
+    # more (double backward), and the values are the reference's
+    rules(_rule("emsa-mix", "fwd+bwd", "any", 10 ** 9))
+    assert _chosen("emsa", (q, k, v, w)) == "cpu"
+    assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "reference"
+    qg = q.clone().requires_grad_()
+    out = rest_kernels.emsa_attention(qg, k, v, w)
+    torch.testing.assert_close(out, rest_kernels.emsa_attention(q, k, v, w, backend="reference"))
+    (g,) = torch.autograd.grad(out.sum(), qg, create_graph=True)
+    assert torch.autograd.grad(g.square().sum(), qg)[0].abs().sum() > 0
+
+
+def test_a_training_call_keeps_the_fused_backend_when_the_saved_maps_would_not_fit(rules, monkeypatch, caplog):
+    q, k, v, w = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
+    rules(_rule("emsa-mix", "fwd+bwd", "any", 10 ** 9))
+    elements = 2 * 3 * 7 * 5
+    # room for what the reference keeps for the backward (REFERENCE_SAVED_MAPS of float32 maps), not more
+    room = preference.REFERENCE_SAVED_MAPS["emsa-mix"] * elements * 4
+    monkeypatch.setattr(preference, "_device_memory", lambda *a: room / preference.COMFORTABLE_FRACTION)
+    assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "reference"
+    monkeypatch.setattr(preference, "_device_memory", lambda *a: (room - 1) / preference.COMFORTABLE_FRACTION)
+    with caplog.at_level(logging.WARNING, logger="rest_kernels"):
+        assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "cpu"
+    assert any("auto keeps cpu" in r.getMessage() and "keep for the backward" in r.getMessage()
+               for r in caplog.records)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B,h,N,M,d,mix", [(2, 4, 256, 64, 32, True), (2, 1, 256, 256, 32, False),
+                                          (2, 8, 64, 64, 64, True), (1, 2, 97, 13, 16, False)])
+def test_reference_saved_maps_bound_what_the_reference_keeps(B, h, N, M, d, mix, dtype):
+    """REFERENCE_SAVED_MAPS x map_element_bytes bounds the N x M maps the reference keeps for the
+    backward (the memory check of a training call sent to it). Beyond its inputs (the caller's) it also
+    keeps copies of q (scaled) and k (float32 from 16-bit inputs), O((N + M) d): not the check's
+    concern, added to the bound here."""
+    q, k, v = (torch.randn(B, h, n, d, dtype=dtype, requires_grad=True) for n in (N, M, M))
+    w = torch.randn(h, h, requires_grad=True) if mix else None
+    b = torch.randn(h, requires_grad=True) if mix else None
+    saved = _saved_bytes(lambda: rest_kernels.emsa_attention(q, k, v, w, b, backend="reference"))
+    inputs = (q.numel() + 2 * k.numel()) * q.element_size()
+    op = "emsa-mix" if mix else "emsa"
+    unit = preference.map_element_bytes(op, q)
+    copies = (q.numel() + k.numel()) * unit
+    assert 0 < saved - inputs <= preference.REFERENCE_SAVED_MAPS[op] * B * h * N * M * unit + copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_saved_maps_bound_what_the_reference_keeps_for_pa(dtype):
+    x = torch.randn(2, 16, 30, 31, dtype=dtype, requires_grad=True)
+    w, b = torch.randn(16, 1, 3, 3, dtype=dtype, requires_grad=True), torch.randn(16, dtype=dtype, requires_grad=True)
+    saved = _saved_bytes(lambda: rest_kernels.pa_gate(x, w, b, backend="reference"))
+    # the input itself is one of the maps counted (the conv's input), the weights are small
+    bound = preference.REFERENCE_SAVED_MAPS["pa"] * x.numel() * preference.map_element_bytes("pa", x)
+    assert x.numel() * x.element_size() < saved <= bound + (w.numel() + b.numel()) * x.element_size()
 
 
 def test_the_reference_is_not_taken_when_its_maps_would_not_fit(rules, monkeypatch, caplog):
@@ -104,30 +174,94 @@ def test_a_named_backend_is_never_redirected(rules):
     assert calls == [1]
 
 
-def test_the_shipped_rules_are_the_measurements_they_cite():
-    """rest_kernels/backends/data/*_crossover.json: each rule is what bench/crossover.py's rule
-    derivation gives for the rows stored with it, and the backend declares exactly those rules."""
+def _load_script(name, path):
     import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("crossover", os.path.join(root, "bench", "crossover.py"))
-    crossover = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(crossover)
-    found = 0
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shipped(source):
+    """{backend: its data/<backend>_crossover.json} for the files of `source` ("measured", "modelled")."""
+    out = {}
     for name in registry.BACKENDS:
         path = os.path.join(preference.DATA_DIR, f"{name}_crossover.json")
-        if not os.path.exists(path):
-            continue
-        found += 1
-        with open(path) as f:
-            data = json.load(f)
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("source", "measured") == source:
+                out[name] = data
+    return out
+
+
+def _declared_as(name, data):
+    declared = {(r.faster, r.op, r.pass_, r.layout, r.min_elements, r.max_elements, r.reduction, r.dtype, r.arch,
+                 r.source) for r in preference.load_rules(name)}
+    return declared == {(r.get("faster", "reference"), r["op"], r["pass"], r["layout"], r.get("min_elements", 0),
+                         r["max_elements"], r.get("reduction"), r.get("dtype", "float32"), r.get("arch"),
+                         data.get("source", "measured"))
+                        for r in data["rules"] if r["max_elements"] > 0}
+
+
+def test_the_shipped_rules_are_the_measurements_they_cite():
+    """rest_kernels/backends/data/*_crossover.json of measured rules: each rule is what bench/crossover.py's
+    rule derivation gives for the rows stored with it, and the backend declares exactly those rules."""
+    crossover = _load_script("crossover", os.path.join(ROOT, "bench", "crossover.py"))
+    shipped = _shipped("measured")
+    if not shipped:
+        pytest.skip("no measured crossovers shipped")
+    for name, data in shipped.items():
         assert data["backend"] == name and data["measured"]
         assert crossover.rules_from(data["rows"], data["margin"]) == data["rules"]
-        declared = {(r.faster, r.op, r.pass_, r.layout, r.min_elements, r.max_elements, r.reduction)
-                    for r in preference.load_rules(name)}
-        assert declared == {(r.get("faster", "reference"), r["op"], r["pass"], r["layout"], r.get("min_elements", 0),
-                             r["max_elements"], r.get("reduction")) for r in data["rules"] if r["max_elements"] > 0}
-    if not found:
-        pytest.skip("no measured crossovers shipped")
+        assert _declared_as(name, data)
+        assert all("arch" not in r for r in data["rules"])  # measured on a CPU: any device of its type
+
+
+@pytest.mark.slow
+def test_the_shipped_gpu_rules_are_the_performance_models():
+    """data/{triton,cuda}_crossover.json: what scripts/model_crossover.py derives from the performance
+    model now (its launches, the checked-in Triton resources, the built extension's SASS), for each GPU
+    arch it models; declared by the GPU backends. Regenerate with `python scripts/model_crossover.py --write`
+    when a kernel, a tile or the model changes (~20 s)."""
+    mc = _load_script("model_crossover", os.path.join(ROOT, "scripts", "model_crossover.py"))
+    shipped = _shipped("modelled")
+    assert set(shipped) == {"triton", "cuda"}
+    tables = mc.load_tables()
+    if tables["cuda"][0] is None:
+        pytest.skip(f"the cuda backend's compiled resources are not here: {tables['cuda'][1]}")
+    for name, data in shipped.items():
+        assert data["backend"] == name and "not a measurement" in data["measured"]
+        assert mc.rules_from(mc.model_rows(name, tables), data["margin"]) == data["rules"], name
+        assert _declared_as(name, data)
+        assert {r["arch"] for r in data["rules"]} <= set(mc.ARCH_GPUS)
+
+
+def test_gpu_rules_cover_only_the_arch_they_were_made_for(monkeypatch):
+    """A modelled rule for sm_90 covers calls on an sm_90 device, not on sm_80 nor on the CPU."""
+    rule = ReferenceFaster("emsa-mix", "fwd+bwd", "any", 10 ** 9, "a test's model", arch=90, source="modelled")
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4)
+    key = preference.emsa_key(q, k, torch.randn(3, 3))
+    assert preference.route_preference((rule,), key, True, q) == (None, None)   # a CPU tensor: arch None
+    for arch, route in ((90, "reference"), (80, None), (89, None)):
+        monkeypatch.setattr(preference, "device_arch", lambda *a, arch=arch: arch)
+        assert preference.route_preference((rule,), key, True, q)[0] == route, arch
+    monkeypatch.setattr(preference, "device_arch", lambda *a: 90)
+    why = preference.route_preference((rule,), key, True, q)[1]
+    assert "modelled faster" in why and "on sm_90" in why and "a test's model" in why
+
+
+def test_the_gpu_backends_declare_the_models_rules():
+    """Every shipped GPU rule sends a float32 call, or a 16-bit training call, to the reference (the fp32
+    SIMT paths, the 16-bit mixed backward of the cuda backend): the forward of 16-bit inputs is never
+    modelled slower than eager. The suite's conftest removes them, so read the files."""
+    for name in ("triton", "cuda"):
+        rules = preference.load_rules(name)
+        assert rules and all(r.source == "modelled" and r.arch in (80, 90) and r.faster == "reference" for r in rules)
+        assert all(r.dtype == "float32" or r.pass_ == "fwd+bwd" for r in rules), name
 
 
 # --------------------------------------------------------------------------- the sdpa route
@@ -208,3 +342,17 @@ def test_plain_attention_falls_back_to_sdpa_where_no_fused_backend_serves(monkey
         assert _chosen("pa", _pa()) == "reference"
     messages = [r.getMessage() for r in caplog.records]
     assert any("falls back to the sdpa backend" in m for m in messages)
+
+
+def test_compiled_callers_inside_a_reference_rule_compile_whole(rules):
+    """torch.compile(fullgraph=True) of a call that a rule sends to the reference: the device's memory
+    and arch are constants to dynamo (assume_constant_result). With functools.lru_cache under that
+    decorator dynamo traced into os.sysconf and the compile failed (found with the shipped cpu rule
+    for PA at 729,600-802,816 elements)."""
+    rules(_rule("pa", "fwd", "contiguous", 10 ** 9), _rule("emsa-mix", "fwd", "any", 10 ** 9))
+    x, w, b = _pa(C=4, H=6, W=7)
+    pa = torch.compile(lambda x, w, b: rest_kernels.pa_gate(x, w, b), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(pa(x, w, b), rest_kernels.pa_gate(x, w, b, backend="reference"))
+    q, k, v, m = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
+    emsa = torch.compile(lambda *a: rest_kernels.emsa_attention(*a), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(emsa(q, k, v, m), rest_kernels.emsa_attention(q, k, v, m, backend="reference"))

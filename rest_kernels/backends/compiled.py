@@ -75,6 +75,10 @@ class CudaBackend(CompiledBackend):
     max_head_dim = 128  # a row of d is kept in registers / on chip
     max_batch_heads = 65535  # batch x heads is the grid's y dimension
     dispatch_key = "CUDA"
+    # where the performance model says eager is faster, per GPU arch (scripts/model_crossover.py;
+    # data/cuda_crossover.json says how they were made): fp32 on SIMT cores, the 16-bit mixed
+    # backward at stage 4 on sm_90
+    reference_rules = load_rules("cuda")
 
     def unavailable_reason(self):
         if _extension.unavailable_reason() is None and not _extension.build_info().get("with_cuda"):

@@ -1,23 +1,32 @@
-"""Where "auto" prefers another route to a fused backend that can serve a call: measured, as data.
+"""Where "auto" prefers another route to a fused backend that can serve a call: measured or modelled, as data.
 
 A fused backend may be slower than eager PyTorch (the reference) on small calls, where its fixed
 costs (packing, a thread rendezvous, several passes) outweigh the work, and slower than PyTorch's
 scaled_dot_product_attention (the `sdpa` backend) on plain softmax attention. A backend declares such
-regions as `ReferenceFaster` rules (`faster`: "reference" or "sdpa"), produced by a benchmark
-(bench/crossover.py) and stored with their provenance in rest_kernels/backends/data/<backend>_crossover.json.
-"auto" (registry.select) takes the faster route for a call inside a rule; `route_preference` says which.
+regions as `ReferenceFaster` rules (`faster`: "reference" or "sdpa") stored with their provenance in
+rest_kernels/backends/data/<backend>_crossover.json. "auto" (registry.select) takes the faster route
+for a call inside a rule; `route_preference` says which. Two producers write them:
+  - bench/crossover.py MEASURES the cpu backend (source "measured");
+  - scripts/model_crossover.py derives the GPU backends' rules (triton, cuda) from the static
+    performance MODEL (bench/perf_model.py; source "modelled"), per GPU arch, until a GPU measures
+    them: a GPU backend that the model says is slower than eager is not picked.
 
-The reference: only for inference calls, and only if the maps it materialises (its N x M maps for
-EMSA) fit comfortably in memory; otherwise auto keeps the fused backend. A training call stays on the
-fused backend whatever its size, so that what is kept for the backward does not depend on the size of
-the input; bench/crossover.py still measures the training pass and stores it with the rows.
+The reference takes an inference call inside a "fwd" rule, and a training call only inside a rule
+made for training ("fwd+bwd"), and either only if the maps it would materialise (inference) or keep
+for the backward (training) fit comfortably in memory; otherwise auto keeps the fused backend.
+bench/crossover.py makes reference rules for inference only: on the CPU, what is kept for the
+backward stays the fused backend's whatever the size of the input (detection-size training relies
+on it). The GPU rules cover training too, so a fused backward the model says is slower than eager's
+(fp32 on SIMT cores, the mixed backward at stage 4) is not taken. With the reference, autograd can
+do more (double backward), never less.
 
-A rule covers one dtype (the one measured: bench/crossover.py measures float32; other dtypes stay on
-the fused backend until measured), a range of call sizes (elements: B h N M for EMSA, B C H W for PA), and for EMSA one
-reduction class (`reduction_class`: N / M to the nearest power of 4, i.e. sr^2 for ResT's spatial
-reduction ratios): which route wins depends on the shape as well as the size (on the CPU, SDPA's
-training pass beats the fused kernels at the unreduced stage 4, N = M, and loses where M << N), and
-one size threshold per op cannot say that.
+A rule covers one dtype (measured or modelled in; other dtypes stay on the fused backend), one GPU
+arch where it was made for one (`arch`: 10 x major + minor; None: any device, the CPU's rules), a
+range of call sizes (elements: B h N M for EMSA, B C H W for PA), and for EMSA one reduction class
+(`reduction_class`: N / M to the nearest power of 4, i.e. sr^2 for ResT's spatial reduction ratios):
+which route wins depends on the shape as well as the size (on the CPU, SDPA's training pass beats
+the fused kernels at the unreduced stage 4, N = M, and loses where M << N), and one size threshold
+per op cannot say that.
 
 sdpa (plain attention, op "emsa", only): its rules are made per pass, the forward's for inference
 calls and the forward-plus-backward's for training calls: SDPA materialises no N x M map, and like
@@ -28,7 +37,6 @@ decision is logged once, with the rule that made it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -36,10 +44,17 @@ import torch
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
-#: What the reference materialises at once, in units of the rule's "elements" (emsa_key / pa_key)
-#: times the element size: EMSA's logits, softmax and normalised map (3 maps of B h N M), PA's conv
-#: output and gate (2 maps of B C H W).
+#: What the reference materialises at once, in maps of the rule's "elements" (emsa_key / pa_key):
+#: EMSA's logits, softmax and normalised map (3 maps of B h N M), PA's conv output and gate (2 maps of
+#: B C H W). A map's element takes `map_element_bytes`.
 REFERENCE_MAPS = {"emsa": 3, "emsa-mix": 3, "pa": 2}
+#: What the reference keeps for the backward, in the same units, bounding what autograd's saved-tensor
+#: hooks counted (tests/test_auto_preference.py holds it): with the mix the logits, the softmax and
+#: the normalised map in float32 (3.0 maps; 3.5 from 16-bit inputs, whose map is kept in the input
+#: dtype too), without it the softmax map (1.0; 1.6 from 16-bit inputs); PA the input and the
+#: conv output (2.0). (It also keeps copies of q and k, O((N + M) d): small beside the maps that
+#: this check is about.)
+REFERENCE_SAVED_MAPS = {"emsa": 2, "emsa-mix": 4, "pa": 2}
 #: "Comfortably": those maps take at most this fraction of the device's memory.
 COMFORTABLE_FRACTION = 1 / 16
 
@@ -60,20 +75,27 @@ class ReferenceFaster:
     # the dtype the calls were measured in ("float32"): a rule says nothing about other dtypes, where
     # the fused kernels' costs differ (bfloat16 inputs are converted, SDPA has other kernels)
     dtype: str = "float32"
+    # the GPU arch (10 x major + minor) the rule was made for; None: any device (the CPU's rules)
+    arch: int | None = None
+    # "measured" (bench/crossover.py) or "modelled" (scripts/model_crossover.py: the performance model)
+    source: str = "measured"
 
     def covers(self, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None,
-               dtype: str = "float32") -> bool:
+               dtype: str = "float32", arch: int | None = None) -> bool:
         return (self.faster == faster and self.op == op and self.pass_ == pass_ and self.layout == layout
                 and self.min_elements <= elements <= self.max_elements
-                and (self.reduction is None or self.reduction == reduction) and self.dtype == dtype)
+                and (self.reduction is None or self.reduction == reduction) and self.dtype == dtype
+                and (self.arch is None or self.arch == arch))
 
     def describe(self) -> str:
         who = "the reference" if self.faster == "reference" else self.faster
         size = (f"<= {self.max_elements}" if self.min_elements == 0
                 else f"{self.min_elements} to {self.max_elements}")
         shape = "" if self.reduction is None else f", N / M ~ {self.reduction}"
-        return (f"{who} was faster on every measured {self.dtype} {self.op} {self.pass_} call of "
-                f"{self.layout} layout{shape} with {size} elements ({self.measured})")
+        where = "" if self.arch is None else f" on sm_{self.arch}"
+        return (f"{who} was {'modelled' if self.source == 'modelled' else 'measured'} faster on every "
+                f"{self.dtype} {self.op} {self.pass_} call of {self.layout} layout{shape} with {size} elements"
+                f"{where} ({self.measured})")
 
 
 def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
@@ -84,7 +106,7 @@ def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
         data = json.load(f)
     return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"],
                                  r.get("faster", "reference"), int(r.get("min_elements", 0)), r.get("reduction"),
-                                 r.get("dtype", "float32"))
+                                 r.get("dtype", "float32"), r.get("arch"), data.get("source", "measured"))
                  for r in data["rules"] if r["max_elements"] > 0)
 
 
@@ -118,33 +140,54 @@ def pa_key(x) -> tuple[str, str, int, None, str]:
 
 
 # Evaluated eagerly when torch.compile traces a caller: the machine's memory is a fact, not a graph.
+# (No functools.lru_cache under the decorator: dynamo then traces the wrapped function instead, and
+# cannot trace os.sysconf; torch caches the CUDA device's properties.)
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _device_memory(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None, dtype: str):
-    return next((r for r in rules if r.covers(faster, op, pass_, layout, elements, reduction, dtype)), None)
+@torch.compiler.assume_constant_result
+def device_arch(device_type: str, index: int | None) -> int | None:
+    """The GPU arch of a CUDA device as 10 x major + minor (90 for an H100), None for other devices:
+    the `arch` a rule made for one GPU arch must match. (torch caches the device's properties.)"""
+    if device_type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())
+    return 10 * major + minor
+
+
+def map_element_bytes(op: str, t: torch.Tensor) -> int:
+    """Bytes of one element of the reference's maps: EMSA's are computed in float32 from 16-bit inputs
+    (rest_kernels/backends/reference.py), PA's in the input dtype."""
+    return t.element_size() if op == "pa" else max(t.element_size(), 4)
+
+
+def _covering(rules, faster: str, op: str, pass_: str, layout: str, elements: int, reduction: int | None, dtype: str,
+              arch: int | None):
+    return next((r for r in rules if r.covers(faster, op, pass_, layout, elements, reduction, dtype, arch)), None)
 
 
 def route_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple[str | None, str | None]:
     """(the route to take instead of the fused backend: "sdpa", "reference" or None, why) for a call
     with `key` = (op, layout, elements, reduction, dtype) on tensor t's device. why is None when no rule
     covers the call."""
+    if not rules:
+        return None, None
     op, layout, elements, reduction, dtype = key
-    rule = _covering(rules, "sdpa", op, "fwd+bwd" if needs_backward else "fwd", layout, elements, reduction, dtype)
+    pass_ = "fwd+bwd" if needs_backward else "fwd"
+    arch = device_arch(t.device.type, t.device.index)
+    rule = _covering(rules, "sdpa", op, pass_, layout, elements, reduction, dtype, arch)
     if rule is not None:
         return "sdpa", rule.describe()
-    if needs_backward:  # training calls stay fused rather than take the reference (module docstring)
-        return None, None
-    rule = _covering(rules, "reference", op, "fwd", layout, elements, reduction, dtype)
+    rule = _covering(rules, "reference", op, pass_, layout, elements, reduction, dtype, arch)
     if rule is None:
         return None, None
-    maps = REFERENCE_MAPS[op] * elements * t.element_size()
-    if maps > COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index):
-        return None, (f"{rule.describe()}, but the maps it would materialise would take more than "
+    maps = (REFERENCE_SAVED_MAPS if needs_backward else REFERENCE_MAPS)[op]
+    if maps * elements * map_element_bytes(op, t) > COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index):
+        what = "keep for the backward" if needs_backward else "materialise"
+        return None, (f"{rule.describe()}, but the maps it would {what} would take more than "
                       f"{COMFORTABLE_FRACTION:g} of the device's memory")
     return "reference", rule.describe()

@@ -2,8 +2,8 @@
 
 The default is the innermost `use_backend(...)` of the calling thread, else the environment
 variable REST_KERNELS_BACKEND, else "auto". "auto" takes the first backend of AUTO_ORDER that is
-available here and can serve the inputs, unless its measured rules send the call to the reference or
-to sdpa (backends/preference.py); where none serves, `sdpa` for plain softmax attention and
+available here and can serve the inputs, unless its rules (measured on the CPU, modelled per GPU arch)
+send the call to the reference or to sdpa (backends/preference.py); where none serves, `sdpa` for plain softmax attention and
 `reference` for everything else, logging the reasons once.
 """
 from __future__ import annotations

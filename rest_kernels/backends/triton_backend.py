@@ -13,6 +13,7 @@ import threading
 import torch
 
 from .base import Backend
+from .preference import load_rules
 
 
 def interpreter_on() -> bool:
@@ -59,6 +60,9 @@ class TritonBackend(Backend):
     name = "triton"
     auto_device_type = "cuda"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    # where the performance model says eager is faster, per GPU arch (scripts/model_crossover.py;
+    # data/triton_crossover.json says how they were made)
+    reference_rules = load_rules("triton")
 
     @property
     def device_type(self):
