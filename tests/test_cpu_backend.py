@@ -75,6 +75,30 @@ def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dty
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 64, 56, 56), (3, 37, 5, 1), (1, 19, 1, 6), (2, 512, 7, 7),
+                                   (1, 96, 33, 2)])
+def test_pa_low_precision_forward_reads_its_input_as_a_float32_copy_would(dtype, channels_last, shape):
+    """The channels-last forward reads bfloat16 / float16 maps in place (a task's rows plus the halo,
+    widened) and rounds out once; widening is exact, so the result must equal, bit for bit, the float32
+    kernel on a float32 copy rounded once (what it did before, and what the NCHW forward still does),
+    with and without bias, in the input's layout. The shapes cross the NHWC kernel's task boundaries
+    (rows per task from the shape), its channel-vector tail and 1-pixel rows and columns."""
+    g = torch.Generator().manual_seed(7)
+    B, C, H, W = shape
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(C, 1, 3, 3, generator=g), torch.randn(C, generator=g)
+    for bias in (b, None):
+        got = rest_kernels.pa_gate(x, w.to(dtype), None if bias is None else bias.to(dtype), backend="cpu")
+        want = rest_kernels.pa_gate(x.float(), w.to(dtype).float(), None if bias is None else bias.to(dtype).float(),
+                                    backend="cpu").to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pa_op_low_precision(dtype):
     conformance.check_pa_op("cpu", 2, 3, 9, 7, dtype)
     conformance.check_pa_op("cpu", 1, 4, 5, 6, dtype, bias=False, channels_last=True)

@@ -28,8 +28,9 @@ inline void sigmoid_row(const T* z, T* s, int64_t n) {
 
 // Channels-last (NHWC-contiguous) kernels of pa_cpu_nhwc.cpp, instantiated for float and double.
 // x is channels-last contiguous; w9c is the (9, C) tap-major weight, b the (C) bias, both contiguous
-// in T. Outputs are channels-last; dweight (C,1,3,3) and dbias (C) come back in T.
-template <typename T>
+// in T. Outputs are channels-last; dweight (C,1,3,3) and dbias (C) come back in T. The forward also
+// reads and writes bfloat16 / float16 maps in place (S), computing in T = float.
+template <typename T, typename S = T>
 at::Tensor pa_fwd_nhwc(const at::Tensor& x, const at::Tensor& w9c, const at::Tensor& b);
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc(const at::Tensor& dout, const at::Tensor& x,

@@ -9,10 +9,13 @@
 // bordered buffer and gives dx = dout * s + (3x3 correlation of dz with the flipped taps); dweight
 // and dbias are summed per plane (in double) and then over the batch in batch order for each channel:
 // deterministic whatever the thread count. Channels-last inputs go to pa_cpu_nhwc.cpp (results stay
-// channels-last); inputs of any other layout are made NCHW-contiguous once.
+// channels-last); inputs of any other layout are made NCHW-contiguous once. bfloat16 / float16 are
+// computed in float32: the channels-last forward reads and writes them in place (the same bits as
+// on a float32 copy), the NCHW forward and the backward on float32 copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -216,11 +219,19 @@ std::pair<at::Tensor, at::Tensor> nhwc_params(const at::Tensor& x, const at::Ten
   return {w9c, b};
 }
 
-template <typename T>
+// S: x's element type; T: the one computed in (S, or float for bfloat16 / float16). Channels-last
+// 16-bit maps are read and written in place (pa_fwd_nhwc widens a task's rows); NCHW ones are
+// computed on a float32 copy: widening each plane into its bordered buffer instead was measured
+// faster at 56 x 56 and 28 x 28 but slower at 14 x 14 and 7 x 7 (batch 16, scalar conversions per
+// small plane), and the models run their CPU maps channels-last.
+template <typename T, typename S = T>
 at::Tensor pa_fwd_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  if (!channels_last_only(x)) return pa_fwd_impl<T>(x, weight, bias);
+  if (!channels_last_only(x)) {
+    if constexpr (std::is_same_v<S, T>) return pa_fwd_impl<T>(x, weight, bias);
+    else return pa_fwd_impl<T>(x.to(c10::CppTypeToScalarType<T>::value), weight, bias).to(x.scalar_type());
+  }
   auto [w9c, b] = nhwc_params<T>(x, weight, bias);
-  return pa_fwd_nhwc<T>(x, w9c, b);
+  return pa_fwd_nhwc<T, S>(x, w9c, b);
 }
 
 template <typename T>
@@ -238,8 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_any(const at::Tensor& dout
 at::Tensor pa_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_cpu_dtype(x);
   if (x.scalar_type() == at::kDouble) return pa_fwd_any<double>(x, weight, bias);
-  if (x.scalar_type() != at::kFloat)  // bfloat16 / float16: in float32, rounded once at the end
-    return pa_fwd_any<float>(x.to(at::kFloat), weight, bias).to(x.scalar_type());
+  // bfloat16 / float16: computed in float32, out rounded once at the end (see pa_fwd_any)
+  if (x.scalar_type() == at::kBFloat16) return pa_fwd_any<float, at::BFloat16>(x, weight, bias);
+  if (x.scalar_type() == at::kHalf) return pa_fwd_any<float, at::Half>(x, weight, bias);
   return pa_fwd_any<float>(x, weight, bias);
 }
 

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "pa_common.h"
@@ -150,24 +151,47 @@ inline void dweight_along_rows(const T* x0, const T* dz_own, int64_t y0, int64_t
 
 }  // namespace
 
-template <typename T>
+// S: x's and out's element type: T, or bfloat16 / float16, whose rows a task widens to T (exactly)
+// into a buffer of its rows plus the halo, and whose out is rounded once from T as it is written: the
+// same bits as the kernel run on a T copy of x, without that copy's round trip through memory.
+template <typename T, typename S>
 at::Tensor pa_fwd_nhwc(const at::Tensor& x, const at::Tensor& w9c, const at::Tensor& b) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({B, C, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const T* xp = x.data_ptr<T>();
+  const S* xp = x.data_ptr<S>();
   const T* wp = w9c.data_ptr<T>();
   const T* bp = b.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  S* op = out.data_ptr<S>();
   const int64_t R = rows_per_task(H, W, C), blocks = (H + R - 1) / R, rowlen = W * C;
-  auto make = [&] { return std::vector<T>(rowlen); };
-  parallel_tasks(B * blocks, make, [&](int64_t task, std::vector<T>& s) {
+  constexpr bool widen = !std::is_same_v<S, T>;
+  struct Buffers {
+    std::vector<T> s, xw;  // the gate of a row; widened: the task's rows of x plus the halo
+  };
+  auto make = [&] { return Buffers{std::vector<T>(rowlen), std::vector<T>(widen ? (R + 2) * rowlen : 0)}; };
+  parallel_tasks(B * blocks, make, [&](int64_t task, Buffers& buf) {
     const int64_t bb = task / blocks, y0 = (task % blocks) * R, y1 = std::min(H, y0 + R);
-    const T* x0 = xp + bb * H * rowlen;
-    for (int64_t y = y0; y < y1; ++y) {
-      gate_row(x0, wp, bp, y, H, W, C, s.data());
-      const T* xr = x0 + y * rowlen;
-      T* o = op + (bb * H + y) * rowlen;
-      for (int64_t i = 0; i < rowlen; ++i) o[i] = xr[i] * s[i];
+    const S* x0 = xp + bb * H * rowlen;
+    T* s = buf.s.data();
+    if constexpr (!widen) {
+      for (int64_t y = y0; y < y1; ++y) {
+        gate_row(x0, wp, bp, y, H, W, C, s);
+        const T* xr = x0 + y * rowlen;
+        T* o = op + (bb * H + y) * rowlen;
+        for (int64_t i = 0; i < rowlen; ++i) o[i] = xr[i] * s[i];
+      }
+    } else {
+      // Rows [ya, yb) hold every image row a gate of rows [y0, y1) reads, so the buffer can stand for
+      // an image of yb - ya rows: a neighbour outside it is outside the image too.
+      const int64_t ya = std::max<int64_t>(0, y0 - 1), yb = std::min(H, y1 + 1);
+      T* xw = buf.xw.data();
+      const S* src = x0 + ya * rowlen;
+      for (int64_t i = 0; i < (yb - ya) * rowlen; ++i) xw[i] = T(src[i]);
+      for (int64_t y = y0; y < y1; ++y) {
+        gate_row<T>(xw, wp, bp, y - ya, yb - ya, W, C, s);
+        const T* xr = xw + (y - ya) * rowlen;
+        S* o = op + (bb * H + y) * rowlen;
+        for (int64_t i = 0; i < rowlen; ++i) o[i] = S(xr[i] * s[i]);
+      }
     }
   });
   return out;
@@ -248,6 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc(const at::Tensor& dou
 
 template at::Tensor pa_fwd_nhwc<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 template at::Tensor pa_fwd_nhwc<double>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+template at::Tensor pa_fwd_nhwc<float, at::BFloat16>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+template at::Tensor pa_fwd_nhwc<float, at::Half>(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 template std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc<float>(const at::Tensor&, const at::Tensor&,
                                                                            const at::Tensor&, const at::Tensor&);
 template std::tuple<at::Tensor, at::Tensor, at::Tensor> pa_bwd_nhwc<double>(const at::Tensor&, const at::Tensor&,
