@@ -1,6 +1,7 @@
 """Where the reference (eager PyTorch) or PyTorch's SDPA beats a fused backend: the data "auto" decides with.
 
     python bench/crossover.py [--backend cpu] [--write] [--repeats 5] [--margin 0.1]
+    python bench/crossover.py --backend triton --write      # on a GPU: this arch's measured rules
 
 Times every op ResT and ResTv2 run (PA on NCHW and channels-last maps, EMSA with and without the head
 mix) at every stage of the shape families (bench/_cases.py), at 224 px with batch 1 and 8 and at
@@ -15,6 +16,12 @@ regions are runs of measured sizes where the route won every call; one slower ca
 faster ones splits them (no guessing between measurements, nor beyond the largest). With --write the rules and their
 provenance (command, machine, date, commit) go to rest_kernels/backends/data/<backend>_crossover.json,
 which the backend declares (rest_kernels/backends/preference.py).
+
+On a GPU (--backend triton or cuda with a CUDA device) it measures bfloat16, float16 and float32 (by
+default), with ResT's training batches (224 px batch 1, 8, 64; 800 x 1216 batch 1, 2, 8); the rows
+carry their dtype and GPU arch, the reference is preferred for training calls too, and --write merges
+this arch's measurements into <backend>_measured_crossover.json, whose rules replace the performance
+model's (scripts/model_crossover.py) for every arch measured.
 """
 from __future__ import annotations
 
@@ -43,40 +50,53 @@ def elements(case: OpCase) -> int:
     return case.batch * (s.C * s.H * s.W if case.op == "pa" else s.h * s.N * s.M)
 
 
-#: the dtype of every measured call, and so of every rule (a rule covers only calls of its dtype)
+#: the dtype of every measured call on the CPU, and so of its rules (a rule covers only calls of its
+#: dtype); on a GPU --dtypes chooses (default bfloat16, float16 and float32: its kernels differ per dtype)
 MEASURED_DTYPE = "float32"
+GPU_DTYPES = ("bfloat16", "float16", "float32")
+#: (input, batches) measured on a GPU: its training batches too (scripts/model_crossover.py models the same)
+GPU_BATCHES = {"224": (1, 8, 64), "det": (1, 2, 8)}
 
 
-def cases(device: str, ops=("pa", "emsa", "emsa-mix")):
+def cases(device: str, ops=("pa", "emsa", "emsa-mix"), dtypes=(MEASURED_DTYPE,)):
+    batches = GPU_BATCHES if device == "cuda" else BATCHES
     for s in stage_shapes():
         for op in ops:
             if op != "pa" and not in_model(op, s) and not (op == "emsa" and s.h > 1):
                 continue  # plain EMSA is measured at every stage (ResTv2 runs it), the mix where heads > 1
-            for batch in BATCHES[s.input]:
+            for batch in batches[s.input]:
                 for pass_ in PASSES:
-                    for cl in ((False, True) if op == "pa" else (False,)):
-                        yield OpCase(op, pass_, s, batch, getattr(torch, MEASURED_DTYPE), device, channels_last=cl)
+                    for dtype in dtypes:
+                        for cl in ((False, True) if op == "pa" else (False,)):
+                            yield OpCase(op, pass_, s, batch, getattr(torch, dtype), device, channels_last=cl)
 
 
-#: the routes "auto" may take instead of the fused backend, the passes it takes each for, and the row
-#: field with the route's time (backends/preference.py)
-ROUTES = (("reference", ("fwd",), "reference_s"), ("sdpa", ("fwd", "fwd+bwd"), "sdpa_s"))
+def reference_passes(arch) -> tuple[str, ...]:
+    """The passes the reference is preferred for (rest_kernels/backends/preference.py): inference only
+    on the CPU (rows without a GPU arch); on a GPU training too, so that no fused backend slower than
+    eager is picked."""
+    return ("fwd",) if arch is None else ("fwd", "fwd+bwd")
 
 
-def rules_from(rows, margin: float, routes=ROUTES) -> list[dict]:
+#: the routes "auto" may take instead of the fused backend, the passes it takes each for (given a
+#: row's GPU arch, None on the CPU), and the row field with the route's time (backends/preference.py)
+ROUTES = (("reference", reference_passes, "reference_s"), ("sdpa", lambda arch: ("fwd", "fwd+bwd"), "sdpa_s"))
+
+
+def rules_from(rows, margin: float) -> list[dict]:
     """The regions where a route beat the fused backend, per (route, op, pass, layout, reduction class,
     dtype, GPU arch): the call sizes of the group, in order, split into maximal runs of sizes where the
     route was faster by more than `margin` on every call measured at that size; each run is a rule
     from its smallest to its largest size (the run that starts at the group's smallest size also
     covers every smaller call: fixed costs dominate there). Nothing between a slower and a faster
     measurement, nor beyond the largest one, is guessed. Rows without "dtype" are MEASURED_DTYPE's;
-    rows with "arch" (scripts/model_crossover.py's, per GPU arch) make rules for that arch only.
-    `routes`: (route, passes it takes, row field with its time), ROUTES by default."""
+    rows with "arch" (measured on a GPU, or scripts/model_crossover.py's model of one) make rules
+    for that arch only."""
     rules = []
-    for faster, passes, field in routes:
+    for faster, passes, field in ROUTES:
         groups = {}
         for r in rows:
-            if r["pass"] in passes and field in r:
+            if r["pass"] in passes(r.get("arch")) and field in r:
                 key = (r["op"], r["pass"], r["layout"], r.get("reduction"), r.get("dtype", MEASURED_DTYPE),
                        r.get("arch"))
                 groups.setdefault(key, []).append(r)
@@ -118,7 +138,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ops", default="pa,emsa,emsa-mix",
                     help="comma-separated ops to measure (default all; --write needs all)")
-    ap.add_argument("--write", action="store_true", help="write rest_kernels/backends/data/<backend>_crossover.json")
+    ap.add_argument("--dtypes", default=None,
+                    help=f"comma-separated dtypes (default {MEASURED_DTYPE} on the CPU, {','.join(GPU_DTYPES)} on a GPU)")
+    ap.add_argument("--write", action="store_true",
+                    help="write rest_kernels/backends/data/<backend>_crossover.json (CPU) or, on a GPU, this "
+                         "arch's measurements into <backend>_measured_crossover.json")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows and rules measured here to PATH")
     args = ap.parse_args(argv)
     args.ops = tuple(args.ops.split(","))
     if args.write and set(args.ops) != {"pa", "emsa", "emsa-mix"}:
@@ -131,10 +156,18 @@ def main(argv=None) -> int:
         print(f"backend {args.backend} unavailable: {reason}")
         return 1
     device = "cuda" if args.backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    from rest_kernels.backends.preference import device_arch
+    arch = device_arch(device, None)
+    dtypes = tuple(args.dtypes.split(",")) if args.dtypes else (GPU_DTYPES if device == "cuda" else (MEASURED_DTYPE,))
+    bad = [d for d in dtypes if not isinstance(getattr(torch, d, None), torch.dtype)]
+    if bad:
+        ap.error(f"--dtypes: not torch dtypes: {', '.join(bad)}")
+    if args.write and device == "cpu" and dtypes != (MEASURED_DTYPE,):
+        ap.error(f"--write on the CPU: the rules' dtype is {MEASURED_DTYPE} (bench/crossover.py's MEASURED_DTYPE)")
     rows = []
     print(f"{'case':<56} {'elements':>10} {'fused':>10} {'reference':>10} {'sdpa':>10} {'ref/fused':>9} "
           f"{'sdpa/fused':>10}")
-    for case in cases(device, args.ops):
+    for case in cases(device, args.ops, dtypes):
         times = {}
         for who in (args.backend, "reference") + (("sdpa",) if case.op == "emsa" else ()):
             runner = op_runner(case, who)
@@ -143,6 +176,8 @@ def main(argv=None) -> int:
         layout = ("channels_last" if case.channels_last else "contiguous") if case.op == "pa" else "any"
         row = dict(op=case.op, layout=layout, elements=elements(case), label=case.label, fused_s=times[args.backend],
                    reference_s=times["reference"], **{"pass": case.pass_})
+        if device == "cuda":  # a GPU's rows say their dtype and arch (rules per dtype and arch)
+            row.update(dtype=str(case.dtype).removeprefix("torch."), arch=arch)
         if case.op != "pa":
             row["reduction"] = reduction_class(case.shape.N, case.shape.M)
         if "sdpa" in times:
@@ -159,17 +194,48 @@ def main(argv=None) -> int:
               f"{r['min_elements']} to {r['max_elements']} elements")
     if not rules:
         print("no rule: the fused backend was as fast or faster everywhere measured")
-    measured = (f"bench/crossover.py --margin {args.margin}, {cpu_model()}, {torch.get_num_threads()} threads, "
-                f"torch {torch.__version__}, commit {git_commit()}, {datetime.date.today().isoformat()}")
+    where = (f"{torch.cuda.get_device_name()} (sm_{arch})" if device == "cuda"
+             else f"{cpu_model()}, {torch.get_num_threads()} threads")
+    measured = (f"bench/crossover.py --margin {args.margin}, {where}, torch {torch.__version__}, "
+                f"commit {git_commit()}, {datetime.date.today().isoformat()}")
     print(measured)
-    if args.write:
-        path = os.path.join(ROOT, "rest_kernels", "backends", "data", f"{args.backend}_crossover.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(dict(backend=args.backend, measured=measured, margin=args.margin, rules=rules, rows=rows), f,
                       indent=1)
+    if args.write:
+        data_dir = os.path.join(ROOT, "rest_kernels", "backends", "data")
+        if device == "cuda":
+            path = os.path.join(data_dir, f"{args.backend}_measured_crossover.json")
+            old = json.load(open(path)) if os.path.exists(path) else None
+            data = merge_gpu_measurement(old, args.backend, arch, measured, args.margin, rows)
+        else:
+            path = os.path.join(data_dir, f"{args.backend}_crossover.json")
+            data = dict(backend=args.backend, measured=measured, margin=args.margin, rules=rules, rows=rows)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
         print(f"wrote {path}")
     return 0
+
+
+def merge_gpu_measurement(old: dict | None, backend: str, arch: int, measured: str, margin: float,
+                          rows: list[dict]) -> dict:
+    """<backend>_measured_crossover.json after measuring on a GPU of `arch`: this arch's rows replace
+    its earlier ones, other archs' stay, and the rules are re-derived from all rows. `archs` names
+    every arch measured: there these rules replace the performance model's
+    (rest_kernels/backends/preference.py load_rules), even where they are none."""
+    if old is not None and old.get("margin", margin) != margin:
+        raise ValueError(f"--margin {margin} differs from the {old['margin']} of the stored measurements: "
+                         "measure every arch again with one margin")
+    kept = [r for r in (old or {}).get("rows", []) if r.get("arch") != arch]
+    provenance = {int(a): text for a, text in (old or {}).get("provenance", {}).items() if int(a) != arch}
+    provenance[arch] = measured
+    all_rows = kept + rows
+    archs = sorted(provenance)
+    return dict(backend=backend, source="measured", archs=archs,
+                measured="; ".join(f"sm_{a}: {provenance[a]}" for a in archs),
+                provenance={str(a): provenance[a] for a in archs}, margin=margin,
+                rules=rules_from(all_rows, margin), rows=all_rows)
 
 
 if __name__ == "__main__":

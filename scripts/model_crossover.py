@@ -10,8 +10,8 @@ Every EMSA and PA call of ResT's and ResTv2's stages (all four shape families) a
 float16 and float32, is modelled (bench/perf_model.py through scripts/perf_model.py: the backends'
 own launches, their compiled resources, eager's aten ops) on each fused backend and on eager
 PyTorch, per GPU arch: sm_80 on the A100, sm_90 on the H100 and the H200 (a row per GPU, so that a
-rule at sm_90 needs both to agree). The rules are bench/crossover.py's `rules_from` with the
-reference taking both passes: regions of call size per (op, pass, reduction class, dtype, arch)
+rule at sm_90 needs both to agree). The rules are bench/crossover.py's `rules_from` (on a GPU
+arch the reference takes both passes): regions of call size per (op, pass, reduction class, dtype, arch)
 where eager was modelled faster than the backend by more than --margin on every call of that size.
 No rule is made for an arch the model has no GPU of (sm_86, sm_89, sm_100, ...): there "auto" keeps
 the fused backends. PA rules cover contiguous maps (the model's layout).
@@ -39,12 +39,10 @@ from bench import perf_model as PM  # noqa: E402
 
 #: the GPUs modelled for each arch whose rules are made (all must agree)
 ARCH_GPUS = {80: ("A100",), 90: ("H100", "H200")}
-#: (resolution, batches) modelled
-BATCHES = {"224": (1, 8, 64), "800x1216": (1, 2, 8)}
+#: (resolution, batches) modelled: those bench/crossover.py measures on a GPU
+BATCHES = {"224": crossover.GPU_BATCHES["224"], "800x1216": crossover.GPU_BATCHES["det"]}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BACKENDS = ("triton", "cuda")
-#: the reference takes both passes from these rules (rest_kernels/backends/preference.py)
-ROUTES = (("reference", ("fwd", "fwd+bwd"), "reference_s"),)
 
 
 def cases() -> list:
@@ -93,7 +91,8 @@ def model_rows(backend: str, tables: dict, margin_cases=None) -> list[dict]:
 
 
 def rules_from(rows: list[dict], margin: float) -> list[dict]:
-    return crossover.rules_from(rows, margin, routes=ROUTES)
+    """bench/crossover.py's regions; the rows carry their GPU arch, so the reference takes both passes."""
+    return crossover.rules_from(rows, margin)
 
 
 def load_tables() -> dict:

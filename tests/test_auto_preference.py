@@ -186,39 +186,51 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shipped(source):
-    """{backend: its data/<backend>_crossover.json} for the files of `source` ("measured", "modelled")."""
+    """{backend: its data/<backend>_crossover.json} for the files of `source` ("measured", "modelled"), plus
+    any GPU measurements (data/<backend>_measured_crossover.json) as "<backend> measured" when source is
+    "measured"."""
     out = {}
     for name in registry.BACKENDS:
-        path = os.path.join(preference.DATA_DIR, f"{name}_crossover.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("source", "measured") == source:
-                out[name] = data
+        for suffix, key in (("_crossover.json", name), ("_measured_crossover.json", f"{name} measured")):
+            path = os.path.join(preference.DATA_DIR, name + suffix)
+            if os.path.exists(path):
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("source", "measured") == source:
+                    out[key] = data
     return out
 
 
+def _rule_key(r, source):
+    return (r.get("faster", "reference"), r["op"], r["pass"], r["layout"], r.get("min_elements", 0), r["max_elements"],
+            r.get("reduction"), r.get("dtype", "float32"), r.get("arch"), source)
+
+
 def _declared_as(name, data):
+    """The backend declares every rule of the file, except those of GPU archs a measurement replaced."""
     declared = {(r.faster, r.op, r.pass_, r.layout, r.min_elements, r.max_elements, r.reduction, r.dtype, r.arch,
-                 r.source) for r in preference.load_rules(name)}
-    return declared == {(r.get("faster", "reference"), r["op"], r["pass"], r["layout"], r.get("min_elements", 0),
-                         r["max_elements"], r.get("reduction"), r.get("dtype", "float32"), r.get("arch"),
-                         data.get("source", "measured"))
-                        for r in data["rules"] if r["max_elements"] > 0}
+                 r.source) for r in preference.load_rules(name.split()[0])}
+    replaced = set() if name.endswith("measured") else set(_shipped("measured").get(f"{name} measured", {}).get("archs", ()))
+    want = {_rule_key(r, data.get("source", "measured")) for r in data["rules"]
+            if r["max_elements"] > 0 and r.get("arch") not in replaced}
+    return want <= declared
 
 
 def test_the_shipped_rules_are_the_measurements_they_cite():
     """rest_kernels/backends/data/*_crossover.json of measured rules: each rule is what bench/crossover.py's
-    rule derivation gives for the rows stored with it, and the backend declares exactly those rules."""
+    rule derivation gives for the rows stored with it, and the backend declares those rules."""
     crossover = _load_script("crossover", os.path.join(ROOT, "bench", "crossover.py"))
     shipped = _shipped("measured")
     if not shipped:
         pytest.skip("no measured crossovers shipped")
     for name, data in shipped.items():
-        assert data["backend"] == name and data["measured"]
+        assert data["backend"] == name.split()[0] and data["measured"]
         assert crossover.rules_from(data["rows"], data["margin"]) == data["rules"]
         assert _declared_as(name, data)
-        assert all("arch" not in r for r in data["rules"])  # measured on a CPU: any device of its type
+        if name.endswith("measured"):  # measured on GPUs: every rule for an arch measured
+            assert {r["arch"] for r in data["rules"]} <= set(data["archs"])
+        else:  # measured on a CPU: any device of its type
+            assert all("arch" not in r for r in data["rules"])
 
 
 @pytest.mark.slow
@@ -356,3 +368,70 @@ def test_compiled_callers_inside_a_reference_rule_compile_whole(rules):
     q, k, v, m = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(3, 3)
     emsa = torch.compile(lambda *a: rest_kernels.emsa_attention(*a), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(emsa(q, k, v, m), rest_kernels.emsa_attention(q, k, v, m, backend="reference"))
+
+
+def _write(directory, name, data):
+    with open(os.path.join(directory, name), "w") as f:
+        json.dump(data, f)
+
+
+def test_a_gpu_measurement_replaces_the_models_rules_for_its_arch(tmp_path, monkeypatch):
+    """data/<backend>_measured_crossover.json (bench/crossover.py --write on a GPU) replaces the model's
+    rules for every arch it measured, even with no rule of its own there; the other archs keep the
+    model's."""
+    def rule(arch, max_elements):
+        return {"op": "emsa-mix", "pass": "fwd+bwd", "layout": "any", "max_elements": max_elements,
+                "dtype": "float32", "reduction": 1, "arch": arch}
+    monkeypatch.setattr(preference, "DATA_DIR", str(tmp_path))
+    _write(tmp_path, "triton_crossover.json", {"backend": "triton", "source": "modelled", "measured": "the model",
+                                                "margin": 0.1, "rules": [rule(80, 100), rule(90, 200)]})
+    assert {(r.arch, r.max_elements, r.source) for r in preference.load_rules("triton")} == {
+        (80, 100, "modelled"), (90, 200, "modelled")}
+    _write(tmp_path, "triton_measured_crossover.json", {"backend": "triton", "source": "measured", "archs": [90],
+                                                         "measured": "sm_90: an H200", "margin": 0.1,
+                                                         "rules": [rule(90, 300)], "rows": []})
+    assert {(r.arch, r.max_elements, r.source) for r in preference.load_rules("triton")} == {
+        (80, 100, "modelled"), (90, 300, "measured")}
+    _write(tmp_path, "triton_measured_crossover.json", {"backend": "triton", "source": "measured", "archs": [90, 80],
+                                                         "measured": "...", "margin": 0.1, "rules": [], "rows": []})
+    assert preference.load_rules("triton") == ()  # both archs measured: the fused backend won everywhere
+
+
+def _row(op, pass_, elements, fused, ref, arch=None, dtype=None):
+    r = {"op": op, "pass": pass_, "layout": "any", "elements": elements, "fused_s": fused, "reference_s": ref,
+         "reduction": 1}
+    if arch is not None:
+        r["arch"] = arch
+    if dtype is not None:
+        r["dtype"] = dtype
+    return r
+
+
+def test_gpu_rows_make_training_rules_for_the_reference_cpu_rows_do_not():
+    crossover = _load_script("crossover", os.path.join(ROOT, "bench", "crossover.py"))
+    cpu = [_row("emsa-mix", p, 100, 2.0, 1.0) for p in ("fwd", "fwd+bwd")]
+    assert [(r["pass"], "arch" in r) for r in crossover.rules_from(cpu, 0.1)] == [("fwd", False)]
+    gpu = [_row("emsa-mix", p, 100, 2.0, 1.0, arch=90, dtype="bfloat16") for p in ("fwd", "fwd+bwd")]
+    rules = crossover.rules_from(gpu, 0.1)
+    assert sorted((r["pass"], r["arch"], r["dtype"]) for r in rules) == [("fwd", 90, "bfloat16"),
+                                                                          ("fwd+bwd", 90, "bfloat16")]
+    # one arch's rows never make another's rule
+    both = gpu + [_row("emsa-mix", "fwd", 100, 1.0, 1.0, arch=80, dtype="bfloat16")]
+    assert {r["arch"] for r in crossover.rules_from(both, 0.1)} == {90}
+
+
+def test_gpu_measurements_merge_per_arch():
+    crossover = _load_script("crossover", os.path.join(ROOT, "bench", "crossover.py"))
+    h200 = [_row("emsa-mix", "fwd", 100, 2.0, 1.0, arch=90, dtype="float32")]
+    a100 = [_row("emsa-mix", "fwd", 100, 2.0, 1.0, arch=80, dtype="float32")]
+    data = crossover.merge_gpu_measurement(None, "triton", 90, "an H200", 0.1, h200)
+    data = crossover.merge_gpu_measurement(data, "triton", 80, "an A100", 0.1, a100)
+    assert data["archs"] == [80, 90] and {r["arch"] for r in data["rules"]} == {80, 90}
+    assert data["measured"] == "sm_80: an A100; sm_90: an H200"
+    # measuring sm_90 again replaces its rows (the fused backend now wins there): its rule goes
+    again = [_row("emsa-mix", "fwd", 100, 1.0, 1.0, arch=90, dtype="float32")]
+    data = crossover.merge_gpu_measurement(data, "triton", 90, "an H200, again", 0.1, again)
+    assert {r["arch"] for r in data["rules"]} == {80} and len(data["rows"]) == 2 and data["archs"] == [80, 90]
+    assert data["rules"] == crossover.rules_from(data["rows"], 0.1)
+    with pytest.raises(ValueError, match="margin"):
+        crossover.merge_gpu_measurement(data, "triton", 90, "x", 0.2, again)

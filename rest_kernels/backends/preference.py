@@ -9,7 +9,9 @@ for a call inside a rule; `route_preference` says which. Two producers write the
   - bench/crossover.py MEASURES the cpu backend (source "measured");
   - scripts/model_crossover.py derives the GPU backends' rules (triton, cuda) from the static
     performance MODEL (bench/perf_model.py; source "modelled"), per GPU arch, until a GPU measures
-    them: a GPU backend that the model says is slower than eager is not picked.
+    them: a GPU backend that the model says is slower than eager is not picked. bench/crossover.py
+    run on a GPU writes that arch's measured rules (data/<backend>_measured_crossover.json), which
+    replace the model's for the archs measured (`load_rules`).
 
 The reference takes an inference call inside a "fwd" rule, and a training call only inside a rule
 made for training ("fwd+bwd"), and either only if the maps it would materialise (inference) or keep
@@ -98,16 +100,26 @@ class ReferenceFaster:
                 f"{where} ({self.measured})")
 
 
-def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
-    path = os.path.join(DATA_DIR, f"{backend_name}_crossover.json")
+def _rules_in(path: str) -> tuple[tuple[ReferenceFaster, ...], dict]:
     if not os.path.exists(path):
-        return ()
+        return (), {}
     with open(path) as f:
         data = json.load(f)
     return tuple(ReferenceFaster(r["op"], r["pass"], r["layout"], int(r["max_elements"]), data["measured"],
                                  r.get("faster", "reference"), int(r.get("min_elements", 0)), r.get("reduction"),
                                  r.get("dtype", "float32"), r.get("arch"), data.get("source", "measured"))
-                 for r in data["rules"] if r["max_elements"] > 0)
+                 for r in data["rules"] if r["max_elements"] > 0), data
+
+
+def load_rules(backend_name: str) -> tuple[ReferenceFaster, ...]:
+    """The backend's rules: data/<backend>_crossover.json (the CPU's measurements, or the GPU
+    performance model's rules), except that for every GPU arch measured on a GPU
+    (data/<backend>_measured_crossover.json, bench/crossover.py --write on a GPU) the measured rules
+    replace the model's, even where the measurement found none."""
+    rules, _ = _rules_in(os.path.join(DATA_DIR, f"{backend_name}_crossover.json"))
+    measured, data = _rules_in(os.path.join(DATA_DIR, f"{backend_name}_measured_crossover.json"))
+    archs = set(data.get("archs", ()))
+    return measured + tuple(r for r in rules if r.arch is None or r.arch not in archs)
 
 
 def reduction_class(N: int, M: int) -> int:
