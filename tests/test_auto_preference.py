@@ -102,13 +102,14 @@ def test_a_training_call_keeps_the_fused_backend_when_the_saved_maps_would_not_f
     elements = 2 * 3 * 7 * 5
     # room for what the reference keeps for the backward (REFERENCE_SAVED_MAPS of float32 maps), not more
     room = preference.REFERENCE_SAVED_MAPS["emsa-mix"] * elements * 4
-    monkeypatch.setattr(preference, "_device_memory", lambda *a: room / preference.COMFORTABLE_FRACTION)
+    # per training call 1/128 of the memory (a step keeps every block's maps), not inference's 1/16
+    monkeypatch.setattr(preference, "_device_memory", lambda *a: room * 128)
     assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "reference"
-    monkeypatch.setattr(preference, "_device_memory", lambda *a: (room - 1) / preference.COMFORTABLE_FRACTION)
+    monkeypatch.setattr(preference, "_device_memory", lambda *a: room * 128 - 128)
     with caplog.at_level(logging.WARNING, logger="rest_kernels"):
         assert _chosen("emsa", (q, k, v, w), needs_backward=True) == "cpu"
     assert any("auto keeps cpu" in r.getMessage() and "keep for the backward" in r.getMessage()
-               for r in caplog.records)
+               and "1/128 of the device's memory" in r.getMessage() for r in caplog.records)
 
 
 def _saved_bytes(fn) -> int:

@@ -14,8 +14,9 @@ for a call inside a rule; `route_preference` says which. Two producers write the
     replace the model's for the archs measured (`load_rules`).
 
 The reference takes an inference call inside a "fwd" rule, and a training call only inside a rule
-made for training ("fwd+bwd"), and either only if the maps it would materialise (inference) or keep
-for the backward (training) fit comfortably in memory; otherwise auto keeps the fused backend.
+made for training ("fwd+bwd"), and either only if the maps it would materialise (inference: 1/16 of
+the device's memory at most) or keep for the backward (training: 1/128 per call, since a step keeps
+every block's) fit comfortably in memory; otherwise auto keeps the fused backend.
 bench/crossover.py makes reference rules for inference only: on the CPU, what is kept for the
 backward stays the fused backend's whatever the size of the input (detection-size training relies
 on it). The GPU rules cover training too, so a fused backward the model says is slower than eager's
@@ -57,8 +58,12 @@ REFERENCE_MAPS = {"emsa": 3, "emsa-mix": 3, "pa": 2}
 #: conv output (2.0). (It also keeps copies of q and k, O((N + M) d): small beside the maps that
 #: this check is about.)
 REFERENCE_SAVED_MAPS = {"emsa": 2, "emsa-mix": 4, "pa": 2}
-#: "Comfortably": those maps take at most this fraction of the device's memory.
+#: "Comfortably": an inference call's maps take at most this fraction of the device's memory.
 COMFORTABLE_FRACTION = 1 / 16
+#: ... and a training call's saved maps at most this one: a training step keeps every block's maps
+#: until its backward (ResT-Large's stage 3 has 18 blocks, the whole model 24), so that 18 calls of
+#: one stage stay under about 1/7 of the memory.
+COMFORTABLE_TRAINING_FRACTION = 1 / 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +203,9 @@ def route_preference(rules, key, needs_backward: bool, t: torch.Tensor) -> tuple
     if rule is None:
         return None, None
     maps = (REFERENCE_SAVED_MAPS if needs_backward else REFERENCE_MAPS)[op]
-    if maps * elements * map_element_bytes(op, t) > COMFORTABLE_FRACTION * _device_memory(t.device.type, t.device.index):
+    fraction = COMFORTABLE_TRAINING_FRACTION if needs_backward else COMFORTABLE_FRACTION
+    if maps * elements * map_element_bytes(op, t) > fraction * _device_memory(t.device.type, t.device.index):
         what = "keep for the backward" if needs_backward else "materialise"
         return None, (f"{rule.describe()}, but the maps it would {what} would take more than "
-                      f"{COMFORTABLE_FRACTION:g} of the device's memory")
+                      f"1/{round(1 / fraction)} of the device's memory")
     return "reference", rule.describe()
