@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .batchnorm import BatchNorm2d
 from .dense import Linear, linear_gelu
 from .lean_mlp import eligible, norm_mlp, resolve_mlp_recompute
-from .modules import EMSA, PA
+from .modules import EMSA, PA, map_to_tokens, tokens_to_map
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -122,13 +122,13 @@ class Stage(nn.ModuleList):
 
     def forward(self, x):
         B, C, H, W = x.shape  # the convolution's real output size, for any input size
-        t = x.flatten(2).transpose(1, 2)  # a view when x is channels-last
+        t = map_to_tokens(x)  # contiguous when x is channels-last
         for blk in self:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 t = checkpoint(blk, t, H, W, use_reentrant=False)
             else:
                 t = blk(t, H, W)
-        return t.transpose(1, 2).reshape(B, C, H, W)
+        return tokens_to_map(t, H, W)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -86,13 +86,34 @@ class _ReducedAttention(nn.Module):
         d = C // h
         q = self.q(x).view(B, N, h, d).transpose(1, 2)
         if self.sr_ratio > 1:
-            x_ = self.sr(x.transpose(1, 2).reshape(B, C, H, W))
+            x_ = self.sr(tokens_to_map(x, H, W))
             Hr, Wr = x_.shape[-2:]
-            x_ = self.sr_norm(x_.flatten(2).transpose(1, 2))
+            x_ = self.sr_norm(map_to_tokens(x_))
         else:
             x_, Hr, Wr = x, H, W
         kv = self.kv(x_).view(B, x_.shape[1], 2, h, d)  # M explicit: -1 is ambiguous for B = 0
         return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), (Hr, Wr)
+
+
+# The map <-> token views. Why not x.flatten(2).transpose(1, 2), the same values: at batch 1 the
+# flatten of a channels-last map gives the tokens' size-1 batch dimension stride C instead of C*H*W;
+# the blocks keep it (each residual add takes the layout of its first operand, the tokens), the map
+# viewed back from them has it too, and no layout check recognises such a map (suggest_memory_format
+# answers "contiguous"): the next convolution copied it to NCHW and every later map of the model lost
+# channels-last (found 2026-12-05: rest_base batch 1 float32 made 47 copies per call, before
+# LayerNorms and convolutions). Through (B, H, W, C) every stride stays canonical (tests/test_models.py
+# holds every convolution's and LayerNorm's input to it, at batch 1 and 2).
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The tokens (B, H*W, C) of the map x (B, C, H, W), as a view (contiguous when x is channels-last)."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+def tokens_to_map(t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The (B, C, H, W) map of the tokens t (B, H*W, C), as a view: channels-last strides when t is
+    contiguous (the models' CPU layout), NCHW ones when t came from an NCHW map."""
+    B, _, C = t.shape
+    return t.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class EMSA(_ReducedAttention):
@@ -202,10 +223,11 @@ class EMSAv2(_ReducedAttention):
         out = attention(q, k, v, None, None, self.scale, 1e-5, self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)  # a view: the op lays its output out as (B,N,h,d)
         # v (B, h, M, d) is a view of the kv output (B, M, 2, h, d): its (B, M, C) tokens as a
-        # channels-last (B, C, Hr, Wr) map, channel h * d + j as in the official reshape, no copy
+        # channels-last (B, C, Hr, Wr) map, channel h * d + j as in the official reshape (a view; not
+        # dense, k and v interleave, so the conv makes its own channels-last copy of these M x C values)
         v_map = v.transpose(1, 2).reshape(B, Hr, Wr, C).permute(0, 3, 1, 2)
         up = self._fit(self.up(v_map), H, W)
-        return self.proj(out + self.up_norm(up.flatten(2).transpose(1, 2)))
+        return self.proj(out + self.up_norm(map_to_tokens(up)))
 
     def _fit(self, up, H, W):
         """The up branch's (B, C, Hr * sr, Wr * sr) map cut (or, for an odd sr, zero-padded) to H x W

@@ -416,6 +416,58 @@ def test_cpu_float32_models_run_channels_last(monkeypatch, backend):
     check_full_grads(g0, g1, torch.float32, "channels-last vs NCHW")
 
 
+def _canonical_layout_hooks(model):
+    """Hooks recording each Conv2d / LayerNorm input whose strides are not the canonical ones of its
+    layout: a channels-last map (B, C, H, W) with strides (C H W, 1, W C, C), tokens (B, N, C) with
+    (N C, C, 1). x.is_contiguous() cannot tell: it ignores the stride of a size-1 batch dimension, and
+    so does the layout check of the next convolution, which then copies the map to NCHW."""
+    bad = []
+
+    def hook(module, args):
+        x = args[0]
+        if x.dim() == 4:
+            B, C, H, W = x.shape
+            want = (C * H * W, 1, W * C, C)
+        else:
+            B, N, C = x.shape
+            want = (N * C, C, 1)
+        if tuple(x.stride()) != want:
+            bad.append((type(module).__name__, tuple(x.shape), tuple(x.stride())))
+
+    kinds = (torch.nn.Conv2d, torch.nn.LayerNorm)
+    # not checked: the stem's first conv (it sees the images) and ResTv2's up branch, whose input is a
+    # strided view of the kv projection's v half (k and v interleave: pixel stride 2 C), copied by the
+    # conv as the official code's reshape would
+    return bad, [m.register_forward_pre_hook(hook) for name, m in model.named_modules() if isinstance(m, kinds)
+                 and not (isinstance(m, torch.nn.Conv2d) and m.in_channels == 3) and ".up." not in name]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_every_map_keeps_canonical_channels_last_strides_at_any_batch(batch, family):
+    """The fused float32 CPU model's maps stay channels-last through every stage, and its tokens
+    contiguous, at batch 1 too: the map <-> token views (rest/modules.py map_to_tokens, tokens_to_map)
+    rebuild the size-1 batch dimension's stride. Before, at batch 1, every map after stage 1 went NCHW
+    (rest_base: 47 copies per call before LayerNorms and convolutions)."""
+    from conftest import require_backend
+    require_backend("cpu")
+    if family == "v1":
+        model = tiny_model(11, torch.float32, backend="cpu")
+    else:
+        from test_models_v2 import tiny_model as tiny_v2
+        model = tiny_v2(11, torch.float32, backend="cpu")
+    bad, handles = _canonical_layout_hooks(model)
+    x = randn((batch, 3, 64, 64), 8).float()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    model(x).sum().backward()
+    for h in handles:
+        h.remove()
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("size", ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_odd_sizes_train_backward(size):
     model = tiny_model(12)
