@@ -5,7 +5,9 @@ NCHW ones (measured 2026-11-30 on a 2-core AVX2 EPYC, 2 threads, batch 16, rest_
 the 3-channel stem conv 38 -> 6 ms, the 32-channel 3x3 conv 79 -> 29 ms, the patch embeddings
 21-23 -> 15-18 ms), and channels-last is the token layout itself: a (B, C, H, W) channels-last map
 and the contiguous (B, H*W, C) tokens are the same memory, so the map <-> token reshapes between the
-convolutions and the blocks become views instead of copies. PA keeps the layout (rest_kernels'
+convolutions and the blocks become views instead of copies (rest/modules.py map_to_tokens /
+tokens_to_map, which keep the strides canonical at batch 1 too: otherwise every map after stage 1
+went NCHW at batch 1). PA keeps the layout (rest_kernels'
 pa_gate returns channels-last results for channels-last inputs).
 
 The model puts CPU images into one layout before the stem, and every later map follows from it. The
