@@ -59,19 +59,25 @@ def test_emsa_op_low_precision(dtype, mix):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mix", [False, True])
 @pytest.mark.parametrize("size", EMSA_SIZES, ids=lambda s: "B%d-h%d-N%d-M%d-d%d" % s)
-def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dtype, size):
-    """Without the mix the kernel reads bfloat16 / float16 q, k, v in place and rounds out once as it
-    writes it; widening is exact, so the result must equal, bit for bit, the float32 kernel on
-    float32 copies rounded once (what the kernel did before), for the model's strided q too."""
+def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dtype, mix, size):
+    """The kernel reads bfloat16 / float16 q, k, v in place and rounds out once as it writes it (with
+    the mix, from a float32 buffer of the unscaled rows in the rstd pass); widening is exact, so the
+    result must equal, bit for bit, the float32 kernel on float32 copies rounded once (what the
+    kernel did before), for the model's strided q too, and the statistics too."""
     B, h, N, M, d = size
     g = torch.Generator().manual_seed(5)
     k, v = (torch.randn(B, h, M, d, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(h, h, generator=g) if mix else None
     for q in (torch.randn(B, h, N, d, generator=g).to(dtype),
               torch.randn(B, N, h, d, generator=g).to(dtype).transpose(1, 2)):  # the model's layout
-        got = rest_kernels.emsa_attention(q, k, v, backend="cpu")
-        want = rest_kernels.emsa_attention(q.float(), k.float(), v.float(), backend="cpu").to(dtype)
-        assert got.dtype == dtype and torch.equal(got, want)
+        got = torch.ops.rest_kernels_C.emsa_fwd(q, k, v, w, 0.3, 1e-5)
+        want = torch.ops.rest_kernels_C.emsa_fwd(q.float(), k.float(), v.float(), w, 0.3, 1e-5)
+        assert got[0].dtype == dtype and torch.equal(got[0], want[0].to(dtype))
+        assert got[0].stride() == want[0].stride()  # (B, N, h, d) in memory, as every backend
+        for a, b in zip(got[1:], want[1:]):  # lse, rsq, rstd: float32 either way
+            assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -44,8 +44,8 @@
 // per-thread accumulators: outputs and gradients are bitwise identical for any number of threads.
 //
 // Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 and
-// rounded once at the end: the forward without the mix reads them in place (widened as loaded), the
-// forward with the mix and the backward work on float32 copies.
+// rounded once at the end: the forward reads them in place (widened as loaded), the backward works
+// on float32 copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -243,11 +243,12 @@ inline Shapes shapes_of(const at::Tensor& q, const at::Tensor& k, int W) {
 
 // The forward pass over all tasks.
 // float64 backward to get rstd in float64). rsq (B,h,N) receives c_i (with the mix).
-// S: the element type of q and out (T, or bfloat16 / float16: q widened to T as it is loaded, out
-// rounded once as it is written; everything between is T).
-template <typename T, typename S = T>
+// S: the element type of q (T, or bfloat16 / float16: widened to T as it is loaded); O: out's (S, or
+// T where a later pass still scales out, the mix's rstd; rounded once as it is written); everything
+// between is T.
+template <typename T, typename S = T, typename O = S>
 void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* vp, const std::vector<T>& W,
-                   S* out, T* lse, T* rsq) {
+                   O* out, T* lse, T* rsq) {
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
   const bool mix = !W.empty();
   const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 2 : 1) * h * Mp + h * dp + dp);
@@ -288,8 +289,8 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
         }
         tile_gemm<T>(nr, dp, M, P + g * plane, Mp, 1, vp + (b * h + g) * M * dp, dp, Ob.data(), dp, false);
         for (int64_t r = 0; r < nr; ++r) {  // out is (B, N, h, d) in memory
-          S* dst = out + ((b * N + i0 + r) * h + g) * d;
-          for (int64_t c = 0; c < d; ++c) dst[c] = S(Ob[r * dp + c]);
+          O* dst = out + ((b * N + i0 + r) * h + g) * d;
+          for (int64_t c = 0; c < d; ++c) dst[c] = O(Ob[r * dp + c]);
         }
       }
     }
@@ -318,7 +319,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d;
   const std::vector<T> W = mix_as<T>(mix_weight, h);
   const bool mix = !W.empty();
-  TORCH_INTERNAL_ASSERT((std::is_same_v<T, S>) || !mix);
   at::Tensor out = at::empty({B, N, h, d}, q.options());
   auto st = q.options().dtype(c10::CppTypeToScalarType<T>::value);  // statistics in T: float32, float64 for float64
   at::Tensor lse = at::empty({B, h, N}, st);
@@ -332,25 +332,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   pack_transposed<T, S>(k, T(scale), sh.Mp, kt.data_ptr<T>());
   pack_rows<T, S>(v, T(1), sh.dp, vp.data_ptr<T>());
   S* o = out.data_ptr<S>();
-  forward_tasks<T, S>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(),
-                      mix ? rsq.data_ptr<T>() : nullptr);
-  if constexpr (std::is_same_v<T, S>) if (mix) {
-    std::vector<double> rs(B * h);
-    rstd_from_rsq<T>(sh, rsq.data_ptr<T>(), eps, rs.data());
-    T* rstd_t = rstd.data_ptr<T>();
-    for (int64_t x = 0; x < B * h; ++x) rstd_t[x] = T(rs[x]);
-    // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
-    at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        const int64_t b = bi / N;
-        for (int64_t g = 0; g < h; ++g) {
-          const T s = T(rs[b * h + g]);
-          T* row = o + (bi * h + g) * d;
-          for (int64_t c = 0; c < d; ++c) row[c] *= s;
-        }
-      }
-    });
+  if (!mix) {
+    forward_tasks<T, S>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(), nullptr);
+    return {out.transpose(1, 2), lse, rsq, rstd};
   }
+  // With the mix, out is scaled by rstd once every row is done: the rows go to a T buffer (out itself
+  // when S is T), and the scaling pass rounds them once into out (the same arithmetic as the float32
+  // kernel on float32 copies followed by one rounding, which 16-bit inputs had before).
+  at::Tensor out_t = std::is_same_v<T, S> ? out : at::empty({B, N, h, d}, st);
+  T* ot = out_t.data_ptr<T>();
+  forward_tasks<T, S, T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, ot, lse.data_ptr<T>(), rsq.data_ptr<T>());
+  std::vector<double> rs(B * h);
+  rstd_from_rsq<T>(sh, rsq.data_ptr<T>(), eps, rs.data());
+  T* rstd_t = rstd.data_ptr<T>();
+  for (int64_t x = 0; x < B * h; ++x) rstd_t[x] = T(rs[x]);
+  // The one extra pass: scale each (b, g) slice of out by rstd (the shift was applied to P).
+  at::parallel_for(0, B * N, light_grain(h * d), [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const int64_t b = bi / N;
+      for (int64_t g = 0; g < h; ++g) {
+        const T s = T(rs[b * h + g]);
+        const T* src = ot + (bi * h + g) * d;
+        S* row = o + (bi * h + g) * d;
+        for (int64_t c = 0; c < d; ++c) row[c] = S(src[c] * s);
+      }
+    }
+  });
   return {out.transpose(1, 2), lse, rsq, rstd};
 }
 
@@ -599,20 +606,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
     double scale, double eps) {
   // dtypes, shapes, devices and empty problems: csrc/op_checks.h (the dtypes this backend declares)
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
-  if (q.scalar_type() != at::kFloat && !mix_weight.has_value()) {
-    // bfloat16 / float16 without the mix: q, k, v are widened to float32 as the kernel loads them
-    // and out is rounded once as it is written: the same arithmetic as on float32 copies (the
-    // widening is exact), without the copies (rest_lite's stage 1 at batch 16 in bfloat16: 10.3 ms
-    // with the copies, more than PyTorch's SDPA on the same call).
+  if (q.scalar_type() != at::kFloat) {
+    // bfloat16 / float16: q, k, v are widened to float32 as the kernel loads them (the CPU has no
+    // fast 16-bit FMAs to use here) and out is rounded once as it is written (with the mix, by the
+    // rstd pass, from a float32 buffer of the unscaled rows): the same arithmetic as on float32
+    // copies (the widening is exact), without the copies (rest_lite's stage 1 at batch 16 in
+    // bfloat16: 10.3 ms with the copies, more than PyTorch's SDPA on the same call; with the mix
+    // the copies were about 3% of the bfloat16 model at batch 16).
     if (q.scalar_type() == at::kBFloat16) return emsa_fwd_impl<float, at::BFloat16>(q, k, v, mix_weight, scale, eps);
     return emsa_fwd_impl<float, at::Half>(q, k, v, mix_weight, scale, eps);
-  }
-  if (q.scalar_type() != at::kFloat) {
-    // bfloat16 / float16 with the mix: computed in float32 on float32 copies (the CPU has no fast
-    // 16-bit FMAs to use here, and the mix's rstd pass scales out in float32 after every row is
-    // done); out is rounded once at the end, keeping its (B, N, h, d) memory layout.
-    auto r = emsa_fwd_impl<float>(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), mix_weight, scale, eps);
-    return {std::get<0>(r).to(q.scalar_type()), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
   }
   return emsa_fwd_impl<float>(q, k, v, mix_weight, scale, eps);
 }
