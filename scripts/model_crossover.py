@@ -62,12 +62,12 @@ def elements(case) -> int:
     return s.B * (s.C * s.H * s.W if s.op == "pa" else s.heads * s.N * s.M)
 
 
-def model_rows(backend: str, tables: dict, margin_cases=None) -> list[dict]:
+def model_rows(backend: str, tables: dict) -> list[dict]:
     """One row per (case, GPU of a modelled arch) that the backend serves: the backend's and eager's
     modelled seconds, with the keys bench/crossover.py's rules_from groups by."""
     from rest_kernels.backends.preference import reduction_class
     rows, seen, cache = [], set(), {}
-    for case in margin_cases if margin_cases is not None else cases():
+    for case in cases():
         s = case.shape
         key = (case.op_name, case.pass_, case.dtype, tuple(sorted(case.dims().items())))
         if key in seen:  # families share shapes (rest_base and ResTv2-T/S/B stage 1)
