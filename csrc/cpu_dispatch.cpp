@@ -1,4 +1,4 @@
-// The extension's CPU ops (rest_kernels_C::emsa_fwd / emsa_bwd / pa_fwd / pa_bwd on the CPU key): the
+// The extension's CPU ops (rest_kernels_C::emsa_fwd / emsa_bwd / pa_fwd / pa_bwd / add_layer_norm on the CPU key): the
 // argument checks of op_checks.h, then the kernels of the cpu kernel build chosen for this CPU.
 //
 // The kernels of csrc/cpu are built once per instruction-set level into libraries of their own
@@ -173,6 +173,11 @@ rest_cpu::Tensors3 pa_bwd(const at::Tensor& dout, const at::Tensor& x, const at:
                           const rest_cpu::OptTensor& bias) {
   return kernels().pa_bwd(dout, x, weight, bias);
 }
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const rest_cpu::OptTensor& residual,
+                                                  const rest_cpu::OptTensor& weight, const rest_cpu::OptTensor& bias,
+                                                  double eps) {
+  return kernels().add_layer_norm(x, residual, weight, bias, eps);
+}
 
 }  // namespace
 
@@ -210,4 +215,5 @@ TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
   m.impl("emsa_bwd", &rest_checks::checked_emsa_bwd<&rest_cpu_dispatch::emsa_bwd>);
   m.impl("pa_fwd", &rest_checks::checked_pa_fwd<&rest_cpu_dispatch::pa_fwd>);
   m.impl("pa_bwd", &rest_checks::checked_pa_bwd<&rest_cpu_dispatch::pa_bwd>);
+  m.impl("add_layer_norm", &rest_checks::checked_add_layer_norm<&rest_cpu_dispatch::add_layer_norm>);
 }

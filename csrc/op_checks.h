@@ -168,4 +168,41 @@ T3 checked_pa_bwd(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
   return Kernel(dout, x, weight, bias);
 }
 
+// add_layer_norm (csrc/cpu/layer_norm_cpu.cpp): x of rank >= 1 normalised over its last dimension C;
+// residual, when given, x's shape and dtype; weight and bias (C,) of x's dtype; eps finite and >= 0.
+// Any strides: the kernel gets contiguous tensors (a copy only where one is not).
+inline void add_layer_norm_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                  double eps) {
+  const char* op = "add_layer_norm";
+  floating(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the normalised one)");
+  const auto C = x.size(-1);
+  if (residual.has_value()) {
+    shape_is(*residual, x.sizes(), op, "residual");
+    TORCH_CHECK_VALUE(residual->scalar_type() == x.scalar_type(), op, ": residual must have x's dtype ",
+                      x.scalar_type(), ", got ", residual->scalar_type());
+    same_device(x, *residual, op, "residual");
+  }
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&bias, "bias"}}) {
+    if (!t->has_value()) continue;
+    shape_is(**t, {C}, op, name);
+    TORCH_CHECK_VALUE((*t)->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
+                      x.scalar_type(), ", got ", (*t)->scalar_type());
+    same_device(x, **t, op, name);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+template <std::tuple<at::Tensor, at::Tensor> (*Kernel)(const at::Tensor&, const Opt&, const Opt&, const Opt&, double)>
+std::tuple<at::Tensor, at::Tensor> checked_add_layer_norm(const at::Tensor& x, const Opt& residual, const Opt& weight,
+                                                          const Opt& bias, double eps) {
+  add_layer_norm_inputs(x, residual, weight, bias, eps);
+  return Kernel(x.contiguous(), contiguous(residual), contiguous(weight), contiguous(bias), eps);
+}
+
 }  // namespace rest_checks

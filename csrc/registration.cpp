@@ -59,6 +59,10 @@ TORCH_LIBRARY(rest_kernels_C, m) {
     m.def((std::string("pa_fwd") + suffix + pa_fwd).c_str());
     m.def((std::string("pa_bwd") + suffix + pa_bwd).c_str());
   }
+  // The models' CPU inference LayerNorm (csrc/cpu/layer_norm_cpu.cpp): CPU key only, no autograd.
+  // sum = x + residual (an empty (0,) tensor without a residual), out = LayerNorm(sum or x).
+  m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor out, Tensor sum)");
 }
 
 // Test machinery of the CUDA source, outside the ops the backends call: one warp's tensor-core

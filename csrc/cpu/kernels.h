@@ -17,10 +17,11 @@
 namespace rest_cpu {
 
 using OptTensor = c10::optional<at::Tensor>;
+using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The kernels (emsa_cpu.cpp, pa_cpu.cpp); arguments already checked by csrc/op_checks.h.
+// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp); arguments already checked by csrc/op_checks.h.
 Tensors4 emsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mix_weight,
                       double scale, double eps);
 Tensors4 emsa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -28,9 +29,12 @@ Tensors4 emsa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Ten
                       const at::Tensor& rsq, const at::Tensor& rstd, double scale, double eps);
 at::Tensor pa_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias);
 Tensors3 pa_bwd_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias);
+// (out, sum): out = LayerNorm of x (+ residual) over the last dimension; sum = x + residual, or (0,).
+Tensors2 add_layer_norm_cpu(const at::Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                            const OptTensor& bias, double eps);
 
 // Bumped whenever the table's layout or a kernel's signature changes.
-constexpr int kKernelTableVersion = 1;
+constexpr int kKernelTableVersion = 2;
 
 struct KernelTable {
   int version;       // kKernelTableVersion of the build
@@ -40,6 +44,7 @@ struct KernelTable {
   decltype(&emsa_bwd_cpu) emsa_bwd;
   decltype(&pa_fwd_cpu) pa_fwd;
   decltype(&pa_bwd_cpu) pa_bwd;
+  decltype(&add_layer_norm_cpu) add_layer_norm;
 };
 
 }  // namespace rest_cpu
