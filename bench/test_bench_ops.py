@@ -51,3 +51,30 @@ def test_op(benchmark, backend, op, pass_, shape, dtype):
     if runner.saved_bytes is not None:
         benchmark.extra_info["saved_bytes"] = runner.saved_bytes()
     benchmark(_synced(runner.fn))
+
+
+# The models' CPU inference LayerNorm (rest/norms.py): a block's residual add and norm2, fused by
+# the compiled kernel against the add and F.layer_norm it replaces, at rest_lite's stage-1 and stage-3
+# token maps (batch 16).
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16"))
+@pytest.mark.parametrize("tokens, channels", [(3136, 64), (196, 256)], ids=["stage1", "stage3"])
+@pytest.mark.parametrize("impl", ["kernel", "aten"])
+def test_add_layer_norm(benchmark, impl, tokens, channels, dtype):
+    from rest import norms
+    reason = norms.kernel_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    dt = emsa_bench.DTYPES[dtype]
+    x, r = (torch.randn(16, tokens, channels, dtype=dt) for _ in range(2))
+    norm = torch.nn.LayerNorm(channels, eps=1e-6).to(dt).requires_grad_(False)
+    if impl == "kernel":
+        def fn():
+            return norms.add_layer_norm(norm, x, r)
+        assert norms.kernel_applies(norm, x, r)
+    else:
+        def fn():
+            s = x + r
+            return s, torch.nn.functional.layer_norm(s, (channels,), norm.weight, norm.bias, norm.eps)
+    benchmark.group = f"add+layer_norm B=16 N={tokens} C={channels} {dtype} cpu"
+    benchmark.extra_info.update(impl=impl, dtype=dtype, tokens=tokens, channels=channels)
+    benchmark(fn)

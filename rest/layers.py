@@ -18,6 +18,7 @@ from .batchnorm import BatchNorm2d
 from .dense import Linear, linear_gelu
 from .lean_mlp import eligible, norm_mlp, resolve_mlp_recompute
 from .modules import EMSA, PA, map_to_tokens, tokens_to_map
+from .norms import LayerNorm2d, add_layer_norm, kernel_applies, layer_norm  # noqa: F401  (LayerNorm2d: re-exported, it lived here)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -74,7 +75,13 @@ class PreNormBlock(nn.Module):
     mlp_recompute = "auto"
 
     def forward(self, x, H: int, W: int):
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        backend = self.attn.backend
+        a = self.drop_path(self.attn(layer_norm(self.norm1, x, backend), H, W))
+        if kernel_applies(self.norm2, x, a, backend):
+            # inference on the CPU: the residual add and norm2 in one pass (rest/norms.py)
+            x, n = add_layer_norm(self.norm2, x, a, backend)
+            return x + self.drop_path(self.mlp(n))
+        x = x + a
         return x + self.drop_path(self._mlp_branch(x))
 
     def _mlp_branch(self, x):
@@ -83,7 +90,7 @@ class PreNormBlock(nn.Module):
             mode = resolve_mlp_recompute(self.mlp_recompute, self.mlp.fc1)
             if mode != "none":
                 return norm_mlp(x, self.norm2, self.mlp, mode)
-        return self.mlp(self.norm2(x))
+        return self.mlp(layer_norm(self.norm2, x, self.attn.backend))
 
 
 class Block(PreNormBlock):
@@ -129,16 +136,6 @@ class Stage(nn.ModuleList):
             else:
                 t = blk(t, H, W)
         return tokens_to_map(t, H, W)
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """nn.LayerNorm over the channels of a (B, C, H, W) map, returning the map: the same parameters
-    (state_dict keys weight, bias) and, on the channels-last maps the stages return, bitwise the same
-    numbers as nn.LayerNorm over the map's (B, H*W, C) tokens."""
-
-    def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
 
 
 class BasicStem(nn.Module):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .batchnorm import BatchNorm2d
-from .layers import DropPath, LayerNorm2d, Mlp, PreNormBlock
+from .layers import DropPath, Mlp, PreNormBlock
+from .norms import LayerNorm2d
 from .modules import PA, EMSAv2
 
 #: the LayerNorm epsilon of every ResTv2 norm (the official value)

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from . import _checks
 from .backbone import ResTFamily, build_variant
-from .layers import BasicStem, Block, LayerNorm2d, PatchEmbed, Stage
+from .layers import BasicStem, Block, PatchEmbed, Stage
+from .norms import LayerNorm2d
 
 __all__ = ["ResT", "rest_lite", "rest_small", "rest_base", "rest_large", "VARIANTS", "variant_config"]
 

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from . import _checks
 from .backbone import ResTFamily, build_variant
-from .layers import LayerNorm2d, Stage
+from .layers import Stage
+from .norms import LayerNorm2d
 from .layers_v2 import NORM_EPS, BlockV2, ConvStem, PatchEmbedV2
 from .models import _check_config
 

@@ -17,6 +17,7 @@ import rest_kernels
 
 from . import _checks
 from .dense import Linear, check_linear_impl
+from .norms import layer_norm
 
 logger = logging.getLogger("rest_kernels")
 _warned_attn_drop = False
@@ -88,7 +89,7 @@ class _ReducedAttention(nn.Module):
         if self.sr_ratio > 1:
             x_ = self.sr(tokens_to_map(x, H, W))
             Hr, Wr = x_.shape[-2:]
-            x_ = self.sr_norm(map_to_tokens(x_))
+            x_ = layer_norm(self.sr_norm, map_to_tokens(x_), self.backend)
         else:
             x_, Hr, Wr = x, H, W
         kv = self.kv(x_).view(B, x_.shape[1], 2, h, d)  # M explicit: -1 is ambiguous for B = 0
@@ -227,7 +228,7 @@ class EMSAv2(_ReducedAttention):
         # dense, k and v interleave, so the conv makes its own channels-last copy of these M x C values)
         v_map = v.transpose(1, 2).reshape(B, Hr, Wr, C).permute(0, 3, 1, 2)
         up = self._fit(self.up(v_map), H, W)
-        return self.proj(out + self.up_norm(map_to_tokens(up)))
+        return self.proj(out + layer_norm(self.up_norm, map_to_tokens(up), self.backend))
 
     def _fit(self, up, H, W):
         """The up branch's (B, C, Hr * sr, Wr * sr) map cut (or, for an odd sr, zero-padded) to H x W

@@ -223,7 +223,7 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(monkeypatch, fa
 
 
 # --------------------------------------------------------------------------- torch.fx
-LEAF_CALLS = {"attention", "position_gate", "linear", "batch_norm_2d", "to_model_layout"}
+LEAF_CALLS = {"attention", "position_gate", "linear", "batch_norm_2d", "to_model_layout", "_layer_norm_last_dim"}
 
 
 VARIANT_BUILDERS = {"ResT": [rest_lite, rest_small, rest_base, rest_large],

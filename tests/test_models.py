@@ -16,6 +16,7 @@ import torch
 import rest
 from rest import EMSA, PA, ResT, rest_base, rest_large, rest_lite, rest_small
 from rest.checkpoint import CheckpointError, load_checkpoint
+from rest import norms
 from rest.layers import drop_path
 from rest_kernels import use_backend
 
@@ -173,10 +174,16 @@ def test_lite_stage_outputs_match_official(dtype):
         assert (H, W) == (56 // 2 ** i, 56 // 2 ** i) and H * W == expected.shape[1]
         assert_close_scaled(m.flatten(2).transpose(1, 2), expected, RTOL[dtype], f"stage{i + 1} tokens")
     # stage 4's intermediate and forward_features: the final LayerNorm over each pixel's channels,
-    # bitwise what nn.LayerNorm gives on the official (B, N, C) tokens
-    tokens4 = pre_norm[0].flatten(2).transpose(1, 2)
-    normed = torch.nn.functional.layer_norm(tokens4, (tokens4.shape[-1],), model.norm.weight, model.norm.bias,
-                                            model.norm.eps)
+    # bitwise what the same norm gives on the (B, N, C) tokens (rest/norms.py: the compiled kernel at
+    # inference where it applies, else nn.LayerNorm's own path)
+    tokens4 = pre_norm[0].flatten(2).transpose(1, 2).contiguous()
+    with torch.no_grad():
+        if norms.kernel_applies(model.norm, tokens4):
+            normed = torch.ops.rest_kernels_C.add_layer_norm(tokens4, None, model.norm.weight, model.norm.bias,
+                                                             model.norm.eps)[0]
+        else:
+            normed = torch.nn.functional.layer_norm(tokens4, (tokens4.shape[-1],), model.norm.weight,
+                                                    model.norm.bias, model.norm.eps)
     torch.testing.assert_close(maps[3].flatten(2).transpose(1, 2), normed, rtol=0, atol=0)
     torch.testing.assert_close(features, maps[3], rtol=0, atol=0)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .. import models, models_v2
-from ..layers import LayerNorm2d
+from ..norms import LayerNorm2d
 from ..layers_v2 import NORM_EPS
 
 __all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "backbone_spec"]
