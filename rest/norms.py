@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rest_kernels import _extension
+import rest_kernels
 
 from .dense import _has_hooks, on_reference_backend
 
@@ -49,7 +49,7 @@ _unavailable: list[str | None] = []  # [reason or None], computed once
 def kernel_unavailable_reason() -> str | None:
     """None when the compiled LayerNorm kernel can run in this process, else why not (logged once)."""
     if not _unavailable:
-        _unavailable.append(_extension.cpu_kernels_unavailable_reason())
+        _unavailable.append(rest_kernels.available_backends()["cpu"])  # the cpu backend's kernels
         if _unavailable[0] is None:
             _register_fake()
         else:
@@ -70,11 +70,12 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _module_allows(norm: nn.Module) -> bool:
-    """The module's half of the rule: its configuration (type, shape, hooks), never the input."""
+def _module_allows(norm: nn.Module, in_own_forward: bool = False) -> bool:
+    """The module's half of the rule: its configuration (type, shape, hooks), never the input. Hooks
+    matter only where the kernel would replace the module's call; in its own forward they have run."""
     if type(norm) not in (nn.LayerNorm, LayerNorm2d) or len(norm.normalized_shape) != 1:
         return False
-    return not _has_hooks(norm)
+    return in_own_forward or not _has_hooks(norm)
 
 
 def _call_allows(x: torch.Tensor, residual: torch.Tensor | None, weight, bias, backend: str | None) -> bool:
@@ -141,7 +142,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x):
         rows = x.permute(0, 2, 3, 1)
-        if _module_allows(self):
+        if _module_allows(self, in_own_forward=True):
             out = _layer_norm_last_dim(rows, self.weight, self.bias, self.eps, None)
         else:
             out = F.layer_norm(rows, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from rest import ResT, ResTV2, rest_base, rest_large, rest_lite, rest_small
+from rest import ResT, ResTV2, norms, rest_base, rest_large, rest_lite, rest_small
 
 from support.conformance import assert_close_scaled
 from support.fused_route import count_ops, fused_cpu_route
@@ -49,7 +49,11 @@ def expected_counts(model: ResT):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compile_fullgraph_eval_matches_eager(variant):
+def test_compile_fullgraph_eval_matches_eager(variant, monkeypatch):
+    # A compiled model runs nn.LayerNorm (rest/norms.py keeps the compiled kernel out of traced graphs):
+    # eager on the same LayerNorm is the same math. The kernel's own rounding would otherwise add to
+    # the near-uniform maps' amplified differences (rest_large: 2.6e-4 of the scale against 1e-4).
+    monkeypatch.setenv(norms.ENV_VAR, "0")
     model = model_of(variant).eval()
     with torch.no_grad():
         expected = model(X)
