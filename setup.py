@@ -7,10 +7,11 @@ runs on any CPU of it):
   csrc/emu/*.cpp          the CUDA kernels' own source run by the CPU emulation (`cuda-emu`)
   csrc/cuda/*.cu          the `cuda` backend's kernels (CUDA dispatch key), only when CUDA is built
 and the `cpu` backend's kernels (csrc/cpu/*.cpp) are built once per instruction-set level into
-libraries of their own, rest_kernels/_cpu_kernels_<isa>.so: on x86-64 "avx512" (-march=x86-64-v4) and
-"avx2" (-march=x86-64-v3), elsewhere "generic". The extension picks the best one this CPU can run
-when the first cpu op runs (REST_KERNELS_CPU_ISA=avx512|avx2|generic picks one; csrc/cpu/kernels.h
-says why libraries of their own).
+libraries of their own, rest_kernels/_cpu_kernels_<isa>.so: on x86-64 "avx512bf16" (-march=x86-64-v4
+-mavx512bf16: bfloat16 dot products, VDPBF16PS), "avx512" (-march=x86-64-v4) and "avx2"
+(-march=x86-64-v3), elsewhere "generic". The extension picks the best one this CPU can run when the
+first cpu op runs (REST_KERNELS_CPU_ISA=avx512bf16|avx512|avx2|generic picks one;
+csrc/cpu/kernels.h says why libraries of their own).
 
 Switches (environment variables):
   MAX_JOBS                  parallel compile jobs (honoured by torch's ninja build)
@@ -18,9 +19,10 @@ Switches (environment variables):
   REST_KERNELS_CUDA         "1" forces the CUDA part (fails if it cannot be built),
                             "0" skips it; default: built when torch has CUDA and nvcc is found
   REST_KERNELS_CPU_ARCH     one cpu kernel build with this -march instead of the per-level builds
-                            (e.g. "native"). The load-time check covers only the AVX-512 / AVX2 level
-                            that -march implies: a build using more (native on a CPU with, say,
-                            avx512_bf16) is for the machines it was built for, not for copying
+                            (e.g. "native"). The load-time check covers only the level that -march
+                            implies (AVX-512 with or without BF16, AVX2): a build using more (native
+                            on a CPU with, say, AMX) is for the machines it was built for, not for
+                            copying
   REST_KERNELS_PTXAS_VERBOSE=1  print registers / shared memory / spills of every CUDA kernel
   REST_KERNELS_DEBUG=1      -O0 -g builds
 """
@@ -104,13 +106,16 @@ def cdefine(name, value):
 
 
 def cpu_kernel_builds():
-    """[(isa, -march)], best first: the instruction-set builds of the cpu kernels."""
+    """[(isa, target flags)], best first: the instruction-set builds of the cpu kernels. The flags
+    are the build's whole target; csrc/cpu_dispatch.cpp's `missing_features` lists the CPU features
+    each isa needs, and must name everything these flags let the compiler use."""
     march = os.environ.get("REST_KERNELS_CPU_ARCH", "").strip()
     if march:
-        return [(isa_of_march(march), march)]
+        return [(isa_of_march(march), [f"-march={march}"])]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        return [("avx512", "x86-64-v4"), ("avx2", "x86-64-v3")]
-    return [("generic", "")]
+        return [("avx512bf16", ["-march=x86-64-v4", "-mavx512bf16"]), ("avx512", ["-march=x86-64-v4"]),
+                ("avx2", ["-march=x86-64-v3"])]
+    return [("generic", [])]
 
 
 def isa_of_march(march):
@@ -123,7 +128,7 @@ def isa_of_march(march):
         raise RuntimeError(f"REST_KERNELS_CPU_ARCH={march}: {cxx} cannot compile for it ({e})") from None
     defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
     if {"__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__", "__AVX512CD__"} <= defined:
-        return "avx512"
+        return "avx512bf16" if "__AVX512BF16__" in defined else "avx512"
     if {"__AVX2__", "__FMA__"} <= defined:
         return "avx2"
     return "generic"
@@ -160,7 +165,7 @@ def main():
         "REST_BUILT_CUDA": torch.version.cuda if build_cuda else "",
         "REST_BUILT_ARCHS": archs,
         "REST_CPU_KERNEL_BUILDS": ",".join(isa for isa, _ in builds),
-        "REST_BUILT_CPU_MARCHES": ",".join(march for _, march in builds),
+        "REST_BUILT_CPU_MARCHES": ",".join(" ".join(flags) for _, flags in builds),
     }
     # No -march here: rest_kernels._C must load on every CPU of the architecture.
     cxx = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"] + [cdefine(k, v) for k, v in info.items()]
@@ -189,15 +194,13 @@ def main():
     # The cpu kernels, one library per instruction-set level. Hidden symbols: each library keeps its
     # own copies of every inline function (none compiled for AVX-512 can serve another library).
     kernel_exts = []
-    for isa, march in builds:
+    for isa, target in builds:
         flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
-                       "-fvisibility-inlines-hidden", cdefine("REST_CPU_MARCH", march)]
-        if march:
-            flags.append(f"-march={march}")
+                       "-fvisibility-inlines-hidden", cdefine("REST_CPU_MARCH", " ".join(target))] + target
         kernel_exts.append(cpp_extension.CppExtension(
             f"rest_kernels._cpu_kernels_{isa}", cpu_kernel_sources(isa), include_dirs=include_dirs,
             extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"]))
-    log("cpu kernel builds: " + ", ".join(f"{isa} (-march={march or 'default'})" for isa, march in builds))
+    log("cpu kernel builds: " + ", ".join(f"{isa} ({' '.join(target) or 'default target'})" for isa, target in builds))
 
     setup(
         ext_modules=[ext] + kernel_exts,

@@ -78,3 +78,43 @@ def test_add_layer_norm(benchmark, impl, tokens, channels, dtype):
     benchmark.group = f"add+layer_norm B=16 N={tokens} C={channels} {dtype} cpu"
     benchmark.extra_info.update(impl=impl, dtype=dtype, tokens=tokens, channels=channels)
     benchmark(fn)
+
+
+# The bfloat16 attention forward of each cpu kernel build this CPU can run (avx512bf16: bfloat16
+# products on VDPBF16PS; avx512 / avx2: float32 products on widened inputs), against eager PyTorch in
+# bfloat16, at rest_lite's four stage shapes (batch 16, the model's strided q), without (stage 1) and
+# with the head mix.
+def _cpu_builds():
+    from rest_kernels import _extension
+    status = _extension.cpu_kernels_status()
+    if status is None:
+        return []
+    return [isa for isa in status["builds"] if status["runnable"][isa] is None]
+
+
+@pytest.mark.parametrize("stage", [(1, 3136, 49, 64), (2, 784, 49, 64), (4, 196, 49, 64), (8, 49, 49, 64)],
+                         ids=["stage1", "stage2", "stage3", "stage4"])
+@pytest.mark.parametrize("impl", ["reference", *(f"cpu-{isa}" for isa in _cpu_builds())])
+def test_emsa_bf16_forward_per_cpu_build(benchmark, impl, stage):
+    from rest_kernels import _extension
+    h, N, M, d = stage
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, N, h, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(16, h, M, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(h, h, generator=g) if h > 1 else None
+    backend = "reference" if impl == "reference" else "cpu"
+    before = _extension.cpu_kernels_status()["selected"] if backend == "cpu" else None
+    if backend == "cpu":
+        _extension.select_cpu_kernels(impl[len("cpu-"):])
+
+    def fn():
+        with torch.no_grad():
+            return rest_kernels.emsa_attention(q, k, v, w, backend=backend)
+    try:
+        fn()
+        benchmark.group = f"emsa{'-mix' if w is not None else ''} fwd B=16 h={h} N={N} M={M} d={d} bfloat16 cpu"
+        benchmark.extra_info.update(impl=impl, heads=h, tokens=N, keys=M, head_dim=d)
+        benchmark(fn)
+    finally:
+        if before is not None:
+            _extension.select_cpu_kernels(before)

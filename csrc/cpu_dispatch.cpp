@@ -6,7 +6,7 @@
 // rest of rest_kernels._C, chooses one on first use:
 //   - the builds this extension has are listed at build time (REST_CPU_KERNEL_BUILDS, best first) and
 //     lie next to this library as _cpu_kernels_<isa>.<python extension suffix>;
-//   - REST_KERNELS_CPU_ISA=avx512|avx2|generic asks for one of them ("auto" or unset: the best one this
+//   - REST_KERNELS_CPU_ISA=avx512bf16|avx512|avx2|generic asks for one of them ("auto" or unset: the best one this
 //     CPU can run);
 //   - a build is loaded only when the CPU has every feature its -march lets the compiler use
 //     (GCC's __builtin_cpu_supports, which also checks that the OS saves the AVX / AVX-512 registers).
@@ -51,7 +51,8 @@ std::string join(const std::vector<std::string>& items, const char* sep) {
 }
 
 // The CPU features a build's code may use and that this CPU lacks (empty: it can run the build).
-// avx2 is x86-64-v3's list, avx512 adds x86-64-v4's (GCC's definitions of the two levels).
+// avx2 is x86-64-v3's list, avx512 adds x86-64-v4's (GCC's definitions of the two levels), avx512bf16
+// adds AVX512-BF16 (setup.py builds it with -march=x86-64-v4 -mavx512bf16).
 std::vector<std::string> missing_features(const std::string& isa) {
   std::vector<std::string> missing;
   if (isa == "generic") return missing;
@@ -59,15 +60,17 @@ std::vector<std::string> missing_features(const std::string& isa) {
   __builtin_cpu_init();
 #define REST_NEED(feature) \
   if (!__builtin_cpu_supports(feature)) missing.push_back(feature);
-  if (isa == "avx2" || isa == "avx512") {
+  const bool avx512 = isa == "avx512" || isa == "avx512bf16";
+  if (isa == "avx2" || avx512) {
     REST_NEED("avx") REST_NEED("avx2") REST_NEED("fma") REST_NEED("bmi") REST_NEED("bmi2") REST_NEED("f16c")
     REST_NEED("lzcnt") REST_NEED("movbe")
   }
-  if (isa == "avx512") {
+  if (avx512) {
     REST_NEED("avx512f") REST_NEED("avx512bw") REST_NEED("avx512vl") REST_NEED("avx512dq") REST_NEED("avx512cd")
   }
+  if (isa == "avx512bf16") REST_NEED("avx512bf16")
 #undef REST_NEED
-  if (isa != "avx2" && isa != "avx512") missing.push_back("an instruction set named '" + isa + "'");
+  if (isa != "avx2" && !avx512) missing.push_back("an instruction set named '" + isa + "'");
 #else
   missing.push_back(isa + " (this is not an x86 CPU)");
 #endif

@@ -39,10 +39,24 @@ def unavailable_reason() -> str | None:
 # extension chooses the build when the first cpu op runs (csrc/cpu_dispatch.cpp). These report that
 # choice and switch it.
 def cpu_kernels_status() -> dict | None:
-    """{"builds": [isa, ...] best first, "selected": isa or None, "march": its -march, "reason": why none
+    """{"builds": [isa, ...] best first, "selected": isa or None, "march": its target flags, "reason": why none
     is selected, "runnable": {isa: None or why this CPU cannot run it}}; None without the extension."""
     module, _ = load()
     return dict(module.cpu_kernels_status()) if module is not None else None
+
+
+# The cpu kernel builds whose bfloat16 EMSA forward multiplies on bfloat16 operands (VDPBF16PS,
+# csrc/cpu/bf16_dot_gemm.h) and rounds the left operand of P v to bfloat16 (P as PyTorch's bfloat16
+# attention does; with the head mix the centred P - 1/M); every other build, and every other dtype,
+# computes in float32 from exactly widened inputs and rounds out once (csrc/cpu/emsa_cpu.cpp,
+# forward_bf16_dot, says why the rounding is safe).
+CPU_BUILDS_WITH_BF16_PRODUCTS = frozenset({"avx512bf16"})
+
+
+def cpu_bf16_products() -> bool:
+    """Whether the selected cpu build runs the bfloat16 EMSA forward on bfloat16 products."""
+    status = cpu_kernels_status()
+    return status is not None and status["selected"] in CPU_BUILDS_WITH_BF16_PRODUCTS
 
 
 def cpu_kernels_unavailable_reason() -> str | None:
@@ -53,13 +67,13 @@ def cpu_kernels_unavailable_reason() -> str | None:
 
 
 def cpu_isa_description() -> str:
-    """One line for reports: which cpu kernel build runs, e.g. "avx512 (-march=x86-64-v4)"."""
+    """One line for reports: which cpu kernel build runs, e.g. "avx512 (-march=x86-64-v4; builds: ...)"."""
     status = cpu_kernels_status()
     if status is None:
         return f"none ({unavailable_reason()})"
     if status["selected"] is None:
         return f"none ({status['reason']})"
-    return f"{status['selected']} (-march={status['march'] or 'default'}; builds: {', '.join(status['builds'])})"
+    return f"{status['selected']} ({status['march'] or 'default target'}; builds: {', '.join(status['builds'])})"
 
 
 def select_cpu_kernels(isa: str) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from support import conformance
 import rest_kernels
+from rest_kernels import _extension
 from conftest import require_backend
 
 DTYPES = [torch.float64, torch.float32]
@@ -66,6 +67,8 @@ def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dty
     the mix, from a float32 buffer of the unscaled rows in the rstd pass); widening is exact, so the
     result must equal, bit for bit, the float32 kernel on float32 copies rounded once (what the
     kernel did before), for the model's strided q too, and the statistics too."""
+    if dtype == torch.bfloat16 and _extension.cpu_bf16_products():
+        pytest.skip("this build computes the bfloat16 forward on bfloat16 products: test_emsa_bf16_products_forward")
     B, h, N, M, d = size
     g = torch.Generator().manual_seed(5)
     k, v = (torch.randn(B, h, M, d, generator=g).to(dtype) for _ in range(2))
@@ -78,6 +81,58 @@ def test_emsa_low_precision_forward_reads_its_inputs_as_float32_copies_would(dty
         assert got[0].stride() == want[0].stride()  # (B, N, h, d) in memory, as every backend
         for a, b in zip(got[1:], want[1:]):  # lse, rsq, rstd: float32 either way
             assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+BF16_PRODUCT_SIZES = EMSA_SIZES + [(2, 1, 196, 49, 64), (1, 1, 50, 2, 2), (3, 1, 31, 33, 63), (1, 2, 7, 16, 32)]
+
+
+@pytest.mark.parametrize("mix", [False, True])
+@pytest.mark.parametrize("size", BF16_PRODUCT_SIZES, ids=lambda s: "B%d-h%d-N%d-M%d-d%d" % s)
+def test_emsa_bf16_products_forward(size, mix):
+    """The bfloat16 forward as the selected build computes it (on an avx512bf16 build: bfloat16
+    products, float32 sums, the second product's left operand rounded to bfloat16: P without the mix,
+    the centred P - 1/M with it; elsewhere in float32), for the contiguous and the model's strided q,
+    odd M and d (the pair-interleaved packs' zero padding):
+    - out against float64 on the same bfloat16 inputs by the flash-attention rule: at most twice the
+      error of the reference run in bfloat16, plus one bfloat16 rounding of out's scale;
+    - lse against float64: each logit plane L_j is a float32 dot product of d exact bfloat16 products,
+      off by at most d * 2^-24 * scale * sum_c |q_c k_c| (the standard bound for recursive summation);
+      the mix S_g = sum_j (W[g,j] scale) L_j adds (h + 2) * 2^-24 * scale * sum_j |W[g,j]| |L_j| (the
+      rounded weight, the sum of h terms) to sum_j |W[g,j]| times those errors; lse moves by at most
+      the largest error of its row; the softmax sums, exp and log add a few float32 ulps of |lse| + 1,
+      bounded by 16 * 2^-24 * (|lse| + 1);
+    - rsq and rstd by the statistics contract's bfloat16 bound (conformance.check_emsa_stats)."""
+    B, h, N, M, d = size
+    if mix and h == 1:
+        pytest.skip("the mix needs heads > 1")
+    if mix and N * M == 1:
+        pytest.skip("the reference cannot normalise a 1 x 1 map")
+    g = torch.Generator().manual_seed(11)
+    k, v = (torch.randn(B, h, M, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    w = torch.randn(h, h, generator=g) if mix else None
+    scale = d ** -0.5
+    eps32 = 2.0 ** -24
+    for q in (torch.randn(B, h, N, d, generator=g).to(torch.bfloat16),
+              torch.randn(B, N, h, d, generator=g).to(torch.bfloat16).transpose(1, 2)):
+        out, lse, rsq, rstd = torch.ops.rest_kernels_C.emsa_fwd(q, k, v, w, scale, 1e-5)
+        assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+        assert lse.dtype == torch.float32 and (rsq.numel() > 0) == mix and (rstd.numel() > 0) == mix
+        wd = None if w is None else w.double()
+        oracle = rest_kernels.emsa_attention(q.double(), k.double(), v.double(), wd, backend="reference")
+        lowp = rest_kernels.emsa_attention(q, k, v, None if w is None else w.to(torch.bfloat16), backend="reference")
+        conformance.assert_lowp_close(out, lowp, oracle, f"out {size} mix={mix}")
+        L = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, h, N, M)
+        E = d * eps32 * scale * (q.double().abs() @ k.double().abs().transpose(-1, -2))
+        if mix:
+            S = torch.einsum("gj,bjnm->bgnm", wd, L)
+            E = torch.einsum("gj,bjnm->bgnm", wd.abs(), E + (h + 2) * eps32 * L.abs())
+        else:
+            S = L
+        lse64 = torch.logsumexp(S, -1) - torch.log(torch.tensor(float(M), dtype=torch.float64))
+        bound = E.amax(-1) + 16 * eps32 * (lse64.abs() + 1)
+        err = (lse.double() - lse64).abs()
+        assert bool((err <= bound).all()), f"lse {size}: error {err.max().item():.3e}, bound {bound.min().item():.3e}"
+    conformance.check_emsa_stats("cpu", B, h, N, M, d, torch.bfloat16, mix=mix)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -157,13 +212,21 @@ def _pa_run(channels_last=False):
     return (out,) + torch.autograd.grad(out, (x, w, b), torch.randn(out.shape, generator=g))
 
 
+def _emsa_bf16_forward():
+    """The bfloat16 forward (on an avx512bf16 build: its own kernel, bfloat16 products), with the mix."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 3, n, 40, generator=g).to(torch.bfloat16) for n in (301, 37, 37))
+    return torch.ops.rest_kernels_C.emsa_fwd(q, k, v, torch.randn(3, 3, generator=g), 0.2, 1e-5)
+
+
 def test_thread_count_bitwise_identical():
     threads = torch.get_num_threads()
     try:
         results = {}
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results[n] = [_emsa_run(True), _emsa_run(False), _pa_run(), _pa_run(channels_last=True)]
+            results[n] = [_emsa_run(True), _emsa_run(False), _pa_run(), _pa_run(channels_last=True),
+                          _emsa_bf16_forward()]
     finally:
         torch.set_num_threads(threads)
     for n in (2, 3):

@@ -1,12 +1,13 @@
 """The cpu kernels' instruction-set builds (csrc/cpu/kernels.h, the table each build exports from
 csrc/cpu/kernel_table.cpp, and csrc/cpu_dispatch.cpp, which loads one): one build per
-x86 level (AVX-512, AVX2), the best one this CPU can run chosen at load time, never one it cannot run;
+x86 level (AVX-512 with BF16, AVX-512, AVX2), the best one this CPU can run chosen at load time, never one it cannot run;
 and the suite's op-level and model-gradient tests passing on every build this CPU can run, so that a
 tolerance holding for one kind of CPU only is caught on an AVX-512 machine too."""
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -21,12 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ENV = "REST_KERNELS_CPU_ISA"
 
-# What each build's -march lets the compiler use (GCC's x86-64-v3 / -v4), by /proc/cpuinfo's names.
+# What each build's target lets the compiler use (GCC's x86-64-v3 / -v4, + AVX512-BF16), by
+# /proc/cpuinfo's names.
 NEEDS = {
     "avx2": {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "abm", "movbe"},
     "generic": set(),
 }
 NEEDS["avx512"] = NEEDS["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+NEEDS["avx512bf16"] = NEEDS["avx512"] | {"avx512_bf16"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def runnable_here(status) -> list[str]:
 def test_builds_are_the_x86_levels(status):
     if os.environ.get("REST_KERNELS_CPU_ARCH"):
         pytest.skip("built with REST_KERNELS_CPU_ARCH (one build of that -march)")
-    assert status["builds"] == (["avx512", "avx2"] if X86 else ["generic"])
+    assert status["builds"] == (["avx512bf16", "avx512", "avx2"] if X86 else ["generic"])
 
 
 def test_what_this_cpu_can_run_agrees_with_cpuinfo(status):
@@ -73,8 +76,8 @@ def test_a_build_this_cpu_cannot_run_is_refused_with_what_it_lacks(status):
     with pytest.raises(ValueError, match="no 'sse9' build of the cpu kernels"):
         _extension.select_cpu_kernels("sse9")
     for isa in status["builds"]:
-        if status["runnable"][isa] is not None:  # e.g. the AVX-512 build on an AVX2 CPU
-            with pytest.raises(RuntimeError, match=f"cannot run the {isa} build.*lacks avx512f"):
+        if status["runnable"][isa] is not None:  # e.g. the AVX-512 builds on an AVX2 CPU
+            with pytest.raises(RuntimeError, match=f"cannot run the {isa} build.*lacks avx512(f|bf16)"):
                 _extension.select_cpu_kernels(isa)
     assert _extension.cpu_kernels_status()["selected"] == status["selected"]  # the choice is kept
 
@@ -144,9 +147,13 @@ def test_each_build_uses_its_own_vector_width(status):
     folder = os.path.dirname(_extension.load()[0].__file__)
     files = {isa: [f for f in os.listdir(folder) if f.startswith(f"_cpu_kernels_{isa}.") and f.endswith(".so")]
              for isa in status["builds"]}
+    bf16 = _instructions(os.path.join(folder, files["avx512bf16"][0]))
     avx512 = _instructions(os.path.join(folder, files["avx512"][0]))
     avx2 = _instructions(os.path.join(folder, files["avx2"][0]))
+    assert "vdpbf16ps" in bf16  # the bfloat16 EMSA forward's products (csrc/cpu/bf16_dot_gemm.h)
     assert "%zmm" in avx512
+    # no AVX512-BF16 instruction where the CPU may lack it (its three: VDPBF16PS, VCVTNE(2)PS2BF16)
+    assert not re.search(r"\bv(dpbf16ps|cvtneps2bf16|cvtne2ps2bf16)\b", avx512)
     assert "%ymm" in avx2 and "%zmm" not in avx2 and "{k" not in avx2  # no AVX-512 registers or masks
 
 

@@ -45,7 +45,8 @@
 //
 // Dtypes: float32 and float64 natively; bfloat16 / float16 inputs are computed in float32 and
 // rounded once at the end: the forward reads them in place (widened as loaded), the backward works
-// on float32 copies.
+// on float32 copies. Except the bfloat16 forward of the build with AVX512-BF16 (REST_CPU_HAS_BF16_DOT,
+// the "avx512bf16" build): its products run on bfloat16 operands, forward_bf16_dot below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -56,6 +57,7 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "bf16_dot_gemm.h"
 #include "simd.h"
 #include "tile_gemm.h"
 
@@ -207,9 +209,18 @@ inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rs
 
 // P = exp(S - lse) / M of one row in place (the backward; lse, the log-mean-exp, saved by the
 // forward); padding lanes 0.
+// One key: P = 1 exactly, whatever the logit. Recomputing it from lse would give exp(S - lse) with
+// S rounded differently from the forward's wherever the forward formed its logits otherwise (the
+// bfloat16-product forward of the avx512bf16 build), 1 +- a few ulps, and gradients that are exactly
+// zero with one key (dq, dk) would pick up that difference times rstd (1/sqrt(eps) for a one-key map).
 template <typename T>
 inline void probs_from_lse(T* row, int64_t M, T lse) {
   constexpr int Wd = Simd<T>::W;
+  if (M == 1) {
+    vstore(row, vset<T>(T(0)));
+    row[0] = T(1);
+    return;
+  }
   const int64_t last = (M - 1) / Wd * Wd;
   const auto keep = lanes_below<T>(M - last);
   const vec_t<T> vl = vset<T>(lse);
@@ -297,6 +308,196 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
   });
 }
 
+#if defined(REST_CPU_HAS_BF16_DOT)
+// One row of the bfloat16 path: logits (Mp floats, unscaled) -> P = softmax(scale * logits) rounded
+// to bfloat16 into prow (padding lanes 0); returns the row's max of the scaled logits and its mean exp
+// sum / M. Three passes over the row in L1 (scale and max; exp and sum; normalise and round).
+inline void softmax_row_to_bf16(float* row, int64_t M, float scale, c10::BFloat16* prow, float* mx_out,
+                                float* mean_out) {
+  constexpr int Wd = Simd<float>::W;
+  const int64_t last = (M - 1) / Wd * Wd;
+  const auto keep = lanes_below<float>(M - last);
+  const vec_t<float> ninf = vset<float>(-std::numeric_limits<float>::infinity()), zero = vset<float>(0.0f);
+  vec_t<float> vm = ninf;
+  for (int64_t m = 0; m < last; m += Wd) {
+    const vec_t<float> x = vload(row + m) * scale;
+    vstore(row + m, x);
+    vm = vmax<float>(vm, x);
+  }
+  {
+    const vec_t<float> x = keep ? vload(row + last) * scale : ninf;
+    vstore(row + last, x);
+    vm = vmax<float>(vm, x);
+  }
+  const float mx = hmax(vm);
+  vec_t<float> vs = zero;
+  for (int64_t m = 0; m < last; m += Wd) {
+    const vec_t<float> e = vexp(vload(row + m) - mx);
+    vstore(row + m, e);
+    vs += e;
+  }
+  {
+    const vec_t<float> e = keep ? vexp(vload(row + last) - mx) : zero;
+    vstore(row + last, e);
+    vs += e;
+  }
+  const float sum = hsum(vs);
+  const float inv = 1.0f / sum;
+  for (int64_t m = 0; m <= last; m += Wd) store_narrowed<c10::BFloat16>(prow + m, vload(row + m) * inv);
+  *mx_out = mx;
+  *mean_out = sum / float(M);
+}
+
+// lse (the log-mean-exp, rest_kernels/backends/stats.py) of n rows from their max and mean exp, a vector
+// of rows at a time; mean is in (1/M, 1], so its log is formed without cancellation. The buffers are
+// padded to whole vectors (padding mean 1: log 0).
+inline void lse_rows(int64_t n, const float* mx, const float* mean, float* lse) {
+  constexpr int Wd = Simd<float>::W;
+  for (int64_t r = 0; r < n; r += Wd) {
+    float t[Wd];
+    vstore(t, vload(mx + r) + vlog(vload(mean + r)));
+    std::copy(t, t + std::min<int64_t>(Wd, n - r), lse + r);
+  }
+}
+
+// The bfloat16 forward on VDPBF16PS (bf16_dot_gemm.h): both products on bfloat16 operands, twice
+// the multiply-adds per instruction of the float32 path (rest_lite's stage-1 attention at batch 16:
+// 3.4 against 4.9 ms per call).
+//   L_j = q_j k_j^T from the bfloat16 inputs as they are (exact products, float32 sums), scaled in
+//   float32 (with the mix, the scale is folded into the mix weights, S_g = sum_j (W[g,j] scale) L_j);
+//   softmax in float32 (lse by lse_rows);
+//   the left operand of the second product rounded to bfloat16: the one rounding the float32 path
+//   does not have, a relative 2^-9 per element, which sums in the product to about the rounding of
+//   out itself. Without the mix that operand is P, rounded as PyTorch's own bfloat16 attention rounds
+//   its softmax output. With the mix it is the centred map P - 1/M (the InstanceNorm mean is exactly
+//   1/M): InstanceNorm scales it by rstd, so an error relative to the centred values is the same
+//   relative error after normalisation. Rounding P itself there would not be: for near-uniform maps
+//   P - 1/M is far below 1/M, and an error of 2^-9 P, divided by the map's standard deviation, was
+//   up to 316 times the normalised values' rounding.
+// Operands: q rows copied as they are (pairs along d), k and v packed pair-interleaved once per call.
+// O: out's element type (bfloat16 without the mix; float32 with it, scaled by rstd afterwards, as
+// forward_tasks). rsq: c_i per row with the mix (as forward_tasks), else null.
+template <typename O>
+void forward_bf16_dot(const Shapes& sh, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::vector<float>& W, float scale, O* out, float* lse, float* rsq) {
+  using BF = c10::BFloat16;
+  const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
+  const int64_t d2 = (d + 1) / 2, M2 = (M + 1) / 2;
+  const bool mix = !W.empty();
+  const BF zero(0.0f);
+  std::vector<float> Ws(W);
+  for (float& w : Ws) w *= scale;
+  // kp[bj][c2][m][t] = k[b, j, m, 2 c2 + t] (the B operand of q k^T, Mp columns);
+  // vp[bj][m2][c][t] = v[b, j, 2 m2 + t, c] (the B operand of P v, dp columns); zero padded.
+  // at::zeros: a memset (a vector of c10::BFloat16 filled with a value is stored element by element,
+  // which took longer than the packing itself)
+  at::Tensor kp_t = at::zeros({B * h * d2 * Mp * 2}, q.options()), vp_t = at::zeros({B * h * M2 * dp * 2}, q.options());
+  BF* const kpp = kp_t.data_ptr<BF>();
+  BF* const vpp = vp_t.data_ptr<BF>();
+  View4<BF> kv(k), vv(v), qv(q);
+  // A pair of bfloat16 is moved as one 32-bit word: kp is the transpose of k's rows read as d2 pairs,
+  // vp interleaves two rows of v. Rows with unit stride and an even d are read as words directly
+  // (the case of every model: these packs are as large as q at stage 4, where N = M).
+  const bool k_words = kv.s3 == 1 && d % 2 == 0, v_rows = vv.s3 == 1;
+  at::parallel_for(0, B * h, light_grain(M * d), [&](int64_t lo, int64_t hi) {
+    for (int64_t bj = lo; bj < hi; ++bj) {
+      const int64_t b = bj / h, j = bj % h;
+      BF* ko = kpp + bj * d2 * Mp * 2;
+      BF* vo = vpp + bj * M2 * dp * 2;
+      for (int64_t m = 0; m < M; ++m) {
+        const BF* kr = kv.row(b, j, m);
+        if (k_words) {
+          for (int64_t c2 = 0; c2 < d2; ++c2) std::memcpy(ko + (c2 * Mp + m) * 2, kr + 2 * c2, 2 * sizeof(BF));
+        } else {
+          for (int64_t c = 0; c < d; ++c) ko[((c / 2) * Mp + m) * 2 + c % 2] = kr[c * kv.s3];
+        }
+      }
+      for (int64_t m2 = 0; m2 < M2; ++m2) {
+        const BF* r0 = vv.row(b, j, 2 * m2);
+        const bool second = 2 * m2 + 1 < M;  // else the pair's second row stays zero
+        const BF* r1 = second ? vv.row(b, j, 2 * m2 + 1) : r0;
+        uint16_t* o = reinterpret_cast<uint16_t*>(vo + m2 * dp * 2);
+        if (v_rows && second) {
+          const uint16_t* a = reinterpret_cast<const uint16_t*>(r0);
+          const uint16_t* c1 = reinterpret_cast<const uint16_t*>(r1);
+          for (int64_t c = 0; c < d; ++c) {  // vectorised by the compiler: one word per column
+            const uint32_t w = uint32_t(a[c]) | (uint32_t(c1[c]) << 16);
+            std::memcpy(o + 2 * c, &w, sizeof(w));
+          }
+        } else {
+          for (int64_t c = 0; c < d; ++c) {
+            vo[(m2 * dp + c) * 2] = r0[c * vv.s3];
+            if (second) vo[(m2 * dp + c) * 2 + 1] = r1[c * vv.s3];
+          }
+        }
+      }
+    }
+  });
+  constexpr int Wd = Simd<float>::W;
+  const int64_t lh = mix ? h : 1;  // logit planes per task: every head's with the mix, else one
+  const int64_t row_bytes = 4 * Mp * (mix ? 2 * h : 1) + 2 * Mp + 2 * 2 * d2 + 4 * dp;
+  const int64_t BN = block_rows(row_bytes, kFwdBufferBytes, N);
+  const int64_t nblk = (N + BN - 1) / BN;
+  const int64_t plane = BN * Mp;
+  const float shift = mix ? 1.0f / float(M) : 0.0f;
+  struct Buffers {
+    std::vector<BF> Qb, Pb;
+    std::vector<float> Lb, Sb, Ob, mx, mean;  // mx, mean: each row's max and mean exp, for its lse
+  };
+  auto make = [&] {
+    return Buffers{std::vector<BF>(BN * 2 * d2, zero), std::vector<BF>(BN * Mp, zero),
+                   std::vector<float>(lh * plane), std::vector<float>(mix ? h * plane : 0),
+                   std::vector<float>(BN * dp), std::vector<float>(round_up(BN, Wd)),
+                   std::vector<float>(round_up(BN, Wd), 1.0f)};
+  };
+  parallel_tasks(B * nblk, make, [&](int64_t task, Buffers& buf) {
+    const int64_t b = task / nblk, i0 = (task % nblk) * BN, nr = std::min(BN, N - i0);
+    auto logits = [&](int64_t j, float* L) {
+      for (int64_t r = 0; r < nr; ++r) {  // q rows as they are; an odd d's last column stays zero
+        const BF* src = qv.row(b, j, i0 + r);
+        BF* dst = buf.Qb.data() + r * 2 * d2;
+        if (qv.s3 == 1)
+          std::memcpy(dst, src, d * sizeof(BF));
+        else
+          for (int64_t c = 0; c < d; ++c) dst[c] = src[c * qv.s3];
+      }
+      bf16_dot_gemm(nr, Mp, d2, buf.Qb.data(), 2 * d2, kpp + (b * h + j) * d2 * Mp * 2, 2 * Mp, L, Mp);
+    };
+    if (mix) {
+      for (int64_t j = 0; j < h; ++j) logits(j, buf.Lb.data() + j * plane);
+      mix_heads<float>(Ws.data(), h, buf.Lb.data(), buf.Sb.data(), plane, nr * Mp);
+    }
+    for (int64_t g = 0; g < h; ++g) {
+      const int64_t row0 = (b * h + g) * N + i0;
+      if (mix) {
+        for (int64_t r = 0; r < nr; ++r) {
+          float* row = buf.Sb.data() + g * plane + r * Mp;
+          float sum;
+          softmax_row<float>(row, M, shift, &buf.mx[r], &sum, &rsq[row0 + r]);
+          buf.mean[r] = sum / float(M);
+          BF* prow = buf.Pb.data() + r * Mp;
+          for (int64_t m = 0; m < Mp; m += Wd) store_narrowed<BF>(prow + m, vload(row + m));
+        }
+      } else {
+        logits(g, buf.Lb.data());
+        for (int64_t r = 0; r < nr; ++r)
+          softmax_row_to_bf16(buf.Lb.data() + r * Mp, M, scale, buf.Pb.data() + r * Mp, &buf.mx[r], &buf.mean[r]);
+      }
+      lse_rows(nr, buf.mx.data(), buf.mean.data(), lse + row0);
+      bf16_dot_gemm(nr, dp, M2, buf.Pb.data(), Mp, vpp + (b * h + g) * M2 * dp * 2, 2 * dp, buf.Ob.data(),
+                    dp);
+      for (int64_t r = 0; r < nr; ++r) {  // out is (B, N, h, d) in memory
+        O* dst = out + ((b * N + i0 + r) * h + g) * d;
+        const float* src = buf.Ob.data() + r * dp;
+        int64_t c = 0;
+        for (; c + Wd <= d; c += Wd) store_narrowed<O>(dst + c, vload(src + c));
+        for (; c < d; ++c) dst[c] = O(src[c]);
+      }
+    }
+  });
+}
+#endif
+
 // rstd[b, g] from the rows' centred sums c_i: a serial sum per (b, g), in double.
 template <typename T>
 void rstd_from_rsq(const Shapes& sh, const T* rsq, double eps, double* rstd) {
@@ -327,21 +528,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   // empty problems are answered by csrc/op_checks.h before any kernel runs
   TORCH_INTERNAL_ASSERT(B * h * N > 0 && d > 0 && M > 0);
 
-  auto opt = st;
-  at::Tensor kt = at::empty({B * h * d * sh.Mp}, opt), vp = at::empty({B * h * M * sh.dp}, opt);
-  pack_transposed<T, S>(k, T(scale), sh.Mp, kt.data_ptr<T>());
-  pack_rows<T, S>(v, T(1), sh.dp, vp.data_ptr<T>());
   S* o = out.data_ptr<S>();
-  if (!mix) {
-    forward_tasks<T, S>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(), nullptr);
-    return {out.transpose(1, 2), lse, rsq, rstd};
-  }
   // With the mix, out is scaled by rstd once every row is done: the rows go to a T buffer (out itself
   // when S is T), and the scaling pass rounds them once into out (the same arithmetic as the float32
   // kernel on float32 copies followed by one rounding, which 16-bit inputs had before).
-  at::Tensor out_t = std::is_same_v<T, S> ? out : at::empty({B, N, h, d}, st);
-  T* ot = out_t.data_ptr<T>();
-  forward_tasks<T, S, T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, ot, lse.data_ptr<T>(), rsq.data_ptr<T>());
+  at::Tensor out_t = !mix ? at::Tensor() : std::is_same_v<T, S> ? out : at::empty({B, N, h, d}, st);
+  T* ot = mix ? out_t.data_ptr<T>() : nullptr;
+  T* rsq_p = mix ? rsq.data_ptr<T>() : nullptr;
+#if defined(REST_CPU_HAS_BF16_DOT)
+  constexpr bool bf16_products = std::is_same_v<S, at::BFloat16>;  // forward_bf16_dot says why
+#else
+  constexpr bool bf16_products = false;
+#endif
+  if constexpr (bf16_products) {
+#if defined(REST_CPU_HAS_BF16_DOT)
+    if (mix)
+      forward_bf16_dot<float>(sh, q, k, v, W, float(scale), ot, lse.data_ptr<float>(), rsq_p);
+    else
+      forward_bf16_dot<S>(sh, q, k, v, W, float(scale), o, lse.data_ptr<float>(), nullptr);
+#endif
+  } else {
+    at::Tensor kt = at::empty({B * h * d * sh.Mp}, st), vp = at::empty({B * h * M * sh.dp}, st);
+    pack_transposed<T, S>(k, T(scale), sh.Mp, kt.data_ptr<T>());
+    pack_rows<T, S>(v, T(1), sh.dp, vp.data_ptr<T>());
+    if (mix)
+      forward_tasks<T, S, T>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, ot, lse.data_ptr<T>(), rsq_p);
+    else
+      forward_tasks<T, S>(sh, q, kt.data_ptr<T>(), vp.data_ptr<T>(), W, o, lse.data_ptr<T>(), nullptr);
+  }
+  if (!mix) return {out.transpose(1, 2), lse, rsq, rstd};
   std::vector<double> rs(B * h);
   rstd_from_rsq<T>(sh, rsq.data_ptr<T>(), eps, rs.data());
   T* rstd_t = rstd.data_ptr<T>();
@@ -354,7 +569,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
         const T s = T(rs[b * h + g]);
         const T* src = ot + (bi * h + g) * d;
         S* row = o + (bi * h + g) * d;
-        for (int64_t c = 0; c < d; ++c) row[c] = S(src[c] * s);
+        int64_t c = 0;
+        if constexpr (std::is_same_v<T, float>)  // whole vectors, rounded as S(float) (simd.h)
+          for (; c + Simd<float>::W <= d; c += Simd<float>::W) store_narrowed<S>(row + c, vload(src + c) * s);
+        for (; c < d; ++c) row[c] = S(src[c] * s);
       }
     }
   });
@@ -607,8 +825,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
   // dtypes, shapes, devices and empty problems: csrc/op_checks.h (the dtypes this backend declares)
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
   if (q.scalar_type() != at::kFloat) {
-    // bfloat16 / float16: q, k, v are widened to float32 as the kernel loads them (the CPU has no
-    // fast 16-bit FMAs to use here) and out is rounded once as it is written (with the mix, by the
+    // bfloat16 / float16: q, k, v are widened to float32 as the kernel loads them (no fast 16-bit
+    // FMAs; bfloat16 on the avx512bf16 build: bfloat16 dot products, forward_bf16_dot) and out is rounded once as it is written (with the mix, by the
     // rstd pass, from a float32 buffer of the unscaled rows): the same arithmetic as on float32
     // copies (the widening is exact), without the copies (rest_lite's stage 1 at batch 16 in
     // bfloat16: 10.3 ms with the copies, more than PyTorch's SDPA on the same call; with the mix

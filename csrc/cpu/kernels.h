@@ -38,8 +38,8 @@ constexpr int kKernelTableVersion = 2;
 
 struct KernelTable {
   int version;       // kKernelTableVersion of the build
-  const char* isa;   // "avx512", "avx2" or "generic": what the build's code needs (REST_CPU_ISA below)
-  const char* march;  // the -march it was compiled with
+  const char* isa;   // "avx512bf16", "avx512", "avx2" or "generic": what the build's code needs (REST_CPU_ISA below)
+  const char* march;  // the target flags it was compiled with (-march=..., -m...)
   decltype(&emsa_fwd_cpu) emsa_fwd;
   decltype(&emsa_bwd_cpu) emsa_bwd;
   decltype(&pa_fwd_cpu) pa_fwd;
@@ -54,6 +54,9 @@ extern "C" const rest_cpu::KernelTable* rest_cpu_kernel_table();
 
 // The instruction-set level this translation unit is compiled for, from the compiler's own macros.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512CD__) && defined(__AVX512BF16__)
+#define REST_CPU_ISA "avx512bf16"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__AVX512CD__)
 #define REST_CPU_ISA "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)

@@ -167,6 +167,38 @@ inline __attribute__((always_inline)) vec_t<double> vexp(vec_t<double> x) {
   return p * scale;
 }
 
+// log(x) of positive normal floats: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), log x = e ln2 +
+// log1p(m - 1), log1p by Cephes' logf polynomial (about 1 ulp; ln2 split in two as in vexp). Used for
+// the softmax statistics (the log of a row's mean exp, in (1/M, 1]); no zero, negative, denormal or
+// non-finite input reaches it.
+inline __attribute__((always_inline)) vec_t<float> vlog(vec_t<float> x) {
+  typedef Simd<float>::ivec ivec;
+  ivec bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  ivec e = ((bits >> 23) & 0xff) - 126;  // x = 2^e * m, m in [0.5, 1)
+  ivec mb = (bits & 0x007fffff) | 0x3f000000;
+  vec_t<float> m;
+  std::memcpy(&m, &mb, sizeof(m));
+  const auto small = m < vset<float>(0.707106781186547524f);  // m in [0.5, sqrt(1/2)): use 2m, e - 1
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const vec_t<float> fe = __builtin_convertvector(e, vec_t<float>);
+  const vec_t<float> z = m * m;
+  vec_t<float> y = vset<float>(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  return m + y + fe * 0.693359375f;
+}
+
 // Scalar exp of the same accuracy as the vector lanes (used for row tails), so that a value does not
 // change with its position in a row.
 template <typename T>
