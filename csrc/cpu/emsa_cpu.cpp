@@ -11,7 +11,8 @@
 // passes (packing k and v, per-(b, g) sums, the normalisation scale, the chunk reduction) run inline
 // unless they are large, so a call has a single thread rendezvous in the common case.
 // All products are one register-blocked tile GEMM (tile_gemm.h: 6 rows x 4 vectors of 16 floats with
-// AVX-512, 6 rows x 2 vectors of 8 floats with AVX2); softmax uses a vectorised exp (simd.h).
+// AVX-512, 6 rows x 2 vectors of 8 floats with AVX2; the bfloat16 forward of the avx512bf16 build:
+// bf16_dot_gemm.h, forward_bf16_dot); softmax uses a vectorised exp (simd.h).
 //
 // Forward task: packs the block's q rows of every head, computes all heads' logits
 // L_j = q_j (scale k_j)^T (BN x M each) with the register-blocked tile GEMM, mixes them across heads
