@@ -159,8 +159,8 @@ def test_each_build_uses_its_own_vector_width(status):
 
 # The tests that carry the numerical bounds of the cpu kernels: the op-level ones and the models'
 # float32 rules (float64 agrees to ~1e-15 whatever the vector width, so its model cases are not
-# repeated). They run again in a child process on every other build this CPU can run (on an AVX-512
-# CPU: the AVX2 build), so a bound that holds for one kind of CPU only fails here too.
+# repeated). They run again in a child process on every other build this CPU can run (on a CPU with
+# AVX512-BF16: the avx512 and avx2 builds), so a bound that holds for one kind of CPU only fails here too.
 OTHER_BUILD_TESTS = [
     "tests/test_cpu_backend.py", "tests/test_batchnorm.py",
     "tests/test_models.py::test_lite_train_mode_gradients_match_official[float32]",
