@@ -106,16 +106,26 @@ def cdefine(name, value):
 
 
 def cpu_kernel_builds():
-    """[(isa, target flags)], best first: the instruction-set builds of the cpu kernels. The flags
-    are the build's whole target; csrc/cpu_dispatch.cpp's `missing_features` lists the CPU features
-    each isa needs, and must name everything these flags let the compiler use."""
+    """[(isa, march, extra features)], best first: the instruction-set builds of the cpu kernels,
+    compiled with -march=<march> -m<feature>... csrc/cpu_dispatch.cpp's `missing_features` lists the
+    CPU features each isa needs, and must name everything these flags let the compiler use."""
     march = os.environ.get("REST_KERNELS_CPU_ARCH", "").strip()
     if march:
-        return [(isa_of_march(march), [f"-march={march}"])]
+        return [(isa_of_march(march), march, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        return [("avx512bf16", ["-march=x86-64-v4", "-mavx512bf16"]), ("avx512", ["-march=x86-64-v4"]),
-                ("avx2", ["-march=x86-64-v3"])]
-    return [("generic", [])]
+        return [("avx512bf16", "x86-64-v4", ["avx512bf16"]), ("avx512", "x86-64-v4", []),
+                ("avx2", "x86-64-v3", [])]
+    return [("generic", "", [])]
+
+
+def target_flags(march, features):
+    return ([f"-march={march}"] if march else []) + [f"-m{f}" for f in features]
+
+
+def target_name(march, features):
+    """The build's target in one word, as the extension reports it ("x86-64-v4+avx512bf16"). No spaces
+    or '-' options: it is also a macro value on nvcc's command line, which splits such values."""
+    return "+".join([march or "default"] + list(features))
 
 
 def isa_of_march(march):
@@ -164,8 +174,8 @@ def main():
         "REST_BUILT_TORCH": torch.__version__,
         "REST_BUILT_CUDA": torch.version.cuda if build_cuda else "",
         "REST_BUILT_ARCHS": archs,
-        "REST_CPU_KERNEL_BUILDS": ",".join(isa for isa, _ in builds),
-        "REST_BUILT_CPU_MARCHES": ",".join(" ".join(flags) for _, flags in builds),
+        "REST_CPU_KERNEL_BUILDS": ",".join(isa for isa, _, _ in builds),
+        "REST_BUILT_CPU_MARCHES": ",".join(target_name(march, extra) for _, march, extra in builds),
     }
     # No -march here: rest_kernels._C must load on every CPU of the architecture.
     cxx = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"] + [cdefine(k, v) for k, v in info.items()]
@@ -194,13 +204,15 @@ def main():
     # The cpu kernels, one library per instruction-set level. Hidden symbols: each library keeps its
     # own copies of every inline function (none compiled for AVX-512 can serve another library).
     kernel_exts = []
-    for isa, target in builds:
+    for isa, march, extra in builds:
         flags = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
-                       "-fvisibility-inlines-hidden", cdefine("REST_CPU_MARCH", " ".join(target))] + target
+                       "-fvisibility-inlines-hidden", cdefine("REST_CPU_MARCH", target_name(march, extra))]
+        flags += target_flags(march, extra)
         kernel_exts.append(cpp_extension.CppExtension(
             f"rest_kernels._cpu_kernels_{isa}", cpu_kernel_sources(isa), include_dirs=include_dirs,
             extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"]))
-    log("cpu kernel builds: " + ", ".join(f"{isa} ({' '.join(target) or 'default target'})" for isa, target in builds))
+    log("cpu kernel builds: " + ", ".join(f"{isa} ({' '.join(target_flags(m, e)) or 'default target'})"
+                                          for isa, m, e in builds))
 
     setup(
         ext_modules=[ext] + kernel_exts,

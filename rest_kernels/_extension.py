@@ -39,7 +39,8 @@ def unavailable_reason() -> str | None:
 # extension chooses the build when the first cpu op runs (csrc/cpu_dispatch.cpp). These report that
 # choice and switch it.
 def cpu_kernels_status() -> dict | None:
-    """{"builds": [isa, ...] best first, "selected": isa or None, "march": its target flags, "reason": why none
+    """{"builds": [isa, ...] best first, "selected": isa or None, "march": its target (-march, + features:
+    "x86-64-v4+avx512bf16"), "reason": why none
     is selected, "runnable": {isa: None or why this CPU cannot run it}}; None without the extension."""
     module, _ = load()
     return dict(module.cpu_kernels_status()) if module is not None else None
@@ -73,7 +74,7 @@ def cpu_isa_description() -> str:
         return f"none ({unavailable_reason()})"
     if status["selected"] is None:
         return f"none ({status['reason']})"
-    return f"{status['selected']} ({status['march'] or 'default target'}; builds: {', '.join(status['builds'])})"
+    return f"{status['selected']} (-march={status['march'] or 'default'}; builds: {', '.join(status['builds'])})"
 
 
 def select_cpu_kernels(isa: str) -> None:

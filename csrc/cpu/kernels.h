@@ -39,7 +39,7 @@ constexpr int kKernelTableVersion = 2;
 struct KernelTable {
   int version;       // kKernelTableVersion of the build
   const char* isa;   // "avx512bf16", "avx512", "avx2" or "generic": what the build's code needs (REST_CPU_ISA below)
-  const char* march;  // the target flags it was compiled with (-march=..., -m...)
+  const char* march;  // the target it was compiled for: -march, + extra features ("x86-64-v4+avx512bf16")
   decltype(&emsa_fwd_cpu) emsa_fwd;
   decltype(&emsa_bwd_cpu) emsa_bwd;
   decltype(&pa_fwd_cpu) pa_fwd;
