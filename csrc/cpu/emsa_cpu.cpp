@@ -86,6 +86,20 @@ inline int64_t block_rows(int64_t bytes_per_row, int64_t budget, int64_t N) {
   return std::min(bn, round_up(N, GEMM_MR));
 }
 
+// Rows per block of the forward: block_rows, made smaller where that gives fewer than
+// kMinForwardTasks tasks (batch x blocks), down to one micro-tile: at batch 1 a small stage (49
+// query rows at rest_lite's stage 4, 196 at stage 3) was one or three tasks for two threads. Each
+// row's results depend on that row alone (the products sum over k in a fixed order whatever the
+// block, tile_gemm.h), so the block size changes no result; it depends on the shapes only.
+constexpr int64_t kMinForwardTasks = 8;
+
+inline int64_t forward_block_rows(int64_t bytes_per_row, int64_t B, int64_t N) {
+  const int64_t bn = block_rows(bytes_per_row, kFwdBufferBytes, N);
+  const int64_t blocks = (kMinForwardTasks + B - 1) / B;  // per batch element
+  if (blocks <= 1) return bn;
+  return std::min(bn, std::max<int64_t>(GEMM_MR, round_up((N + blocks - 1) / blocks, GEMM_MR)));
+}
+
 // A 4-d tensor read through its strides.
 template <typename T>
 struct View4 {
@@ -264,7 +278,7 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
   const int64_t B = sh.B, h = sh.h, N = sh.N, M = sh.M, d = sh.d, Mp = sh.Mp, dp = sh.dp;
   const bool mix = !W.empty();
   const int64_t row_bytes = (int64_t)sizeof(T) * ((mix ? 2 : 1) * h * Mp + h * dp + dp);
-  const int64_t BN = block_rows(row_bytes, kFwdBufferBytes, N);
+  const int64_t BN = forward_block_rows(row_bytes, B, N);
   const int64_t nblk = (N + BN - 1) / BN;
   const T shift = mix ? T(1) / T(M) : T(0);
   View4<S> qv(q);
@@ -437,7 +451,7 @@ void forward_bf16_dot(const Shapes& sh, const at::Tensor& q, const at::Tensor& k
   constexpr int Wd = Simd<float>::W;
   const int64_t lh = mix ? h : 1;  // logit planes per task: every head's with the mix, else one
   const int64_t row_bytes = 4 * Mp * (mix ? 2 * h : 1) + 2 * Mp + 2 * 2 * d2 + 4 * dp;
-  const int64_t BN = block_rows(row_bytes, kFwdBufferBytes, N);
+  const int64_t BN = forward_block_rows(row_bytes, B, N);
   const int64_t nblk = (N + BN - 1) / BN;
   const int64_t plane = BN * Mp;
   const float shift = mix ? 1.0f / float(M) : 0.0f;
