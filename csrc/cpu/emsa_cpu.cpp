@@ -177,45 +177,53 @@ void mix_heads(const T* W, int64_t h, const T* L, T* S, int64_t plane, int64_t n
   }
 }
 
-// Softmax of one row of M logits, in place, over whole vectors: the row buffer is padded to a multiple
-// of the vector width and the last vector is masked (padding lanes become P = 0), so there is no
-// scalar tail. Returns (max, sum of exp) and, when `rsq` is non-null, the centred sum
-// sum_m (P - shift)^2; `shift` is subtracted from P afterwards (1/M under InstanceNorm, else 0).
-// Centred because sum_m P^2 is 1/M plus the part the variance needs: for near-uniform rows that part
-// is far below 1/M and float32 would keep only its leading digits (found by tests/test_reliability.py).
-template <typename T>
-inline void softmax_row(T* row, int64_t M, T shift, T* mx_out, T* sum_out, T* rsq) {
+// Softmax of one row of M logits times `scale`, over whole vectors: the row buffer is padded to a
+// multiple of the vector width and the last vector is masked (padding lanes become P = 0), so there is
+// no scalar tail. Writes P - shift to `out` (the row itself, or a row of another element type, such as
+// the bfloat16 operand of P v, rounded as it is written; the row then holds exp(scale x - max)). Returns
+// (max of the scaled logits, sum of exp) and, when `rsq` is non-null, the centred sum
+// sum_m (P - shift)^2; `shift` is 1/M under InstanceNorm, else 0. Centred because sum_m P^2 is 1/M plus
+// the part the variance needs: for near-uniform rows that part is far below 1/M and float32 would keep
+// only its leading digits (found by tests/test_reliability.py). scale = 1 leaves every value as it is.
+template <typename T, typename Out = T>
+inline void softmax_row(T* row, int64_t M, T scale, T shift, Out* out, T* mx_out, T* sum_out, T* rsq) {
   constexpr int Wd = Simd<T>::W;
   const int64_t last = (M - 1) / Wd * Wd;  // start of the last (possibly partial) vector
   const auto keep = lanes_below<T>(M - last);
   const vec_t<T> ninf = vset<T>(-std::numeric_limits<T>::infinity());
   vec_t<T> vm = ninf;
-  for (int64_t m = 0; m < last; m += Wd) vm = vmax<T>(vm, vload(row + m));
-  vm = vmax<T>(vm, keep ? vload(row + last) : ninf);
+  for (int64_t m = 0; m < last; m += Wd) vm = vmax<T>(vm, vload(row + m) * scale);
+  vm = vmax<T>(vm, keep ? vload(row + last) * scale : ninf);
   const T mx = hmax(vm);
   vec_t<T> vs = vset<T>(T(0));
   for (int64_t m = 0; m < last; m += Wd) {
-    vec_t<T> e = vexp(vload(row + m) - mx);
+    vec_t<T> e = vexp(vload(row + m) * scale - mx);
     vstore(row + m, e);
     vs += e;
   }
   {
-    vec_t<T> e = keep ? vexp(vload(row + last) - mx) : vset<T>(T(0));
+    vec_t<T> e = keep ? vexp(vload(row + last) * scale - mx) : vset<T>(T(0));
     vstore(row + last, e);
     vs += e;
   }
   const T sum = hsum(vs);
   const T inv = T(1) / sum;
+  auto write = [&](int64_t m, vec_t<T> c) {
+    if constexpr (std::is_same_v<Out, T>)
+      vstore(out + m, c);
+    else
+      store_narrowed<Out>(out + m, c);
+  };
   vec_t<T> vq = vset<T>(T(0));
   for (int64_t m = 0; m < last; m += Wd) {
     vec_t<T> c = vload(row + m) * inv - shift;
     vq += c * c;
-    vstore(row + m, c);
+    write(m, c);
   }
   {
     vec_t<T> c = keep ? vload(row + last) * inv - shift : vset<T>(T(0));  // padding lanes add nothing
     vq += c * c;
-    vstore(row + last, c);
+    write(last, c);
   }
   *mx_out = mx;
   *sum_out = sum;
@@ -306,7 +314,8 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
       for (int64_t g = 0; g < h; ++g) {
         for (int64_t r = 0; r < nr; ++r) {
           T mx, sum, q2;
-          softmax_row<T>(P + g * plane + r * Mp, M, shift, &mx, &sum, &q2);
+          T* prow = P + g * plane + r * Mp;
+          softmax_row<T>(prow, M, T(1), shift, prow, &mx, &sum, &q2);
           const int64_t row = (b * h + g) * N + i0 + r;
           // log-mean-exp (rest_kernels/backends/stats.py), formed in double: sum / M is near 1 for
           // near-uniform rows, where a log-sum-exp would round at the size of log M
@@ -324,45 +333,6 @@ void forward_tasks(const Shapes& sh, const at::Tensor& q, const T* kt, const T* 
 }
 
 #if defined(REST_CPU_HAS_BF16_DOT)
-// One row of the bfloat16 path: logits (Mp floats, unscaled) -> P = softmax(scale * logits) rounded
-// to bfloat16 into prow (padding lanes 0); returns the row's max of the scaled logits and its mean exp
-// sum / M. Three passes over the row in L1 (scale and max; exp and sum; normalise and round).
-inline void softmax_row_to_bf16(float* row, int64_t M, float scale, c10::BFloat16* prow, float* mx_out,
-                                float* mean_out) {
-  constexpr int Wd = Simd<float>::W;
-  const int64_t last = (M - 1) / Wd * Wd;
-  const auto keep = lanes_below<float>(M - last);
-  const vec_t<float> ninf = vset<float>(-std::numeric_limits<float>::infinity()), zero = vset<float>(0.0f);
-  vec_t<float> vm = ninf;
-  for (int64_t m = 0; m < last; m += Wd) {
-    const vec_t<float> x = vload(row + m) * scale;
-    vstore(row + m, x);
-    vm = vmax<float>(vm, x);
-  }
-  {
-    const vec_t<float> x = keep ? vload(row + last) * scale : ninf;
-    vstore(row + last, x);
-    vm = vmax<float>(vm, x);
-  }
-  const float mx = hmax(vm);
-  vec_t<float> vs = zero;
-  for (int64_t m = 0; m < last; m += Wd) {
-    const vec_t<float> e = vexp(vload(row + m) - mx);
-    vstore(row + m, e);
-    vs += e;
-  }
-  {
-    const vec_t<float> e = keep ? vexp(vload(row + last) - mx) : zero;
-    vstore(row + last, e);
-    vs += e;
-  }
-  const float sum = hsum(vs);
-  const float inv = 1.0f / sum;
-  for (int64_t m = 0; m <= last; m += Wd) store_narrowed<c10::BFloat16>(prow + m, vload(row + m) * inv);
-  *mx_out = mx;
-  *mean_out = sum / float(M);
-}
-
 // lse (the log-mean-exp, rest_kernels/backends/stats.py) of n rows from their max and mean exp, a vector
 // of rows at a time; mean is in (1/M, 1], so its log is formed without cancellation. The buffers are
 // padded to whole vectors (padding mean 1: log 0).
@@ -484,19 +454,14 @@ void forward_bf16_dot(const Shapes& sh, const at::Tensor& q, const at::Tensor& k
     }
     for (int64_t g = 0; g < h; ++g) {
       const int64_t row0 = (b * h + g) * N + i0;
-      if (mix) {
-        for (int64_t r = 0; r < nr; ++r) {
-          float* row = buf.Sb.data() + g * plane + r * Mp;
-          float sum;
-          softmax_row<float>(row, M, shift, &buf.mx[r], &sum, &rsq[row0 + r]);
-          buf.mean[r] = sum / float(M);
-          BF* prow = buf.Pb.data() + r * Mp;
-          for (int64_t m = 0; m < Mp; m += Wd) store_narrowed<BF>(prow + m, vload(row + m));
-        }
-      } else {
-        logits(g, buf.Lb.data());
-        for (int64_t r = 0; r < nr; ++r)
-          softmax_row_to_bf16(buf.Lb.data() + r * Mp, M, scale, buf.Pb.data() + r * Mp, &buf.mx[r], &buf.mean[r]);
+      // the mixed logits carry the scale (Ws); the plain ones get it in the softmax
+      float* L = mix ? buf.Sb.data() + g * plane : buf.Lb.data();
+      if (!mix) logits(g, L);
+      for (int64_t r = 0; r < nr; ++r) {
+        float sum;
+        softmax_row<float, BF>(L + r * Mp, M, mix ? 1.0f : scale, shift, buf.Pb.data() + r * Mp, &buf.mx[r], &sum,
+                               mix ? &rsq[row0 + r] : nullptr);
+        buf.mean[r] = sum / float(M);
       }
       lse_rows(nr, buf.mx.data(), buf.mean.data(), lse + row0);
       bf16_dot_gemm(nr, dp, M2, buf.Pb.data(), Mp, vpp + (b * h + g) * M2 * dp * 2, 2 * dp, buf.Ob.data(),
@@ -551,18 +516,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_impl(
   T* ot = mix ? out_t.data_ptr<T>() : nullptr;
   T* rsq_p = mix ? rsq.data_ptr<T>() : nullptr;
 #if defined(REST_CPU_HAS_BF16_DOT)
-  constexpr bool bf16_products = std::is_same_v<S, at::BFloat16>;  // forward_bf16_dot says why
-#else
-  constexpr bool bf16_products = false;
-#endif
-  if constexpr (bf16_products) {
-#if defined(REST_CPU_HAS_BF16_DOT)
+  if constexpr (std::is_same_v<S, at::BFloat16>) {  // bfloat16 products: forward_bf16_dot says why
     if (mix)
       forward_bf16_dot<float>(sh, q, k, v, W, float(scale), ot, lse.data_ptr<float>(), rsq_p);
     else
       forward_bf16_dot<S>(sh, q, k, v, W, float(scale), o, lse.data_ptr<float>(), nullptr);
+  } else
 #endif
-  } else {
+  {
     at::Tensor kt = at::empty({B * h * d * sh.Mp}, st), vp = at::empty({B * h * M * sh.dp}, st);
     pack_transposed<T, S>(k, T(scale), sh.Mp, kt.data_ptr<T>());
     pack_rows<T, S>(v, T(1), sh.dp, vp.data_ptr<T>());
@@ -841,11 +802,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd_cpu(
   if (q.scalar_type() == at::kDouble) return emsa_fwd_impl<double>(q, k, v, mix_weight, scale, eps);
   if (q.scalar_type() != at::kFloat) {
     // bfloat16 / float16: q, k, v are widened to float32 as the kernel loads them (no fast 16-bit
-    // FMAs; bfloat16 on the avx512bf16 build: bfloat16 dot products, forward_bf16_dot) and out is rounded once as it is written (with the mix, by the
-    // rstd pass, from a float32 buffer of the unscaled rows): the same arithmetic as on float32
-    // copies (the widening is exact), without the copies (rest_lite's stage 1 at batch 16 in
-    // bfloat16: 10.3 ms with the copies, more than PyTorch's SDPA on the same call; with the mix
-    // the copies were about 3% of the bfloat16 model at batch 16).
+    // FMAs; bfloat16 on the avx512bf16 build: bfloat16 dot products, forward_bf16_dot) and out is
+    // rounded once as it is written (with the mix, by the rstd pass, from a float32 buffer of the
+    // unscaled rows): the same arithmetic as on float32 copies (the widening is exact), without the
+    // copies (rest_lite's stage 1 at batch 16 in bfloat16: 10.3 ms with the copies, more than
+    // PyTorch's SDPA on the same call; with the mix the copies were about 3% of the bfloat16 model
+    // at batch 16).
     if (q.scalar_type() == at::kBFloat16) return emsa_fwd_impl<float, at::BFloat16>(q, k, v, mix_weight, scale, eps);
     return emsa_fwd_impl<float, at::Half>(q, k, v, mix_weight, scale, eps);
   }
