@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rest_kernels
+from rest_kernels import _extension
 from bench import _cases, emsa_bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,19 +85,10 @@ def test_add_layer_norm(benchmark, impl, tokens, channels, dtype):
 # products on VDPBF16PS; avx512 / avx2: float32 products on widened inputs), against eager PyTorch in
 # bfloat16, at rest_lite's four stage shapes (batch 16, the model's strided q), without (stage 1) and
 # with the head mix.
-def _cpu_builds():
-    from rest_kernels import _extension
-    status = _extension.cpu_kernels_status()
-    if status is None:
-        return []
-    return [isa for isa in status["builds"] if status["runnable"][isa] is None]
-
-
 @pytest.mark.parametrize("stage", [(1, 3136, 49, 64), (2, 784, 49, 64), (4, 196, 49, 64), (8, 49, 49, 64)],
                          ids=["stage1", "stage2", "stage3", "stage4"])
-@pytest.mark.parametrize("impl", ["reference", *(f"cpu-{isa}" for isa in _cpu_builds())])
+@pytest.mark.parametrize("impl", ["reference", *(f"cpu-{isa}" for isa in _extension.runnable_cpu_builds())])
 def test_emsa_bf16_forward_per_cpu_build(benchmark, impl, stage):
-    from rest_kernels import _extension
     h, N, M, d = stage
     g = torch.Generator().manual_seed(0)
     q = torch.randn(16, N, h, d, generator=g).to(torch.bfloat16).transpose(1, 2)

@@ -46,6 +46,14 @@ def cpu_kernels_status() -> dict | None:
     return dict(module.cpu_kernels_status()) if module is not None else None
 
 
+def runnable_cpu_builds() -> list[str]:
+    """The cpu kernel builds this CPU can run, best first (empty without the extension)."""
+    status = cpu_kernels_status()
+    if status is None:
+        return []
+    return [isa for isa in status["builds"] if status["runnable"][isa] is None]
+
+
 # The cpu kernel builds whose bfloat16 EMSA forward multiplies on bfloat16 operands (VDPBF16PS,
 # csrc/cpu/bf16_dot_gemm.h) and rounds the left operand of P v to bfloat16 (P as PyTorch's bfloat16
 # attention does; with the head mix the centred P - 1/M); every other build, and every other dtype,

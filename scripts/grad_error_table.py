@@ -128,7 +128,7 @@ def print_op_level(x32, dlogits):
     """Each mixing EMSA call of the model at the op level: the cpu kernels of every build this CPU can
     run, and PyTorch's float32 (the reference backend), against float64."""
     status = _extension.cpu_kernels_status()
-    builds = [isa for isa in status["builds"] if status["runnable"][isa] is None]
+    builds = _extension.runnable_cpu_builds()
     print("\n| EMSA call (B, h, N, d; M) | output / gradient | PyTorch float32 | "
           + " | ".join(f"cpu {isa}" for isa in builds) + " |")
     print("|---|---|---:|" + "---:|" * len(builds))

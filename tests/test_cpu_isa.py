@@ -48,10 +48,6 @@ def cpu_flags() -> set[str]:
         pytest.skip("no /proc/cpuinfo")
 
 
-def runnable_here(status) -> list[str]:
-    return [isa for isa in status["builds"] if status["runnable"][isa] is None]
-
-
 def test_builds_are_the_x86_levels(status):
     if os.environ.get("REST_KERNELS_CPU_ARCH"):
         pytest.skip("built with REST_KERNELS_CPU_ARCH (one build of that -march)")
@@ -67,7 +63,7 @@ def test_what_this_cpu_can_run_agrees_with_cpuinfo(status):
 
 def test_the_widest_runnable_build_is_chosen_unless_one_is_asked_for(status):
     requested = os.environ.get(ENV, "auto") or "auto"
-    assert status["selected"] == (runnable_here(status)[0] if requested == "auto" else requested)
+    assert status["selected"] == (_extension.runnable_cpu_builds()[0] if requested == "auto" else requested)
     assert status["reason"] is None
     assert rest_kernels.available_backends()["cpu"] is None
 
@@ -119,7 +115,7 @@ def test_every_runnable_build_computes_the_same_results(status, dtype):
             rest_kernels.pa_gate(x, pw, pb, backend="reference"))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     try:
-        for isa in runnable_here(status):
+        for isa in _extension.runnable_cpu_builds():
             _extension.select_cpu_kernels(isa)
             got = (rest_kernels.emsa_attention(q, k, v, w, b, backend="cpu"), rest_kernels.pa_gate(x, pw, pb, backend="cpu"))
             for a, e in zip(got, want):
@@ -177,7 +173,7 @@ OTHER_BUILD_TESTS = [
 
 @pytest.mark.slow
 def test_op_and_model_gradient_tests_pass_on_every_other_build(status):
-    others = [isa for isa in runnable_here(status) if isa != status["selected"]]
+    others = [isa for isa in _extension.runnable_cpu_builds() if isa != status["selected"]]
     if not others:
         pytest.skip(f"this CPU runs one build only ({status['selected']})")
     for isa in others:
