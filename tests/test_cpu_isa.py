@@ -1,7 +1,7 @@
 """The cpu kernels' instruction-set builds (csrc/cpu/kernels.h, the table each build exports from
-csrc/cpu/kernel_table.cpp, and csrc/cpu_dispatch.cpp, which loads one): one build per
-x86 level (AVX-512 with BF16, AVX-512, AVX2), the best one this CPU can run chosen at load time, never one it cannot run;
-and the suite's op-level and model-gradient tests passing on every build this CPU can run, so that a
+csrc/cpu/kernel_table.cpp, and csrc/cpu_dispatch.cpp, which loads one): one build per x86 level
+(AVX-512 with BF16, AVX-512, AVX2), the best one this CPU can run chosen at load time, never one it
+cannot run; and the suite's op-level and model-gradient tests passing on every build this CPU can run, so that a
 tolerance holding for one kind of CPU only is caught on an AVX-512 machine too."""
 from __future__ import annotations
 
