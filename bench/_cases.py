@@ -11,7 +11,9 @@ several ("emsa-mix"); ResTv2 never does (plain "emsa" at every stage).
 A "runner" is what the timing and memory code calls: a zero-argument function doing one forward
 (inference, no autograd) or one forward plus backward (or, for the models, one training step),
 built for one backend. Backend names: the fused backends of rest_kernels, "reference" (eager
-PyTorch with the official math) and "compile" (torch.compile of the reference, pinned to it).
+PyTorch with the official math), "compile" (torch.compile of the reference, pinned to it) and
+"fused-compiled" (the fused model as rest.compile_for_inference deploys it: model inference rows on
+the CPU).
 """
 from __future__ import annotations
 
@@ -343,13 +345,35 @@ def engine_runner(case: ModelCase, engine: str) -> Runner:
     return Runner(fn, case.batch, "images/s", settings=settings)
 
 
+#: the fused model compiled for inference (rest.compile_for_inference): CPU model inference rows only
+FUSED_COMPILED = "fused-compiled"
+
+
+def compiled_inference_runner(case) -> Runner:
+    """rest.compile_for_inference of the case's model on the `cpu` backend (a bfloat16 model for
+    bfloat16 rows, as runs_cast_model); its first call compiles (timed apart: first_call_s)."""
+    if case.kind != "model" or case.mode != "infer":
+        raise ModelUnavailable(f"{FUSED_COMPILED}: rest.compile_for_inference is for whole-model inference rows only")
+    if case.device != "cpu":
+        raise ModelUnavailable(f"{FUSED_COMPILED}: measured on the CPU only (its compiled graph calls the "
+                               "cpu kernels); this run is on " + case.device)
+    if case.dtype not in (torch.float32, torch.bfloat16):
+        raise ModelUnavailable(f"{FUSED_COMPILED}: float32 and bfloat16 models only, not {dtype_name(case.dtype)}")
+    model, images, _ = _model_and_data(case, "cpu", torch.float32)
+    cast = case.dtype == torch.bfloat16
+    net = importlib.import_module("rest").compile_for_inference(model.eval(), dtype=case.dtype if cast else None)
+    images = images.to(case.dtype)
+    return Runner(lambda: net(images), case.batch, "images/s",
+                  settings=dict(torch_compile="dynamic=True, options={'freezing': True}"))
+
+
 def runs_cast_model(case, backend: str) -> bool:
     """Whether the row runs its model cast to the case's dtype instead of under autocast: the fused
     model's bfloat16 CPU inference, as deployed (rest.optimize_for_inference(model, dtype=torch.bfloat16):
     weights cast once, rest/inference.py says why). Eager and torch.compile stay under autocast, the
     official mixed-precision recipe; engines are separate (their precision hints)."""
     return (case.kind == "model" and case.mode == "infer" and case.dtype == torch.bfloat16 and case.device == "cpu"
-            and backend not in ("reference", "compile") and backend not in _engines.ENGINES)
+            and backend not in ("reference", "compile") and backend not in _engines.ENGINES)  # FUSED_COMPILED too
 
 
 def model_runner(case: ModelCase, backend: str) -> Runner:
@@ -406,4 +430,6 @@ class ModelUnavailable(RuntimeError):
 def runner(case, backend: str) -> Runner:
     if backend in _engines.ENGINES:
         return engine_runner(case, backend)
+    if backend == FUSED_COMPILED:
+        return compiled_inference_runner(case)
     return op_runner(case, backend) if case.kind == "op" else model_runner(case, backend)

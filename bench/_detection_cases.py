@@ -16,7 +16,8 @@ import dataclasses
 
 import torch
 
-from bench._cases import MODELS, ModelUnavailable, Runner, _compile, dtype_name, model_name
+from bench._cases import FUSED_COMPILED, MODELS, ModelUnavailable, Runner, _compile, dtype_name, model_name
+from bench._engines import ENGINES
 
 #: what is trained: the backbone with FPN alone, or a whole detector on it
 DETECTION = ("backbone", "retinanet", "maskrcnn")
@@ -76,6 +77,8 @@ def _targets(batch: int, H: int, W: int, masks: bool, device) -> list[dict]:
 
 
 def detection_runner(case: DetectionCase, backend: str) -> Runner:
+    if backend in ENGINES + (FUSED_COMPILED,):
+        raise ModelUnavailable(f"{backend}: classification inference rows only; detection rows time a training step")
     try:
         from rest import detection
     except ImportError as e:

@@ -59,7 +59,8 @@ from bench import _cases, _detection_cases, _engines, _env, _memory, _progress, 
 
 FUSED = tuple(n for n in BACKENDS if n != "reference")       # triton, cuda, cpu, cuda-emu
 ENGINES = _engines.ENGINES                                   # onnxruntime, openvino: exported models
-BACKEND_CHOICES = ("reference", "compile") + FUSED + ENGINES
+FUSED_COMPILED = _cases.FUSED_COMPILED                       # rest.compile_for_inference: CPU model inference
+BACKEND_CHOICES = ("reference", "compile") + FUSED + ENGINES + (FUSED_COMPILED,)
 BACKEND_ALIASES = {"eager": "reference", "compiled": "compile", "torch.compile": "compile",
                    "ort": "onnxruntime", "ov": "openvino"}
 EMULATORS = ("cuda-emu",)                                    # timed only when named
@@ -356,7 +357,10 @@ def parse_args(argv):
         args.shapes = list(sel.shapes or [s.label for s in _cases.stage_shapes()])
     args.explicit_backends = args.backends is not None
     if args.backends is None:
-        args.backends = [b for b in BACKEND_CHOICES if b not in EMULATORS]
+        # fused-compiled compiles each model case for 15-60 s on a small CPU: the deployment run's row,
+        # elsewhere only when named
+        args.backends = [b for b in BACKEND_CHOICES if b not in EMULATORS
+                         and (b != FUSED_COMPILED or args.mode == "deploy")]
     # detection rows: float32 unless --dtypes names others (each costs minutes on a CPU)
     args.det_dtypes = list(args.dtypes) if args.dtypes is not None else ["float32"]
     if args.dtypes is None:
@@ -410,6 +414,8 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
     """Why a backend cannot have rows on this device at all (None: try it, per case)."""
     if backend in ("reference", "compile"):
         return None
+    if backend == FUSED_COMPILED:
+        return None if device == "cpu" else f"{backend} rows run on the CPU; this run is on {device} (--device)"
     if backend in ENGINES:
         return _engines.unavailable_reason(backend, device)
     reason = rest_kernels.available_backends()[backend]

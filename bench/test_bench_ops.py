@@ -17,7 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 32 if DEVICE == "cuda" else 2
 SHAPES = ("224-s1-lite/small", "224-s3-lite/small")
 DTYPES = ("float32", "bfloat16") if DEVICE == "cuda" else ("float32",)
-BACKENDS = tuple(b for b in emsa_bench.BACKEND_CHOICES if b not in emsa_bench.EMULATORS + emsa_bench.ENGINES)
+BACKENDS = tuple(b for b in emsa_bench.BACKEND_CHOICES
+                 if b not in emsa_bench.EMULATORS + emsa_bench.ENGINES + (emsa_bench.FUSED_COMPILED,))
 _SHAPES = {s.label: s for s in _cases.stage_shapes()}
 
 

@@ -2,7 +2,7 @@
 from .cpu_allocator import tune_cpu_allocator
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .export import export_onnx
-from .inference import optimize_for_inference
+from .inference import CompiledInference, compile_for_inference, optimize_for_inference
 from .models import ResT, rest_base, rest_large, rest_lite, rest_small
 from .models_v2 import ResTV2, restv2_base, restv2_large, restv2_small, restv2_tiny
 from .modules import EMSA, PA, EMSAv2
@@ -10,6 +10,7 @@ from .modules import EMSA, PA, EMSAv2
 __all__ = ["ResT", "EMSA", "PA", "rest_lite", "rest_small", "rest_base", "rest_large",
            "ResTV2", "EMSAv2", "restv2_tiny", "restv2_small", "restv2_base", "restv2_large",
            "load_checkpoint", "save_checkpoint", "CheckpointError", "export_onnx", "optimize_for_inference",
+           "compile_for_inference", "CompiledInference",
            "tune_cpu_allocator"]
 
 # timm integration: register the variants in timm's model registry when timm is installed (no hard

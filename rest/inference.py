@@ -33,7 +33,7 @@ from .packed_conv import PackedConv2d
 from .layers import BasicStem, PatchEmbed
 from .layers_v2 import ConvStem
 
-__all__ = ["optimize_for_inference"]
+__all__ = ["optimize_for_inference", "compile_for_inference", "CompiledInference"]
 
 # (convolution, BatchNorm after it) pairs of the layers that have them, as dotted submodule names
 _FOLDS = {BasicStem: (("conv1", "norm1"), ("conv2", "norm2")), PatchEmbed: (("conv", "norm"),),
@@ -78,3 +78,52 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
         if isinstance(module, Linear):
             module.prepack()  # oneDNN's blocked weight kept for inference (rest/dense.py, PackedWeight)
     return model
+
+
+def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *, dynamic: bool = True) -> "CompiledInference":
+    """optimize_for_inference(model, dtype), compiled with torch.compile for calls without gradients
+    (inductor's `freezing`: the weights become constants, oneDNN's blocked copies made once at
+    compile time, and the elementwise work between the ops fused). The attention and PA stay the
+    compiled kernels of rest_kernels (custom ops in the graph); the rest is inductor's code.
+
+    Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
+    the ops (about 7.8 ms of a 19 ms bfloat16 rest_lite call: the same model at 32 px took that long),
+    which a compiled graph does not have. Measured side by side in the README's deployment table. The
+    first call compiles (15-60 s on a 2-core CPU); later calls with other sizes may compile again
+    (dynamic: sizes are symbolic from the first call, so a new batch size or image size compiles at
+    most once more; dynamic=False compiles once per size). dynamic=True also keeps float32 linear
+    layers on oneDNN: with a fixed size, inductor packs float32 weights for MKL, which measured slower
+    on the AMD CPUs here (rest_base batch 1: 82 against 70 ms eager, 57 ms dynamic).
+
+    Returns a CompiledInference: call it like the model (images in `dtype` where given); it never
+    records gradients. Bad arguments: as optimize_for_inference."""
+    return CompiledInference(optimize_for_inference(model, dtype), dynamic=dynamic)
+
+
+class CompiledInference(nn.Module):
+    """An optimize_for_inference model and its torch.compile (freezing) for calls without gradients.
+
+    forward(x) runs the compiled model under torch.no_grad(): inductor freezes the weights only for
+    calls that record no gradients; with them the call would compile a second, unfrozen graph. The
+    weights are read at the first compilation: changing them afterwards (the `model` attribute is the
+    uncompiled model) has no effect on the compiled calls. Decisions of the Python code (the rest_kernels
+    backend, environment switches) are those in force when a call compiles, as with any torch.compile."""
+
+    def __init__(self, model: nn.Module, dynamic: bool = True):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model.requires_grad_(False)
+        self.eval()
+        # not a submodule: its parameters are the model's, and state_dict lists them once
+        self.__dict__["compiled"] = torch.compile(self.model, dynamic=dynamic, options={"freezing": True})
+
+    def train(self, mode: bool = True) -> "CompiledInference":
+        if mode:  # the model has no BatchNorm left (optimize_for_inference) and its weights are frozen
+            raise RuntimeError("CompiledInference is for inference only: train() is not available "
+                               "(compile the original model for training instead)")
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.compiled(x)

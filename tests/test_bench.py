@@ -163,7 +163,9 @@ def test_deploy_is_lite_and_base_inference_at_batch_1_and_16_in_float32_and_bflo
     assert all(c.kind == "model" and c.mode == "infer" for c in cases)
     assert {(c.model, c.batch, c.dtype) for c in cases} == {
         (m, b, dt) for m in ("lite", "base") for b in (1, 16) for dt in (torch.float32, torch.bfloat16)}
-    assert {"reference", "compile", "cpu", "onnxruntime", "openvino"} <= set(args.backends)
+    assert {"reference", "compile", "cpu", "onnxruntime", "openvino", "fused-compiled"} <= set(args.backends)
+    # the compiled fused model costs a compilation per case: the deployment run's row, elsewhere when named
+    assert "fused-compiled" not in _selected()[0].backends and "fused-compiled" not in _selected("--full")[0].backends
 
 
 @pytest.mark.parametrize("mode", [[], ["--quick"], ["--full"], ["--deploy"]], ids=["default", "quick", "full", "deploy"])
@@ -265,6 +267,23 @@ def test_engine_rows_beside_pytorch_checked_against_float64(tmp_path):
         assert ov["engine_settings"]["INFERENCE_PRECISION_HINT"] == "f32"
         assert ov["engine_settings"]["INFERENCE_NUM_THREADS"] == torch.get_num_threads()
         assert ov["engine_settings"]["PERFORMANCE_HINT"] == "THROUGHPUT"  # batch 2
+
+
+@pytest.mark.slow
+def test_fused_compiled_rows_checked_against_float64_and_skipped_elsewhere(tmp_path):
+    """rest.compile_for_inference as a deployment row: compiled on its first call (timed apart),
+    checked against the float64 logits, then timed interleaved with eager; op rows say why not."""
+    rc, doc = _run(tmp_path, "--ops", "pa", "--passes", "fwd", "--shapes", "s4", "--models", "lite", "--modes",
+                   "infer", "--model-batch", "1", "--image-size", "64", "--backends", "reference,fused-compiled",
+                   "--dtypes", "float32")
+    assert rc == 0
+    rows = {(r["kind"], r["backend"]): r for r in doc["results"]}
+    op = [r for (kind, b), r in rows.items() if kind == "op" and b == "fused-compiled"]
+    assert op and all(r["status"] == "skipped" and "whole-model inference rows only" in r["reason"] for r in op)
+    r = rows[("model", "fused-compiled")]
+    assert r["status"] == "ok" and r["interleaved"] and r["accuracy"] == "ok", r
+    assert r["first_call_s"] > r["time_median_s"] > 0
+    assert r["engine_settings"]["torch_compile"].startswith("dynamic=True")
 
 
 def test_engines_skip_what_they_cannot_run(tmp_path, monkeypatch):

@@ -79,3 +79,61 @@ def test_folded_restv2_matches_unfolded_float64():
     x = torch.randn(2, 3, 61, 45, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
         assert_close_scaled(optimized(x), model.eval()(x), 1e-12, "folded ResTv2, float64")
+
+
+# ---------------------------------------------------------------- rest.compile_for_inference
+def _profiled_ops(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_official_float32(monkeypatch):
+    """compile_for_inference: float32 logits against the official fixture, then at another size
+    (dynamic shapes: a new size must not reuse a graph for the old one) against the same model's eager
+    optimize_for_inference; the attention and PA still rest_kernels' ops inside the compiled graph; no
+    gradients recorded; the same state_dict as the optimized model."""
+    case = load("rest_tiny.zip")["224x224"]
+    with fused_cpu_route(monkeypatch):
+        model = tiny(case["seed"], torch.float32).train()
+        compiled = rest.compile_for_inference(model)
+        optimized = rest.optimize_for_inference(model)
+        assert isinstance(compiled, rest.CompiledInference) and not compiled.training
+        assert compiled.state_dict().keys() == {"model." + k for k in optimized.state_dict()}
+        with torch.enable_grad():  # the wrapper turns gradients off itself
+            logits = compiled(case["input"].float())
+        assert not logits.requires_grad
+        assert_close_scaled(logits, case["logits_eval"], RTOL[torch.float32], "compiled tiny 224x224")
+        x = load("rest_tiny.zip")["64x96"]["input"].float()
+        with torch.no_grad():
+            assert_close_scaled(compiled(x), optimized(x), RTOL[torch.float32], "compiled vs eager, tiny 64x96")
+        ops = _profiled_ops(lambda: compiled(x))
+        assert {"rest_kernels::emsa_fwd", "rest_kernels::pa_fwd"} <= ops, sorted(ops)
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_model_matches_official_by_the_low_precision_rule(monkeypatch):
+    case = load("rest_tiny.zip")["64x96"]
+    x = case["input"].bfloat16()
+    with fused_cpu_route(monkeypatch):
+        compiled = rest.compile_for_inference(tiny(case["seed"], torch.float32), dtype=torch.bfloat16)
+        got = compiled(x)
+    with rest_kernels.use_backend("reference"), torch.no_grad():
+        official_bf16 = tiny(case["seed"], torch.float64).eval().to(torch.bfloat16)(x)
+    assert got.dtype == torch.bfloat16
+    assert_lowp_close(got, official_bf16, case["logits_eval"], "bfloat16 compiled tiny 64x96")
+
+
+def test_compiled_inference_bad_arguments():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        rest.compile_for_inference("rest_lite")
+    with pytest.raises(ValueError, match="dtype must be one of None, torch.float32, torch.bfloat16"):
+        rest.compile_for_inference(ResT(), dtype=torch.float16)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+        rest.CompiledInference(3)
+    compiled = rest.CompiledInference(rest.optimize_for_inference(ResT()))
+    with pytest.raises(RuntimeError, match="for inference only"):
+        compiled.train()
+    assert not compiled.eval().training and not compiled.model.training
