@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import rest
 from rest import ResT
@@ -102,9 +103,13 @@ def test_compiled_model_matches_official_float32(monkeypatch):
         optimized = rest.optimize_for_inference(model)
         assert isinstance(compiled, rest.CompiledInference) and not compiled.training
         assert compiled.state_dict().keys() == {"model." + k for k in optimized.state_dict()}
+        counters.clear()
         with torch.enable_grad():  # the wrapper turns gradients off itself
             logits = compiled(case["input"].float())
         assert not logits.requires_grad
+        # frozen: inductor's freezing pass packed the linear weights (Dynamo must see the setting while
+        # tracing, not only inductor; without it the weights stayed graph inputs and nothing was packed)
+        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0, dict(counters["inductor"])
         assert_close_scaled(logits, case["logits_eval"], RTOL[torch.float32], "compiled tiny 224x224")
         x = load("rest_tiny.zip")["64x96"]["input"].float()
         with torch.no_grad():
