@@ -364,7 +364,8 @@ def compiled_inference_runner(case) -> Runner:
     net = importlib.import_module("rest").compile_for_inference(model.eval(), dtype=case.dtype if cast else None)
     images = images.to(case.dtype)
     return Runner(lambda: net(images), case.batch, "images/s",
-                  settings=dict(torch_compile="dynamic=True, options={'freezing': True}"))
+                  settings=dict(torch_compile="dynamic=True; inductor's freezing on around each call "
+                                              "(rest.compile_for_inference)"))
 
 
 def runs_cast_model(case, backend: str) -> bool:

@@ -10,6 +10,9 @@ oneDNN keep oneDNN's blocked copy of their weight for calls without gradients (r
 PackedWeight: oneDNN otherwise reorders the weight on every call); the copy follows the weight if it
 changes.
 
+compile_for_inference is optimize_for_inference followed by torch.compile with inductor's freezing,
+for deployment where the time between the ops matters (batch 1); its docstring says when and why.
+
 dtype=torch.bfloat16 then casts the folded model (folded in its own precision first, so the folded
 weights are rounded once). Why a bfloat16 model rather than torch.autocast for CPU inference: under
 autocast every linear layer casts its float32 weight to bfloat16 on every call, and its output back
@@ -87,8 +90,8 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *,
     compiled kernels of rest_kernels (custom ops in the graph); the rest is inductor's code.
 
     Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
-    the ops (about 7.8 ms of a 19 ms bfloat16 rest_lite call: the same model at 32 px took that long),
-    which a compiled graph does not have. Measured side by side in the README's deployment table. The
+    the ops (bfloat16 rest_lite at 32 px, with almost nothing to compute, still took 7.8 ms a call,
+    against 19 ms at 224 px), which a compiled graph does not have. Measured side by side in the README's deployment table. The
     first call compiles (15-60 s on a 2-core CPU); later calls with other sizes may compile again
     (dynamic: sizes are symbolic from the first call, so a new batch size or image size compiles at
     most once more; dynamic=False compiles once per size). dynamic=True also keeps float32 linear
