@@ -360,7 +360,7 @@ def compiled_inference_runner(case) -> Runner:
     if case.dtype not in (torch.float32, torch.bfloat16):
         raise ModelUnavailable(f"{FUSED_COMPILED}: float32 and bfloat16 models only, not {dtype_name(case.dtype)}")
     model, images, _ = _model_and_data(case, "cpu", torch.float32)
-    cast = case.dtype == torch.bfloat16
+    cast = runs_cast_model(case, FUSED_COMPILED)  # float32 rows: the float32 model
     net = importlib.import_module("rest").compile_for_inference(model.eval(), dtype=case.dtype if cast else None)
     images = images.to(case.dtype)
     return Runner(lambda: net(images), case.batch, "images/s",

@@ -414,8 +414,10 @@ def skip_reason(backend: str, device: str, explicit: bool) -> str | None:
     """Why a backend cannot have rows on this device at all (None: try it, per case)."""
     if backend in ("reference", "compile"):
         return None
-    if backend == FUSED_COMPILED:
-        return None if device == "cpu" else f"{backend} rows run on the CPU; this run is on {device} (--device)"
+    if backend == FUSED_COMPILED:  # the fused model on the cpu kernels, compiled
+        if device != "cpu":
+            return f"{backend} rows run on the CPU; this run is on {device} (--device)"
+        return rest_kernels.available_backends()["cpu"]
     if backend in ENGINES:
         return _engines.unavailable_reason(backend, device)
     reason = rest_kernels.available_backends()[backend]

@@ -119,7 +119,7 @@ class CompiledInference(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model.requires_grad_(False)
+        self.model = model
         self.eval()
         # not a submodule: its parameters are the model's, and state_dict lists them once
         self.__dict__["compiled"] = torch.compile(self.model, dynamic=dynamic)

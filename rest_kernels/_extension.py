@@ -76,13 +76,14 @@ def cpu_kernels_unavailable_reason() -> str | None:
 
 
 def cpu_isa_description() -> str:
-    """One line for reports: which cpu kernel build runs, e.g. "avx512 (-march=x86-64-v4; builds: ...)"."""
+    """One line for reports: which cpu kernel build runs, e.g. "avx512 (target x86-64-v4; builds: ...)"."""
     status = cpu_kernels_status()
     if status is None:
         return f"none ({unavailable_reason()})"
     if status["selected"] is None:
         return f"none ({status['reason']})"
-    return f"{status['selected']} (-march={status['march'] or 'default'}; builds: {', '.join(status['builds'])})"
+    # the target is -march plus extra features in one word ("x86-64-v4+avx512bf16"), not a flag
+    return f"{status['selected']} (target {status['march'] or 'default'}; builds: {', '.join(status['builds'])})"
 
 
 def select_cpu_kernels(isa: str) -> None:
