@@ -83,39 +83,93 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
     return model
 
 
-def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *, dynamic: bool = True) -> "CompiledInference":
+def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *,
+                          dynamic: bool | None = None) -> "CompiledInference":
     """optimize_for_inference(model, dtype), compiled with torch.compile for calls without gradients
     (with inductor's `freezing` on: the weights become constants, oneDNN's blocked copies made once at
-    compile time, and the elementwise work between the ops fused). The attention and PA stay the
-    compiled kernels of rest_kernels (custom ops in the graph); the rest is inductor's code.
+    compile time, and the elementwise work between the ops fused; and its `cpp_wrapper`: the graph's
+    calls made from C++). The attention and PA stay the compiled kernels of rest_kernels (custom ops
+    in the graph); the rest is inductor's code.
 
     Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
     the ops (bfloat16 rest_lite at 32 px, with almost nothing to compute, still took 7.8 ms a call,
-    against 19 ms at 224 px), which a compiled graph does not have. Measured side by side in the README's deployment table. The
-    first call compiles (15-60 s on a 2-core CPU); later calls with other sizes may compile again
-    (dynamic: sizes are symbolic from the first call, so a new batch size or image size compiles at
-    most once more; dynamic=False compiles once per size). dynamic=True also keeps float32 linear
-    layers on oneDNN: with a fixed size, inductor packs float32 weights for MKL, which measured slower
-    on the AMD CPUs here (rest_base batch 1: 82 against 70 ms eager, 57 ms dynamic).
+    against 19 ms at 224 px), which a compiled graph does not have. Measured side by side in the
+    README's deployment table. The first call compiles (15-60 s on a 2-core CPU); a call with another
+    size may compile again.
+
+    dynamic: torch.compile's. None (default) picks by the model's dtype, from measurements on the
+    AMD EPYC (Zen 4, 2 threads, 224 px, medians of 15, 2026-12-06):
+    - float32: True (sizes symbolic from the first call). With a fixed size inductor packs float32
+      linear weights for MKL, slower on these CPUs than oneDNN, which it uses for symbolic sizes:
+      rest_lite batch 16 340 ms fixed against 293 dynamic, batch 1 26.9 against 23.7.
+    - bfloat16: None, torch's automatic dynamic: the first size is compiled as it is, so that the
+      convolutions' weights are packed once for it (with symbolic sizes oneDNN reorders them on every
+      call), and a second size compiles once more with symbolic sizes: rest_base batch 1 44.5 ms
+      against 46.2, rest_lite batch 16 179 against 185.
 
     Returns a CompiledInference: call it like the model (images in `dtype` where given); it never
     records gradients. Bad arguments: as optimize_for_inference."""
-    return CompiledInference(optimize_for_inference(model, dtype), dynamic=dynamic)
+    optimized = optimize_for_inference(model, dtype)
+    if dynamic is None:
+        dynamic = True if _floating_dtype(optimized) == torch.float32 else None
+    return CompiledInference(optimized, dynamic=dynamic)
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+#: inductor settings of every compiled call: `freezing` (the weights become constants, oneDNN's
+#: blocked copies made once) and `cpp_wrapper` (the graph's calls made from generated C++ instead of
+#: generated Python: measured, bfloat16 rest_lite batch 1 at 32 px, with almost nothing to compute,
+#: 6.46 -> 5.78 ms a call; rest_base batch 1 at 224 px 44.5 -> 40.8 with the guard skip below).
+_INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+
+#: calls whose signature was compiled before skip Dynamo's guards; at most this many signatures are
+#: remembered (a caller feeding ever new sizes gets the guarded call after that, as torch.compile does)
+_MAX_KNOWN_CALLS = 64
+
+
+def _call_signature(x) -> tuple | None:
+    """What decides which compiled graph serves a call, and whether it is valid: the input's type,
+    dtype, device, sizes and strides, and the global state Dynamo guards on (grad mode is always
+    off here; inference mode, autocast, default dtype, deterministic algorithms, active torch
+    function / dispatch modes). None: a call to run with every guard (not a plain tensor, or a mode
+    is active)."""
+    if type(x) is not torch.Tensor or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return None
+    device_type = x.device.type
+    autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)) \
+        if device_type in ("cpu", "cuda") else None
+    return (x.dtype, x.device, tuple(x.shape), x.stride(), x.storage_offset(), x.requires_grad, x.is_inference(),
+            torch.is_inference_mode_enabled(), autocast, torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
 
 
 class CompiledInference(nn.Module):
-    """An optimize_for_inference model and its torch.compile (freezing) for calls without gradients.
+    """An optimize_for_inference model and its torch.compile (freezing, C++ wrapper) for calls without
+    gradients.
 
-    forward(x) runs the compiled model under torch.no_grad() and inductor's `freezing` setting:
-    inductor freezes the weights only for calls that record no gradients, and Dynamo reads the setting
-    itself while it traces (to treat the parameters as constants), so it is switched on around every
-    call, which may trace, not passed as a torch.compile option (which inductor alone sees: measured,
-    bfloat16 rest_lite batch 1 took 18.3 ms that way against 15.5 with the setting on while tracing). The
-    weights are read at the first compilation: changing them afterwards (the `model` attribute is the
-    uncompiled model) has no effect on the compiled calls. Decisions of the Python code (the rest_kernels
-    backend, environment switches) are those in force when a call compiles, as with any torch.compile."""
+    forward(x) runs the compiled model under torch.no_grad() and inductor's `freezing` and
+    `cpp_wrapper` settings: inductor freezes the weights only for calls that record no gradients, and
+    Dynamo reads `freezing` itself while it traces (to treat the parameters as constants), so the
+    settings are switched on around every call, which may trace, not passed as torch.compile options
+    (which inductor alone sees: measured, bfloat16 rest_lite batch 1 took 18.3 ms that way against
+    15.5 with the setting on while tracing).
 
-    def __init__(self, model: nn.Module, dynamic: bool = True):
+    The compiled model is a snapshot: the weights are read at the first compilation, and changing
+    them or anything else of the model afterwards (the `model` attribute is the uncompiled model) has
+    no effect on the compiled calls. Hence a call whose input signature (_call_signature: dtype,
+    device, sizes, strides, the global modes) has been compiled before skips Dynamo's guard
+    evaluation (torch.compiler.set_stance(skip_guard_eval_unsafe=True), which then checks only what
+    tells its compiled graphs apart): the guards would check the model's attributes, which the
+    snapshot ignores anyway, and the input, which the signature has checked. Measured: 0.5-0.7 ms a
+    call at batch 1 (rest_lite 32 px 6.46 -> 5.79 ms). A new signature runs with every guard and may
+    compile. Decisions of the Python code (the rest_kernels backend, environment switches) are those
+    in force when a call compiles, as with any torch.compile. Not for concurrent calls from several
+    threads (the stance and the inductor settings are process-wide while a call runs)."""
+
+    def __init__(self, model: nn.Module, dynamic: bool | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,6 +177,8 @@ class CompiledInference(nn.Module):
         self.eval()
         # not a submodule: its parameters are the model's, and state_dict lists them once
         self.__dict__["compiled"] = torch.compile(self.model, dynamic=dynamic)
+        self.__dict__["dynamic"] = dynamic  # torch.compile's argument, as given
+        self.__dict__["known_calls"] = set()  # the signatures (_call_signature) run so far
 
     def train(self, mode: bool = True) -> "CompiledInference":
         if mode:  # the model has no BatchNorm left (optimize_for_inference) and its weights are frozen
@@ -132,5 +188,12 @@ class CompiledInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config  # imported here: 1 s, not at `import rest`
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(x)
+        with torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS):
+            signature = _call_signature(x)
+            if signature is not None and signature in self.known_calls:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self.compiled(x)
+            out = self.compiled(x)
+            if signature is not None and len(self.known_calls) < _MAX_KNOWN_CALLS:
+                self.known_calls.add(signature)
+            return out

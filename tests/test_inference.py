@@ -120,15 +120,58 @@ def test_compiled_model_matches_official_float32(monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_bfloat16_model_matches_official_by_the_low_precision_rule(monkeypatch):
-    case = load("rest_tiny.zip")["64x96"]
-    x = case["input"].bfloat16()
-    with fused_cpu_route(monkeypatch):
-        compiled = rest.compile_for_inference(tiny(case["seed"], torch.float32), dtype=torch.bfloat16)
-        got = compiled(x)
+    """bfloat16 by the flash-attention rule at both fixture sizes, called in an order that makes a
+    guard skip wrong if it reused a graph across sizes: 64x96 (compiled for that size: the default
+    for bfloat16 is torch's automatic dynamic), 64x96 again (a known signature: no guards evaluated),
+    224x224 (a new size: guarded, compiles with symbolic sizes), 64x96 again (its own graph, the same
+    bits as before)."""
+    cases = {size: load("rest_tiny.zip")[size] for size in ("64x96", "224x224")}
+    seed = cases["64x96"]["seed"]
     with rest_kernels.use_backend("reference"), torch.no_grad():
-        official_bf16 = tiny(case["seed"], torch.float64).eval().to(torch.bfloat16)(x)
-    assert got.dtype == torch.bfloat16
-    assert_lowp_close(got, official_bf16, case["logits_eval"], "bfloat16 compiled tiny 64x96")
+        official = tiny(seed, torch.float64).eval().to(torch.bfloat16)
+        official_bf16 = {size: official(case["input"].bfloat16()) for size, case in cases.items()}
+    with fused_cpu_route(monkeypatch):
+        compiled = rest.compile_for_inference(tiny(seed, torch.float32), dtype=torch.bfloat16)
+        assert compiled.dynamic is None
+        got = {}
+        for size in ("64x96", "64x96", "224x224", "64x96"):
+            out = compiled(cases[size]["input"].bfloat16())
+            assert out.dtype == torch.bfloat16
+            if size in got:
+                torch.testing.assert_close(out, got[size], rtol=0, atol=0)
+            got[size] = out
+            assert_lowp_close(out, official_bf16[size], cases[size]["logits_eval"], f"bfloat16 compiled tiny {size}")
+    assert len(compiled.known_calls) == 2
+
+
+def test_call_signature_tells_apart_what_selects_a_graph():
+    """CompiledInference skips Dynamo's guards only for a signature it has run: every input property
+    and global mode the compiled graphs depend on must change the signature."""
+    from rest.inference import _call_signature
+    x = torch.randn(2, 3, 8, 8)
+    base = _call_signature(x)
+    assert base == _call_signature(x.clone())
+    others = [x.double(), x.bfloat16(), torch.randn(1, 3, 8, 8), torch.randn(2, 3, 8, 9),
+              x.contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 8, 16)[..., ::2],
+              torch.randn(3 * 2 * 64 + 1)[1:].view(2, 3, 8, 8), x.clone().requires_grad_()]
+    for other in others:
+        assert _call_signature(other) != base
+    with torch.inference_mode():
+        assert _call_signature(x) != base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _call_signature(x) != base
+    with torch.overrides.TorchFunctionMode():
+        assert _call_signature(x) is None
+    assert _call_signature([x]) is None
+    assert _call_signature(torch.nn.Parameter(x)) is None  # a subclass: every guard
+
+
+def test_compile_for_inference_dynamic_by_dtype():
+    """dynamic=None: symbolic sizes for float32 models (oneDNN, not MKL, for the linear layers),
+    torch's automatic dynamic for bfloat16 (convolution weights packed for the first size)."""
+    assert rest.compile_for_inference(ResT()).dynamic is True
+    assert rest.compile_for_inference(ResT(), dtype=torch.bfloat16).dynamic is None
+    assert rest.compile_for_inference(ResT(), dynamic=False).dynamic is False
 
 
 def test_compiled_inference_bad_arguments():
