@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from rest_kernels.ops import direct_kernels_in_traces
+
 from .checkpoint import unwrap_model
 from .dense import Linear
 from .packed_conv import PackedConv2d
@@ -188,7 +190,7 @@ class CompiledInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config  # imported here: 1 s, not at `import rest`
-        with torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS):
+        with torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS), direct_kernels_in_traces():
             signature = _call_signature(x)
             if signature is not None and signature in self.known_calls:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):

@@ -22,7 +22,22 @@ def load() -> tuple[object | None, str | None]:
     if info.get("torch") != torch.__version__:
         return None, (f"rest_kernels._C was built against torch {info.get('torch')} but torch "
                       f"{torch.__version__} is running; rebuild with `pip install --no-build-isolation -e .`")
+    _register_fakes()
     return _C, None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fakes() -> None:
+    """Shape functions of the forward ops that a traced inference graph calls directly
+    (rest_kernels.ops.direct_kernels_in_traces): the custom ops' own (rest_kernels/ops.py), less the
+    backend argument. Registered once, when the extension loads; the op packets are resolved here
+    too (torch.ops resolves a name on first access under a lock, which Dynamo cannot trace)."""
+    from .ops import _emsa_fwd_fake, _pa_fwd_fake
+    torch.ops.rest_kernels_C.emsa_fwd, torch.ops.rest_kernels_C.pa_fwd  # noqa: B018 (resolved now)
+    torch.library.register_fake("rest_kernels_C::emsa_fwd")(
+        lambda q, k, v, mix_weight, scale, eps: _emsa_fwd_fake(q, k, v, mix_weight, None, scale, eps, None))
+    torch.library.register_fake("rest_kernels_C::pa_fwd")(
+        lambda x, weight, bias: _pa_fwd_fake(x, weight, bias, None))
 
 
 def build_info() -> dict | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 import threading
@@ -195,7 +194,7 @@ class EmsaProblem:
         """Nothing to compute (B, h, N or d is 0): answered by stats.empty_stats, no kernel runs."""
         return self.q.numel() == 0
 
-    @functools.cached_property
+    @property  # not cached: Dynamo cannot trace cached_property's lock (ops.direct_kernels_in_traces)
     def kernel_weight(self) -> torch.Tensor | None:
         """The mix weight as every kernel reads it: (h, h), contiguous, in the statistics dtype
         (float32, float64 for float64 inputs: a float32 copy would cap float64 results near 1e-7)."""

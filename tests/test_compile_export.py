@@ -115,6 +115,46 @@ def assert_compiles_to_custom_op_nodes(model, x, what):
     assert_close_scaled(actual, expected, RTOL32, f"{what} compiled logits (custom ops)")
 
 
+def _kernel_op_counts(graph) -> dict[str, int]:
+    """call_function nodes of torch.ops.rest_kernels_C.emsa_fwd / pa_fwd (the extension's own ops)."""
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return {name: sum(t.startswith(f"rest_kernels_C.{name}") for t in targets) for name in ("emsa_fwd", "pa_fwd")}
+
+
+@pytest.mark.parametrize("variant", ["rest", "restv2"])
+def test_direct_kernels_in_inference_traces(variant, monkeypatch):
+    """rest_kernels.ops.direct_kernels_in_traces (what rest.CompiledInference traces under): an
+    inference graph calls the extension's ops themselves, no custom-op node left, the same bits as
+    the custom-op graph; a graph that records gradients, and torch.export, keep the custom ops
+    (autograd; the one node export and ONNX keep)."""
+    require_backend("cpu")
+    from rest_kernels.ops import direct_kernels_in_traces
+    monkeypatch.setenv(norms.ENV_VAR, "0")  # eager then runs the graphs' nn.LayerNorm too
+    model = (model_of("rest_lite") if variant == "rest" else v2_model()).eval()
+    x = X_ODD
+    graphs = []
+    with torch.no_grad():
+        expected = model(x)
+        custom_ops = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+        torch._dynamo.reset()
+        with direct_kernels_in_traces():
+            actual = torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x)
+    assert len(graphs) == 2
+    assert _kernel_op_counts(graphs[1].graph) == expected_counts(model)
+    assert count_ops(graphs[1].graph, "emsa_fwd", "pa_fwd") == {"emsa_fwd": 0, "pa_fwd": 0}
+    torch.testing.assert_close(actual, custom_ops, rtol=0, atol=0)
+    assert_close_scaled(actual, expected, RTOL32, f"{variant} direct kernels vs eager")
+
+    graphs.clear()
+    torch._dynamo.reset()
+    with direct_kernels_in_traces():  # gradients recorded: the custom ops and their autograd
+        torch.compile(model, fullgraph=True, backend=recording_backend(graphs))(x.clone().requires_grad_())
+        program = torch.export.export(model, (x,))
+    assert count_ops(graphs[0].graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+    assert count_ops(program.graph, "emsa_fwd", "pa_fwd") == expected_counts(model)
+    assert _kernel_op_counts(program.graph) == {"emsa_fwd": 0, "pa_fwd": 0}
+
+
 def test_fused_ops_compile_gradients_match_eager(monkeypatch):
     with fused_cpu_route(monkeypatch):
         # NCHW maps: in training on channels-last CPU maps eager BatchNorm takes rest/batchnorm.py's

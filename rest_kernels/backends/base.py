@@ -62,6 +62,10 @@ class Backend:
     max_batch_heads: int | None = None
     #: where "auto" prefers the reference or sdpa to this backend (measured; backends/preference.py)
     reference_rules: tuple[ReferenceFaster, ...] = ()
+    #: its forward kernels are ops of the compiled extension (torch.ops.rest_kernels_C, with fakes
+    #: registered by rest_kernels._extension) that an inference graph may call directly instead of
+    #: through the custom op (rest_kernels.ops.direct_kernels_in_traces)
+    graph_ops: bool = False
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run in this process, else why not (cached by callers)."""

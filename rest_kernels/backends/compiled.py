@@ -61,6 +61,9 @@ class CpuBackend(CompiledBackend):
     dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     # measured by bench/crossover.py (data/cpu_crossover.json says where, when and on what)
     reference_rules = load_rules("cpu")
+    # rest.CompiledInference's graphs call rest_kernels_C::emsa_fwd / pa_fwd themselves (the cuda
+    # backend's ops could be called the same way; not switched on where no GPU has run it)
+    graph_ops = True
 
     def unavailable_reason(self):
         # the ops are registered whatever the CPU; the kernels need a build this CPU can run
