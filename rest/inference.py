@@ -90,8 +90,9 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *,
     """optimize_for_inference(model, dtype), compiled with torch.compile for calls without gradients
     (with inductor's `freezing` on: the weights become constants, oneDNN's blocked copies made once at
     compile time, and the elementwise work between the ops fused; and its `cpp_wrapper`: the graph's
-    calls made from C++). The attention and PA stay the compiled kernels of rest_kernels (custom ops
-    in the graph); the rest is inductor's code.
+    calls made from C++). The attention and PA stay the compiled kernels of rest_kernels, called by
+    the graph as the extension's ops (rest_kernels.ops.direct_kernels_in_traces: no Python between
+    them); the rest is inductor's code.
 
     Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
     the ops (bfloat16 rest_lite at 32 px, with almost nothing to compute, still took 7.8 ms a call,
@@ -152,8 +153,8 @@ class CompiledInference(nn.Module):
     """An optimize_for_inference model and its torch.compile (freezing, C++ wrapper) for calls without
     gradients.
 
-    forward(x) runs the compiled model under torch.no_grad() and inductor's `freezing` and
-    `cpp_wrapper` settings: inductor freezes the weights only for calls that record no gradients, and
+    forward(x) runs the compiled model under torch.no_grad(), rest_kernels.ops.direct_kernels_in_traces()
+    and inductor's `freezing` and `cpp_wrapper` settings: inductor freezes the weights only for calls that record no gradients, and
     Dynamo reads `freezing` itself while it traces (to treat the parameters as constants), so the
     settings are switched on around every call, which may trace, not passed as torch.compile options
     (which inductor alone sees: measured, bfloat16 rest_lite batch 1 took 18.3 ms that way against
