@@ -364,7 +364,9 @@ def compiled_inference_runner(case) -> Runner:
     net = importlib.import_module("rest").compile_for_inference(model.eval(), dtype=case.dtype if cast else None)
     images = images.to(case.dtype)
     return Runner(lambda: net(images), case.batch, "images/s",
-                  settings=dict(torch_compile="dynamic=True; inductor's freezing on around each call "
+                  settings=dict(torch_compile=f"dynamic={net.dynamic}; inductor's freezing and cpp_wrapper on "
+                                              "around each call; the cpu kernels called by the graph directly; "
+                                              "guards skipped for an input signature already run "
                                               "(rest.compile_for_inference)"))
 
 
