@@ -134,11 +134,11 @@ _MAX_KNOWN_CALLS = 64
 
 
 def _call_signature(x) -> tuple | None:
-    """What decides which compiled graph serves a call, and whether it is valid: the input's type,
-    dtype, device, sizes and strides, and the global state Dynamo guards on (grad mode is always
-    off here; inference mode, autocast, default dtype, deterministic algorithms, active torch
-    function / dispatch modes). None: a call to run with every guard (not a plain tensor, or a mode
-    is active)."""
+    """What decides which compiled graph serves a call, and whether it is valid, on the input's side:
+    its type, dtype, device, sizes and strides, and the thread's modes Dynamo guards on beside the
+    process-wide ones that torch's GlobalStateGuard checks (grad mode is always off here; inference
+    mode, autocast, active torch function / dispatch modes). None: a call to run with every guard
+    (not a plain tensor, or a mode is active)."""
     if type(x) is not torch.Tensor or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
         return None
     device_type = x.device.type
@@ -163,8 +163,9 @@ class CompiledInference(nn.Module):
     The compiled model is a snapshot: the weights are read at the first compilation, and changing
     them or anything else of the model afterwards (the `model` attribute is the uncompiled model) has
     no effect on the compiled calls. Hence a call whose input signature (_call_signature: dtype,
-    device, sizes, strides, the global modes) has been compiled before skips Dynamo's guard
-    evaluation (torch.compiler.set_stance(skip_guard_eval_unsafe=True), which then checks only what
+    device, sizes, strides, the thread's modes) has run before, in the same global state (torch's
+    GlobalStateGuard: thread count, grad and autocast modes, default dtype, math modes), skips
+    Dynamo's guard evaluation (torch.compiler.set_stance(skip_guard_eval_unsafe=True), which then checks only what
     tells its compiled graphs apart): the guards would check the model's attributes, which the
     snapshot ignores anyway, and the input, which the signature has checked. Measured: 0.5-0.7 ms a
     call at batch 1 (rest_lite 32 px 6.46 -> 5.79 ms). A new signature runs with every guard and may
@@ -181,7 +182,8 @@ class CompiledInference(nn.Module):
         # not a submodule: its parameters are the model's, and state_dict lists them once
         self.__dict__["compiled"] = torch.compile(self.model, dynamic=dynamic)
         self.__dict__["dynamic"] = dynamic  # torch.compile's argument, as given
-        self.__dict__["known_calls"] = set()  # the signatures (_call_signature) run so far
+        # the signatures (_call_signature) run so far -> the global state they ran in
+        self.__dict__["known_calls"] = {}
 
     def train(self, mode: bool = True) -> "CompiledInference":
         if mode:  # the model has no BatchNorm left (optimize_for_inference) and its weights are frozen
@@ -193,10 +195,14 @@ class CompiledInference(nn.Module):
         from torch._inductor import config as inductor_config  # imported here: 1 s, not at `import rest`
         with torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS), direct_kernels_in_traces():
             signature = _call_signature(x)
-            if signature is not None and signature in self.known_calls:
+            # the global state (thread count, grad and autocast modes, default dtype, math modes...) as
+            # Dynamo's own global-state guard sees it: a call from a thread with another thread count
+            # compiles its own graph (inductor's C++ kernels are made for a thread count)
+            state = self.known_calls.get(signature) if signature is not None else None
+            if state is not None and state.check():
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self.compiled(x)
             out = self.compiled(x)
-            if signature is not None and len(self.known_calls) < _MAX_KNOWN_CALLS:
-                self.known_calls.add(signature)
+            if signature is not None and (signature in self.known_calls or len(self.known_calls) < _MAX_KNOWN_CALLS):
+                self.known_calls[signature] = torch._C._dynamo.guards.GlobalStateGuard()
             return out

@@ -149,6 +149,33 @@ def test_compiled_bfloat16_model_matches_official_by_the_low_precision_rule(monk
     assert len(compiled.known_calls) == 2
 
 
+@pytest.mark.slow
+def test_compiled_call_from_a_thread_with_another_thread_count(monkeypatch):
+    """A known signature in another global state (here a worker thread with one intra-op thread:
+    Dynamo guards on the thread count, inductor's C++ kernels are made for it) runs the guarded call
+    and compiles for that state instead of skipping the guards into a recompilation error."""
+    import threading
+    x = load("rest_tiny.zip")["64x96"]["input"].float()
+    with fused_cpu_route(monkeypatch):
+        compiled = rest.compile_for_inference(tiny(1, torch.float32))
+        first = compiled(x)
+        compiled(x)  # the known-signature path
+        got, errors = [], []
+
+        def worker():
+            torch.set_num_threads(1)
+            try:
+                got.append(compiled(x))
+            except Exception as e:  # reported below, with its message
+                errors.append(e)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    assert not errors, errors
+    assert_close_scaled(got[0], first, RTOL[torch.float32], "compiled in a one-thread worker")
+
+
 def test_call_signature_tells_apart_what_selects_a_graph():
     """CompiledInference skips Dynamo's guards only for a signature it has run: every input property
     and global mode the compiled graphs depend on must change the signature."""
