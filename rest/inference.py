@@ -154,8 +154,8 @@ class CompiledInference(nn.Module):
     gradients.
 
     forward(x) runs the compiled model under torch.no_grad(), rest_kernels.ops.direct_kernels_in_traces()
-    and inductor's `freezing` and `cpp_wrapper` settings: inductor freezes the weights only for calls that record no gradients, and
-    Dynamo reads `freezing` itself while it traces (to treat the parameters as constants), so the
+    and inductor's `freezing` and `cpp_wrapper` settings: inductor freezes the weights only for calls
+    that record no gradients, and Dynamo reads `freezing` itself while it traces (to treat the parameters as constants), so the
     settings are switched on around every call, which may trace, not passed as torch.compile options
     (which inductor alone sees: measured, bfloat16 rest_lite batch 1 took 18.3 ms that way against
     15.5 with the setting on while tracing).
@@ -165,8 +165,8 @@ class CompiledInference(nn.Module):
     no effect on the compiled calls. Hence a call whose input signature (_call_signature: dtype,
     device, sizes, strides, the thread's modes) has run before, in the same global state (torch's
     GlobalStateGuard: thread count, grad and autocast modes, default dtype, math modes), skips
-    Dynamo's guard evaluation (torch.compiler.set_stance(skip_guard_eval_unsafe=True), which then checks only what
-    tells its compiled graphs apart): the guards would check the model's attributes, which the
+    Dynamo's guard evaluation (torch.compiler.set_stance(skip_guard_eval_unsafe=True), which then
+    checks only what tells its compiled graphs apart): the guards would check the model's attributes, which the
     snapshot ignores anyway, and the input, which the signature has checked. Measured: 0.5-0.7 ms a
     call at batch 1 (rest_lite 32 px 6.46 -> 5.79 ms). A new signature runs with every guard and may
     compile. Decisions of the Python code (the rest_kernels backend, environment switches) are those
