@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from rest_kernels.ops import direct_kernels_in_traces
+from rest_kernels import direct_kernels_in_traces
 
 from .checkpoint import unwrap_model
 from .dense import Linear
@@ -91,7 +91,7 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *,
     (with inductor's `freezing` on: the weights become constants, oneDNN's blocked copies made once at
     compile time, and the elementwise work between the ops fused; and its `cpp_wrapper`: the graph's
     calls made from C++). The attention and PA stay the compiled kernels of rest_kernels, called by
-    the graph as the extension's ops (rest_kernels.ops.direct_kernels_in_traces: no Python between
+    the graph as the extension's ops (rest_kernels.direct_kernels_in_traces: no Python between
     them); the rest is inductor's code.
 
     Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
@@ -153,7 +153,7 @@ class CompiledInference(nn.Module):
     """An optimize_for_inference model and its torch.compile (freezing, C++ wrapper) for calls without
     gradients.
 
-    forward(x) runs the compiled model under torch.no_grad(), rest_kernels.ops.direct_kernels_in_traces()
+    forward(x) runs the compiled model under torch.no_grad(), rest_kernels.direct_kernels_in_traces()
     and inductor's `freezing` and `cpp_wrapper` settings: inductor freezes the weights only for calls
     that record no gradients, and Dynamo reads `freezing` itself while it traces (to treat the parameters as constants), so the
     settings are switched on around every call, which may trace, not passed as torch.compile options

@@ -10,10 +10,11 @@
 from .backends.reference import emsa_reference, pa_reference
 from .backends.registry import (BackendUnavailableError, available_backends, check_backend_name, default_backend,
                                 use_backend)
-from .ops import emsa_attention, emsa_attention_map, pa_gate
+from .ops import direct_kernels_in_traces, emsa_attention, emsa_attention_map, pa_gate
 
 __all__ = [
     "emsa_attention", "pa_gate", "use_backend", "available_backends", "default_backend",
     "BackendUnavailableError", "emsa_reference", "pa_reference", "emsa_attention_map", "check_backend_name",
+    "direct_kernels_in_traces",
 ]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ def load() -> tuple[object | None, str | None]:
 @functools.lru_cache(maxsize=None)
 def _register_fakes() -> None:
     """Shape functions of the forward ops that a traced inference graph calls directly
-    (rest_kernels.ops.direct_kernels_in_traces): the custom ops' own (rest_kernels/ops.py), less the
+    (rest_kernels.direct_kernels_in_traces): the custom ops' own (rest_kernels/ops.py), less the
     backend argument. Registered once, when the extension loads; the op packets are resolved here
     too (torch.ops resolves a name on first access under a lock, which Dynamo cannot trace)."""
     from .ops import _emsa_fwd_fake, _pa_fwd_fake

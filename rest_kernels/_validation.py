@@ -194,7 +194,7 @@ class EmsaProblem:
         """Nothing to compute (B, h, N or d is 0): answered by stats.empty_stats, no kernel runs."""
         return self.q.numel() == 0
 
-    @property  # not cached: Dynamo cannot trace cached_property's lock (ops.direct_kernels_in_traces)
+    @property  # not cached: Dynamo cannot trace cached_property's lock (rest_kernels.direct_kernels_in_traces)
     def kernel_weight(self) -> torch.Tensor | None:
         """The mix weight as every kernel reads it: (h, h), contiguous, in the statistics dtype
         (float32, float64 for float64 inputs: a float32 copy would cap float64 results near 1e-7)."""

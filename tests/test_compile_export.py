@@ -123,12 +123,12 @@ def _kernel_op_counts(graph) -> dict[str, int]:
 
 @pytest.mark.parametrize("variant", ["rest", "restv2"])
 def test_direct_kernels_in_inference_traces(variant, monkeypatch):
-    """rest_kernels.ops.direct_kernels_in_traces (what rest.CompiledInference traces under): an
+    """rest_kernels.direct_kernels_in_traces (what rest.CompiledInference traces under): an
     inference graph calls the extension's ops themselves, no custom-op node left, the same bits as
     the custom-op graph; a graph that records gradients, and torch.export, keep the custom ops
     (autograd; the one node export and ONNX keep)."""
     require_backend("cpu")
-    from rest_kernels.ops import direct_kernels_in_traces
+    from rest_kernels import direct_kernels_in_traces
     monkeypatch.setenv(norms.ENV_VAR, "0")  # eager then runs the graphs' nn.LayerNorm too
     model = (model_of("rest_lite") if variant == "rest" else v2_model()).eval()
     x = X_ODD

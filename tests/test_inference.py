@@ -114,7 +114,7 @@ def test_compiled_model_matches_official_float32(monkeypatch):
         x = load("rest_tiny.zip")["64x96"]["input"].float()
         with torch.no_grad():
             assert_close_scaled(compiled(x), optimized(x), RTOL[torch.float32], "compiled vs eager, tiny 64x96")
-        # the graph calls the extension's kernels itself (rest_kernels.ops.direct_kernels_in_traces),
+        # the graph calls the extension's kernels itself (rest_kernels.direct_kernels_in_traces),
         # or on the stand-in route (no extension) the custom ops
         ops = _profiled_ops(lambda: compiled(x))
         direct = rest_kernels.available_backends()["cpu"] is None

@@ -64,7 +64,7 @@ class Backend:
     reference_rules: tuple[ReferenceFaster, ...] = ()
     #: its forward kernels are ops of the compiled extension (torch.ops.rest_kernels_C, with fakes
     #: registered by rest_kernels._extension) that an inference graph may call directly instead of
-    #: through the custom op (rest_kernels.ops.direct_kernels_in_traces)
+    #: through the custom op (rest_kernels.direct_kernels_in_traces)
     graph_ops: bool = False
 
     def unavailable_reason(self) -> str | None:

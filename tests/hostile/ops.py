@@ -616,10 +616,13 @@ def raw_op_cases():
          Raises(checked, r"at least one key")),
         ("emsa_fwd/eps-nan", lambda s: fwd(s, eps=float("nan")), Raises(checked, r"eps must be finite")),
         ("emsa_fwd/scale-inf", lambda s: fwd(s, scale=float("inf")), Raises(checked, r"scale must be finite")),
-        # a meta tensor makes PyTorch's dispatcher look for a Meta kernel, which the raw ops do not
-        # register: it refuses the call before op_checks.h runs
+        # a meta tensor makes PyTorch's dispatcher look for a Meta kernel: the cpu ops' is their fake
+        # (registered for rest_kernels.direct_kernels_in_traces), whose device check names the
+        # arguments; the emulation's ops have none, and the dispatcher refuses the call before
+        # op_checks.h runs
         ("emsa_fwd/k-meta", lambda s: fwd(s, k=emsa_args()["k"].to("meta")),
-         Raises((NotImplementedError,), r"rest_kernels_C::emsa_fwd.*Meta tensors")),
+         {"": Raises((ValueError,), r"all tensors must be on one device, got q on cpu, k on meta"),
+          "_emu": Raises((NotImplementedError,), r"rest_kernels_C::emsa_fwd_emu.*Meta tensors")}),
         ("pa_fwd/x-3d", lambda s: pfwd(s, x=torch.randn(3, 5, 6)), Raises(checked, r"x must be 4-dimensional")),
         ("pa_fwd/weight-shape", lambda s: pfwd(s, weight=torch.randn(3, 1, 5, 5)), Raises(checked, r"weight must have shape")),
         ("pa_fwd/bias-shape", lambda s: pfwd(s, bias=torch.randn(4)), Raises(checked, r"bias must have shape")),
@@ -690,6 +693,7 @@ def raw_op_cases():
             continue  # the extension (or this backend's part of it) is not built: no raw ops to call
         label = backend
         for name, call, expected in bad:
+            expected = expected[suffix] if isinstance(expected, dict) else expected  # per op family
             cases.append(Case(f"raw-op-bad/{name}/{label}", functools.partial(call, suffix), expected))
         for name, call, mix_refusal in valid:
             expect = Correct(or_raises=emu_mix_refusal) if (mix_refusal and suffix == "_emu") else CORRECT
