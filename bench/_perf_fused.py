@@ -223,6 +223,13 @@ def cuda_kernels(shape, dtype: str, backward: bool) -> list[Kernel]:
     return _cuda_emsa(shape, dtype, backward)
 
 
+def cuda_bwd_key_splits(key_blocks: int, tiles: int) -> int:
+    """csrc/cuda/emsa_mma.cuh bwd_key_splits: shares of the dk / dv kernel's query walk per key block."""
+    if key_blocks >= 256:
+        return 1
+    return max(1, min(-(-256 // key_blocks), -(-tiles // 4)))
+
+
 def _cuda_emsa(s, dtype, backward):
     B, h, N, M, d, mix = s.B, s.heads, s.N, s.M, s.d, s.mix
     es, T, f32 = (4 if dtype == "fp32" else 2), CUDA_T[dtype], dtype == "fp32"
@@ -235,21 +242,25 @@ def _cuda_emsa(s, dtype, backward):
     def K(fam, key, nbytes, grid, threads=THREADS, unit="fp32", **kw):
         return Kernel(fam, float(nbytes), grid=grid, threads=threads, resource_key=key, dot_unit=unit, **kw)
 
-    # The 16-bit forward written in its own dtype runs emsa_mma.cuh on tensor cores: 64-row blocks,
-    # 32-key tiles, the head dim computed in 16-wide chunks (logits) and 8-wide tiles (P V); float32,
-    # and the backward's float32 rebuild of O (TO = float), run the SIMT kernels on 32 x 32 tiles.
+    # The 16-bit forward runs emsa_mma.cuh on tensor cores: 64-row blocks, 32-key tiles, the head dim
+    # computed in 16-wide chunks (logits) and 8-wide tiles (P V); the backward's float32 rebuild of O
+    # (TO = float) takes P V in two 16-bit halves (twice the P V products). The mix costs lw FMAs per
+    # logit on the CUDA cores (in registers). float32 runs the SIMT kernels on 32 x 32 tiles, the mix
+    # folded into a dot of width lw * d.
     def fwd_kernel(out_bytes, TO):
-        mma = not f32 and TO == T
+        mma = not f32
         rows_b = MMA_ROWS if mma else TILE
         nR, e = math.ceil(N / rows_b), rows_b * TILE
         tiles = nR * BH * nMt
         loads = nMt * lw * q + nR * lw * kv + nR * kv
-        dots = (2.0 * math.ceil(d / 16) * 16 * lw + 2.0 * math.ceil(d / 8) * 8) if mma else (2.0 * d * lw + 2.0 * DP)
+        pv_halves = 2 if mma and TO != T else 1
+        dots = (2.0 * math.ceil(d / 16) * 16 * lw + pv_halves * 2.0 * math.ceil(d / 8) * 8) if mma else (2.0 * d * lw + 2.0 * DP)
         name = "emsa_fwd_mma_kernel" if mma else "emsa_fwd_kernel"
         # MIX reads lse and rstd (P final); plain writes lse
         return K(name, f"{name}<{T}, {TO}, {DP}, {'true' if mix else 'false'}>",
                  q + 2 * kv + out_bytes + rows + (heads4 if mix else 0),
-                 nR * BH, unit="tc16" if mma else "fp32", dot_flops=tiles * e * dots, fp32=tiles * e * 6.0,
+                 nR * BH, unit="tc16" if mma else "fp32", dot_flops=tiles * e * dots,
+                 fp32=tiles * e * (6.0 + (2.0 * lw if mma else 0.0) + (2.0 if pv_halves == 2 else 0.0)),
                  sfu=tiles * e * 1.0, reread=loads - q - 2 * kv, reuse_set=2 * kv / B, sharers=nR * h)
 
     def stats_kernel():
@@ -270,15 +281,18 @@ def _cuda_emsa(s, dtype, backward):
     out.append(fwd_kernel(B * N * h * d * es, T))  # out written once, in the output dtype
     if not backward:
         return out
-    # emsa_bwd: zero-filled outputs and scratch, then the launches in order. dW partials: one row per
+    # emsa_bwd: outputs (zero-filled for SIMT) and scratch, then the launches in order. dW partials: one row per
     # key block of the dk / dv kernel (64 keys on tensor cores, 32 on SIMT)
     nWb = math.ceil(M / (TILE if f32 else MMA_ROWS))
-    out += [_fill("zeros", q), _fill("zeros", kv), _fill("zeros", kv)]  # dq, dk, dv
+    kt = 16 if mix else 32  # tensor-core backward: rows of the other side per tile
+    splits = 1 if f32 else cuda_bwd_key_splits(nWb * BH, math.ceil(N / kt))  # dk / dv walk shares
+    if f32:  # the SIMT kernels' outputs are zero-filled; the tensor-core kernels store every element
+        out += [_fill("zeros", q), _fill("zeros", kv), _fill("zeros", kv)]  # dq, dk, dv
     if mix:
         out += [_fill("zeros", h * h * 4)]  # dmix
     out += [_fill("zeros", heads4)]  # cg
     if mix:
-        out += [_fill("zeros", B * h * nWb * h * 4), vbar_k]  # dw_part
+        out += [_fill("zeros", B * h * nWb * splits * h * 4), vbar_k]  # dw_part: a row per block
     rowdot_grid = math.ceil(N / (THREADS // 32)) * BH
     if mix and not f32:  # O rebuilt in float32 from the saved lse and rstd, then u = dO . O
         out.append(fwd_kernel(ws, "float"))
@@ -293,23 +307,37 @@ def _cuda_emsa(s, dtype, backward):
     mx = 1 if mix else 0
     ins = 2 * q + 2 * kv + 2 * rows + (vbar if mix else 0)  # q, dO, k, v, lse, E
     if not f32:
-        # emsa_bwd_mma_kernel (tensor cores): 64 own rows x 32-row tiles of the other side. KEYS walks
-        # the query tiles twice: dv (head j's logits over lw heads, Y^T dO), then per tile L_j (mix),
-        # per output head its logits and dO V^T, and dS^T Q; !KEYS: per output head logits and
-        # dO V^T, then dS K. Head dims padded to 16 (X Y^T) and 8 (tile x Z).
+        # emsa_bwd_mma_kernel (tensor cores): 64 own rows x kt-row tiles of the other side (16 with
+        # the mix, 32 without). Per tile pair each head of the group (lw heads) has its logits computed
+        # once and kept in registers; each output head's mixed logits are formed from them on the CUDA
+        # cores (lw FMAs per logit). KEYS walks the query tiles twice: dv (the group's logits, then
+        # Y^T dO), then the group's logits, per output head dO V^T, and dS^T Q; !KEYS: the group's
+        # logits, per output head dO V^T, then dS K. Head dims padded to 16 (X Y^T) and 8 (tile x Z).
+        # Mixed calls with more than 8 heads run the SIMT kernels (not modelled: ResT mixes <= 8).
         d16, d8 = 16 * math.ceil(d / 16), 8 * math.ceil(d / 8)
-        nKb, nQt, nQb, nKt, e = math.ceil(M / MMA_ROWS), math.ceil(N / TILE), math.ceil(N / MMA_ROWS), nMt, MMA_ROWS * TILE
+        nKb, nQt, nQb, nKt, e = math.ceil(M / MMA_ROWS), math.ceil(N / kt), math.ceil(N / MMA_ROWS), math.ceil(M / kt), MMA_ROWS * kt
         tiles_k, tiles_r = nKb * BH * nQt, nQb * BH * nKt
-        dots_k = e * (2.0 * d16 * lw + 2.0 * d8 + 2.0 * d16 * (mx + g * (lw + 1)) + 2.0 * d8)
-        loads_k = nQt * (lw + mx + g * lw + g) * kv + nKb * (lw + 1 + mx + g * lw + g + 1) * q
-        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, true>",
-                     ins + 2 * kv + (2 * B * h * nKb * h * 4 if mix else 0), nKb * BH, unit="tc16",
-                     dot_flops=tiles_k * dots_k, fp32=tiles_k * e * (12.0 * g + 4.0), sfu=tiles_k * e * (g + 1.0),
-                     reread=loads_k - 2 * q - 2 * kv, reuse_set=2 * q / B, sharers=nKb * h))
-        dots_r = e * (2.0 * d16 * g * (lw + 1) + 2.0 * d8)
-        loads_r = nKt * g * (lw + 1) * q + nQb * (g * lw + g + 1) * kv
-        out.append(K("emsa_bwd_mma_kernel", f"emsa_bwd_mma_kernel<{T}, {DP}, false>", ins + q, nQb * BH, unit="tc16",
-                     dot_flops=tiles_r * dots_r, fp32=tiles_r * e * 12.0 * g, sfu=tiles_r * e * 1.0 * g,
+        mixing = 2.0 * lw  # FLOPs per logit and output head: S_g = sum_x f_x L_x
+        keys_kernel = f"emsa_bwd_mma_kernel<{T}, {DP}, true, {'true' if mix else 'false'}>"
+        rows_kernel = f"emsa_bwd_mma_kernel<{T}, {DP}, false, {'true' if mix else 'false'}>"
+        dots_k = e * (2.0 * d16 * lw + 2.0 * d8 + 2.0 * d16 * (lw + g) + 2.0 * d8)
+        loads_k = nQt * (2 * lw + g) * kv + nKb * (2 * lw + g + 2) * q
+        # few key blocks: the query walk split over `splits` blocks per key block, float32 partials of
+        # dk and dv summed by emsa_bwd_split_sum_kernel (one launch each)
+        kv32 = B * h * M * d * 4
+        grads_out = 2 * kv if splits == 1 else 2 * splits * kv32
+        out.append(K("emsa_bwd_mma_kernel", keys_kernel,
+                     ins + grads_out + (2 * B * h * nKb * splits * h * 4 if mix else 0), nKb * BH * splits, unit="tc16",
+                     dot_flops=tiles_k * dots_k, fp32=tiles_k * e * (12.0 * g + 4.0 + mixing * (g + 1)),
+                     sfu=tiles_k * e * (g + 1.0), reread=loads_k - 2 * q - 2 * kv, reuse_set=2 * q / B,
+                     sharers=nKb * h))
+        if splits > 1:
+            out += [K("emsa_bwd_split_sum_kernel", f"emsa_bwd_split_sum_kernel<{T}>", splits * kv32 + kv,
+                      math.ceil(B * h * M * d / THREADS), fp32=float(splits * B * h * M * d))] * 2
+        dots_r = e * (2.0 * d16 * (lw + g) + 2.0 * d8)
+        loads_r = nKt * (lw + g) * q + nQb * (lw + g + 1) * kv
+        out.append(K("emsa_bwd_mma_kernel", rows_kernel, ins + q, nQb * BH, unit="tc16",
+                     dot_flops=tiles_r * dots_r, fp32=tiles_r * e * (12.0 + mixing) * g, sfu=tiles_r * e * 1.0 * g,
                      reread=loads_r - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nQb * h))
     else:
         tiles = nMt * BH * nT
@@ -328,9 +356,9 @@ def _cuda_emsa(s, dtype, backward):
                      dot_flops=tiles * dots_rows, fp32=tiles * E * 12.0 * g, sfu=tiles * E * 1.0 * g,
                      reread=loads_rows - 2 * q - 2 * kv, reuse_set=2 * kv / B, sharers=nT * h))
     if mix:
-        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nWb * h * 4 + h * h * 4,
+        out.append(K("emsa_dmix_kernel", "emsa_dmix_kernel", B * h * nWb * splits * h * 4 + h * h * 4,
                      math.ceil(h * h / THREADS),
-                     fp32=float(B * h * nWb * h)))
+                     fp32=float(B * h * nWb * splits * h)))
     return out
 
 

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 
 from .perf_model import Resources
 
@@ -66,28 +65,6 @@ def _cuda_resources_script():
     return mod
 
 
-def sass_mma_counts(so_path: str, tool: str) -> dict:
-    """{(arch, mangled name): (HMMA, HGMMA)} from `cuobjdump -sass`."""
-    text = subprocess.run([tool, "-sass", so_path], capture_output=True, text=True, check=True).stdout
-    counts, arch, func = {}, None, None
-    for line in text.splitlines():
-        m = re.search(r"arch = (sm_\d+)a?", line)
-        if m:
-            arch = int(m.group(1)[3:])
-            continue
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            func = m.group(1)
-            counts[(arch, func)] = [0, 0]
-            continue
-        if func is not None:
-            if re.search(r"\bHGMMA\.", line):
-                counts[(arch, func)][1] += 1
-            elif re.search(r"\bHMMA\.", line):
-                counts[(arch, func)][0] += 1
-    return {k: tuple(v) for k, v in counts.items()}
-
-
 def cuda_resources(path: str, sass: bool = True) -> tuple[dict, str]:
     """{(arch, key): Resources} of the CUDA extension: `path` is the built .so (cuobjdump: registers,
     shared memory, local memory, and with sass=True the HMMA / HGMMA counts of the SASS) or a JSON
@@ -102,9 +79,8 @@ def cuda_resources(path: str, sass: bool = True) -> tuple[dict, str]:
         tool = mod.find_tool("cuobjdump")
         mma = {}
         if sass and tool:
-            counts = sass_mma_counts(path, tool)
-            by_pretty = mod.demangle(sorted({m for _, m in counts}))
-            mma = {(arch, by_pretty[m]): c for (arch, m), c in counts.items()}
+            mma = {(int(re.sub(r"\D", "", arch)), kernel): (c["HMMA"], c["HGMMA"])
+                   for (kernel, arch), c in mod.sass_counts(path, by="kernel").items()}
         what = f"cuobjdump of {path}" + ("" if mma else " (no SASS counts)")
     table = {}
     for r in rows:

@@ -24,7 +24,7 @@ HOT = ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_stats_mma_kernel", "emsa_fw
        "emsa_bwd_mma_kernel", "pa_fwd_kernel", "pa_bwd_dz_kernel", "pa_bwd_dx_kernel", "pa_bwd_dw_kernel")
 #: every kernel family csrc/cuda defines (the build test checks each has code for every arch)
 FAMILIES = HOT + ("emsa_rstd_kernel", "emsa_vbar_kernel", "emsa_bwd_rowdot_kernel", "emsa_bwd_rowstat_kernel",
-                  "emsa_dmix_kernel", "mma_selftest_kernel")
+                  "emsa_dmix_kernel", "emsa_bwd_split_sum_kernel", "mma_selftest_kernel")
 #: SASS instructions counted per kernel (sass_counts): the tensor-core products and the fp32 FMAs
 SASS_OPS = ("HMMA", "HGMMA", "FFMA")
 
@@ -106,22 +106,24 @@ def resource_usage(so_path: str) -> list[dict]:
     return rows
 
 
-def sass_counts(so_path: str) -> dict[tuple[str, str], dict[str, int]]:
-    """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n}} summed over the kernels of each family,
-    from the extension's SASS (`cuobjdump -sass`): what the GPU would execute."""
-    pattern = re.compile(r"\b(" + "|".join(SASS_OPS) + r")\.")
+def sass_counts(so_path: str, by: str = "family") -> dict[tuple[str, str], dict[str, int]]:
+    """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n}} summed over the kernels of each family
+    (by="kernel": one entry per demangled kernel), from the extension's SASS (`cuobjdump -sass`):
+    what the GPU would execute. Static counts: an instruction in a loop counts once."""
+    pattern = re.compile(r"\b(" + "|".join(SASS_OPS) + r")(?=[.\s])")  # the opcode, with or without modifiers
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for func, arch, line in _function_lines(_cuobjdump("-sass", so_path), r"\s*Function : (\S+)"):
         c = counts.setdefault((func, arch), dict.fromkeys(SASS_OPS, 0))
         for op in pattern.findall(line):
             c[op] += 1
     names = demangle(sorted({func for func, _ in counts}))
-    by_family: dict[tuple[str, str], dict[str, int]] = {}
+    grouped: dict[tuple[str, str], dict[str, int]] = {}
     for (mangled, arch), c in counts.items():
-        fam = by_family.setdefault((family_of(names[mangled]), arch), dict.fromkeys(SASS_OPS, 0))
+        key = names[mangled] if by == "kernel" else family_of(names[mangled])
+        total = grouped.setdefault((key, arch), dict.fromkeys(SASS_OPS, 0))
         for op, n in c.items():
-            fam[op] += n
-    return by_family
+            total[op] += n
+    return grouped
 
 
 def problems(rows: list[dict], archs: list[str]) -> list[str]:

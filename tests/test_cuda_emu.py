@@ -57,9 +57,14 @@ def test_emsa_op_layouts(layout, mix):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-# the 16-bit forward runs on 64-row, 32-key mma tiles: N > 64 and M > 32 span several of each
+# the 16-bit forward runs on 64-row, 32-key mma tiles: N > 64 and M > 32 span several of each; the
+# mixed backward keeps up to 8 heads' logit tiles (5: part of the group; 8 at d 96: the dk / dv
+# accumulator's upper half in shared memory; 9: more heads than the group, SIMT). Few key blocks
+# split the dk / dv walk over the query tiles (csrc/cuda/emsa_mma.cuh bwd_key_splits): (1, 8, 70, 49,
+# 64) mixed in 2 shares, (1, 1, 300, 20, 16) in 3, (1, 2, 200, 30, 32) mixed in 4
 @pytest.mark.parametrize("shape", [(2, 3, 37, 45, 32), (1, 2, 40, 17, 96), (1, 1, 5, 1, 3), (1, 8, 70, 49, 64),
-                                   (1, 2, 65, 40, 128)],
+                                   (1, 2, 65, 40, 128), (1, 5, 33, 17, 128), (1, 8, 40, 20, 96), (1, 9, 20, 12, 16),
+                                   (1, 1, 300, 20, 16), (1, 2, 200, 30, 32)],
                          ids=lambda s: "B{}h{}N{}M{}d{}".format(*s))
 @pytest.mark.parametrize("mix", [True, False])
 def test_emsa_op_low_precision(shape, dtype, mix):
@@ -141,6 +146,27 @@ def test_kernels_identical_under_every_schedule(schedule, mix):
     first = results[SCHEDULES[0]]
     for spec in SCHEDULES[1:]:
         for a, b in zip(first, results[spec]):
+            assert torch.equal(a, b), f"result differs between schedules {SCHEDULES[0]} and {spec}"
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_tensor_core_backward_identical_under_every_schedule(schedule, mix):
+    """bf16 backward on the mma kernels, with the dk / dv walk split over the query tiles (1 key block,
+    2 heads: 4 shares with the mix, 2 without): the shares' float32 partials are summed in a fixed
+    order, so every schedule gives the same bits."""
+    from support.conformance import emsa_inputs
+    q, k, v, w, _ = emsa_inputs(1, 2, 200, 30, 32, torch.bfloat16, mix, "model")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    w = w.detach() if w is not None else None
+    ops = torch.ops.rest_kernels_C
+    saved = ops.emsa_fwd_emu(q, k, v, w, 32 ** -0.5, 1e-5)
+    dout = torch.randn(saved[0].shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    results = {}
+    for spec in SCHEDULES:
+        schedule(spec)
+        results[spec] = ops.emsa_bwd_emu(dout, q, k, v, w, *saved, 32 ** -0.5, 1e-5)
+    for spec in SCHEDULES[1:]:
+        for a, b in zip(results[SCHEDULES[0]], results[spec]):
             assert torch.equal(a, b), f"result differs between schedules {SCHEDULES[0]} and {spec}"
 
 
@@ -238,16 +264,7 @@ def test_emsa_forward_runs_on_the_tensor_core_kernels(dtype, mix):
     assert ran == (0 if dtype == torch.float32 else want)
 
 
-@pytest.mark.parametrize("mix", [True, False], ids=["mix", "nomix"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_emsa_backward_runs_on_the_tensor_core_kernels(dtype, mix):
-    """fp16 / bf16 backward: the emulated mma.sync count of one emsa_bwd call is exactly that of
-    csrc/cuda/emsa_mma.cuh's emsa_bwd_mma_kernel tiling (with the mix the float32 rebuild of O
-    stays on SIMT: no mma). dk / dv kernel: 64-key blocks walking 32-query tiles twice (dv: head
-    j's logits and Y^T dO; then per tile L_j for dW (mix), per output head its logits and dO V^T,
-    and dS^T Q); dq kernel: 64-query blocks walking 32-key tiles (per output head its logits and
-    dO V^T, then dS K). float32: the SIMT kernels, no mma."""
-    B, h, N, M, d = 2, 3, 70, 45, 24
+def _backward_mma_count(dtype, mix, B, h, N, M, d):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, h, n, d, generator=g).to(dtype) for n in (N, M, M))
     w = torch.randn(h, h, generator=g) if mix else None
@@ -256,13 +273,48 @@ def test_emsa_backward_runs_on_the_tensor_core_kernels(dtype, mix):
     dout = torch.randn(B, h, N, d, generator=g).to(dtype)
     before = _mma_count()
     ops.emsa_bwd_emu(dout, q, k, v, w, *saved, d ** -0.5, 1e-5)
-    ran = _mma_count() - before
-    warps, hm = 4, (h if mix else 1)
-    xyt, az = -(-d // 16) * 4 * warps, 2 * -(-d // 8) * warps  # one 16 x 32 X Y^T; one tile x (32 x d)
-    keys = -(-M // 64) * B * h * -(-N // 32) * ((hm * xyt + az)                              # dv walk
-                                                 + (xyt if mix else 0) + hm * (hm + 1) * xyt + az)
-    rows = -(-N // 64) * B * h * -(-M // 32) * (hm * (hm + 1) * xyt + az)
-    assert ran == (0 if dtype == torch.float32 else keys + rows)
+    return _mma_count() - before
+
+
+@pytest.mark.parametrize("mix", [True, False], ids=["mix", "nomix"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("h,d", [(3, 24), (8, 96)])
+def test_emsa_backward_runs_on_the_tensor_core_kernels(dtype, mix, h, d):
+    """fp16 / bf16 backward: the emulated mma.sync count of one emsa_bwd call is exactly that of
+    csrc/cuda/emsa_mma.cuh's tiling. With the mix, first the float32 rebuild of O: the forward's
+    tiling (64-query blocks, 32-key tiles: each input head's logits, then P V in two 16-bit halves).
+    Then emsa_bwd_mma_kernel; tiles of the other side: 16 rows with the mix, 32 without. dk / dv
+    kernel: 64-key blocks walking the query tiles twice (dv: each head of the group's logits once,
+    then Y^T dO; then each head's logits once, per output head dO V^T, and dS^T Q); dq kernel:
+    64-query blocks walking the key tiles (each head's logits once, per output head dO V^T, then
+    dS K). So the logits cost h products per tile pair, not h (h + 1) as when each output head
+    recomputed them. float32: the SIMT kernels, no mma."""
+    B, N, M = 2, 70, 45
+    ran = _backward_mma_count(dtype, mix, B, h, N, M, d)
+    warps, hm, kt = 4, (h if mix else 1), (16 if mix else 32)
+
+    def xyt():  # one 16 x kt tile of X Y^T per warp
+        return -(-d // 16) * (kt // 8) * warps
+
+    def az():  # one tile x (kt x d) per warp
+        return (kt // 16) * -(-d // 8) * warps
+
+    g = h if mix else 1  # output heads per tile
+    keys = -(-M // 64) * B * h * -(-N // kt) * ((hm * xyt() + az()) + hm * xyt() + g * xyt() + az())
+    rows = -(-N // 64) * B * h * -(-M // kt) * (hm * xyt() + g * xyt() + az())
+    rebuild = -(-N // 64) * B * h * -(-M // 32) * (h * -(-d // 16) * 4 * warps + 2 * 2 * -(-d // 8) * warps) if mix else 0
+    assert ran == (0 if dtype == torch.float32 else rebuild + keys + rows)
+
+
+def test_emsa_backward_mixing_more_heads_than_the_group_runs_simt():
+    """The mixed tensor-core backward keeps up to 8 heads' logit tiles in registers; a 16-bit call
+    mixing more heads runs the SIMT kernels for dq, dk, dv (its outputs are checked with the other
+    op tests): only the rebuild of O, 9 heads' logits and two P V halves per tile, runs mma."""
+    warps, d = 4, 16
+    rebuild = 9 * (-(-d // 16) * 4 * warps) + 2 * 2 * -(-d // 8) * warps  # one block, one key tile
+    assert _backward_mma_count(torch.bfloat16, True, 1, 9, 40, 20, d) == 9 * rebuild
+    rebuild8 = 8 * (-(-d // 16) * 4 * warps) + 2 * 2 * -(-d // 8) * warps
+    assert _backward_mma_count(torch.bfloat16, True, 1, 8, 40, 20, d) > 8 * rebuild8  # 8 heads: all on mma
 
 
 def test_mma_fragments_bad_input_names_the_argument():

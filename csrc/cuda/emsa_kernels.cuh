@@ -371,6 +371,11 @@ struct BwdArgs {
   const float* cg;    // (B h): c_g (mix only)
   const float* rstd;  // (B h) (mix only)
   const float* vbar;  // (B h, d) (mix only)
+  // tensor-core dk / dv kernel with its query walk split over gridDim.z blocks (bwd_key_splits):
+  // float32 partials (splits, B h, M, d) of dk (part_a) and dv (part_b), summed by
+  // emsa_bwd_split_sum_kernel; nullptr when unsplit
+  float* part_a = nullptr;
+  float* part_b = nullptr;
 };
 
 // The backward's main kernel. KEYS: grid (ceil(M / 32), B h), a block owns key tile m0 of input
@@ -508,6 +513,18 @@ __global__ void __launch_bounds__(kThreads) emsa_dmix_kernel(const float* __rest
   dmix[e] = s;
 }
 
+// out[i] = the sum over the split walks z of part[z][i], in order (the same bits on every GPU),
+// rounded once to T.
+template <class T>
+__global__ void __launch_bounds__(kThreads) emsa_bwd_split_sum_kernel(const float* __restrict__ part, int splits,
+                                                                     int64_t n, T* __restrict__ out) {
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= n) return;
+  float s = 0.f;
+  for (int z = 0; z < splits; ++z) s += part[z * n + i];
+  out[i] = rk::from_f<T>(s);
+}
+
 }  // namespace REST_NS
 
 // fp16 / bf16 forward on tensor cores: uses EmsaArgs, quad_sum, quad_max, centred_tile_update above
@@ -558,11 +575,12 @@ EmsaArgs<T> emsa_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return a;
 }
 
-// The forward's kernels run on tensor cores (emsa_mma.cuh) for 16-bit inputs written out in their
-// own dtype; float32 inputs, and the backward's float32 rebuild of a 16-bit O (TO = float, which
-// must not round P to 16 bits: see emsa_bwd), run the SIMT kernels.
+// The forward's kernels run on tensor cores (emsa_mma.cuh) for 16-bit inputs, written out in their
+// own dtype or, for the backward's float32 rebuild of O (TO = float), in float32 with P V taken in
+// two 16-bit halves (emsa_fwd_mma_kernel: P is not rounded to 16 bits there). float32 inputs run the
+// SIMT kernels.
 template <class T, class TO>
-constexpr bool kFwdOnTensorCores = !std::is_same_v<T, float> && std::is_same_v<T, TO>;
+constexpr bool kFwdOnTensorCores = !std::is_same_v<T, float>;
 
 template <class T, class TO>
 constexpr int fwd_rows_per_block() {
@@ -626,6 +644,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_fwd(const
   return {out.transpose(1, 2), lse, rsq, rstd};
 }
 
+// The backward's main kernel (KEYS: dk / dv, else dq) for head dim d: tensor cores (emsa_mma.cuh)
+// for fp16 / bf16 where on_tc, with or without the mix; else the SIMT kernel.
+template <class T, bool KEYS>
+auto bwd_kernel_for(int64_t d, bool mix, bool on_tc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (on_tc && mix)
+      return d <= 64 ? &emsa_bwd_mma_kernel<T, 64, KEYS, true> : &emsa_bwd_mma_kernel<T, 128, KEYS, true>;
+    if (on_tc) return d <= 64 ? &emsa_bwd_mma_kernel<T, 64, KEYS, false> : &emsa_bwd_mma_kernel<T, 128, KEYS, false>;
+  }
+  return d <= 64 ? &emsa_bwd_kernel<T, 64, KEYS> : &emsa_bwd_kernel<T, 128, KEYS>;
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& w_in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rsq,
@@ -636,9 +666,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
   const bool mix = w.has_value();
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), q.options());
-  at::Tensor dv = at::zeros(v.sizes(), q.options());
   at::Tensor dmix = mix ? at::zeros({h, h}, f32) : at::empty({0}, f32);
   at::Tensor lse_c = lse.contiguous();
   at::Tensor rsq_c = rsq.contiguous();
@@ -648,10 +675,26 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
   at::Tensor E = at::empty({B, h, N}, f32);
   at::Tensor cg = at::zeros({B, h}, f32);
   // rows a block of the main backward kernels owns (keys or queries): 64 on tensor cores (fp16 /
-  // bf16), 32 on SIMT (float32); nMt = key blocks of the dk / dv kernel (dW partials per block)
-  const bool on_tc = q.scalar_type() != at::kFloat;
+  // bf16, up to kMmaMixHeads heads with the mix), 32 on SIMT (float32, and 16-bit calls mixing more
+  // heads); nMt = key blocks of the dk / dv kernel (dW partials per block)
+  const bool on_tc = q.scalar_type() != at::kFloat && !(mix && h > kMmaMixHeads);
   const int64_t block_rows = on_tc ? kMmaRows : kTile, nMt = (M + block_rows - 1) / block_rows;
-  at::Tensor dw_part = mix ? at::zeros({B, h, nMt, h}, f32) : at::Tensor();
+  // the tensor-core kernels store every element of dq, dk, dv (or of their split partials): no fill.
+  // The emulation fills them with NaN instead, so an element left unwritten fails the tests.
+  auto unfilled = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef REST_EMU
+    return at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options);
+#else
+    return at::empty(sizes, options);
+#endif
+  };
+  auto grad_like = [&](const at::Tensor& x) {
+    return on_tc ? unfilled(x.sizes(), q.options()) : at::zeros(x.sizes(), q.options());
+  };
+  at::Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
+  const int splits = on_tc ? bwd_key_splits(nMt * B * h, (N + bwd_tile_cols(mix) - 1) / bwd_tile_cols(mix)) : 1;
+  at::Tensor part = splits > 1 ? unfilled({2, splits, B * h * M * d}, f32) : at::Tensor();  // dk, dv partials
+  at::Tensor dw_part = mix ? at::zeros({B, h, nMt * splits, h}, f32) : at::Tensor();
   // float32 outputs are stored exactly as computed; only 16-bit ones need O rebuilt (see below)
   const bool recompute_out = mix && q.scalar_type() != at::kFloat;
   REST_DISPATCH_DTYPES(q.scalar_type(), "emsa_bwd", [&] {
@@ -696,20 +739,27 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emsa_bwd(
     p.rstd = rstd_c.data_ptr<float>();
     p.vbar = mix ? vbar.data_ptr<float>() : nullptr;
     float* dwp = mix ? dw_part.data_ptr<float>() : nullptr;
-    // the main kernels: tensor cores for fp16 / bf16 (emsa_mma.cuh), SIMT for float32
-    auto keys = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, true> : &emsa_bwd_kernel<scalar_t, 128, true>;
-    auto rows = d <= 64 ? &emsa_bwd_kernel<scalar_t, 64, false> : &emsa_bwd_kernel<scalar_t, 128, false>;
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      keys = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, true> : &emsa_bwd_mma_kernel<scalar_t, 128, true>;
-      rows = d <= 64 ? &emsa_bwd_mma_kernel<scalar_t, 64, false> : &emsa_bwd_mma_kernel<scalar_t, 128, false>;
+    const auto keys = bwd_kernel_for<scalar_t, true>(d, mix, on_tc);
+    const auto rows = bwd_kernel_for<scalar_t, false>(d, mix, on_tc);
+    const int64_t kv_elems = B * h * M * d;
+    if (splits > 1) {
+      p.part_a = part.data_ptr<float>();
+      p.part_b = part.data_ptr<float>() + splits * kv_elems;
     }
-    rk::launch(keys, dim3(static_cast<unsigned>(nMt), BH), dim3(kThreads), stream, p, dk.data_ptr<scalar_t>(),
-               dv.data_ptr<scalar_t>(), dwp);
+    rk::launch(keys, dim3(static_cast<unsigned>(nMt), BH, static_cast<unsigned>(splits)), dim3(kThreads), stream, p,
+               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dwp);
+    if (splits > 1) {
+      const dim3 sum_grid(rk::ceil_div(kv_elems, kThreads));
+      rk::launch(emsa_bwd_split_sum_kernel<scalar_t>, sum_grid, dim3(kThreads), stream,
+                 static_cast<const float*>(p.part_a), splits, kv_elems, dk.data_ptr<scalar_t>());
+      rk::launch(emsa_bwd_split_sum_kernel<scalar_t>, sum_grid, dim3(kThreads), stream,
+                 static_cast<const float*>(p.part_b), splits, kv_elems, dv.data_ptr<scalar_t>());
+    }
     rk::launch(rows, dim3(rk::ceil_div(N, block_rows), BH), dim3(kThreads), stream, p, dq.data_ptr<scalar_t>(),
                static_cast<scalar_t*>(nullptr), static_cast<float*>(nullptr));
     if (mix)
       rk::launch(emsa_dmix_kernel, dim3(rk::ceil_div(h * h, kThreads)), dim3(kThreads), stream,
-                 static_cast<const float*>(dw_part.data_ptr<float>()), a.B, a.h, static_cast<int>(nMt),
+                 static_cast<const float*>(dw_part.data_ptr<float>()), a.B, a.h, static_cast<int>(nMt * splits),
                  dmix.data_ptr<float>());
   });
   return {dq, dk, dv, dmix};

@@ -30,8 +30,11 @@
 #define REST_DEVICE __device__ __forceinline__
 #ifdef REST_EMU
 #define REST_UNROLL
+#define REST_UNROLL_BY(N)
 #else
 #define REST_UNROLL _Pragma("unroll")
+#define REST_PRAGMA(X) _Pragma(#X)
+#define REST_UNROLL_BY(N) REST_PRAGMA(unroll N)
 #endif
 
 namespace REST_NS {
@@ -70,6 +73,15 @@ template <class T>
 REST_DEVICE float to_f(T x) { return static_cast<float>(x); }
 template <class T>
 REST_DEVICE T from_f(float x) { return static_cast<T>(x); }
+
+// x, hidden from the optimiser: address arithmetic on it stays where it is written. Used where
+// hoisting per-head addresses out of a loop would hold them in registers for the whole loop.
+REST_DEVICE int opaque(int x) {
+#ifndef REST_EMU
+  asm volatile("" : "+r"(x));
+#endif
+  return x;
+}
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
