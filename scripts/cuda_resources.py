@@ -25,8 +25,9 @@ HOT = ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_stats_mma_kernel", "emsa_fw
 #: every kernel family csrc/cuda defines (the build test checks each has code for every arch)
 FAMILIES = HOT + ("emsa_rstd_kernel", "emsa_vbar_kernel", "emsa_bwd_rowdot_kernel", "emsa_bwd_rowstat_kernel",
                   "emsa_dmix_kernel", "emsa_bwd_split_sum_kernel", "mma_selftest_kernel")
-#: SASS instructions counted per kernel (sass_counts): the tensor-core products and the fp32 FMAs
-SASS_OPS = ("HMMA", "HGMMA", "FFMA")
+#: SASS instructions counted per kernel (sass_counts): the tensor-core products, the fp32 FMAs and the
+#: 16-byte shared-memory loads (the SIMT products' register blocking)
+SASS_OPS = ("HMMA", "HGMMA", "FFMA", "LDS.128")
 
 
 def find_tool(name: str) -> str | None:
@@ -107,10 +108,10 @@ def resource_usage(so_path: str) -> list[dict]:
 
 
 def sass_counts(so_path: str, by: str = "family") -> dict[tuple[str, str], dict[str, int]]:
-    """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n}} summed over the kernels of each family
+    """{(family, arch): {"HMMA": n, "HGMMA": n, "FFMA": n, "LDS.128": n}} summed over the kernels of each family
     (by="kernel": one entry per demangled kernel), from the extension's SASS (`cuobjdump -sass`):
     what the GPU would execute. Static counts: an instruction in a loop counts once."""
-    pattern = re.compile(r"\b(" + "|".join(SASS_OPS) + r")(?=[.\s])")  # the opcode, with or without modifiers
+    pattern = re.compile(r"\b(" + "|".join(re.escape(op) for op in SASS_OPS) + r")(?=[.\s])")  # opcode (+ modifiers)
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for func, arch, line in _function_lines(_cuobjdump("-sass", so_path), r"\s*Function : (\S+)"):
         c = counts.setdefault((func, arch), dict.fromkeys(SASS_OPS, 0))

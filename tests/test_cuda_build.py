@@ -72,3 +72,18 @@ def test_emsa_16bit_products_on_tensor_cores(usage):
                 # 4 n-tiles (or of 2 n-tiles in two products)
                 assert c["HMMA"] >= 8, (kernel, arch, c)
                 assert c["FFMA"] <= 384, (kernel, arch, c)
+
+def test_simt_products_read_shared_memory_16_bytes_at_a_time(usage):
+    """The SIMT EMSA kernels (float32; 16-bit calls mixing more than 8 heads in the backward) form
+    their logits and dO V^T with tile_dot (csrc/cuda/emsa_kernels.cuh), which reads 4 head-dim columns
+    of each staged row per 16-byte shared load: 9 loads feed 32 FMAs, where 32-bit loads fed 8 and
+    bound the loop by shared memory. Every such kernel on every built arch has at least one step of
+    it (9 LDS.128) in its SASS."""
+    rows, archs = usage
+    counts = cuda_resources.sass_counts(_extension.load()[0].__file__, by="kernel")
+    for arch in archs:
+        for fam in ("emsa_stats_kernel", "emsa_fwd_kernel", "emsa_bwd_kernel"):
+            kernels = [r["kernel"] for r in rows if r["family"] == fam and r["arch"] == arch]
+            assert kernels, (fam, arch)
+            for kernel in kernels:
+                assert counts[(kernel, arch)]["LDS.128"] >= 9, (kernel, arch, counts[(kernel, arch)])

@@ -41,14 +41,25 @@ struct EmsaArgs {
 
 using ChunkTile = float[kTile][kChunk + 1];  // +1: row-wise and column-wise reads hit distinct banks
 
+// The dot products' staged operands: a kTile x kChunk slice per tile, rows of kChunk + 4 floats, so
+// each row starts on 16 bytes (tile_dot reads 4 columns at once) and consecutive rows start 4 banks
+// apart (the rows a warp's 16-byte loads touch together fall on distinct banks).
+constexpr int kDotPitch = kChunk + 4;
+struct alignas(16) DotTile {
+  float v[kTile][kDotPitch];
+};
+struct alignas(16) Float4 {
+  float x[4];
+};
+
 // dst[r][c] = f * (X[row0 + r, c0 + c] - shift[c0 + c]) (0 outside the matrix): a kTile x kChunk
 // slice. shift (optional) is subtracted in float32 before any product (vbar, see the backward).
 template <class T>
-REST_DEVICE void load_chunk(ChunkTile& dst, const T* __restrict__ X, int64_t srow, int64_t scol, int row0,
-                            int nrows, int c0, int d, float f, const float* __restrict__ shift = nullptr) {
+REST_DEVICE void load_chunk(DotTile& dst, const T* __restrict__ X, int64_t srow, int64_t scol, int row0, int nrows,
+                            int c0, int d, float f, const float* __restrict__ shift = nullptr) {
   for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
     const int r = e / kChunk, c = e % kChunk, gr = row0 + r, gc = c0 + c;
-    dst[r][c] = (gr < nrows && gc < d) ? f * (rk::to_f(X[gr * srow + gc * scol]) - (shift ? shift[gc] : 0.f)) : 0.f;
+    dst.v[r][c] = (gr < nrows && gc < d) ? f * (rk::to_f(X[gr * srow + gc * scol]) - (shift ? shift[gc] : 0.f)) : 0.f;
   }
 }
 
@@ -63,20 +74,28 @@ REST_DEVICE void load_rows(float (&dst)[kTile][DPAD], const T* __restrict__ X, i
 }
 
 // acc[s] += f * A[i0 + row, :] . B[m0 + quad + 4 s, :] over the head dim, through shared chunks.
+// Register-blocked over the head dim: each step reads 4 columns of the thread's A row and of each of
+// its 8 B rows as one 16-byte shared load apiece (9 loads feed 32 FMAs; one column at a time it was
+// 9 loads per 8 FMAs, bound by shared memory). The sums run column by column as before (the same
+// float32 result); columns past d are zero in both slices (load_chunk), so whole steps are exact.
 template <class T>
 REST_DEVICE void tile_dot(float (&acc)[8], const T* __restrict__ A, int64_t sa_row, int64_t sa_col, int nA, int i0,
                           const T* __restrict__ Bm, int64_t sb_row, int64_t sb_col, int nB, int m0, int d, float f,
-                          ChunkTile& Ac, ChunkTile& Bc, const float* __restrict__ b_shift = nullptr) {
+                          DotTile& Ac, DotTile& Bc, const float* __restrict__ b_shift = nullptr) {
   const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
   for (int c0 = 0; c0 < d; c0 += kChunk) {
     load_chunk(Ac, A, sa_row, sa_col, i0, nA, c0, d, 1.f);
     load_chunk(Bc, Bm, sb_row, sb_col, m0, nB, c0, d, f, b_shift);
     __syncthreads();
     const int cend = d - c0 < kChunk ? d - c0 : kChunk;
-    for (int c = 0; c < cend; ++c) {
-      const float a = Ac[row][c];
+    for (int c = 0; c < cend; c += 4) {
+      const Float4 a4 = *reinterpret_cast<const Float4*>(&Ac.v[row][c]);
 REST_UNROLL
-      for (int s = 0; s < 8; ++s) acc[s] += a * Bc[quad + 4 * s][c];
+      for (int s = 0; s < 8; ++s) {
+        const Float4 b4 = *reinterpret_cast<const Float4*>(&Bc.v[quad + 4 * s][c]);
+REST_UNROLL
+        for (int u = 0; u < 4; ++u) acc[s] += a4.x[u] * b4.x[u];
+      }
     }
     __syncthreads();
   }
@@ -84,8 +103,8 @@ REST_UNROLL
 
 // Mixed, scaled logits of output head g for the tile (i0.., m0..).
 template <class T>
-REST_DEVICE void tile_logits(float (&S)[8], const EmsaArgs<T>& a, int b, int g, int i0, int m0, ChunkTile& Ac,
-                             ChunkTile& Bc) {
+REST_DEVICE void tile_logits(float (&S)[8], const EmsaArgs<T>& a, int b, int g, int i0, int m0, DotTile& Ac,
+                             DotTile& Bc) {
 REST_UNROLL
   for (int s = 0; s < 8; ++s) S[s] = 0.f;
   const bool mix = a.w != nullptr;
@@ -172,8 +191,8 @@ __global__ void __launch_bounds__(kThreads) emsa_vbar_kernel(EmsaArgs<T> a, floa
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) emsa_stats_kernel(EmsaArgs<T> a, float* __restrict__ lse,
                                                               float* __restrict__ rsq) {
-  REST_SHARED(ChunkTile, Ac);
-  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(DotTile, Ac);
+  REST_SHARED(DotTile, Bc);
   const int row = threadIdx.x >> 2, quad = threadIdx.x & 3;
   const int i0 = blockIdx.x * kTile, bg = blockIdx.y, b = bg / a.h, g = bg % a.h, i = i0 + row;
   float mrow = -INFINITY, l = 0.f, c = 0.f;
@@ -204,8 +223,8 @@ __global__ void __launch_bounds__(kThreads, 1) emsa_fwd_kernel(EmsaArgs<T> a, TO
                                                             float* __restrict__ lse_io,
                                                             const float* __restrict__ rstd) {
   using Rows = float[kTile][DPAD];
-  REST_SHARED(ChunkTile, Ac);
-  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(DotTile, Ac);
+  REST_SHARED(DotTile, Bc);
   REST_SHARED(ChunkTile, Ps);
   REST_SHARED(Rows, Vs);
   constexpr int NC = DPAD / 4;
@@ -387,8 +406,8 @@ template <class T, int DPAD, bool KEYS>
 __global__ void __launch_bounds__(kThreads, 1) emsa_bwd_kernel(BwdArgs<T> p, T* __restrict__ grad_a,
                                                             T* __restrict__ grad_b, float* __restrict__ dw_part) {
   using Rows = float[kTile][DPAD];
-  REST_SHARED(ChunkTile, Ac);
-  REST_SHARED(ChunkTile, Bc);
+  REST_SHARED(DotTile, Ac);
+  REST_SHARED(DotTile, Bc);
   REST_SHARED(ChunkTile, Ts);  // Y tile (for dv) then the dL tile
   REST_SHARED(Rows, Fs);       // dO rows (for dv), then q rows (dk) or k rows (dq)
   using Red = float[kThreads / 32];
