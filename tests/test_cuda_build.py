@@ -77,8 +77,9 @@ def test_simt_products_read_shared_memory_16_bytes_at_a_time(usage):
     """The SIMT EMSA kernels (float32; 16-bit calls mixing more than 8 heads in the backward) form
     their logits and dO V^T with tile_dot (csrc/cuda/emsa_kernels.cuh), which reads 4 head-dim columns
     of each staged row per 16-byte shared load: 9 loads feed 32 FMAs, where 32-bit loads fed 8 and
-    bound the loop by shared memory. Every such kernel on every built arch has at least one step of
-    it (9 LDS.128) in its SASS."""
+    bound the loop by shared memory; their P V-like products (axpy_row) read 4 accumulators' columns
+    per 16-byte load. Every such kernel on every built arch has at least one step of tile_dot
+    (9 LDS.128) in its SASS."""
     rows, archs = usage
     counts = cuda_resources.sass_counts(_extension.load()[0].__file__, by="kernel")
     for arch in archs:

@@ -11,9 +11,10 @@
 //
 // Thread mapping of a 32 x 32 tile with 128 threads (4 warps): thread t owns row t / 4 and the 8
 // columns (t % 4) + 4 s, s < 8. The 4 threads of a row are adjacent lanes of one warp, so row
-// reductions are two xor-shuffles. Accumulators over the head dim (out, dq, dk, dv rows) use the
-// same split: thread t owns row t / 4 and columns (t % 4) + 4 c, c < DPAD / 4 (DPAD = 64 or 128;
-// smaller and odd head dims are zero-padded on load and masked on store).
+// reductions are two xor-shuffles. Accumulators over the head dim (out, dq, dk, dv rows): thread t
+// owns row t / 4 and a quarter of the columns, acc_col(t % 4, c) for c < DPAD / 4, in groups of 4
+// consecutive columns (DPAD = 64 or 128; smaller and odd head dims are zero-padded on load and
+// masked on store).
 #pragma once
 
 #include <cmath>
@@ -63,13 +64,38 @@ REST_DEVICE void load_chunk(DotTile& dst, const T* __restrict__ X, int64_t srow,
   }
 }
 
-// dst[r][c] = X[row0 + r, c] for c < DPAD (0 outside the matrix): a kTile x DPAD block.
+// A kTile x DPAD block of head-dim rows (values, dO, q or k) for the P V-like products, on 16 bytes.
+template <int DPAD>
+struct alignas(16) RowTile {
+  float v[kTile][DPAD];
+};
+
+// dst[r][c] = X[row0 + r, c] for c < DPAD (0 outside the matrix).
 template <class T, int DPAD>
-REST_DEVICE void load_rows(float (&dst)[kTile][DPAD], const T* __restrict__ X, int64_t srow, int64_t scol, int row0,
+REST_DEVICE void load_rows(RowTile<DPAD>& dst, const T* __restrict__ X, int64_t srow, int64_t scol, int row0,
                            int nrows, int d) {
   for (int e = threadIdx.x; e < kTile * DPAD; e += kThreads) {
     const int r = e / DPAD, c = e % DPAD, gr = row0 + r;
-    dst[r][c] = (gr < nrows && c < d) ? rk::to_f(X[gr * srow + c * scol]) : 0.f;
+    dst.v[r][c] = (gr < nrows && c < d) ? rk::to_f(X[gr * srow + c * scol]) : 0.f;
+  }
+}
+
+// The head-dim column of a thread's accumulator slot c (rows of out, dq, dk, dv): groups of 4
+// consecutive columns, the 4 threads of a row side by side, so one 16-byte shared load of a staged
+// row feeds 4 accumulators and the 4 lanes' loads of a row are 64 consecutive bytes (no bank
+// conflict; the 8 rows of a warp read the same row: broadcast).
+REST_DEVICE int acc_col(int quad, int c) { return 16 * (c / 4) + 4 * quad + c % 4; }
+
+// acc[c] += x * zrow[acc_col(quad, c)] for the thread's NC slots: one 16-byte load per 4 FMAs (one
+// 4-byte load per FMA before 2026-12-06). Each slot's sum runs over the rows in the same order.
+template <int NC, int DPAD>
+REST_DEVICE void axpy_row(float (&acc)[NC], float x, const float (&zrow)[DPAD], int quad) {
+  static_assert(4 * NC == DPAD, "a thread holds a quarter of the head dim");
+REST_UNROLL
+  for (int c4 = 0; c4 < NC / 4; ++c4) {
+    const Float4 z = *reinterpret_cast<const Float4*>(&zrow[16 * c4 + 4 * quad]);
+REST_UNROLL
+    for (int u = 0; u < 4; ++u) acc[4 * c4 + u] += x * z.x[u];
   }
 }
 
@@ -222,7 +248,7 @@ template <class T, class TO, int DPAD, bool MIX>
 __global__ void __launch_bounds__(kThreads, 1) emsa_fwd_kernel(EmsaArgs<T> a, TO* __restrict__ out,
                                                             float* __restrict__ lse_io,
                                                             const float* __restrict__ rstd) {
-  using Rows = float[kTile][DPAD];
+  using Rows = RowTile<DPAD>;
   REST_SHARED(DotTile, Ac);
   REST_SHARED(DotTile, Bc);
   REST_SHARED(ChunkTile, Ps);
@@ -277,8 +303,7 @@ REST_UNROLL
     for (int c = 0; c < NC; ++c) acc[c] *= alpha;
     for (int mm = 0; mm < kTile; ++mm) {
       const float p = Ps[row][mm];
-REST_UNROLL
-      for (int c = 0; c < NC; ++c) acc[c] += p * Vs[mm][quad + 4 * c];
+      axpy_row(acc, p, Vs.v[mm], quad);
     }
     __syncthreads();
   }
@@ -287,7 +312,7 @@ REST_UNROLL
     TO* o = out + ((int64_t(b) * a.N + i) * a.h + g) * a.d;
 REST_UNROLL
     for (int c = 0; c < NC; ++c) {
-      const int col = quad + 4 * c;
+      const int col = acc_col(quad, c);
       if (col < a.d) o[col] = rk::from_f<TO>(MIX ? acc[c] : acc[c] / l);
     }
     if (!MIX && quad == 0) lse_io[int64_t(bg) * a.N + i] = mrow + logf(l / a.M);  // log-mean-exp
@@ -405,7 +430,7 @@ struct BwdArgs {
 template <class T, int DPAD, bool KEYS>
 __global__ void __launch_bounds__(kThreads, 1) emsa_bwd_kernel(BwdArgs<T> p, T* __restrict__ grad_a,
                                                             T* __restrict__ grad_b, float* __restrict__ dw_part) {
-  using Rows = float[kTile][DPAD];
+  using Rows = RowTile<DPAD>;
   REST_SHARED(DotTile, Ac);
   REST_SHARED(DotTile, Bc);
   REST_SHARED(ChunkTile, Ts);  // Y tile (for dv) then the dL tile
@@ -482,8 +507,7 @@ REST_UNROLL
         __syncthreads();
         for (int ii = 0; ii < kTile; ++ii) {
           const float y = Ts[ii][row];
-REST_UNROLL
-          for (int c = 0; c < NC; ++c) acc2[c] += y * Fs[ii][quad + 4 * c];
+          axpy_row(acc2, y, Fs.v[ii], quad);
         }
         __syncthreads();
       }
@@ -498,8 +522,7 @@ REST_UNROLL
     __syncthreads();
     for (int x = 0; x < kTile; ++x) {
       const float t = KEYS ? Ts[x][row] : Ts[row][x];
-REST_UNROLL
-      for (int c = 0; c < NC; ++c) acc1[c] += t * Fs[x][quad + 4 * c];
+      axpy_row(acc1, t, Fs.v[x], quad);
     }
     __syncthreads();
   }
@@ -511,7 +534,7 @@ REST_UNROLL
     T* g2 = KEYS ? grad_b + (int64_t(bj) * nrows + r) * a.d : nullptr;
 REST_UNROLL
     for (int c = 0; c < NC; ++c) {
-      const int col = quad + 4 * c;
+      const int col = acc_col(quad, c);
       if (col < a.d) {
         g1[col] = rk::from_f<T>(acc1[c] * a.scale);
         if (KEYS) g2[col] = rk::from_f<T>(acc2[c]);

@@ -427,7 +427,9 @@ REST_UNROLL
 }
 
 // S = sum_c f[c] L[c] over c < nh, f[c] = W[g, hb + c] scale (scale without the mix; s.wf): the
-// forward's warp_logits, term for term and in its order, so the backward's logits are the forward's.
+// forward's warp_logits, term for term and in its order, so the backward recomputes the forward's
+// logits (bit for bit under the emulation; on a GPU up to the order inside one mma of the transposed
+// product, for the dk / dv kernel).
 template <int HC, int NTK>
 REST_DEVICE void mixed_logits(float (&S)[NTK][4], const float (&L)[HC][NTK][4], const float (&f)[HC], int nh) {
   zero_tile(S);
