@@ -102,29 +102,32 @@ def triton_config(constexprs: dict) -> str:
     return _config(constexprs)
 
 
-def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, float]:
+def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, float, float]:
     """(logit tiles one program walks, tensor-core dots per logit element, other FLOPs per logit
-    element), read off the kernels. A dot costs 2 BD FLOPs per logit element. The 2-D mixed kernels
-    form S_g with one dot per input head (rest_kernels/triton/_common.py:head_logits) and mix in
-    fp32 (2 FLOPs per input head); the rest: scale, max / subtract / exp argument, sums, the norm
-    terms of dS (~14)."""
+    element, exponentials per logit element), read off the kernels. A dot costs 2 BD FLOPs per logit
+    element. The mixed forward forms each input head's q_j k_j^T once per tile pair and mixes it
+    into the G output heads of its program (rest_kernels/triton/_common.py:group_logits, 2 FLOPs
+    per input and output head); the mixed backward forms each S_g with one dot per input head
+    (head_logits); the rest: scale, max / subtract / exp argument, sums, the norm terms of dS (~14)."""
     bn, bm = c["BN"], c["BM"]
     if name == "_stats_kernel":
-        return math.ceil(M / bm), H, 7 + 2 * H
+        g = c["G"]
+        return math.ceil(M / bm), H, g * (7 + 2 * H), g
     if name == "_attn_kernel":
         if c["NORM"]:
-            return math.ceil(M / bm), H + 1, 5 + 2 * H
-        return math.ceil(M / bm), 2, 6 + c["BD"] / bm
+            g = c["G"]
+            return math.ceil(M / bm), H + g, g * (5 + 2 * H), g
+        return math.ceil(M / bm), 2, 6 + c["BD"] / bm, 1
     if name == "_dkdv_kernel":  # each program walks its split's share of the query blocks
-        return math.ceil(math.ceil(N / bn) / c["SPLIT"]), 4, 6
+        return math.ceil(math.ceil(N / bn) / c["SPLIT"]), 4, 6, 1
     if name == "_dq_kernel":
-        return math.ceil(M / bm), 3, 6
+        return math.ceil(M / bm), 3, 6, 1
     jg = c["JG"]
     if name == "_dkdv_mixed_kernel":  # every output head, its split's query blocks: S_g, dP, dv, dk_j x JG
         loop = H * math.ceil(math.ceil(N / bn) / c["SPLIT"])
-        return loop, H + 2 + jg, 14 + 2 * H + 2 * jg * c["BD"] / bn  # + the dW products (BD BM per j)
+        return loop, H + 2 + jg, 14 + 2 * H + 2 * jg * c["BD"] / bn, 1  # + the dW products (BD BM per j)
     if name == "_dq_mixed_kernel":  # every output head, every key block: S_g^T, dP^T, dq_j x JG
-        return H * math.ceil(M / bm), H + 1 + jg, 14 + 2 * H
+        return H * math.ceil(M / bm), H + 1 + jg, 14 + 2 * H, 1
     raise KeyError(name)
 
 
@@ -132,6 +135,7 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
 _IO = {
     "_stats_kernel": ((0, 1), (3, 4)),
     "_rowsum_kernel": ((0,), (1,)),
+    "_split_sum_kernel": ((0, 1), (2, 3)),
     "_vbar_kernel": ((0,), (1,)),
     "_row_terms_kernel": ((0, 1), (2,)),
     "_dkdv_kernel": ((0, 1, 2, 3, 4, 5), (6, 7)),
@@ -160,12 +164,12 @@ def triton_kernel(ev, dtype: str) -> Kernel:
     if name in _TILED:
         B, H, N, _ = a[0].shape
         M = a[1].shape[2]
-        loop, dots, fp_per = _tile_work(name, c, H, N, M)
+        loop, dots, fp_per, exps = _tile_work(name, c, H, N, M)
         elems = grid * loop * c["BN"] * c["BM"]
         k.dot_flops = dots * 2.0 * c["BD"] * elems
         k.dot_unit = "tc16" if c["DOT"] == 2 else "fp32"
         k.fp32 = fp_per * elems
-        k.sfu = float(elems)
+        k.sfu = float(exps * elems)
         # operands every program walks again: k, v by the query-block programs; q, dO and the row
         # statistics by the key-block ones; with the mix (2-D), every head of q and k by the
         # programs of every output head (and head group)
@@ -175,10 +179,10 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         else:
             again = (1,) if name == "_stats_kernel" else (1, 2)
         k.reread = (gx - 1) * sum(nb[i] for i in again)
-        mixed = name in ("_stats_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel") or (
-            name == "_attn_kernel" and c["NORM"])
-        if mixed:  # each output head g (per program or per loop step) reads every head of q and k
-            k.reread += (H * gz - 1) * (nb[0] + nb[1]) if name != "_attn_kernel" else (H - 1) * (nb[0] + nb[1])
+        if name in ("_dkdv_mixed_kernel", "_dq_mixed_kernel"):  # each output head g of each head
+            k.reread += (H * gz - 1) * (nb[0] + nb[1])                # group reads every head of q, k
+        elif name == "_stats_kernel" or (name == "_attn_kernel" and c["NORM"]):
+            k.reread += (gz - 1) * (nb[0] + nb[1])  # each group of G output heads reads every head of q, k
         k.reuse_set = sum(nb[i] for i in again) / B
         k.sharers = gx * gz
     elif name in ("_pa_fwd_kernel", "_pa_bwd_kernel"):
@@ -187,6 +191,8 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         k.note = "3x3 halo re-reads from L1/L2 not counted"
     elif name == "_row_terms_kernel":
         k.fp32 = 2.0 * grid * c["BN"] * c["BD"]
+    elif name == "_split_sum_kernel":  # one add per partial read (dk's and dv's)
+        k.fp32 = (nb[0] + nb[1]) / a[0].element_size()
     else:  # _vbar_kernel, _rowsum_kernel: one add per element read
         k.fp32 = nb[0] / a[0].element_size()
     return k

@@ -31,7 +31,7 @@ from rest_kernels.triton import tiles as T  # noqa: E402
 from rest_kernels.triton.aot import compiling_for  # noqa: E402
 from rest_kernels.triton.targets import arch_limits  # noqa: E402
 
-KERNELS = {"fwd": ("_stats_kernel", "_attn_kernel"), "dkdv": ("_dkdv_kernel",), "dq": ("_dq_kernel",),
+KERNELS = {"fwd": ("_stats_kernel", "_attn_kernel"), "fwd_mix": ("_stats_kernel", "_attn_kernel"), "dkdv": ("_dkdv_kernel",), "dq": ("_dq_kernel",),
            "dkdv_mix": ("_dkdv_mixed_kernel",), "dq_mix": ("_dq_mixed_kernel",)}
 #: head dims probed per padded head dim (a multiple of 16 and, where the class has one, not)
 HEAD_DIMS = {16: (16, 5), 32: (32, 24), 64: (64, 48), 128: (96, 128), 256: (256,)}
@@ -54,6 +54,14 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
                     out.append(_T(bn, bm, 8, 1, jg))
             jg //= 2
         return out
+    if family == "fwd_mix":  # more output heads per program first (h dots per tile pair serve G heads)
+        tiles = ([(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1)] if precision == "16" else
+                 [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)])
+        out, g = [], hp
+        while g >= 1:
+            out += [_T(*t, 0, g) for t in tiles]
+            g //= 2
+        return out
     if family == "fwd":
         if precision == "16":
             return [_T(64, 64, 4, 2), _T(64, 64, 8, 2), _T(64, 32, 4, 2), _T(64, 32, 8, 2), _T(64, 32, 8, 1),
@@ -69,8 +77,17 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
 def probes(family: str, precision: str, bd: int, hp: int | None):
     """(Shape, dtype name, backward) of the calls that compile this key's kernels."""
     dtypes = ("bf16", "fp16") if precision == "16" else ("fp32",)
-    backward = family != "fwd"
+    backward = family not in ("fwd", "fwd_mix")
     out = []
+    if family == "fwd_mix":
+        # ResT's head dim of the class, N and M multiples of 16 and not; batch 256 so that the
+        # grid keeps the candidate's G (emsa_fwd.forward_tiles); one 16-bit dtype (the two
+        # compile to the same registers, which the resource gate checks on every dtype)
+        d = {64: 64, 128: 96}[bd]
+        for N, M in SIZES[:2]:
+            for dt in dtypes[:1]:
+                out.append((R.Shape(f"probe h{hp} d{d} N{N} M{M}", "emsa", 256, hp, N, M, d, True), dt, False))
+        return out
     for d in HEAD_DIMS[bd]:
         for N, M in SIZES:
             if family in T.MIXED_FAMILIES:
@@ -140,7 +157,8 @@ def tune(classes, keys, log) -> dict:
 
 
 def dataclasses_astuple(t: T.Tiles):
-    return (t.BN, t.BM, t.num_warps, t.num_stages, t.JG)
+    row = (t.BN, t.BM, t.num_warps, t.num_stages, t.JG)
+    return row + (t.G,) if t.G else row
 
 
 def write_table(path: str, chosen: dict, provenance: str) -> None:

@@ -36,7 +36,7 @@ def test_triton_plain_emsa_forward_by_hand():
     assert [k.bytes for k in ks] == [4 * 8192 + 256]
     attn = ks[0]
     assert (attn.grid, attn.dot_flops, attn.dot_unit, attn.fp32, attn.sfu) == (1, 1_048_576, "tc16", 28_672, 4096)
-    assert attn.resource_key == "bf16 _attn_kernel BD=64 BM=64 BN=64 DOT=2 NORM=False num_stages=2 num_warps=4"
+    assert attn.resource_key == "bf16 _attn_kernel BD=64 BM=64 BN=64 DOT=2 G=1 NORM=False num_stages=2 num_warps=4"
 
 
 def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
@@ -44,12 +44,37 @@ def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ks = _perf_fused.triton_kernels(Shape("t", "emsa", 1, 2, 64, 128, 64, True), "bf16", backward=False)
     stats = next(k for k in ks if k.name == "_stats_kernel")
-    assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 num_stages=2 num_warps=4"
+    # one query block at batch 1: far below MIN_FWD_PROGRAMS, so the "fwd" tiles, one output head
+    # per program (G 1)
+    assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 G=1 num_stages=2 num_warps=4"
     # the 2-D mixed forward: one program per (query block, b, output head), one dot per input head
     # per logit tile (h = 2): grid 1 x 1 x 2, 2 key blocks of 64 x 64, 2 dots of 2 x 64 FLOPs each
     assert stats.grid == 2
     assert stats.dot_flops == 2 * 2 * 64 * (2 * 64 * 64 * 2)
     assert os.environ["TRITON_INTERPRET"] == "1"  # restored
+
+
+def test_triton_mixed_forward_groups_output_heads_by_hand():
+    # ResT-Lite stage 4 at 224 px, batch 64: h 8, N = M = 49, d 64, bf16, sm_90. The table's G for
+    # (BD 64, 8 heads) is used since the grid keeps MIN_FWD_PROGRAMS programs: 1 query block x 64 x 8 / G.
+    from rest_kernels.triton import emsa_fwd, tiles
+    with _perf_fused._gpu_tiles(90):  # the GPU's table, also under the interpreter
+        t = tiles.tiles_for("fwd_mix", True, 64, hp=8)
+    G = t.G
+    assert G > 1 and 64 * (8 // G) >= emsa_fwd.MIN_FWD_PROGRAMS, "the table groups heads at ResT-Lite stage 4"
+    ks = _perf_fused.triton_kernels(Shape("t", "emsa", 64, 8, 49, 49, 64, True), "bf16", backward=False)
+    stats = next(k for k in ks if k.name == "_stats_kernel")
+    attn = next(k for k in ks if k.name == "_attn_kernel")
+    assert f" G={G} " in stats.resource_key and f" G={G} " in attn.resource_key
+    programs = 64 * (8 // G)
+    tile = t.BN * t.BM * -(-49 // t.BM)  # logits per program and output head
+    assert stats.grid == attn.grid == programs
+    # per tile pair: 8 products q_j k_j^T (2 x 64 FLOPs per logit) serve the G heads; the attention
+    # adds G products with v; 2 FLOPs per input head and output head mix them in fp32
+    assert stats.dot_flops == programs * tile * 8 * 2 * 64
+    assert attn.dot_flops == programs * tile * (8 + G) * 2 * 64
+    assert stats.fp32 == programs * tile * G * (7 + 2 * 8)
+    assert stats.sfu == attn.sfu == programs * tile * G
 
 
 def test_pa_eager_compile_and_triton_by_hand():

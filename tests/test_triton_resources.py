@@ -76,7 +76,7 @@ def _assert_within_budget(rows, budget):
     assert not violations, "\n".join(violations)
 
 
-KERNELS = {"_stats_kernel", "_rowsum_kernel", "_attn_kernel", "_row_terms_kernel", "_vbar_kernel",
+KERNELS = {"_stats_kernel", "_rowsum_kernel", "_attn_kernel", "_row_terms_kernel", "_vbar_kernel", "_split_sum_kernel",
            "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel", "_pa_fwd_kernel",
            "_pa_bwd_kernel"}
 #: the EMSA kernels whose products are dots (on tensor cores for fp16 / bf16)
@@ -134,22 +134,28 @@ def test_resource_gate_full(tmp_path, request):
 
 def test_tile_table_has_every_key_for_every_arch_class():
     """Every configuration tiles_for can be asked for on a GPU is in the tuned table, and is
-    well-formed: the tensor-core side of the 16-bit mixed backward's dots is 64 rows, JG divides HP."""
+    well-formed: the tensor-core side of the 16-bit mixed backward's dots is 64 rows, JG divides HP,
+    output-head groups G only on the mixed forward, at most HP."""
     from rest_kernels.triton import tiles as T
     with open(T.TABLE_PATH) as f:
         table = json.load(f)
     assert set(table["archs"]) == {str(c) for c in T.ARCH_CLASSES}
     for cls, rows in table["archs"].items():
         assert set(rows) == set(T.table_keys()), cls
-        for key, (bn, bm, warps, stages, jg) in rows.items():
+        for key, row in rows.items():
+            assert len(row) in (5, 6), (cls, key)
+            bn, bm, warps, stages, jg = row[:5]
+            g = T.Tiles(*row).G
             assert warps in (4, 8) and stages in (1, 2) and bn >= 16 and bm >= 16, (cls, key)
+            hp = int(key.split("HP=")[1]) if "HP=" in key else 1
             if key.startswith(("dkdv_mix", "dq_mix")):
-                hp = int(key.split("HP=")[1])
-                assert 1 <= jg <= hp and hp % jg == 0, (cls, key)
+                assert 1 <= jg <= hp and hp % jg == 0 and g == 0, (cls, key)
                 if " 16 " in key:
                     assert (bn if key.startswith("dkdv_mix") else bm) == 64, (cls, key)
+            elif key.startswith("fwd_mix"):
+                assert jg == 0 and 1 <= g <= hp and hp % g == 0, (cls, key)
             else:
-                assert jg == 0, (cls, key)
+                assert jg == 0 and g == 0, (cls, key)
 
 
 def test_budget_covers_every_arch_and_dtype():

@@ -132,3 +132,30 @@ def head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_g
         kg = load_2d(k_ptr, skb, skh, skm, skd, b, g, m0, M, D, BM, BD)
         s = dot(q_g, trans2(kg, DOT), DTYPE, DOT) * scale
     return s
+
+
+@triton.jit
+def group_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
+                 b, g0, n0, m0, H, N, M, D, scale,
+                 BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
+                 DTYPE: tl.constexpr, DOT: tl.constexpr):
+    """The mixed [BN, BM] logits of G output heads g0 .. g0 + G - 1 at once, a tuple of G tiles:
+    each input head's product L_j = q_j k_j^T is one 2-D dot, then added to every output head of
+    the group as S_g += (W[g, j] scale) L_j. Per tile pair h dots for G output heads instead of
+    head_logits' h dots per output head; each S_g is summed over j in the same order and with the
+    same operations as head_logits, so the logits are the same bits whatever G is. Output heads
+    past H (G not dividing h) read row H - 1 of W; their tiles are computed and never stored."""
+    s = ()
+    for gl in tl.static_range(G):
+        s = s + (tl.zeros((BN, BM), tl.float32),)
+    for j in range(H):
+        qj = load_2d(q_ptr, sqb, sqh, sqn, sqd, b, j, n0, N, D, BN, BD)
+        kj = load_2d(k_ptr, skb, skh, skm, skd, b, j, m0, M, D, BM, BD)
+        lj = dot(qj, trans2(kj, DOT), DTYPE, DOT)
+        new = ()
+        for gl in tl.static_range(G):
+            g = tl.minimum(g0 + gl, H - 1)
+            wgj = tl.load(w_ptr + (tl.zeros((), tl.int32) + g) * H + j) * scale
+            new = new + (s[gl] + wgj * lj,)
+        s = new
+    return s

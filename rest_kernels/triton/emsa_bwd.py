@@ -37,10 +37,14 @@ the others on grid axis z, where HP tiles do not fit):
    dW[g, j] = scale sum (q_j^T dS_g) . k_j^T (= sum dS_g . L_j with L_j = scale q_j k_j^T).
 4. `_dq_mixed_kernel`, grid (query blocks, B, head groups), on transposed tiles [BM, BN]: per
    output head g and key block, S_g^T and dS_g^T; dq_j^T += W[g, j] k_j^T dS_g^T.
-The dk / dv split partials are summed over the splits, the dW partials (h, h, programs) by the
-rowsum kernel, both in a fixed order. The price of 2-D tiles: S_g costs h dots per output head
-(h^2 per tile pair instead of h dots and an h x h contraction on the CUDA cores), once per head
-group; the performance model (bench/perf_model.py) counts it.
+The dk / dv split partials are summed over the splits by `_split_sum_kernel`, the dW partials
+(h, h, programs) by the rowsum kernel, both in a fixed order. The price of 2-D tiles: S_g costs h
+dots per output head (h^2 per tile pair instead of h dots and an h x h contraction on the CUDA
+cores), once per head group; the performance model (bench/perf_model.py) counts it. The forward's
+output-head groups (one product q_j k_j^T for G heads) were tried here too and do not fit: with the
+G heads' centred v tiles, dv accumulators and logit tiles beside the JG dk accumulators, G = 2
+spilled at every 16-bit dk / dv tile of sm_80 / 86 / 90 and fit the dq kernel only on sm_86
+(scripts/tune_triton_tiles.py, 2026-12-06).
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ import triton.language as tl
 from .launch import launch
 from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, store_2d,
                       store_row_stat, trans2)
-from .emsa_fwd import attention_output, rowsum
+from .emsa_fwd import MEAN, attention_output, rowsum
 from .tiles import tiles_for
 
 
@@ -325,12 +329,36 @@ def _split_outputs(k, v, key_programs: int, query_blocks: int):
     return split, per_split, torch.empty(split, *k.shape, **f32), torch.empty(split, *v.shape, **f32)
 
 
+@triton.jit(do_not_specialize=["SPLIT"])
+def _split_sum_kernel(pk_ptr, pv_ptr, dk_ptr, dv_ptr, SPLIT, E, BE: tl.constexpr):
+    """dk[e] = sum_s pk[s, e] and dv[e] = sum_s pv[s, e] over the splits in order s = 0, 1, ...
+    (E elements each, contiguous), rounded once to the gradients' dtype: both sums in one launch
+    (four torch ops before: a sum and a cast each)."""
+    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    inside = e < E
+    ak = tl.zeros((BE,), tl.float32)
+    av = tl.zeros((BE,), tl.float32)
+    pk = pk_ptr + e
+    pv = pv_ptr + e
+    for _ in range(SPLIT):  # pointers step by E: no split x E product in 32 bits
+        ak += tl.load(pk, mask=inside, other=0.0)
+        av += tl.load(pv, mask=inside, other=0.0)
+        pk += E
+        pv += E
+    tl.store(dk_ptr + e, ak.to(dk_ptr.dtype.element_ty), mask=inside)
+    tl.store(dv_ptr + e, av.to(dv_ptr.dtype.element_ty), mask=inside)
+
+
 def _sum_splits(pk, pv, k, v):
     """dk, dv from _split_outputs' targets: partials summed over the splits in a fixed order
-    (torch's reduction is deterministic), or the gradients as they are."""
+    (_split_sum_kernel), or the gradients as they are."""
     if pk.dim() == k.dim():
         return pk, pv
-    return pk.sum(0).to(k.dtype), pv.sum(0).to(v.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    E, BE = dk.numel(), 1024
+    launch(_split_sum_kernel, (triton.cdiv(E, BE),), pk, pv, dk, dv, pk.shape[0], E, BE=BE)
+    return dk, dv
 
 
 def _row_terms(out, dout, delta, BD):
@@ -389,7 +417,7 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
     vbar = torch.empty(B, H, D, **f32)
     # [BM, BD] fp32 tiles of 2048 elements: 16 registers per thread at 4 warps (64 x 128 spilled)
     launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=max(16, 2048 // BD), BD=BD)
-    c = rowsum(delta) / (N * M)  # mean(dY * Y) per (b, g), fixed-order sum
+    c = rowsum(delta, MEAN, N * M)  # mean(dY * Y) per (b, g), fixed-order sum
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     stats = (lse, delta, rsq, vbar, rstd, c)
 

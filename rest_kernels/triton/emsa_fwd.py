@@ -8,20 +8,28 @@ fp32 (contract of rest_kernels/backends/stats.py).
 
 Grid and what a program holds
 -----------------------------
-One program per (query block of BN rows, batch element, OUTPUT head g): grid (cdiv(N, BN), B, h).
-Every tile is 2-D. With the head mix the logits of head g are S_g = sum_j W[g,j] scale q_j k_j^T:
-the program forms them as h 2-D dots, one per input head j, each accumulated in fp32 and mixed in
-fp32 (rest_kernels/triton/_common.py:head_logits), so it never holds a tile of another output head.
-Why: a 2-D dot with BN = 64 rows per warpgroup is what Triton lowers to wgmma (HGMMA) on sm_90
-(a batched [heads, rows, d] dot only ever becomes mma.sync), and one [BN, BM] logit tile live per
-program keeps the registers within the budget without spills at BN = BM = 64
-(rest_kernels/triton/tiles.py). The price: the logits of h output heads cost h^2 dots per tile pair
-instead of h dots plus an h x h contraction on the CUDA cores (h <= 8 in ResT; h = 1 has no mix).
-Only [BN, BM] exists at a time: the N x M map never reaches global memory. BD = next_pow2(d) >= 16,
-masked, so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix. Tiles, warps and pipelining depth come
-per arch from rest_kernels/triton/tiles.py. On a GPU every call is first compiled for the device's
-arch and its launches held against the arch's limits (rest_kernels/triton/capability.py); what does
-not fit is refused with that reason, so "auto" falls back.
+Without the mix: one program per (query block of BN rows, batch element, head): grid
+(cdiv(N, BN), B, h), classic online softmax on 2-D tiles.
+With the head mix the logits of output head g are S_g = sum_j W[g,j] scale q_j k_j^T. One program
+per (query block, batch element, group of G output heads): grid (cdiv(N, BN), B, cdiv(h, G)). Per
+key block it forms each input head's product L_j = q_j k_j^T once, as a 2-D dot accumulated in
+fp32, and adds W[g,j] scale L_j into the G output heads' logit tiles it holds (a tuple of G
+[BN, BM] fp32 tiles; rest_kernels/triton/_common.py:group_logits): h dots per tile pair serve G
+output heads, plus G h fp32 FMAs per logit, where one head per program (G = 1) pays h dots per
+output head (h^2 per tile pair). The logits are the same bits for every G (each S_g summed over j
+in the same order). Why 2-D: a 2-D dot with BN = 64 rows per warpgroup is what Triton lowers to
+wgmma (HGMMA) on sm_90 (a batched [heads, rows, d] dot only ever becomes mma.sync).
+G comes from the tile table ("fwd_mix": the largest G whose tiles compile without spills, per arch,
+precision, padded head dim and head count; rest_kernels/triton/tiles.py); where the grid would have
+fewer than MIN_FWD_PROGRAMS programs with it, and for head dims outside the table's (ResT's mixed
+stages use 64 and 96), the forward runs G = 1 on the "fwd" tiles (`forward_tiles`): grouping
+divides the work but not a program's own time per key block, so on a grid smaller than the GPU it
+only idles SMs.
+Only [BN, BM] tiles exist: the N x M map never reaches global memory. BD = next_pow2(d) >= 16,
+masked, so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix. On a GPU every call is first compiled
+for the device's arch and its launches held against the arch's limits
+(rest_kernels/triton/capability.py); what does not fit is refused with that reason, so "auto"
+falls back.
 
 Three kernels, all with fixed block order (deterministic, no atomics):
 1. `_stats_kernel` (mix only): online softmax over the key blocks. Per row it keeps the running
@@ -29,8 +37,8 @@ Three kernels, all with fixed block order (deterministic, no atomics):
    merged block by block with Chan's pairwise update (each block centred at its own mean); when m
    grows by delta, l scales by exp(-delta) and c by exp(-2 delta). Stores lse = m + log(l / M) and
    rsq = c / l^2 = sum_m (P - 1/M)^2, the centred row sum (no cancellation for near-uniform rows).
-2. `_rowsum_kernel`: per (b, g) the sum over rows of rsq, in a fixed order; the host turns the
-   (B,h) sums into rstd = (sum/(N M) + eps)^-1/2 (B*h numbers).
+2. `_rowsum_kernel`: per (b, g) the sum over rows of rsq, in a fixed order, and from it
+   rstd = (sum/(N M) + eps)^-1/2 in the same program (B*h numbers).
 3. `_attn_kernel`: with the mix, P = exp(S - lse) / M is final on every tile (lse is known), so the
    program accumulates Y v = sum_m (P - 1/M) v_m in fp32 (the 1/M is subtracted before the
    product, so no cancellation of two large terms, and no separate vbar) and writes
@@ -63,70 +71,100 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2,
+from ._common import (TORCH_TO_TL, dot, dot_mode, group_logits, head_logits, load_2d, load_row_stat, pow2,
                       store_2d, store_row_stat)
 from .tiles import tiles_for
+from ._common import interpreting
 
 
 @triton.jit
 def _stats_kernel(q_ptr, k_ptr, w_ptr, lse_ptr, rsq_ptr,
                   sqb, sqh, sqn, sqd, skb, skh, skm, skd,
                   H, N, M, D, scale,
-                  BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                  BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
                   DTYPE: tl.constexpr, DOT: tl.constexpr):
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1)
-    g = tl.program_id(2)
-    m_i = tl.full((BN,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BN,), tl.float32)
-    c_i = tl.zeros((BN,), tl.float32)  # sum (e - l/n)^2 over the keys seen, e = exp(S - m_i)
+    g0 = tl.program_id(2) * G  # output heads g0 .. g0 + G - 1
+    m_i = ()
+    l_i = ()
+    c_i = ()  # per head: sum (e - l/n)^2 over the keys seen, e = exp(S - m_i)
+    for gl in tl.static_range(G):
+        m_i = m_i + (tl.full((BN,), float("-inf"), tl.float32),)
+        l_i = l_i + (tl.zeros((BN,), tl.float32),)
+        c_i = c_i + (tl.zeros((BN,), tl.float32),)
     cols = tl.arange(0, BM)[None, :]
     for m0 in range(0, M, BM):
-        s = head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_ptr,
-                        b, g, n0, m0, H, N, M, D, scale, BN, BM, BD, True, DTYPE, DOT)
+        s = group_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
+                         b, g0, n0, m0, H, N, M, D, scale, BN, BM, BD, G, DTYPE, DOT)
         valid = m0 + cols < M
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key block holds a valid key
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        # Chan's pairwise update of a centred sum of squares: this block's own (centred at its
-        # mean) plus the running one, both in the scale of the new max (c scales with alpha^2)
         n_a = m0 * 1.0
         n_b = tl.minimum((M - m0) * 1.0, BM * 1.0)
-        l_b = tl.sum(p, axis=1)
-        mean_b = l_b / n_b
-        dev = tl.where(valid, p - mean_b[:, None], 0.0)
-        l_a = l_i * alpha
-        delta = mean_b - l_a / tl.maximum(n_a, 1.0)
-        c_i = c_i * (alpha * alpha) + tl.sum(dev * dev, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
-        l_i = l_a + l_b
-        m_i = m_new
-    # log-mean-exp (rest_kernels/backends/stats.py): l / M near 1 for near-uniform rows, so its log
-    # keeps full precision where a log-sum-exp would round at the size of log M
-    store_row_stat(lse_ptr, m_i + tl.log(l_i / M), b, g, n0, H, N, BN)
-    # sum_m (P - 1/M)^2 = sum_m (e - l/M)^2 / l^2 (rest_kernels/backends/stats.py)
-    store_row_stat(rsq_ptr, c_i / (l_i * l_i), b, g, n0, H, N, BN)
+        new_m = ()
+        new_l = ()
+        new_c = ()
+        for gl in tl.static_range(G):
+            sg = tl.where(valid, s[gl], float("-inf"))
+            m_new = tl.maximum(m_i[gl], tl.max(sg, axis=1))  # finite: every key block holds a valid key
+            alpha = tl.exp(m_i[gl] - m_new)
+            p = tl.exp(sg - m_new[:, None])
+            # Chan's pairwise update of a centred sum of squares: this block's own (centred at its
+            # mean) plus the running one, both in the scale of the new max (c scales with alpha^2)
+            l_b = tl.sum(p, axis=1)
+            mean_b = l_b / n_b
+            dev = tl.where(valid, p - mean_b[:, None], 0.0)
+            l_a = l_i[gl] * alpha
+            delta = mean_b - l_a / tl.maximum(n_a, 1.0)
+            new_c = new_c + (c_i[gl] * (alpha * alpha) + tl.sum(dev * dev, axis=1)
+                             + delta * delta * (n_a * n_b / (n_a + n_b)),)
+            new_l = new_l + (l_a + l_b,)
+            new_m = new_m + (m_new,)
+        m_i = new_m
+        l_i = new_l
+        c_i = new_c
+    for gl in tl.static_range(G):
+        g = tl.minimum(g0 + gl, H - 1)
+        r0 = tl.where(g0 + gl < H, n0, N)  # a padded head's rows start past N: nothing stored
+        # log-mean-exp (rest_kernels/backends/stats.py): l / M near 1 for near-uniform rows, so its
+        # log keeps full precision where a log-sum-exp would round at the size of log M
+        store_row_stat(lse_ptr, m_i[gl] + tl.log(l_i[gl] / M), b, g, r0, H, N, BN)
+        # sum_m (P - 1/M)^2 = sum_m (e - l/M)^2 / l^2 (rest_kernels/backends/stats.py)
+        store_row_stat(rsq_ptr, c_i[gl] / (l_i[gl] * l_i[gl]), b, g, r0, H, N, BN)
+
+
+#: what _rowsum_kernel writes for each row's sum s (EPILOGUE): s itself; s / count (a mean); or
+#: (s / count + eps)^-1/2 (InstanceNorm's rstd from the rows' centred sums of squares). The last two
+#: are the forward's rstd and the backward's c = mean(dY * Y): done in the reduction's own program
+#: they cost no launch of their own (three and one torch ops before: ~4 us each on a GPU).
+SUM, MEAN, RSTD = 0, 1, 2
 
 
 @triton.jit
-def _rowsum_kernel(x_ptr, out_ptr, R, BR: tl.constexpr):
-    """out[p] = sum_r x[p, r] for a contiguous (P, R) fp32 array: one program per row, fixed order."""
+def _rowsum_kernel(x_ptr, out_ptr, R, count, eps, BR: tl.constexpr, EPILOGUE: tl.constexpr):
+    """out[p] = f(sum_r x[p, r]) for a contiguous (P, R) fp32 array: one program per row, fixed order."""
     p = tl.program_id(0)
     base = x_ptr + p.to(tl.int64) * R
     acc = tl.zeros((BR,), tl.float32)
     for r0 in range(0, R, BR):
         rr = r0 + tl.arange(0, BR)
         acc += tl.load(base + rr, mask=rr < R, other=0.0)
-    tl.store(out_ptr + p, tl.sum(acc, axis=0))
+    total = tl.sum(acc, axis=0)
+    if EPILOGUE == 1:
+        total = total / count
+    elif EPILOGUE == 2:  # correctly rounded sqrt and division: the same bits on every GPU
+        total = tl.math.div_rn(1.0, tl.sqrt_rn(total / count + eps))
+    tl.store(out_ptr + p, total)
 
 
-def rowsum(x: torch.Tensor) -> torch.Tensor:
-    """Deterministic sum over the last dim of a contiguous fp32 (..., R) tensor."""
+def rowsum(x: torch.Tensor, epilogue: int = SUM, count: int = 1, eps: float = 0.0) -> torch.Tensor:
+    """Deterministic sum over the last dim of a contiguous fp32 (..., R) tensor, then the
+    `epilogue` (SUM, MEAN: / count, RSTD: (/ count + eps)^-1/2)."""
     R = x.shape[-1]
     flat = x.reshape(-1, R)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
     if flat.shape[0]:
-        launch(_rowsum_kernel, (flat.shape[0],), flat, out, R, BR=min(1024, pow2(R, 16)))
+        launch(_rowsum_kernel, (flat.shape[0],), flat, out, R, float(count), float(eps),
+               BR=min(1024, pow2(R, 16)), EPILOGUE=epilogue)
     return out.reshape(x.shape[:-1])
 
 
@@ -134,26 +172,38 @@ def rowsum(x: torch.Tensor) -> torch.Tensor:
 def _attn_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
                  sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
                  H, N, M, D, scale,
-                 BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                 BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
                  NORM: tl.constexpr, DTYPE: tl.constexpr, DOT: tl.constexpr):
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1)
-    g = tl.program_id(2)
-    acc = tl.zeros((BN, BD), tl.float32)
     cols = tl.arange(0, BM)[None, :]
     if NORM:
+        g0 = tl.program_id(2) * G  # output heads g0 .. g0 + G - 1
         inv_m = 1.0 / M
-        lse = load_row_stat(lse_ptr, b, g, n0, H, N, BN, 0.0)
+        acc = ()
+        lse = ()
+        for gl in tl.static_range(G):
+            acc = acc + (tl.zeros((BN, BD), tl.float32),)
+            lse = lse + (load_row_stat(lse_ptr, b, tl.minimum(g0 + gl, H - 1), n0, H, N, BN, 0.0),)
         for m0 in range(0, M, BM):
-            s = head_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd, q_ptr,
-                            b, g, n0, m0, H, N, M, D, scale, BN, BM, BD, True, DTYPE, DOT)
-            v = load_2d(v_ptr, svb, svh, svm, svd, b, g, m0, M, D, BM, BD)
-            # (P - 1/M) = (exp(S - lse) - 1) / M before the product with v: the mean is subtracted
-            # exactly (exp(x) - 1 for small x is exact in fp32), with lse the row's log-mean-exp
-            y = tl.where(m0 + cols < M, (tl.exp(s - lse[:, None]) - 1.0) * inv_m, 0.0)
-            acc += dot(y, v, DTYPE, DOT)
-        acc = acc * tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+            s = group_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
+                             b, g0, n0, m0, H, N, M, D, scale, BN, BM, BD, G, DTYPE, DOT)
+            new = ()
+            for gl in tl.static_range(G):
+                v = load_2d(v_ptr, svb, svh, svm, svd, b, tl.minimum(g0 + gl, H - 1), m0, M, D, BM, BD)
+                # (P - 1/M) = (exp(S - lse) - 1) / M before the product with v: the mean is
+                # subtracted exactly (exp(x) - 1 for small x is exact in fp32), with lse the row's
+                # log-mean-exp
+                y = tl.where(m0 + cols < M, (tl.exp(s[gl] - lse[gl][:, None]) - 1.0) * inv_m, 0.0)
+                new = new + (acc[gl] + dot(y, v, DTYPE, DOT),)
+            acc = new
+        for gl in tl.static_range(G):
+            g = tl.minimum(g0 + gl, H - 1)
+            rstd = tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+            store_2d(o_ptr, acc[gl] * rstd, sob, soh, son, sod, b, g, n0, N * (g0 + gl < H), D, BN, BD)
     else:
+        g = tl.program_id(2)
+        acc = tl.zeros((BN, BD), tl.float32)
         q = load_2d(q_ptr, sqb, sqh, sqn, sqd, b, g, n0, N, D, BN, BD)  # held: one head, no mix
         m_i = tl.full((BN,), float("-inf"), tl.float32)
         l_i = tl.zeros((BN,), tl.float32)
@@ -170,13 +220,40 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
             m_i = m_new
         acc = acc / l_i[:, None]
         store_row_stat(lse_ptr, m_i + tl.log(l_i / M), b, g, n0, H, N, BN)  # log-mean-exp
-    store_2d(o_ptr, acc, sob, soh, son, sod, b, g, n0, N, D, BN, BD)
+        store_2d(o_ptr, acc, sob, soh, son, sod, b, g, n0, N, D, BN, BD)
 
 
 def _config(q: torch.Tensor):
-    """(BD, tiles, DTYPE, DOT) of the forward kernels for q's head dim and dtype on the target arch."""
+    """(BD, DTYPE, DOT) of the forward kernels for q's head dim and dtype."""
+    return pow2(q.shape[-1], 16), TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
+
+
+#: programs the mixed forward keeps at least when it groups output heads: about one wave of a
+#: 132-SM H100 (a property of the design, not of the device, so every GPU runs the same kernels)
+MIN_FWD_PROGRAMS = 128
+
+
+def forward_tiles(q: torch.Tensor, mix: bool):
+    """(tiles, G) of the forward kernels. With the mix, the "fwd_mix" row for (BD, padded heads),
+    G = its output heads per program, where the table has one and the grid keeps at least
+    MIN_FWD_PROGRAMS programs; else the "fwd" row, G = 1.
+
+    A group shares each input head's product q_j k_j^T among its G output heads (h dots per tile
+    pair for G heads instead of h per head), but a program's own work per key block does not
+    shrink with G (h products, then G of the rest): where the grid is already smaller than the
+    GPU, grouping only idles SMs (ResT-Base at 800 x 1216, stage 4, batch 1: 15 query blocks x 8
+    heads). Only the table's G or 1: each row is compiled spill-free as it is (smaller G on the
+    same tiles spilled a few bytes in fp32 on sm_90), the "fwd" row for G = 1."""
+    B, H, N, _ = q.shape
     BD = pow2(q.shape[-1], 16)
-    return BD, tiles_for("fwd", q.dtype != torch.float32, BD), TORCH_TO_TL[q.dtype], dot_mode(q.dtype)
+    low = q.dtype != torch.float32
+    if mix:
+        t = tiles_for("fwd_mix", low, BD, hp=pow2(H))
+        # the interpreter has no GPU to fill: the table's G, so that the tests run the grouped path
+        if t is not None and (interpreting() or
+                              triton.cdiv(N, t.BN) * B * triton.cdiv(H, t.G) >= MIN_FWD_PROGRAMS):
+            return t, t.G
+    return tiles_for("fwd", low, BD), 1
 
 
 def attention_output(q, k, v, mix_weight, lse, rstd, scale, out):
@@ -184,12 +261,13 @@ def attention_output(q, k, v, mix_weight, lse, rstd, scale, out):
     an fp32 copy of O). With the mix, lse and rstd are inputs; without it lse is written."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    BD, t, DTYPE, DOT = _config(q)
+    BD, DTYPE, DOT = _config(q)
     mix = mix_weight is not None
+    t, G = forward_tiles(q, mix)
     w = mix_weight.contiguous() if mix else q  # unused pointer without the mix
-    launch(_attn_kernel, (triton.cdiv(N, t.BN), B, H),
+    launch(_attn_kernel, (triton.cdiv(N, t.BN), B, triton.cdiv(H, G)),
            q, k, v, w, out, lse, rstd, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-           H, N, M, D, float(scale), BN=t.BN, BM=t.BM, BD=BD, NORM=mix, DTYPE=DTYPE, DOT=DOT,
+           H, N, M, D, float(scale), BN=t.BN, BM=t.BM, BD=BD, G=G, NORM=mix, DTYPE=DTYPE, DOT=DOT,
            **t.launch_options())
 
 
@@ -200,12 +278,13 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=dev).transpose(1, 2)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=dev)
     if mix_weight is not None:
-        BD, t, DTYPE, DOT = _config(q)
+        BD, DTYPE, DOT = _config(q)
+        t, G = forward_tiles(q, True)
         rsq = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-        launch(_stats_kernel, (triton.cdiv(N, t.BN), B, H), q, k, mix_weight.contiguous(), lse, rsq,
-               *q.stride(), *k.stride(), H, N, M, D, float(scale),
-               BN=t.BN, BM=t.BM, BD=BD, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
-        rstd = torch.rsqrt(rowsum(rsq) / (N * M) + eps)
+        launch(_stats_kernel, (triton.cdiv(N, t.BN), B, triton.cdiv(H, G)), q, k, mix_weight.contiguous(),
+               lse, rsq, *q.stride(), *k.stride(), H, N, M, D, float(scale),
+               BN=t.BN, BM=t.BM, BD=BD, G=G, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
+        rstd = rowsum(rsq, RSTD, N * M, eps)  # (sum / (N M) + eps)^-1/2 per (b, g)
     else:  # no InstanceNorm: no rsq, no rstd (rest_kernels/backends/stats.py)
         rsq = torch.empty(0, dtype=torch.float32, device=dev)
         rstd = torch.empty(0, dtype=torch.float32, device=dev)

@@ -1,8 +1,9 @@
 """Tile configurations of the Triton EMSA kernels, per GPU arch, as data.
 
-A configuration is (BN, BM, num_warps, num_stages, JG): query rows and key rows per tile, warps per
-program, the software-pipelining depth of the key (or query) loop and, for the mixed backward only,
-how many input heads' accumulators one program holds. It is looked up by the kernel family, the
+A configuration is (BN, BM, num_warps, num_stages, JG, G): query rows and key rows per tile, warps
+per program, the software-pipelining depth of the key (or query) loop; for the mixed backward how
+many input heads' accumulators one program holds (JG); for the mixed forward how many output
+heads' logit tiles it forms together from one product per input head (G, at most). It is looked up by the kernel family, the
 arch class Triton compiles for, the input precision ("16": fp16 / bf16 on tensor cores, "32": fp32
 "ieee" on CUDA cores), the padded head dim BD and, for the mixed backward, the padded head count HP.
 
@@ -23,6 +24,10 @@ Why the candidates look as they do:
   BN for dq; transposed so that BD is the M side); JG heads per program, the other head groups on
   grid axis z, each recomputing the logits: a larger JG first (fewer recomputations), then a wider
   tile (fewer programs re-reading q and dO).
+- Output-head groups G (mixed forward, family "fwd_mix"): one product q_j k_j^T per input head
+  serves the logit tiles of G output heads, held together (G [BN, BM] fp32 logit tiles and G
+  [BN, BD] accumulators): the logit products shrink by G for G tiles' worth of registers; tuned
+  from the largest G down. Rows of the other families have no sixth entry (G = 0).
 - Shared memory: the staged operands (num_stages copies of the k and v tiles) plus the layout
   conversions; sm_86 / sm_89 allow 99 KiB per block, sm_80 163 KiB, sm_90 227 KiB.
 - fp32 ("ieee" dots on CUDA cores): no tensor-core shape constraint, twice the bytes per operand.
@@ -46,8 +51,11 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "t
 #: the arch classes a table is kept for: 80 (A100: 163 KiB shared), 86 (sm_86 / sm_89: 99 KiB),
 #: 90 (227 KiB, wgmma); and the archs compiled for each
 ARCH_CLASSES = {80: (80,), 86: (86, 89), 90: (90,)}
-FAMILIES = ("fwd", "dkdv", "dq", "dkdv_mix", "dq_mix")
+FAMILIES = ("fwd", "fwd_mix", "dkdv", "dq", "dkdv_mix", "dq_mix")
 MIXED_FAMILIES = ("dkdv_mix", "dq_mix")
+#: the mixed forward's tiles with output-head groups (G), tuned for the padded head dims of ResT's
+#: mixed stages only (head dims 64 and 96); other head dims run the "fwd" tiles, G = 1
+FWD_MIX_BDS = (64, 128)
 #: padded head dims the backend can ask for (head dims 1..256), and with the mix (up to 128)
 BDS = (16, 32, 64, 128, 256)
 MIX_BDS = (16, 32, 64, 128)
@@ -62,6 +70,7 @@ class Tiles:
     num_warps: int
     num_stages: int
     JG: int = 0      # mixed backward only: input heads whose accumulators one program holds
+    G: int = 0       # mixed forward only: output heads whose logits one program forms together
 
     def launch_options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -79,6 +88,8 @@ def table_keys() -> list[str]:
         for precision in ("16", "32"):
             if family in MIXED_FAMILIES:
                 keys += [key_name(family, precision, bd, hp) for bd in MIX_BDS for hp in HPS]
+            elif family == "fwd_mix":
+                keys += [key_name(family, precision, bd, hp) for bd in FWD_MIX_BDS for hp in HPS]
             else:
                 keys += [key_name(family, precision, bd) for bd in BDS]
     return keys
@@ -126,14 +137,17 @@ _INTERPRETER = Tiles(64, 128, 4, 1)
 
 
 def tiles_for(family: str, low_precision: bool, bd: int, arch: int | None = None,
-              hp: int | None = None) -> Tiles:
+              hp: int | None = None) -> Tiles | None:
     """The configuration of `family` for the target arch (default: what Triton compiles for now);
-    `hp`: the padded head count, for the mixed backward's families ("dkdv_mix", "dq_mix")."""
+    `hp`: the padded head count, for the mixed families ("fwd_mix", "dkdv_mix", "dq_mix").
+    "fwd_mix" answers None for head dims outside FWD_MIX_BDS (the caller runs "fwd", G = 1)."""
     key = key_name(family, "16" if low_precision else "32", bd, hp)
     rows = getattr(_override, "rows", None)
     if rows and key in rows:
         return rows[key]
-    if interpreting():  # the mixed backward in head groups of half its heads: both paths tested
-        return dataclasses.replace(_INTERPRETER, JG=max(1, hp // 2)) if hp else _INTERPRETER
+    if interpreting():  # the mixed kernels in head groups of half their heads: both paths tested
+        return dataclasses.replace(_INTERPRETER, JG=max(1, hp // 2), G=max(1, hp // 2)) if hp else _INTERPRETER
+    if family == "fwd_mix" and bd not in FWD_MIX_BDS:
+        return None
     arch = target_arch() if arch is None else arch
     return _table()[arch_class(arch)][key]
