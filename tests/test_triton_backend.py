@@ -148,6 +148,30 @@ def test_backward_deterministic(mix, device):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_forward_head_groups_give_the_same_bits(dtype, device):
+    """The mixed forward's output-head groups (rest_kernels/triton/_common.py:group_logits) sum each
+    head's logits over the input heads in the same order with the same operations whatever G is:
+    G = 1, 2 and 4 (h = 3: the last group of 2 and the group of 4 hold padded heads) give the
+    same output and statistics, bit for bit. On a GPU batch 128, so that the grid keeps
+    MIN_FWD_PROGRAMS programs with G = 4 and the groups run (the interpreter always groups)."""
+    from rest_kernels.triton import emsa_fwd, tiles
+    batch = 128 if device == "cuda" else 2
+    q, k, v, w, _ = conformance.emsa_inputs(batch, 3, 40, 100, 8, dtype, True, "model", device)
+    low = dtype != torch.float32
+    key = tiles.key_name("fwd_mix", "16" if low else "32", 16, 4)
+    base = emsa_fwd.forward_tiles(q, True)[0]
+    runs = []
+    for g in (1, 2, 4):
+        with tiles.overriding({key: tiles.Tiles(base.BN, base.BM, base.num_warps, base.num_stages, 0, g)}):
+            assert emsa_fwd.forward_tiles(q, True)[1] == g
+            runs.append(emsa_fwd.emsa_forward(q, k, v, w.reshape(3, 3).float(), 8 ** -0.5, 1e-5))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+
+
 # --------------------------------------------------------------------------- memory
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mix", [True, False])

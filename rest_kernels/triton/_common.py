@@ -143,8 +143,9 @@ def group_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
     each input head's product L_j = q_j k_j^T is one 2-D dot, then added to every output head of
     the group as S_g += (W[g, j] scale) L_j. Per tile pair h dots for G output heads instead of
     head_logits' h dots per output head; each S_g is summed over j in the same order and with the
-    same operations as head_logits, so the logits are the same bits whatever G is. Output heads
-    past H (G not dividing h) read row H - 1 of W; their tiles are computed and never stored."""
+    same operations as head_logits, whatever G is (tests/test_triton_backend.py holds the forward
+    to the same bits for G = 1, 2, 4). Output heads past H (G not dividing h) read row H - 1 of W;
+    their tiles are computed and never stored."""
     s = ()
     for gl in tl.static_range(G):
         s = s + (tl.zeros((BN, BM), tl.float32),)
