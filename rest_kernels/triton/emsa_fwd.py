@@ -16,8 +16,8 @@ key block it forms each input head's product L_j = q_j k_j^T once, as a 2-D dot 
 fp32, and adds W[g,j] scale L_j into the G output heads' logit tiles it holds (a tuple of G
 [BN, BM] fp32 tiles; rest_kernels/triton/_common.py:group_logits): h dots per tile pair serve G
 output heads, plus G h fp32 FMAs per logit, where one head per program (G = 1) pays h dots per
-output head (h^2 per tile pair). The logits are the same bits for every G (each S_g summed over j
-in the same order). Why 2-D: a 2-D dot with BN = 64 rows per warpgroup is what Triton lowers to
+output head (h^2 per tile pair). Each S_g is summed over j in the same order for every G
+(tests/test_triton_backend.py holds the forward to the same bits for G = 1, 2, 4). Why 2-D: a 2-D dot with BN = 64 rows per warpgroup is what Triton lowers to
 wgmma (HGMMA) on sm_90 (a batched [heads, rows, d] dot only ever becomes mma.sync).
 G comes from the tile table ("fwd_mix": the largest G whose tiles compile without spills, per arch,
 precision, padded head dim and head count; rest_kernels/triton/tiles.py); where the grid would have
@@ -71,10 +71,9 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from ._common import (TORCH_TO_TL, dot, dot_mode, group_logits, head_logits, load_2d, load_row_stat, pow2,
-                      store_2d, store_row_stat)
+from ._common import (TORCH_TO_TL, dot, dot_mode, group_logits, head_logits, interpreting, load_2d,
+                      load_row_stat, pow2, store_2d, store_row_stat)
 from .tiles import tiles_for
-from ._common import interpreting
 
 
 @triton.jit
