@@ -31,7 +31,8 @@ from rest_kernels.triton import tiles as T  # noqa: E402
 from rest_kernels.triton.aot import compiling_for  # noqa: E402
 from rest_kernels.triton.targets import arch_limits  # noqa: E402
 
-KERNELS = {"fwd": ("_stats_kernel", "_attn_kernel"), "fwd_mix": ("_stats_kernel", "_attn_kernel"), "dkdv": ("_dkdv_kernel",), "dq": ("_dq_kernel",),
+KERNELS = {"fwd": ("_stats_kernel", "_attn_kernel"), "fwd_mix": ("_stats_kernel", "_attn_kernel"),
+           "dkdv": ("_dkdv_kernel",), "dq": ("_dq_kernel",),
            "dkdv_mix": ("_dkdv_mixed_kernel",), "dq_mix": ("_dq_mixed_kernel",)}
 #: head dims probed per padded head dim (a multiple of 16 and, where the class has one, not)
 HEAD_DIMS = {16: (16, 5), 32: (32, 24), 64: (64, 48), 128: (96, 128), 256: (256,)}

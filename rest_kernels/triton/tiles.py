@@ -2,10 +2,11 @@
 
 A configuration is (BN, BM, num_warps, num_stages, JG, G): query rows and key rows per tile, warps
 per program, the software-pipelining depth of the key (or query) loop; for the mixed backward how
-many input heads' accumulators one program holds (JG); for the mixed forward how many output
-heads' logit tiles it forms together from one product per input head (G, at most). It is looked up by the kernel family, the
-arch class Triton compiles for, the input precision ("16": fp16 / bf16 on tensor cores, "32": fp32
-"ieee" on CUDA cores), the padded head dim BD and, for the mixed backward, the padded head count HP.
+many input heads' accumulators one program holds (JG); for the mixed forward how many output heads'
+logit tiles it forms together from one product per input head (G, at most). It is looked up by the
+kernel family, the arch class Triton compiles for, the input precision ("16": fp16 / bf16 on tensor
+cores, "32": fp32 "ieee" on CUDA cores), the padded head dim BD and, for the mixed families, the
+padded head count HP.
 
 The numbers live in rest_kernels/triton/data/tiles.json, written by scripts/tune_triton_tiles.py:
 for every key it compiles the candidates below in order of preference, ahead of time for each arch
