@@ -5,6 +5,7 @@ torchvision defaults, and the detectors in train and eval at awkward sizes, unde
 torch.compile and DDP."""
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import replace
@@ -22,6 +23,7 @@ from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from rest import CheckpointError, ResT, ResTV2  # noqa: E402
 from rest import detection  # noqa: E402
+from rest_kernels import use_backend  # noqa: E402
 from rest.models import variant_config  # noqa: E402
 from conftest import require_backend  # noqa: E402
 from rest.models_v2 import VARIANTS_V2, variant_config_v2  # noqa: E402
@@ -127,12 +129,25 @@ def test_official_layout_is_the_official_detectron2_forward(returned):
     body = backbone.body
     assert sorted(body.norms) == [f"norm{k}" for k in returned if k < 4]
     x = images()
+    stages = [f"stage{k}" for k in returned]
     with torch.no_grad():
-        expected = official_v1_forward(body.model, dict(body.norms.items()), x, [f"stage{k}" for k in returned])
+        expected = official_v1_forward(body.model, dict(body.norms.items()), x, stages)
         maps = list(body(x).values())
         ours = detection.ResTFeatures.forward(_as_ours(body), x)
-    for m, e in zip(maps, expected, strict=True):
-        torch.testing.assert_close(m, e, rtol=1e-5, atol=1e-5)
+        body64 = copy.deepcopy(body).double()
+        with use_backend("reference"):
+            oracle = official_v1_forward(body64.model, dict(body64.norms.items()), x.double(), stages)
+    # Both float32 maps are the same math in other roundings (ours: the fused kernels, oneDNN, the
+    # compiled LayerNorm, channels-last; the official: F.layer_norm on the tokens), so each is held
+    # against the float64 official forward by the flash-attention rule, max abs error at most 2x the
+    # official float32 one plus rounding. A fixed tolerance on their difference is no bound: after
+    # three random stages each is ~2.5e-5 from float64 at |map| ~ 4, and which rounding lands where
+    # depends on the CPU's vector width (1e-5 held on AVX-512 and failed on AVX2). Measured
+    # 2026-12-06 (AVX2 EPYC): ours / official error 0.78-1.03 across the returned stages.
+    for m, e, o in zip(maps, expected, oracle, strict=True):
+        err, official_err = (m.double() - o).abs().max().item(), (e.double() - o).abs().max().item()
+        rounding = 4 * torch.finfo(torch.float32).eps * o.abs().max().item()
+        assert err <= 2 * official_err + rounding, (err, official_err)
     # the normalised map feeds the next stage: after the first normed stage, our layout differs
     assert not torch.allclose(list(ours.values())[-1], maps[-1], atol=1e-3)
 
