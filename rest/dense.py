@@ -4,8 +4,10 @@ Why: at 224 px the linear layers (q, kv, proj, the MLP) are about 60% of rest_ba
 time, and the matrix multiply PyTorch uses for them (MKL's sgemm) does not take an AVX-512 path on
 every x86 CPU. Measured 2026-11-22 on a 2-core AMD EPYC with AVX-512 (Zen 4), 2 threads, float32:
 MKL (torch.addmm) 100-180 GFLOP/s at ResT's shapes, oneDNN's matmul 300-410 GFLOP/s; the whole-model
-effect on that machine and on an AVX2 one is in docs/benchmarks.md ("Whole models"). oneDNN also applies the bias (and, when no gradient is needed, the MLP's GELU) inside the
-matmul, which saves the bias broadcast copy and a pass over the 4x-wide hidden activations. With
+effect on that machine and on an AVX2 one is in docs/benchmarks.md ("Whole models"). oneDNN also
+applies the bias (and, when no gradient is needed, the MLP's GELU, except on CPUs where that post-op
+measured slower: GELU_APART_ON) inside the matmul, which saves the bias broadcast copy and a pass over
+the 4x-wide hidden activations. With
 gradients, the backward's two products (dx, dweight) run on oneDNN too; under create_graph (double
 backward) they are plain differentiable matmuls.
 
@@ -170,11 +172,34 @@ def _has_hooks(module: nn.Module) -> bool:
                 or nn.modules.module._global_forward_pre_hooks)
 
 
+#: CPU capability levels (torch.backends.cpu.get_cpu_capability()) where oneDNN's matmul applies the
+#: exact (erf) GELU post-op slower than the matmul alone plus ATen's vectorised GELU pass after it, so
+#: the MLP's GELU runs as that separate pass (in place) there. Measured 2026-12-06 on a 2-core AMD
+#: EPYC with AVX2 only (oneDNN's brg_matmul:avx2; the two GELUs gave the same bits there):
+#: - rest_lite's fc1 alone, 1 thread, packed weights, medians of 40 (another job on the other core):
+#:   (3136, 64 -> 256) 2.2-2.6 ms with the post-op against 2.0-2.1 apart, (49, 512 -> 2048) 2.1
+#:   against 1.6-1.7; the post-op's cost hardly shrinks with the element count (about 0.5-0.9 ms
+#:   from 0.8 M down to 0.1 M elements, where ATen's pass takes 1.0 down to 0.12 ms);
+#: - the optimized rest_lite, 2 threads, both settings interleaved in one process (medians of 30 /
+#:   8): batch 1 44.0 -> 41.2 ms, batch 16 533 -> 529 ms (within the noise).
+#: On AVX-512, where the fused form was adopted (commit f98ce83), oneDNN keeps it; elsewhere too
+#: (not measured).
+GELU_APART_ON = frozenset({"AVX2"})
+
+
+def onednn_gelu_epilogue() -> bool:
+    """Whether onednn_linear(gelu=True) asks oneDNN for the GELU inside its matmul on this CPU."""
+    return torch.backends.cpu.get_cpu_capability() not in GELU_APART_ON
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False):
-    """x @ weight.T + bias (then the exact GELU) in one oneDNN matmul; callers check uses_onednn."""
-    if gelu:
+    """x @ weight.T + bias (then the exact GELU) on oneDNN's matmul, the GELU inside it where
+    onednn_gelu_epilogue() says so, else in place right after; callers check uses_onednn."""
+    if gelu and onednn_gelu_epilogue():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    # in place: no second hidden-size map (no gradient is recorded on this path, see linear())
+    return torch.ops.aten.gelu_(y) if gelu else y
 
 
 def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

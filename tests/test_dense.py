@@ -74,6 +74,25 @@ def test_linear_gelu_fuses_the_exact_gelu(spy):
     assert spy == {"plain": 0, "gelu": 1}
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512", "DEFAULT"])
+def test_gelu_epilogue_follows_the_cpu_capability(capability, monkeypatch):
+    # The GELU runs inside oneDNN's matmul except on the levels of GELU_APART_ON (there: the matmul,
+    # then ATen's GELU in place); both are the exact GELU of the same product, whichever this CPU runs.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert dense.onednn_gelu_epilogue() is (capability != "AVX2")
+    torch.manual_seed(2)
+    fc = dense.Linear(32, 48)
+    x = torch.randn(4, 7, 32)
+    with torch.no_grad():
+        got = dense.onednn_linear(x, fc.weight, fc.bias, gelu=True)
+        plain = dense.onednn_linear(x, fc.weight, fc.bias)
+    want = F.gelu(f64_linear(x, fc))
+    assert got.shape == want.shape and got.dtype == torch.float32 and got.data_ptr() != plain.data_ptr()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the same product; the GELUs (oneDNN's erf and ATen's) agree to float32 rounding
+    torch.testing.assert_close(got, F.gelu(plain), rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7)
+
+
 def test_tanh_gelu_or_other_activation_is_not_fused(spy):
     fc = dense.Linear(4, 6)
     x = torch.randn(2, 4)
