@@ -146,7 +146,8 @@ def test_official_layout_is_the_official_detectron2_forward(returned):
     # depends on the CPU's vector width (1e-5 held on AVX-512 and failed on AVX2). Measured
     # 2026-12-06 (AVX2 EPYC): ours / official error 0.78-1.03 across the returned stages.
     for k, (m, e, o) in enumerate(zip(maps, expected, oracle, strict=True)):
-        assert_lowp_close(m, e, o, f"returned map {k}", atol_rounding=4 * torch.finfo(torch.float32).eps * o.abs().max().item())
+        rounding = 4 * torch.finfo(torch.float32).eps * o.abs().max().item()
+        assert_lowp_close(m, e, o, f"returned map {k}", atol_rounding=rounding)
     # the normalised map feeds the next stage: after the first normed stage, our layout differs
     assert not torch.allclose(list(ours.values())[-1], maps[-1], atol=1e-3)
 
