@@ -93,12 +93,42 @@ def measure(fn, *, device: str, warmup: int, repeats: int, min_time: float, max_
     return Timing(times, inner, first)
 
 
+#: settle_cpu's window and its idle threshold: the process is quiet once it used less than a tenth
+#: of one core over a window; SETTLE_MAX_S bounds the wait (a thread that never stops would be
+#: another program's business, not a callable's leftover)
+SETTLE_WINDOW_S = 0.005
+SETTLE_IDLE_FRACTION = 0.1
+SETTLE_MAX_S = 0.5
+
+
+def settle_cpu(*, cpu_time=time.process_time, wall_time=time.perf_counter, sleep=time.sleep) -> bool:
+    """Wait until this process's threads stop using the CPU (at most SETTLE_MAX_S); True if they did.
+
+    Why: thread pools keep spinning after a call returns, waiting for the next one. Measured on
+    the 2-core AMD EPYC (AVX2), 2 threads, rest_base batch 1, 2026-12-06: after a call the process
+    kept burning CPU for ~40 ms with ONNX Runtime's default allow_spinning, ~10 ms with PyTorch's
+    OpenMP pool and ~1 ms with OpenVINO; a PyTorch call started right after an ONNX Runtime call
+    took 140-180 ms instead of 91-108 ms (its OpenMP threads share the two cores with the spinning
+    worker). Interleaved timing would charge each engine's spin to whichever callable comes next in
+    the rotation; a deployed engine runs alone, so every repeat starts on a quiet process."""
+    deadline = wall_time() + SETTLE_MAX_S
+    while True:
+        c0, w0 = cpu_time(), wall_time()
+        sleep(SETTLE_WINDOW_S)
+        used, elapsed = cpu_time() - c0, wall_time() - w0
+        if used <= SETTLE_IDLE_FRACTION * elapsed:
+            return True
+        if wall_time() >= deadline:
+            return False
+
+
 def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, min_time: float,
                         max_inner: int = 1000) -> dict:
     """Time several callables doing the same work (one case on several backends) as `measure` does,
     but interleaved: repeat r times every callable once (each `inner` calls), the order rotated by
     one place per repeat, so that load changing on a shared machine reaches every backend alike and
-    their ratios stay meaningful. Returns {key: Timing}. Exceptions propagate."""
+    their ratios stay meaningful. On the CPU each repeat starts once the previous callable's threads
+    have gone quiet (settle_cpu). Returns {key: Timing}. Exceptions propagate."""
     gc.collect()
     first = {key: _timed_once(fn, device) for key, fn in fns.items()}
     for _ in range(warmup):
@@ -106,6 +136,8 @@ def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, mi
             fn()
     inner = {}
     for key, fn in fns.items():
+        if device == "cpu" and warmup > 0:
+            settle_cpu()
         estimate = _timed_once(fn, device) if warmup > 0 else first[key]
         inner[key] = max(1, min(max_inner, math.ceil(min_time / max(estimate, 1e-9))))
     keys = list(fns)
@@ -115,6 +147,8 @@ def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, mi
     try:
         for r in range(repeats):
             for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                if device == "cpu":
+                    settle_cpu()
                 times[key].append(_repeat(fns[key], device, inner[key]))
     finally:
         if gc_was_enabled:

@@ -239,6 +239,33 @@ def test_interleaved_timing_rotates_the_order_and_times_every_callable():
     assert all(sorted(rounds[i * 3:i * 3 + 3]) == ["a", "b", "c"] for i in range(4))
 
 
+class _FakeProcess:
+    """A process whose threads use `busy` of the CPU (fraction of one core) until `quiet_at` seconds."""
+
+    def __init__(self, quiet_at: float, busy: float = 1.0):
+        self.now, self.cpu, self.quiet_at, self.busy = 0.0, 0.0, quiet_at, busy
+
+    def sleep(self, s: float) -> None:
+        spinning = max(0.0, min(self.now + s, self.quiet_at) - self.now)
+        self.cpu += self.busy * spinning
+        self.now += s
+
+
+def test_settle_waits_for_a_spinning_thread_pool_to_go_quiet():
+    p = _FakeProcess(quiet_at=0.040)  # ONNX Runtime's ~40 ms of spin after a call
+    assert _timing.settle_cpu(cpu_time=lambda: p.cpu, wall_time=lambda: p.now, sleep=p.sleep)
+    assert 0.040 <= p.now <= 0.040 + 2 * _timing.SETTLE_WINDOW_S  # returns in the first quiet window
+    q = _FakeProcess(quiet_at=0.0)
+    assert _timing.settle_cpu(cpu_time=lambda: q.cpu, wall_time=lambda: q.now, sleep=q.sleep)
+    assert q.now == pytest.approx(_timing.SETTLE_WINDOW_S)  # already quiet: one window
+
+
+def test_settle_gives_up_on_a_thread_that_never_stops():
+    p = _FakeProcess(quiet_at=float("inf"), busy=0.5)
+    assert not _timing.settle_cpu(cpu_time=lambda: p.cpu, wall_time=lambda: p.now, sleep=p.sleep)
+    assert _timing.SETTLE_MAX_S <= p.now <= _timing.SETTLE_MAX_S + _timing.SETTLE_WINDOW_S
+
+
 def test_engine_rows_beside_pytorch_checked_against_float64(tmp_path):
     pytest.importorskip("onnxruntime")
     path = tmp_path / "e.json"
