@@ -160,7 +160,7 @@ def table(rows: list[dict], env: dict, settings: dict, markdown: bool = False) -
     if accuracy:
         out.append("")
         out.append("Model inference rows: every backend of a case timed interleaved (one repeat of each per round, "
-                   "order rotated, each repeat started on a quiet process); "
+                   "order rotated, each repeat started on a quiet process after an untimed lead-in call); "
                    f"{ACCURACY_COLUMN} = max |logits - float64 logits| of the row's first call, "
                    "checked before timing against a tolerance of 2x eager PyTorch's own error at that precision.")
     body, last = [], None

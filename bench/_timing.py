@@ -110,7 +110,13 @@ def settle_cpu(*, cpu_time=time.process_time, wall_time=time.perf_counter, sleep
     OpenMP pool and ~1 ms with OpenVINO; a PyTorch call started right after an ONNX Runtime call
     took 140-180 ms instead of 91-108 ms (its OpenMP threads share the two cores with the spinning
     worker). Interleaved timing would charge each engine's spin to whichever callable comes next in
-    the rotation; a deployed engine runs alone, so every repeat starts on a quiet process."""
+    the rotation; a deployed engine runs alone, so every repeat starts on a quiet process.
+
+    A quiet process is a cold one, though: the first call after an idle gap runs slower (threads
+    asleep, caches and clocks cooled). Measured the same day, 2 threads, oneDNN / MKL products of
+    ResT's shapes timed in threes: 1.4-1.7 ms back to back, 2.0-2.4 ms each right after a settle. So
+    measure_interleaved follows the settle with one untimed lead-in call of the callable to be timed
+    (_start_quiet), and times the steady state of a process running that engine alone."""
     deadline = wall_time() + SETTLE_MAX_S
     while True:
         c0, w0 = cpu_time(), wall_time()
@@ -122,13 +128,20 @@ def settle_cpu(*, cpu_time=time.process_time, wall_time=time.perf_counter, sleep
             return False
 
 
+def _start_quiet(fn, device: str) -> None:
+    """Before a CPU repeat of fn: the previous callable's threads quiet, then fn's own warm."""
+    if device == "cpu":
+        settle_cpu()
+        fn()
+
+
 def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, min_time: float,
                         max_inner: int = 1000) -> dict:
     """Time several callables doing the same work (one case on several backends) as `measure` does,
     but interleaved: repeat r times every callable once (each `inner` calls), the order rotated by
     one place per repeat, so that load changing on a shared machine reaches every backend alike and
     their ratios stay meaningful. On the CPU each repeat starts once the previous callable's threads
-    have gone quiet (settle_cpu). Returns {key: Timing}. Exceptions propagate."""
+    have gone quiet (settle_cpu), after an untimed lead-in call. Returns {key: Timing}. Exceptions propagate."""
     gc.collect()
     first = {key: _timed_once(fn, device) for key, fn in fns.items()}
     for _ in range(warmup):
@@ -136,8 +149,8 @@ def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, mi
             fn()
     inner = {}
     for key, fn in fns.items():
-        if device == "cpu" and warmup > 0:
-            settle_cpu()
+        if warmup > 0:
+            _start_quiet(fn, device)
         estimate = _timed_once(fn, device) if warmup > 0 else first[key]
         inner[key] = max(1, min(max_inner, math.ceil(min_time / max(estimate, 1e-9))))
     keys = list(fns)
@@ -147,8 +160,7 @@ def measure_interleaved(fns: dict, *, device: str, warmup: int, repeats: int, mi
     try:
         for r in range(repeats):
             for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                if device == "cpu":
-                    settle_cpu()
+                _start_quiet(fns[key], device)
                 times[key].append(_repeat(fns[key], device, inner[key]))
     finally:
         if gc_was_enabled:

@@ -581,7 +581,8 @@ def settings_of(args) -> dict:
                 float32_math=float32_math(),
                 interleaving=("model inference rows: every backend of a case timed in one loop, one repeat "
                               "of each per round, the order rotated each round (interleaved), each repeat on the CPU "
-                              "started once the previous backend's threads stopped spinning (settle_cpu); outputs checked against the "
+                              "started once the previous backend's threads stopped spinning (settle_cpu), after an "
+                              "untimed lead-in call; outputs checked against the "
                               f"float64 logits first (tolerance {ACCURACY_FACTOR:g}x eager's error at the precision)"),
                 timing_method=_timing.__doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
                 memory_method=_memory.method(args.device),

@@ -234,9 +234,13 @@ def test_interleaved_timing_rotates_the_order_and_times_every_callable():
     timings = _timing.measure_interleaved(fns, device="cpu", warmup=1, repeats=4, min_time=1e-9)
     assert {k: len(t.times) for k, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t.inner == 1 and t.median > 0 for t in timings.values())
-    rounds = calls[-12:]  # after the first call, warm-up and calibration of each: 4 rounds of 3
-    assert [rounds[i * 3] for i in range(4)] == ["a", "b", "c", "a"]  # each round starts one place on
-    assert all(sorted(rounds[i * 3:i * 3 + 3]) == ["a", "b", "c"] for i in range(4))
+    # after the first call, warm-up and calibration of each: 4 rounds of 3 repeats, each repeat on the
+    # CPU an untimed lead-in call and the timed one (_start_quiet)
+    rounds = calls[-24:]
+    assert all(rounds[i] == rounds[i + 1] for i in range(0, 24, 2))  # lead-in, then the same callable
+    repeats = rounds[::2]
+    assert [repeats[i * 3] for i in range(4)] == ["a", "b", "c", "a"]  # each round starts one place on
+    assert all(sorted(repeats[i * 3:i * 3 + 3]) == ["a", "b", "c"] for i in range(4))
 
 
 class _FakeProcess:
