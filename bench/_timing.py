@@ -110,13 +110,7 @@ def settle_cpu(*, cpu_time=time.process_time, wall_time=time.perf_counter, sleep
     OpenMP pool and ~1 ms with OpenVINO; a PyTorch call started right after an ONNX Runtime call
     took 140-180 ms instead of 91-108 ms (its OpenMP threads share the two cores with the spinning
     worker). Interleaved timing would charge each engine's spin to whichever callable comes next in
-    the rotation; a deployed engine runs alone, so every repeat starts on a quiet process.
-
-    A quiet process is a cold one, though: the first call after an idle gap runs slower (threads
-    asleep, caches and clocks cooled). Measured the same day, 2 threads, oneDNN / MKL products of
-    ResT's shapes timed in threes: 1.4-1.7 ms back to back, 2.0-2.4 ms each right after a settle. So
-    measure_interleaved follows the settle with one untimed lead-in call of the callable to be timed
-    (_start_quiet), and times the steady state of a process running that engine alone."""
+    the rotation; a deployed engine runs alone, so every repeat starts on a quiet process."""
     deadline = wall_time() + SETTLE_MAX_S
     while True:
         c0, w0 = cpu_time(), wall_time()
@@ -129,7 +123,12 @@ def settle_cpu(*, cpu_time=time.process_time, wall_time=time.perf_counter, sleep
 
 
 def _start_quiet(fn, device: str) -> None:
-    """Before a CPU repeat of fn: the previous callable's threads quiet, then fn's own warm."""
+    """Before a CPU repeat of fn: the previous callable's threads quiet (settle_cpu), then one
+    untimed lead-in call of fn. Why the lead-in: a quiet process is a cold one, and the first call
+    after an idle gap runs slower (threads asleep, caches and clocks cooled). Measured 2026-12-06 on
+    the 2-core AVX2 EPYC, 2 threads, oneDNN / MKL products of ResT's shapes timed in threes: 1.4-1.7
+    ms back to back, 2.0-2.4 ms each right after a settle. With it the timed calls are the steady
+    state of a process running that engine alone."""
     if device == "cpu":
         settle_cpu()
         fn()
