@@ -82,6 +82,45 @@ def test_add_layer_norm(benchmark, impl, tokens, channels, dtype):
     benchmark(fn)
 
 
+# The models' float32 inference linear products at rest_base's batch-1 shapes (rows, in, out): the
+# cpu backend's packed_linear kernel (rest/dense.py PACKED_KERNEL_ON says where the models use it)
+# against oneDNN's matmul on its once-reordered weight (the models' choice elsewhere) and F.linear
+# (MKL's sgemm: nn.Linear).
+@pytest.mark.parametrize("shape", [(3136, 96, 384), (784, 768, 192), (196, 384, 1536), (49, 3072, 768)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["kernel", "onednn", "aten"])
+def test_linear_float32_inference(benchmark, impl, shape):
+    from rest import dense
+    rows, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+    if impl == "kernel":
+        reason = rest_kernels.available_backends()["cpu"]
+        if reason is not None:
+            pytest.skip(reason)
+        dense.packed_kernel_unavailable_reason()
+        panels = dense.pack_for_kernel(w)
+
+        def fn():
+            return dense.kernel_linear(x, panels, b, n)
+    elif impl == "onednn":
+        if dense.onednn_unavailable_reason() is not None:
+            pytest.skip(dense.onednn_unavailable_reason())
+        reordered = torch.ops.mkldnn._reorder_linear_weight(w)
+
+        def fn():
+            return dense.onednn_linear(x, reordered, b)
+    else:
+        def fn():
+            return torch.nn.functional.linear(x, w, b)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(), torch.nn.functional.linear(x.double(), w.double(), b.double()).float(),
+                                   rtol=1e-4, atol=1e-4)
+    benchmark.group = f"linear {rows}x{k}->{n} float32 cpu"
+    benchmark.extra_info.update(impl=impl, rows=rows, in_features=k, out_features=n)
+    benchmark(fn)
+
+
 # The bfloat16 attention forward of each cpu kernel build this CPU can run (avx512bf16: bfloat16
 # products on VDPBF16PS; avx512 / avx2: float32 products on widened inputs), against eager PyTorch in
 # bfloat16, at rest_lite's four stage shapes (batch 16, the model's strided q), without (stage 1) and

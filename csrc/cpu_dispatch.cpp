@@ -1,5 +1,6 @@
-// The extension's CPU ops (rest_kernels_C::emsa_fwd / emsa_bwd / pa_fwd / pa_bwd / add_layer_norm on the CPU key): the
-// argument checks of op_checks.h, then the kernels of the cpu kernel build chosen for this CPU.
+// The extension's CPU ops (rest_kernels_C::emsa_fwd / emsa_bwd / pa_fwd / pa_bwd / add_layer_norm /
+// pack_linear_weight / packed_linear on the CPU key): the argument checks of op_checks.h, then the
+// kernels of the cpu kernel build chosen for this CPU.
 //
 // The kernels of csrc/cpu are built once per instruction-set level into libraries of their own
 // (csrc/cpu/kernels.h says why). This file, compiled for the baseline of the architecture like the
@@ -181,6 +182,11 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const res
                                                   double eps) {
   return kernels().add_layer_norm(x, residual, weight, bias, eps);
 }
+at::Tensor pack_linear_weight(const at::Tensor& weight) { return kernels().pack_linear_weight(weight); }
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const rest_cpu::OptTensor& bias,
+                         int64_t out_features, bool gelu) {
+  return kernels().packed_linear(x, packed, bias, out_features, gelu);
+}
 
 }  // namespace
 
@@ -219,4 +225,6 @@ TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
   m.impl("pa_fwd", &rest_checks::checked_pa_fwd<&rest_cpu_dispatch::pa_fwd>);
   m.impl("pa_bwd", &rest_checks::checked_pa_bwd<&rest_cpu_dispatch::pa_bwd>);
   m.impl("add_layer_norm", &rest_checks::checked_add_layer_norm<&rest_cpu_dispatch::add_layer_norm>);
+  m.impl("pack_linear_weight", &rest_checks::checked_pack_linear_weight<&rest_cpu_dispatch::pack_linear_weight>);
+  m.impl("packed_linear", &rest_checks::checked_packed_linear<&rest_cpu_dispatch::packed_linear>);
 }

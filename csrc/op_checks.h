@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 namespace rest_checks {
 
 inline void same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
@@ -203,6 +205,48 @@ std::tuple<at::Tensor, at::Tensor> checked_add_layer_norm(const at::Tensor& x, c
                                                           const Opt& bias, double eps) {
   add_layer_norm_inputs(x, residual, weight, bias, eps);
   return Kernel(x.contiguous(), contiguous(residual), contiguous(weight), contiguous(bias), eps);
+}
+
+// pack_linear_weight / packed_linear (csrc/cpu/packed_linear.cpp): float32 only (the models' other
+// dtypes stay on oneDNN / F.linear). weight (N, K); packed (ceil(N / 16), K, 16) as pack_linear_weight
+// makes it; x (..., K); bias (out_features,); out_features within the packed panels' columns.
+using rest_cpu::kPackedLinearPanel;  // csrc/cpu/kernels.h: the panel width is the kernels' decision
+
+inline void float32_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.defined() && t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                    t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+}
+
+template <at::Tensor (*Kernel)(const at::Tensor&)>
+at::Tensor checked_pack_linear_weight(const at::Tensor& weight) {
+  const char* op = "pack_linear_weight";
+  float32_cpu(weight, op, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-dimensional (out_features, in_features), got ",
+                    weight.sizes());
+  return Kernel(weight.contiguous());
+}
+
+template <at::Tensor (*Kernel)(const at::Tensor&, const at::Tensor&, const Opt&, int64_t, bool)>
+at::Tensor checked_packed_linear(const at::Tensor& x, const at::Tensor& packed, const Opt& bias,
+                                 int64_t out_features, bool gelu) {
+  const char* op = "packed_linear";
+  float32_cpu(x, op, "x");
+  float32_cpu(packed, op, "packed_weight");
+  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.size(2) == kPackedLinearPanel, op,
+                    ": packed_weight must be (panels, in_features, ", kPackedLinearPanel,
+                    ") as pack_linear_weight makes it, got ", packed.sizes());
+  const auto P = packed.size(0), K = packed.size(1);
+  TORCH_CHECK_VALUE(out_features > (P - 1) * kPackedLinearPanel && out_features <= P * kPackedLinearPanel, op,
+                    ": out_features must be in (", (P - 1) * kPackedLinearPanel, ", ", P * kPackedLinearPanel,
+                    "] for ", P, " panels, got ", out_features);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must be (..., ", K,
+                    ") for packed_weight's in_features, got ", x.sizes());
+  if (bias.has_value()) {
+    float32_cpu(*bias, op, "bias");
+    shape_is(*bias, {out_features}, op, "bias");
+  }
+  return Kernel(x.contiguous(), packed.contiguous(), contiguous(bias), out_features, gelu);
 }
 
 }  // namespace rest_checks

@@ -63,6 +63,10 @@ TORCH_LIBRARY(rest_kernels_C, m) {
   // sum = x + residual (an empty (0,) tensor without a residual), out = LayerNorm(sum or x).
   m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
         " -> (Tensor out, Tensor sum)");
+  // The models' float32 CPU inference linear layers (csrc/cpu/packed_linear.cpp): CPU key only, no
+  // autograd. packed = the weight as column panels, made once; y = x @ weight^T + bias (GELU'd).
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features, bool gelu) -> Tensor");
 }
 
 // Test machinery of the CUDA source, outside the ops the backends call: one warp's tensor-core

@@ -46,6 +46,13 @@ the whole output and leaves the MLP's GELU as a separate pass over the 4x-wide h
 applies both inside its matmul (float32 accumulation, one rounding to bfloat16, as addmm). Measured
 2026-12-05 on the 2-core AMD EPYC Zen 4 with avx512_bf16, 2 threads, rest_lite batch 16 at 224 px in
 bfloat16: 267 ms per call with addmm, 249 ms with oneDNN (interleaved, median of 7).
+
+Which float32 product runs for inference (no gradient, a prepacked weight: Linear.prepack, which
+rest.optimize_for_inference calls) on CPUs where oneDNN's matmul is the slower one (PACKED_KERNEL_ON):
+the cpu backend's own packed_linear kernel (csrc/cpu/packed_linear.cpp, its header has the per-shape
+measurements) on the weight packed once into column panels, with the bias and the exact GELU applied
+inside it. Same rule as oneDNN's path otherwise (uses_onednn decides whether the layer is on the
+library's products at all); packed_kernel_unavailable_reason() says why it is not used elsewhere.
 """
 from __future__ import annotations
 
@@ -138,24 +145,48 @@ def on_reference_backend(backend: str | None) -> bool:
     return (backend if backend is not None else rest_kernels.default_backend()) == "reference"
 
 
-def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | None = None) -> bool:
-    """Whether a linear layer with this weight, linear_impl and backend takes the oneDNN path (see the
-    module docstring for the rule): the layer's configuration and the process decide, not the input."""
+def _library_products_allowed(weight: torch.Tensor, linear_impl: str, backend: str | None) -> bool:
+    """The half of the rule that the oneDNN path and the compiled packed_linear kernel share."""
     if linear_impl == "aten":
         return False
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.is_autocast_enabled("cpu"):
-        return False  # autocast casts F.linear's inputs; the private oneDNN op is not on its lists
+        return False  # autocast casts F.linear's inputs; the library's ops are not on its lists
     if torch.onnx.is_in_onnx_export():
-        return False  # no ONNX operator for it: the file gets the standard product
-    if torch.compiler.is_compiling():
-        return False  # inductor cannot lower it on parameters (module docstring); tracers get F.linear
+        return False  # no ONNX operator for them: the file gets the standard product
     if linear_impl == "auto":
         if os.environ.get(ENV_VAR, "1") == "0":
             return False
         if on_reference_backend(backend):
             return False
+    return True
+
+
+def compiled_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            linear_impl: str = "auto", backend: str | None = None) -> bool:
+    """Whether torch.compile (not torch.export, whose programs carry the standard op) traces this call
+    as the packed_linear kernel: a layer prepacked for it (Linear.prepack; float32), no gradient.
+
+    Why: under torch.compile the oneDNN path is not taken (uses_onednn), and inductor's own choice
+    for F.linear is oneDNN's matmul again (its freezing mode), the slower product where
+    PACKED_KERNEL_ON holds. The traced graph packs the weight with pack_linear_weight, an op on a
+    graph constant that inductor's freezing folds, so the panels are made once, at compile time."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    packed = getattr(weight, PACKED_ATTR, None)
+    if packed is None or not packed.for_kernel or weight.dtype != torch.float32 or x.dtype != torch.float32:
+        return False
+    return not _needs_grad(x, weight, bias) and _library_products_allowed(weight, linear_impl, backend)
+
+
+def uses_onednn(weight: torch.Tensor, linear_impl: str = "auto", backend: str | None = None) -> bool:
+    """Whether a linear layer with this weight, linear_impl and backend takes the oneDNN path (see the
+    module docstring for the rule): the layer's configuration and the process decide, not the input."""
+    if not _library_products_allowed(weight, linear_impl, backend):
+        return False
+    if torch.compiler.is_compiling():
+        return False  # inductor cannot lower it on parameters (module docstring); tracers get F.linear
     if weight.dtype == torch.bfloat16:
         return onednn_bf16_unavailable_reason() is None
     return onednn_unavailable_reason() is None
@@ -200,6 +231,69 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     # in place: no second hidden-size map (no gradient is recorded on this path, see linear())
     return torch.ops.aten.gelu_(y) if gelu else y
+
+
+#: CPU capability levels (torch.backends.cpu.get_cpu_capability()) where a prepacked float32 linear
+#: layer runs the cpu backend's packed_linear kernel instead of oneDNN's matmul for inference. Measured
+#: 2026-12-06 on a 2-core AMD EPYC with AVX2 only, 2 threads: per product (rest_base's shapes) the
+#: kernel ran 0-45% faster than oneDNN's brg_matmul:avx2 with its weight reordered once, and as fast as
+#: ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); the whole-model effect is
+#: in docs/cpu_inference_profile.md. On AVX-512 oneDNN stays: the kernel was not measured against it
+#: there (on the Zen 4 EPYC oneDNN's matmul ran 300-410 GFLOP/s at these shapes, module docstring).
+PACKED_KERNEL_ON = frozenset({"AVX2"})
+
+#: "0": prepack keeps oneDNN's copy everywhere; "1": the packed_linear kernel wherever the cpu backend's
+#: kernels load, whatever PACKED_KERNEL_ON says (for comparisons and tests; read at prepack time)
+PACKED_KERNEL_ENV_VAR = "REST_KERNELS_PACKED_LINEAR"
+
+_packed_kernel_unavailable: list[str | None] = []  # [reason or None], computed once
+
+
+def packed_kernel_unavailable_reason() -> str | None:
+    """None when prepack() gives a float32 layer the packed_linear kernel's panels, else why it keeps
+    oneDNN's copy (the capability rule is computed once and logged once; the switch is read each time)."""
+    switch = os.environ.get(PACKED_KERNEL_ENV_VAR, "")
+    if switch == "0":
+        return f"{PACKED_KERNEL_ENV_VAR}=0"
+    if not _packed_kernel_unavailable:
+        reason = rest_kernels.available_backends()["cpu"]
+        if reason is not None:
+            reason = f"the cpu backend's kernels do not load ({reason})"
+        else:
+            _register_packed_fakes()
+        _packed_kernel_unavailable.append(reason)
+        if reason is not None:
+            logger.info("rest: prepacked linear layers keep oneDNN's copy: %s", reason)
+    if _packed_kernel_unavailable[0] is not None or switch == "1":
+        return _packed_kernel_unavailable[0]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in PACKED_KERNEL_ON:
+        return f"oneDNN's matmul is used at CPU capability {capability} (PACKED_KERNEL_ON: {sorted(PACKED_KERNEL_ON)})"
+    return None
+
+
+def _register_packed_fakes() -> None:
+    """The ops' shape functions, so that torch.library.opcheck and FakeTensor can reason about them."""
+    panel = 16  # csrc/cpu/kernels.h kPackedLinearPanel
+
+    @torch.library.register_fake("rest_kernels_C::pack_linear_weight")
+    def _fake_pack(weight):
+        return weight.new_empty(((weight.shape[0] + panel - 1) // panel, weight.shape[1], panel))
+
+    @torch.library.register_fake("rest_kernels_C::packed_linear")
+    def _fake_linear(x, packed_weight, bias, out_features, gelu):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+
+def pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The packed_linear kernel's panels of a (out, in) float32 weight (a PackedWeight pack function)."""
+    return torch.ops.rest_kernels_C.pack_linear_weight(weight)
+
+
+def kernel_linear(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  gelu: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias (then the exact GELU, inside the kernel) on the weight's panels."""
+    return torch.ops.rest_kernels_C.packed_linear(x, panels, bias, out_features, gelu)
 
 
 def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -260,6 +354,11 @@ class PackedWeight:
         self._version = None
         self._packed = None
 
+    @property
+    def for_kernel(self) -> bool:
+        """Whether the copy is the packed_linear kernel's panels (else oneDNN's blocked weight)."""
+        return self._pack is pack_for_kernel
+
     def get(self, weight: torch.Tensor, *hint) -> torch.Tensor:
         """The copy for `weight` (made now if it has none or the weight changed). hint: what else the
         pack function is given and the copy depends on (a convolution's input shape: oneDNN's best
@@ -292,11 +391,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lin
 
     A leaf function for torch.fx (torch.fx.wrap): a symbolic trace records this call instead of the
     branches below, so the traced module makes the same choice, on the real tensors, as eager."""
+    if compiled_kernel_applies(x, weight, bias, linear_impl, backend):
+        return kernel_linear(x, pack_for_kernel(weight), bias, weight.shape[0], gelu=gelu)
     if uses_onednn(weight, linear_impl, backend):
         if _needs_grad(x, weight, bias):
             y = _TrainableOneDnnLinear.apply(x, weight, bias)
         else:
             packed = getattr(weight, PACKED_ATTR, None)
+            if packed is not None and packed.for_kernel:
+                if weight.dtype == torch.float32:
+                    return kernel_linear(x, packed.get(weight), bias, weight.shape[0], gelu=gelu)
+                packed = None  # the panels are float32: a weight cast in place runs oneDNN on itself
             return onednn_linear(x, weight if packed is None else packed.get(weight), bias, gelu=gelu)
     else:
         y = F.linear(x, weight, bias)
@@ -318,13 +423,25 @@ class Linear(nn.Linear):
         return super().extra_repr() + (f", linear_impl={self.linear_impl!r}" if self.linear_impl != "auto" else "")
 
     def prepack(self) -> bool:
-        """Keep oneDNN's blocked copy of the weight for calls without gradients (PackedWeight; for
-        inference: rest.optimize_for_inference does it). Returns whether the layer takes the oneDNN
-        path now (its copy is made on the first such call). The copy hangs on the weight Parameter
-        itself, so torch.fx traces (which pass the Parameter) use it too; a weight replaced by another
-        Parameter (model.to(dtype)) has none until prepack() is called again."""
-        setattr(self.weight, PACKED_ATTR, PackedWeight())
+        """Keep a packed copy of the weight for calls without gradients: the packed_linear kernel's
+        panels for a float32 weight where packed_kernel_unavailable_reason() is None, else oneDNN's
+        blocked copy (PackedWeight; for inference: rest.optimize_for_inference does it). Returns
+        whether the layer takes the library's products (uses_onednn) now (its copy is made on the
+        first such call). The copy hangs on the weight Parameter itself, so torch.fx traces (which
+        pass the Parameter) use it too; a deep copy of the layer packs its own weight; a weight
+        replaced by another Parameter (`layer.weight = ...`) has none until prepack() is called again."""
+        kernel = self.weight.dtype == torch.float32 and packed_kernel_unavailable_reason() is None
+        setattr(self.weight, PACKED_ATTR, PackedWeight(pack_for_kernel if kernel else None))
+        self._prepacked = True  # a module attribute, so that a deep copy packs its own weight (__setstate__)
         return uses_onednn(self.weight, self.linear_impl, self.backend)
+
+    def __setstate__(self, state):
+        # copy.deepcopy (and unpickling) end here with the module's new Parameters; deepcopy's
+        # Parameters lose their Python attributes (torch.nn.Parameter.__deepcopy__ copies the data
+        # only), so a prepacked layer gives its copy's weight a packed copy of its own again.
+        super().__setstate__(state)
+        if self.__dict__.get("_prepacked") and getattr(self.weight, PACKED_ATTR, None) is None:
+            self.prepack()
 
     @property
     def packed(self) -> PackedWeight | None:

@@ -5,10 +5,11 @@ and conv2/norm2, each patch embedding's conv/norm; ResTv2's stem proj.0/proj.1 a
 y = (x - running_mean) * weight / sqrt(running_var + eps) + bias per channel, so the convolution's
 weight can be scaled by the first factor and its bias shifted, and the separate pass over the map
 goes away (torch.nn.utils.fusion.fuse_conv_bn_eval does the arithmetic, in the weights' dtype).
-The result is for inference only: it has no BatchNorm left to train. Its linear layers that run on
-oneDNN keep oneDNN's blocked copy of their weight for calls without gradients (rest/dense.py,
-PackedWeight: oneDNN otherwise reorders the weight on every call); the copy follows the weight if it
-changes.
+The result is for inference only: it has no BatchNorm left to train. Its linear layers keep a packed
+copy of their weight for calls without gradients (rest/dense.py, Linear.prepack, PackedWeight):
+oneDNN's blocked copy (oneDNN otherwise reorders the weight on every call), or, for float32 layers on
+CPUs where the cpu backend's own product is the faster one (rest/dense.py PACKED_KERNEL_ON: AVX2), the
+panels of its packed_linear kernel; the copy follows the weight if it changes.
 
 compile_for_inference is optimize_for_inference followed by torch.compile with inductor's freezing,
 for deployment where the time between the ops matters (batch 1); its docstring says when and why.
@@ -81,7 +82,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
     model = model if dtype is None else model.to(dtype)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.prepack()  # oneDNN's blocked weight kept for inference (rest/dense.py, PackedWeight)
+            module.prepack()  # a packed weight kept for inference (rest/dense.py, Linear.prepack)
     return model
 
 
@@ -92,7 +93,9 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None, *,
     compile time, and the elementwise work between the ops fused; and its `cpp_wrapper`: the graph's
     calls made from C++). The attention and PA stay the compiled kernels of rest_kernels, called by
     the graph as the extension's ops (rest_kernels.direct_kernels_in_traces: no Python between
-    them); the rest is inductor's code.
+    them), and so do the linear layers prepacked for the packed_linear kernel (their panels made
+    once, by freezing's constant folding: rest/dense.py compiled_kernel_applies); the rest is
+    inductor's code.
 
     Why, and when: at batch 1 a large part of the eager model's time is Python and dispatch between
     the ops (bfloat16 rest_lite at 32 px, with almost nothing to compute, still took 7.8 ms a call,

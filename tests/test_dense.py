@@ -339,6 +339,9 @@ def test_optimized_model_prepacks_and_survives_copies(spy):
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         for other in (again, loaded):
+            # every layer has its (empty) copy again: deepcopy's Parameters lose Python attributes,
+            # Linear.__setstate__ packs the copy's weight
+            assert len(_packed_layers(other)) == len(layers)
             assert all(m.packed._packed is None for m in _packed_layers(other))
             torch.testing.assert_close(other(x), got)
         # torch.fx: the traced module passes the same Parameters, so it uses their copies too

@@ -91,11 +91,17 @@ def _profiled_ops(fn) -> set[str]:
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_official_float32(monkeypatch):
+@pytest.mark.parametrize("linear", ["onednn", "kernel"])
+def test_compiled_model_matches_official_float32(monkeypatch, linear):
     """compile_for_inference: float32 logits against the official fixture, then at another size
     (dynamic shapes: a new size must not reuse a graph for the old one) against the same model's eager
     optimize_for_inference; the attention and PA still rest_kernels' ops inside the compiled graph; no
-    gradients recorded; the same state_dict as the optimized model."""
+    gradients recorded; the same state_dict as the optimized model. The linear layers on either
+    product rest/dense.py may give them (REST_KERNELS_PACKED_LINEAR; the default follows the CPU)."""
+    from rest import dense
+    monkeypatch.setenv(dense.PACKED_KERNEL_ENV_VAR, "1" if linear == "kernel" else "0")
+    if linear == "kernel" and dense.packed_kernel_unavailable_reason() is not None:
+        pytest.skip(dense.packed_kernel_unavailable_reason())
     case = load("rest_tiny.zip")["224x224"]
     with fused_cpu_route(monkeypatch):
         model = tiny(case["seed"], torch.float32).train()
@@ -109,7 +115,9 @@ def test_compiled_model_matches_official_float32(monkeypatch):
         assert not logits.requires_grad
         # frozen: inductor's freezing pass packed the linear weights (Dynamo must see the setting while
         # tracing, not only inductor; without it the weights stayed graph inputs and nothing was packed)
-        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0, dict(counters["inductor"])
+        # or, on the packed_linear kernel, folded the graph's pack_linear_weight calls (checked below)
+        if linear == "onednn":
+            assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0, dict(counters["inductor"])
         assert_close_scaled(logits, case["logits_eval"], RTOL[torch.float32], "compiled tiny 224x224")
         x = load("rest_tiny.zip")["64x96"]["input"].float()
         with torch.no_grad():
@@ -121,6 +129,8 @@ def test_compiled_model_matches_official_float32(monkeypatch):
         prefix = "rest_kernels_C::" if direct else "rest_kernels::"
         assert {prefix + "emsa_fwd", prefix + "pa_fwd"} <= ops, sorted(ops)
         assert not direct or not {"rest_kernels::emsa_fwd", "rest_kernels::pa_fwd"} & ops, sorted(ops)
+        if linear == "kernel":  # the products on the kernel, the panels made once at compile time
+            assert "rest_kernels_C::packed_linear" in ops and "rest_kernels_C::pack_linear_weight" not in ops, sorted(ops)
 
 
 @pytest.mark.slow

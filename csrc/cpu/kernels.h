@@ -21,7 +21,7 @@ using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp); arguments already checked by csrc/op_checks.h.
+// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp, packed_linear.cpp); arguments already checked by csrc/op_checks.h.
 Tensors4 emsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mix_weight,
                       double scale, double eps);
 Tensors4 emsa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -32,9 +32,16 @@ Tensors3 pa_bwd_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
 // (out, sum): out = LayerNorm of x (+ residual) over the last dimension; sum = x + residual, or (0,).
 Tensors2 add_layer_norm_cpu(const at::Tensor& x, const OptTensor& residual, const OptTensor& weight,
                             const OptTensor& bias, double eps);
+// packed_linear.cpp: a float32 (N, K) weight as panels of kPackedLinearPanel output columns,
+// (ceil(N / panel), K, panel), zero past N; and x (..., K) @ weight^T + bias (then the exact GELU)
+// on it, (..., out_features).
+constexpr int64_t kPackedLinearPanel = 16;
+at::Tensor pack_linear_weight_cpu(const at::Tensor& weight);
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const OptTensor& bias,
+                             int64_t out_features, bool gelu);
 
 // Bumped whenever the table's layout or a kernel's signature changes.
-constexpr int kKernelTableVersion = 2;
+constexpr int kKernelTableVersion = 3;
 
 struct KernelTable {
   int version;       // kKernelTableVersion of the build
@@ -45,6 +52,8 @@ struct KernelTable {
   decltype(&pa_fwd_cpu) pa_fwd;
   decltype(&pa_bwd_cpu) pa_bwd;
   decltype(&add_layer_norm_cpu) add_layer_norm;
+  decltype(&pack_linear_weight_cpu) pack_linear_weight;
+  decltype(&packed_linear_cpu) packed_linear;
 };
 
 }  // namespace rest_cpu
