@@ -236,10 +236,12 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: CPU capability levels (torch.backends.cpu.get_cpu_capability()) where a prepacked float32 linear
 #: layer runs the cpu backend's packed_linear kernel instead of oneDNN's matmul for inference. Measured
 #: 2026-12-06 on a 2-core AMD EPYC with AVX2 only, 2 threads: per product (rest_base's shapes) the
-#: kernel ran 0-45% faster than oneDNN's brg_matmul:avx2 with its weight reordered once, and as fast as
-#: ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); the whole-model effect is
-#: in docs/cpu_inference_profile.md. On AVX-512 oneDNN stays: the kernel was not measured against it
-#: there (on the Zen 4 EPYC oneDNN's matmul ran 300-410 GFLOP/s at these shapes, module docstring).
+#: kernel ran 9-28% faster than oneDNN's brg_matmul:avx2 with its weight reordered once when each call
+#: starts on a quiet process (as a model's products do; level to 25% faster back to back), and within
+#: 3% of ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); rest_base batch 1
+#: 99.0 -> 88.0 ms eager, 92.9 -> 87.6 compiled (docs/cpu_inference_profile.md). On AVX-512 oneDNN
+#: stays: the kernel was not measured against it there (on the Zen 4 EPYC oneDNN's matmul ran 300-410
+#: GFLOP/s at these shapes, module docstring).
 PACKED_KERNEL_ON = frozenset({"AVX2"})
 
 #: "0": prepack keeps oneDNN's copy everywhere; "1": the packed_linear kernel wherever the cpu backend's
@@ -274,7 +276,8 @@ def packed_kernel_unavailable_reason() -> str | None:
 
 def _register_packed_fakes() -> None:
     """The ops' shape functions, so that torch.library.opcheck and FakeTensor can reason about them."""
-    panel = 16  # csrc/cpu/kernels.h kPackedLinearPanel
+    # the panel width is the kernels' (csrc/cpu/kernels.h kPackedLinearPanel): asked of them once
+    panel = torch.ops.rest_kernels_C.pack_linear_weight(torch.zeros(1, 1)).shape[-1]
 
     @torch.library.register_fake("rest_kernels_C::pack_linear_weight")
     def _fake_pack(weight):
@@ -453,8 +456,9 @@ class Linear(nn.Linear):
 
 
 def linear_gelu(fc: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """act(fc(x)), with the exact (erf) GELU applied inside oneDNN's matmul where fc takes the oneDNN
-    path without gradients and neither module has hooks that fusing would skip."""
+    """act(fc(x)), with the exact (erf) GELU applied inside the product (oneDNN's matmul, where
+    onednn_gelu_epilogue() allows, or the packed_linear kernel) where fc takes the library's products
+    without gradients and neither module has hooks that fusing would skip."""
     if (isinstance(fc, Linear) and type(act) is nn.GELU and act.approximate == "none"
             and not _has_hooks(fc) and not _has_hooks(act)):
         return linear(x, fc.weight, fc.bias, fc.linear_impl, fc.backend, gelu=True)
