@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import rest
 import rest_kernels
 from rest import dense
+from support.module_copies import deep_and_pickled_copies
 
 pytestmark = pytest.mark.skipif(dense.onednn_unavailable_reason() is not None,
                                 reason=f"oneDNN linear unavailable: {dense.onednn_unavailable_reason()}")
@@ -331,14 +332,7 @@ def test_optimized_model_prepacks_and_survives_copies(spy):
         got = optimized(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # BatchNorm folding rounds
         # oneDNN's opaque copies cannot be deep-copied or pickled: the copies start empty and rebuild
-        import copy
-        import io
-        again = copy.deepcopy(optimized)
-        buf = io.BytesIO()
-        torch.save(optimized, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
-        for other in (again, loaded):
+        for other in deep_and_pickled_copies(optimized):
             # every layer has its (empty) copy again: deepcopy's Parameters lose Python attributes,
             # Linear.__setstate__ packs the copy's weight
             assert len(_packed_layers(other)) == len(layers)

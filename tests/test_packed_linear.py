@@ -3,9 +3,6 @@ torch.ops.rest_kernels_C.pack_linear_weight / packed_linear) and the rule of res
 prepacked layer its panels."""
 from __future__ import annotations
 
-import copy
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +11,7 @@ import rest
 from rest import dense
 from rest_kernels import _extension
 from conftest import require_backend
+from support.module_copies import deep_and_pickled_copies
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -238,14 +236,9 @@ def test_optimized_model_on_the_kernel_matches_the_model_and_survives_copies(ker
         want = model.double()(x.double())
         got = optimized(x)
         assert kernel_on, "the optimized model never called the kernel"
-        # float32 against float64 end to end: what the oneDNN-packed model is held to (tests/test_dense.py)
+        # float32 against float64 end to end
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-        again = copy.deepcopy(optimized)
-        buf = io.BytesIO()
-        torch.save(optimized, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
-        for other in (again, loaded):
+        for other in deep_and_pickled_copies(optimized):
             assert all(m.packed.for_kernel and m.packed._packed is None
                        for m in other.modules() if isinstance(m, dense.Linear))
             assert torch.equal(other(x), got)

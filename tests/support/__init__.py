@@ -8,4 +8,5 @@ fused_route        "auto" through the custom ops on CPU tensors (compiled kernel
 isolated           run a call in a forked process and report how it ended (crash, hang, exception)
 hostile_calls      the hostile-call corpus assembled from tests/hostile/
 triton_aot_checks  "auto" on fake GPUs of each arch (run as a script with TRITON_INTERPRET=0)
+module_copies      a module deep-copied and pickled, as users copy models
 """
