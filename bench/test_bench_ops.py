@@ -98,7 +98,6 @@ def test_linear_float32_inference(benchmark, impl, shape):
         reason = rest_kernels.available_backends()["cpu"]
         if reason is not None:
             pytest.skip(reason)
-        dense.packed_kernel_unavailable_reason()
         panels = dense.pack_for_kernel(w)
 
         def fn():

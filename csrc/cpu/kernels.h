@@ -21,7 +21,8 @@ using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp, packed_linear.cpp); arguments already checked by csrc/op_checks.h.
+// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp, packed_linear.cpp); arguments already
+// checked by csrc/op_checks.h.
 Tensors4 emsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mix_weight,
                       double scale, double eps);
 Tensors4 emsa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

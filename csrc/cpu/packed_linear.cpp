@@ -1,11 +1,11 @@
 // y = x @ weight^T + bias (then the exact GELU) for the models' float32 CPU inference, on a weight
-// packed once into column panels: rest/dense.py decides when it runs (PackedWeight, "packed" kind).
+// packed once into column panels: rest/dense.py decides when it runs (PACKED_KERNEL_ON, Linear.prepack).
 //
 // Why a product of our own: on AVX2-only CPUs the linear layers are most of a ResT's batch-1 time,
 // and oneDNN's matmul there (brg_matmul:avx2) is 10-25% slower than ONNX Runtime's MLAS at ResT's
 // shapes. Measured 2026-12-06 on a 2-core AMD EPYC with AVX2 only, 2 threads, each product timed in
 // threes after the process went quiet, interleaved, medians of 11 (ms; ours = this kernel, in a first
-// tiling of 48-row x 4-panel tasks; the tiling below measured the same at these shapes within the noise):
+// tiling of 48-row x 4-panel tasks; 48 x 24 measured the same at batch-1 shapes within the noise):
 //   (rows, in, out)      ONNX Runtime  oneDNN (packed)  ours
 //   (3136, 384, 96)         1.86          1.97          1.75
 //   (784, 768, 192)         1.81          1.86          1.61
@@ -13,7 +13,7 @@
 //   (49, 3072, 768)         1.87          2.31          1.81
 //   (49, 768, 3072)         2.12          2.37          2.18
 // (docs/cpu_inference_profile.md has the whole-model effect). On AVX-512 oneDNN's matmul is not
-// replaced (rest/dense.py PACKED_LINEAR_ON): it was not measured against this kernel there.
+// replaced (rest/dense.py PACKED_KERNEL_ON): it was not measured against this kernel there.
 //
 // Layout: the weight (N, K) becomes panels of kPanel = 16 output columns, panel p holding
 // weight[p*16 + j, k] at [p][k][j] (zero columns past N): the micro-kernel of tile_gemm.h streams a
@@ -23,7 +23,7 @@
 //
 // Blocking: a task is a block of rows x a block of panels; within it K goes in slices of GEMM_KC
 // (a panel slice of 16 KB stays in L1 while every row block passes over it), the C block (at most
-// 48 rows x 384 columns, 72 KB) stays in L2 between slices, and the epilogue (bias, GELU) runs on it
+// 64 rows x 384 columns, 96 KB) stays in L2 between slices, and the epilogue (bias, GELU) runs on it
 // right after the last slice. Row blocks are split evenly (49 rows: 5 and 6, not 8 x 6 + 1). Every
 // element is a sum over k in increasing order with the same grouping whatever the tile, so results do
 // not depend on the thread count.
@@ -43,11 +43,14 @@ namespace {
 constexpr int64_t kPanel = kPackedLinearPanel;
 constexpr int kPanelVecs = kPanel / Simd<float>::W;  // 2 with AVX2, 1 with AVX-512, 4 generic
 static_assert(kPanel % Simd<float>::W == 0, "the panel must be whole vectors");
-// A task: about kBlockRows rows (split evenly) x at most kMaxBlockPanels panels, fewer panels when
+// A task: at most kBlockRows rows (split evenly) x at most kMaxBlockPanels panels, fewer panels when
 // that leaves under kTasksPerThread tasks per thread (batch 1 has 49-row products). Wide tasks keep
 // the input rows' block read once from memory for 384 columns; measured on the AVX2 EPYC, 2 threads
 // (ms; tasks of 96 rows x 4 panels against 48 x 24): (50176, 96, 384) 63.0 against 55.9 (oneDNN 55.6),
-// (12544, 192, 768) 40.3 against 37.9 (oneDNN 42.5); at batch-1 shapes within the noise.
+// (12544, 192, 768) 40.3 against 37.9 (oneDNN 42.5); at batch-1 shapes within the noise. 64 rows
+// rather than 48 keeps a 49-row product in one row task, each weight panel read by one task, not
+// two; the compiled rest_base at batch 1 measured the same with either (profiler, 10 calls: 608
+// against 612 ms in the products), and the README's deployment table was measured with 64.
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kMaxBlockPanels = 24;
 constexpr int64_t kTasksPerThread = 4;
