@@ -44,6 +44,23 @@ def pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
+def split_count(programs: int, blocks: int, target: int, at_most: bool = False) -> tuple[int, int]:
+    """(splits, blocks per split) when each of `programs` programs walks `blocks` blocks and the
+    grid should hold `target` programs: the walk is split into ranges of whole blocks (at most one
+    range per block, no empty range), as few as reach at least `target` programs, or with
+    `at_most` as many as stay within it (a grid of one wave: a few programs more would start a
+    second). No split when `programs` already reaches `target`. The split depends on the shapes
+    only, never on the device, so a result is the same bits on every GPU."""
+    if programs >= target:
+        splits = 1
+    elif at_most:
+        splits = max(1, min(blocks, target // max(1, programs)))
+    else:
+        splits = max(1, min(blocks, -(-target // max(1, programs))))
+    per_split = -(-blocks // splits) if blocks else 1
+    return max(1, -(-blocks // per_split)), per_split
+
+
 @triton.jit
 def dot(a, b, DTYPE: tl.constexpr, DOT: tl.constexpr):
     """a @ b with fp32 accumulation under the dot policy above (a, b may be fp32 values)."""

@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, store_2d,
-                      store_row_stat, trans2)
+from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, split_count,
+                      store_2d, store_row_stat, trans2)
 from .emsa_fwd import MEAN, attention_output, rowsum
 from .tiles import tiles_for
 
@@ -309,19 +309,10 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
 MIN_DKDV_PROGRAMS = 256
 
 
-def dkdv_split(key_programs: int, query_blocks: int) -> int:
-    """How many query-block ranges each key block's work is split over."""
-    if key_programs >= MIN_DKDV_PROGRAMS:
-        return 1
-    return max(1, min(query_blocks, -(-MIN_DKDV_PROGRAMS // max(1, key_programs))))
-
-
 def _split_outputs(k, v, key_programs: int, query_blocks: int):
     """(SPLIT, query blocks per split, dk target, dv target) of a dk / dv launch: the gradients
     themselves when SPLIT = 1, else (SPLIT, B, H, M, D) fp32 partials (_sum_splits)."""
-    split = dkdv_split(key_programs, query_blocks)
-    per_split = triton.cdiv(query_blocks, split)
-    split = triton.cdiv(query_blocks, per_split)  # no empty split
+    split, per_split = split_count(key_programs, query_blocks, MIN_DKDV_PROGRAMS)
     if split == 1:
         return 1, per_split, torch.empty(k.shape, dtype=k.dtype, device=k.device), \
             torch.empty(v.shape, dtype=v.dtype, device=v.device)
