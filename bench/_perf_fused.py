@@ -110,13 +110,13 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
     per input and output head); the mixed backward forms each S_g with one dot per input head
     (head_logits); the rest: scale, max / subtract / exp argument, sums, the norm terms of dS (~14)."""
     bn, bm = c["BN"], c["BM"]
-    if name == "_stats_kernel":
+    if name in ("_stats_kernel", "_stats_range_kernel"):  # a range kernel walks its range's blocks
         g = c["G"]
-        return math.ceil(M / bm), H, g * (7 + 2 * H), g
+        return c.get("blocks_per_split", math.ceil(M / bm)), H, g * (7 + 2 * H), g
+    if name == "_attn_range_kernel" or (name == "_attn_kernel" and c["NORM"]):
+        g = c["G"]
+        return c.get("blocks_per_split", math.ceil(M / bm)), H + g, g * (5 + 2 * H), g
     if name == "_attn_kernel":
-        if c["NORM"]:
-            g = c["G"]
-            return math.ceil(M / bm), H + g, g * (5 + 2 * H), g
         return math.ceil(M / bm), 2, 6 + c["BD"] / bm, 1
     if name == "_dkdv_kernel":  # each program walks its split's share of the query blocks
         return math.ceil(math.ceil(N / bn) / c["SPLIT"]), 4, 6, 1
@@ -134,6 +134,10 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
 #: argument positions read / written by each kernel (see the kernels' signatures)
 _IO = {
     "_stats_kernel": ((0, 1), (3, 4)),
+    "_stats_range_kernel": ((0, 1), (3,)),
+    "_merge_stats_kernel": ((0,), (1, 2, 3)),
+    "_attn_range_kernel": ((0, 1, 2, 5, 6), (4,)),
+    "_key_split_sum_kernel": ((0,), (1,)),
     "_rowsum_kernel": ((0,), (1,)),
     "_split_sum_kernel": ((0, 1), (2, 3)),
     "_vbar_kernel": ((0,), (1,)),
@@ -145,7 +149,8 @@ _IO = {
     "_pa_fwd_kernel": ((0, 1), (3,)),
     "_pa_bwd_kernel": ((0, 1, 3), (4, 5)),
 }
-_TILED = ("_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel")
+_TILED = ("_stats_kernel", "_attn_kernel", "_stats_range_kernel", "_attn_range_kernel",
+          "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel")
 
 
 def triton_kernel(ev, dtype: str) -> Kernel:
@@ -176,12 +181,14 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         key_side = name in ("_dkdv_kernel", "_dkdv_mixed_kernel")
         if key_side:
             again = (0, 3, 4, 5) if name == "_dkdv_kernel" else (0, 3, 5, 6, 7)
-        else:
-            again = (1,) if name == "_stats_kernel" else (1, 2)
-        k.reread = (gx - 1) * sum(nb[i] for i in again)
+            k.reread = (gx - 1) * sum(nb[i] for i in again)
+        else:  # the query-block programs of one key range read 1 / SPLIT of k and v each
+            again = (1,) if name in ("_stats_kernel", "_stats_range_kernel") else (1, 2)
+            k.reread = (gx // c.get("SPLIT", 1) - 1) * sum(nb[i] for i in again)
         if name in ("_dkdv_mixed_kernel", "_dq_mixed_kernel"):  # each output head g of each head
             k.reread += (H * gz - 1) * (nb[0] + nb[1])                # group reads every head of q, k
-        elif name == "_stats_kernel" or (name == "_attn_kernel" and c["NORM"]):
+        elif name in ("_stats_kernel", "_stats_range_kernel", "_attn_range_kernel") or \
+                (name == "_attn_kernel" and c["NORM"]):
             k.reread += (gz - 1) * (nb[0] + nb[1])  # each group of G output heads reads every head of q, k
         k.reuse_set = sum(nb[i] for i in again) / B
         k.sharers = gx * gz
@@ -193,6 +200,11 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         k.fp32 = 2.0 * grid * c["BN"] * c["BD"]
     elif name == "_split_sum_kernel":  # one add per partial read (dk's and dv's)
         k.fp32 = (nb[0] + nb[1]) / a[0].element_size()
+    elif name == "_merge_stats_kernel":  # per row and key range: ~16 FLOPs, 2 exponentials
+        elems = nb[0] / a[0].element_size() / 3
+        k.fp32, k.sfu = 16.0 * elems, 2.0 * elems
+    elif name == "_key_split_sum_kernel":  # one add per partial read
+        k.fp32 = nb[0] / a[0].element_size()
     else:  # _vbar_kernel, _rowsum_kernel: one add per element read
         k.fp32 = nb[0] / a[0].element_size()
     return k

@@ -82,7 +82,7 @@ def probes(family: str, precision: str, bd: int, hp: int | None):
     out = []
     if family == "fwd_mix":
         # ResT's head dim of the class, N and M multiples of 16 and not; batch 256 so that the
-        # grid keeps the candidate's G (emsa_fwd.forward_tiles); one 16-bit dtype (the two
+        # grid keeps the candidate's G (emsa_fwd.forward_plan); one 16-bit dtype (the two
         # compile to the same registers, which the resource gate checks on every dtype)
         d = {64: 64, 128: 96}[bd]
         for N, M in SIZES[:2]:

@@ -44,7 +44,7 @@ def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ks = _perf_fused.triton_kernels(Shape("t", "emsa", 1, 2, 64, 128, 64, True), "bf16", backward=False)
     stats = next(k for k in ks if k.name == "_stats_kernel")
-    # one query block at batch 1: far below MIN_FWD_PROGRAMS, so the "fwd" tiles, one output head
+    # one query block at batch 1: far below FWD_TARGET_PROGRAMS, so the "fwd" tiles, one output head
     # per program (G 1)
     assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 G=1 num_stages=2 num_warps=4"
     # the 2-D mixed forward: one program per (query block, b, output head), one dot per input head
@@ -56,12 +56,12 @@ def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
 
 def test_triton_mixed_forward_groups_output_heads_by_hand():
     # ResT-Lite stage 4 at 224 px, batch 64: h 8, N = M = 49, d 64, bf16, sm_90. The table's G for
-    # (BD 64, 8 heads) is used since the grid keeps MIN_FWD_PROGRAMS programs: 1 query block x 64 x 8 / G.
+    # (BD 64, 8 heads) is used since the grid keeps FWD_TARGET_PROGRAMS programs: 1 query block x 64 x 8 / G.
     from rest_kernels.triton import emsa_fwd, tiles
     with _perf_fused._gpu_tiles(90):  # the GPU's table, also under the interpreter
         t = tiles.tiles_for("fwd_mix", True, 64, hp=8)
     G = t.G
-    assert G > 1 and 64 * (8 // G) >= emsa_fwd.MIN_FWD_PROGRAMS, "the table groups heads at ResT-Lite stage 4"
+    assert G > 1 and 64 * (8 // G) >= emsa_fwd.FWD_TARGET_PROGRAMS, "the table groups heads at ResT-Lite stage 4"
     ks = _perf_fused.triton_kernels(Shape("t", "emsa", 64, 8, 49, 49, 64, True), "bf16", backward=False)
     stats = next(k for k in ks if k.name == "_stats_kernel")
     attn = next(k for k in ks if k.name == "_attn_kernel")

@@ -155,21 +155,75 @@ def test_mixed_forward_head_groups_give_the_same_bits(dtype, device):
     head's logits over the input heads in the same order with the same operations whatever G is:
     G = 1, 2 and 4 (h = 3: the last group of 2 and the group of 4 hold padded heads) give the
     same output and statistics, bit for bit. On a GPU batch 128, so that the grid keeps
-    MIN_FWD_PROGRAMS programs with G = 4 and the groups run (the interpreter always groups)."""
+    FWD_TARGET_PROGRAMS programs with G = 4 and the groups run (the interpreter always groups)."""
     from rest_kernels.triton import emsa_fwd, tiles
     batch = 128 if device == "cuda" else 2
     q, k, v, w, _ = conformance.emsa_inputs(batch, 3, 40, 100, 8, dtype, True, "model", device)
     low = dtype != torch.float32
     key = tiles.key_name("fwd_mix", "16" if low else "32", 16, 4)
-    base = emsa_fwd.forward_tiles(q, True)[0]
+    base = emsa_fwd.forward_plan(q, 100, True).tiles
     runs = []
     for g in (1, 2, 4):
         with tiles.overriding({key: tiles.Tiles(base.BN, base.BM, base.num_warps, base.num_stages, 0, g)}):
-            assert emsa_fwd.forward_tiles(q, True)[1] == g
+            assert emsa_fwd.forward_plan(q, 100, True).G == g
             runs.append(emsa_fwd.emsa_forward(q, k, v, w.reshape(3, 3).float(), 8 ** -0.5, 1e-5))
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
             assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_forward_key_split(dtype, device, monkeypatch):
+    """The mixed forward with its key range split over programs (rest_kernels/triton/emsa_fwd.py
+    forward_plan: partial statistics and P V sums merged in a fixed order) against the same call
+    unsplit: one split per key block vs none, the statistics to fp32 rounding and the output to its
+    dtype's (the ranges' sums are added in another order, nothing else changes); each bitwise
+    repeatable. M = 300 spans 3 of the interpreter's key blocks (5 of a GPU's), the last partial."""
+    from rest_kernels.triton import emsa_fwd
+    q, k, v, w, _ = conformance.emsa_inputs(1, 3, 40, 300, 8, dtype, True, "model", device)
+    w = w.reshape(3, 3).float()
+    runs = {}
+    for target in (1, 10 ** 9):  # FWD_TARGET_PROGRAMS: never split / split as far as the key blocks go
+        monkeypatch.setattr(emsa_fwd, "FWD_TARGET_PROGRAMS", target)
+        plan = emsa_fwd.forward_plan(q, 300, True)
+        assert (plan.splits > 1) == (target > 1)
+        if plan.splits > 1:
+            assert plan.splits * plan.blocks_per_split >= -(-300 // plan.tiles.BM) > plan.splits - 1
+        first, again = (emsa_fwd.emsa_forward(q, k, v, w, 8 ** -0.5, 1e-5) for _ in range(2))
+        for a, c in zip(first, again):
+            assert torch.equal(a, c), "a split forward is bitwise repeatable"
+        runs[plan.splits] = first
+    (one, split), = [(runs[1], runs[s]) for s in runs if s > 1]
+    eps = torch.finfo(dtype).eps
+    for name, a, c in zip(("out", "lse", "rsq", "rstd"), one, split):
+        tol = (eps if name == "out" else torch.finfo(torch.float32).eps) * 16  # a few roundings
+        err = ((a.float() - c.float()).abs().max() / c.float().abs().max()).item()
+        assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
+
+
+def test_forward_plan_fills_the_gpu_at_detection_size(monkeypatch):
+    """On the sm_90 table (also under the interpreter): ResT-Base stages 3-4 at 800 x 1216, batch 1
+    (4 / 8 heads of dim 64, N = 3800 / 950, M = 950) keep the table's output-head groups and split the
+    key range to one wave of programs (between half of FWD_TARGET_PROGRAMS and all of it) instead of
+    one output head per program; a 224 px batch-64 call is not split; a one-key-block call at
+    batch 1 gives up the group (more programs)."""
+    from rest_kernels.triton import emsa_fwd, tiles
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's rule, not the interpreter's
+    monkeypatch.setattr(tiles, "target_arch", lambda: 90)
+    for h, N, M in ((4, 3800, 950), (8, 950, 950)):
+        t = tiles.tiles_for("fwd_mix", True, 64, arch=90, hp=h)
+        q = torch.empty(1, h, N, 64, dtype=torch.bfloat16, device="meta")
+        plan = emsa_fwd.forward_plan(q, M, True)
+        assert plan.G == t.G > 1 and plan.tiles == t
+        grid = plan.grid(q)
+        programs = grid[0] * grid[1] * grid[2]
+        assert emsa_fwd.FWD_TARGET_PROGRAMS // 2 <= programs <= emsa_fwd.FWD_TARGET_PROGRAMS and plan.splits > 1
+        assert (plan.splits - 1) * plan.blocks_per_split < -(-M // t.BM), "no empty key range"
+    q = torch.empty(64, 8, 49, 64, dtype=torch.bfloat16, device="meta")
+    assert emsa_fwd.forward_plan(q, 49, True).splits == 1
+    q = torch.empty(1, 8, 49, 64, dtype=torch.bfloat16, device="meta")
+    assert emsa_fwd.forward_plan(q, 49, True) == emsa_fwd.ForwardPlan(tiles.tiles_for("fwd", True, 64, arch=90), 1)
 
 
 # --------------------------------------------------------------------------- memory
