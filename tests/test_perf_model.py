@@ -44,8 +44,8 @@ def test_triton_records_the_gpu_tiles_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ks = _perf_fused.triton_kernels(Shape("t", "emsa", 1, 2, 64, 128, 64, True), "bf16", backward=False)
     stats = next(k for k in ks if k.name == "_stats_kernel")
-    # one query block at batch 1: far below FWD_TARGET_PROGRAMS, so the "fwd" tiles, one output head
-    # per program (G 1)
+    # one query block at batch 1: far below FWD_TARGET_PROGRAMS even with its 2 key blocks split
+    # (emsa_fwd.forward_plan), so the "fwd" tiles, one output head per program (G 1), unsplit
     assert stats.resource_key == "bf16 _stats_kernel BD=64 BM=64 BN=64 DOT=2 G=1 num_stages=2 num_warps=4"
     # the 2-D mixed forward: one program per (query block, b, output head), one dot per input head
     # per logit tile (h = 2): grid 1 x 1 x 2, 2 key blocks of 64 x 64, 2 dots of 2 x 64 FLOPs each
