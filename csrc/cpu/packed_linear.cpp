@@ -23,14 +23,15 @@
 //
 // Blocking: a task is a block of rows x a block of panels; within it K goes in slices of GEMM_KC
 // (a panel slice of 16 KB stays in L1 while every row block passes over it), the C block (at most
-// 64 rows x 384 columns, 96 KB) stays in L2 between slices, and the epilogue (bias, GELU) runs on it
-// right after the last slice. Row blocks are split evenly (49 rows: 5 and 6, not 8 x 6 + 1). Every
+// 64 rows x 384 columns, 96 KB) stays in L2 between slices, and the epilogue (bias, GELU) runs on the
+// accumulators of the last slice, before their one store (BiasGelu below). Row blocks are split evenly (49 rows: 5 and 6, not 8 x 6 + 1). Every
 // element is a sum over k in increasing order with the same grouping whatever the tile, so results do
 // not depend on the thread count.
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kernels.h"
 #include "parallel.h"
@@ -71,15 +72,49 @@ inline vec_t<float> vgelu(vec_t<float> x) {
   return 0.5f * x * (1.f + erf);
 }
 
-template <bool ACC>
-inline void micro_rows(int r, int64_t kc, const float* A, int64_t lda, const float* B, float* C, int64_t ldc) {
+// The epilogue on the accumulators of a tile's last K slice, before their one store: bias (read from
+// a copy padded to whole panels), then GELU. The same operations in the same order as a pass over
+// the finished block (sum + bias, then vgelu), so the same bits, without reading C back: measured
+// on the AVX2 EPYC, 2 threads, alone, medians of 15, that pass cost (3136, 64 -> 256) 0.22 ms for
+// the bias and 0.34 more for GELU over a 0.84 ms product.
+template <bool BIAS, bool GELU>
+struct BiasGelu {
+  const float* bias;  // the tile's first column; nullptr without BIAS
+  vec_t<float> operator()(vec_t<float> x, int v) const {
+    if constexpr (BIAS) x += vload(bias + v * Simd<float>::W);
+    if constexpr (GELU) x = vgelu(x);
+    return x;
+  }
+};
+
+template <bool ACC, typename Epi = NoEpilogue>
+inline void micro_rows(int r, int64_t kc, const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
+                       const Epi& epi = Epi()) {
   switch (r) {
-    case 6: micro<float, 6, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
-    case 5: micro<float, 5, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
-    case 4: micro<float, 4, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
-    case 3: micro<float, 3, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
-    case 2: micro<float, 2, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
-    default: micro<float, 1, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc); break;
+    case 6: micro<float, 6, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    case 5: micro<float, 5, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    case 4: micro<float, 4, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    case 3: micro<float, 3, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    case 2: micro<float, 2, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    default: micro<float, 1, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+  }
+}
+
+// One tile's K slice: accumulate or not, and on the last slice the epilogue (bias may be null).
+inline void slice_tile(int r, int64_t kc, bool accumulate, bool last, const float* bias, bool gelu, const float* A,
+                       int64_t lda, const float* B, float* C, int64_t ldc) {
+  if (!last || (bias == nullptr && !gelu)) {
+    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc);
+    else micro_rows<false>(r, kc, A, lda, B, C, ldc);
+  } else if (bias == nullptr) {
+    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<false, true>{nullptr});
+    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<false, true>{nullptr});
+  } else if (!gelu) {
+    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<true, false>{bias});
+    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<true, false>{bias});
+  } else {
+    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<true, true>{bias});
+    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<true, true>{bias});
   }
 }
 
@@ -117,7 +152,14 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
   if (M == 0) return y.narrow(1, 0, N).reshape(out_sizes);
   const float* A = x.data_ptr<float>();
   const float* Bp = packed.data_ptr<float>();
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  // The bias padded to whole panels, so that the epilogue reads whole vectors past N too.
+  std::vector<float> bias_panels;
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    bias_panels.assign(P * kPanel, 0.f);
+    std::copy_n(bias->data_ptr<float>(), N, bias_panels.begin());
+    b = bias_panels.data();
+  }
   float* C = y.data_ptr<float>();
   const int64_t row_tasks = (M + kBlockRows - 1) / kBlockRows;
   int64_t block_panels = std::min(P, kMaxBlockPanels);
@@ -129,39 +171,25 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
     const int64_t r0 = split_at(M, row_tasks, rt), r1 = split_at(M, row_tasks, rt + 1);
     const int64_t p0 = pt * block_panels, p1 = std::min(P, p0 + block_panels);
     const int64_t blocks = (r1 - r0 + GEMM_MR - 1) / GEMM_MR;
-    if (K == 0) {
-      for (int64_t r = r0; r < r1; ++r) std::fill(C + r * ldc + p0 * kPanel, C + r * ldc + p1 * kPanel, 0.f);
+    if (K == 0) {  // no slice: the epilogue on zero sums
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = p0 * kPanel; c < p1 * kPanel; c += Simd<float>::W) {
+          vec_t<float> v = vset<float>(0.f);
+          if (b != nullptr) v += vload(b + c);
+          vstore(C + r * ldc + c, gelu ? vgelu(v) : v);
+        }
+      return;
     }
     for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
       const int64_t kc = std::min(GEMM_KC, K - k0);
+      const bool last = k0 + kc == K;
       for (int64_t p = p0; p < p1; ++p) {
         const float* B = Bp + (p * K + k0) * kPanel;
+        const float* bp = b != nullptr ? b + p * kPanel : nullptr;
         for (int64_t i = 0; i < blocks; ++i) {
           const int64_t ra = r0 + split_at(r1 - r0, blocks, i), rb = r0 + split_at(r1 - r0, blocks, i + 1);
-          const float* Ar = A + ra * K + k0;
-          float* Cr = C + ra * ldc + p * kPanel;
-          if (k0 == 0)
-            micro_rows<false>((int)(rb - ra), kc, Ar, K, B, Cr, ldc);
-          else
-            micro_rows<true>((int)(rb - ra), kc, Ar, K, B, Cr, ldc);
+          slice_tile((int)(rb - ra), kc, k0 > 0, last, bp, gelu, A + ra * K + k0, K, B, C + ra * ldc + p * kPanel, ldc);
         }
-      }
-    }
-    // Epilogue on the block while it is in cache: bias, then GELU (columns past N are padding).
-    if (b == nullptr && !gelu) return;
-    constexpr int W = Simd<float>::W;
-    const int64_t c0 = p0 * kPanel, c1 = std::min(N, p1 * kPanel);
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = C + r * ldc;
-      int64_t c = c0;
-      for (; c + W <= c1; c += W) {
-        vec_t<float> v = vload(row + c);
-        if (b != nullptr) v += vload(b + c);
-        vstore(row + c, gelu ? vgelu(v) : v);
-      }
-      for (; c < c1; ++c) {  // a tail only when N is not a multiple of the vector width: the same math, a lane at a time
-        vec_t<float> v = vset<float>(row[c] + (b != nullptr ? b[c] : 0.f));
-        row[c] = gelu ? vgelu(v)[0] : v[0];
       }
     }
   });

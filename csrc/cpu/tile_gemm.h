@@ -23,9 +23,17 @@ constexpr int GEMM_MR = 6;
 constexpr int GEMM_NV = REST_CPU_VEC_BYTES == 64 ? 4 : 2;
 constexpr int64_t GEMM_KC = 256;
 
-template <typename T, int R, int V, bool ACC>
+// What micro() applies to each accumulator vector on its way to C: epi(acc, v) with v the vector's
+// index within the tile's columns. The default stores the sums as they are; packed_linear.cpp passes
+// its bias + GELU, so that epilogue costs no second pass over C.
+struct NoEpilogue {
+  template <typename Vec>
+  Vec operator()(Vec x, int) const { return x; }
+};
+
+template <typename T, int R, int V, bool ACC, typename Epi = NoEpilogue>
 inline void micro(int64_t K, const T* __restrict A, int64_t ars, int64_t aks, const T* __restrict B,
-                  int64_t ldb, T* __restrict C, int64_t ldc) {
+                  int64_t ldb, T* __restrict C, int64_t ldc, const Epi& epi = Epi()) {
   constexpr int W = Simd<T>::W;
   vec_t<T> acc[R][V];
 #pragma GCC unroll 8
@@ -46,7 +54,7 @@ inline void micro(int64_t K, const T* __restrict A, int64_t ars, int64_t aks, co
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * W, acc[r][v]);
+    for (int v = 0; v < V; ++v) vstore(C + r * ldc + v * W, epi(acc[r][v], v));
 }
 
 template <typename T, int R, bool ACC>
