@@ -126,6 +126,24 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(one, many)
 
 
+@pytest.mark.parametrize("lead, K, N", [((131,), 520, 100), ((7,), 0, 20), ((3, 5), 64, 16)],
+                         ids=["3-slices-ragged", "K0", "one-slice"])
+def test_bias_is_added_once_to_the_finished_sum_on_every_build(lead, K, N):
+    """The kernel adds the bias to each tile's accumulators after its last K slice (the epilogue in
+    registers, csrc/cpu/packed_linear.cpp BiasGelu): one float32 addition to the finished sum, so the
+    same bits as the product without bias plus the bias, also past a 256-wide K slice and in the
+    columns of a panel that N does not fill."""
+    x, w, b = problem(lead, K, N)
+    panels = pack(w)
+    status = _extension.cpu_kernels_status()
+    try:
+        for isa in _extension.runnable_cpu_builds():
+            _extension.select_cpu_kernels(isa)
+            assert torch.equal(packed_linear(x, panels, b, N), packed_linear(x, panels, None, N) + b), isa
+    finally:
+        _extension.select_cpu_kernels(status["selected"])
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_opcheck(gelu):
     x, w, b = problem((2, 9), 24, 40)
