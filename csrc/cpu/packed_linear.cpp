@@ -24,9 +24,9 @@
 // Blocking: a task is a block of rows x a block of panels; within it K goes in slices of GEMM_KC
 // (a panel slice of 16 KB stays in L1 while every row block passes over it), the C block (at most
 // 64 rows x 384 columns, 96 KB) stays in L2 between slices, and the epilogue (bias, GELU) runs on the
-// accumulators of the last slice, before their one store (BiasGelu below). Row blocks are split evenly (49 rows: 5 and 6, not 8 x 6 + 1). Every
-// element is a sum over k in increasing order with the same grouping whatever the tile, so results do
-// not depend on the thread count.
+// accumulators of the last slice, before their one store (BiasGelu below). Row blocks are split
+// evenly (49 rows: 5 and 6, not 8 x 6 + 1). Every element is a sum over k in increasing order with the
+// same grouping whatever the tile, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -101,21 +101,16 @@ inline void micro_rows(int r, int64_t kc, const float* A, int64_t lda, const flo
 }
 
 // One tile's K slice: accumulate or not, and on the last slice the epilogue (bias may be null).
-inline void slice_tile(int r, int64_t kc, bool accumulate, bool last, const float* bias, bool gelu, const float* A,
-                       int64_t lda, const float* B, float* C, int64_t ldc) {
-  if (!last || (bias == nullptr && !gelu)) {
-    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc);
-    else micro_rows<false>(r, kc, A, lda, B, C, ldc);
-  } else if (bias == nullptr) {
-    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<false, true>{nullptr});
-    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<false, true>{nullptr});
-  } else if (!gelu) {
-    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<true, false>{bias});
-    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<true, false>{bias});
-  } else {
-    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, BiasGelu<true, true>{bias});
-    else micro_rows<false>(r, kc, A, lda, B, C, ldc, BiasGelu<true, true>{bias});
-  }
+inline void slice_tile(int r, int64_t kc, bool accumulate, bool last, const float* bias, bool gelu,
+                       const float* A, int64_t lda, const float* B, float* C, int64_t ldc) {
+  auto run = [&](const auto& epi) {
+    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, epi);
+    else micro_rows<false>(r, kc, A, lda, B, C, ldc, epi);
+  };
+  if (!last || (bias == nullptr && !gelu)) run(NoEpilogue());
+  else if (bias == nullptr) run(BiasGelu<false, true>{nullptr});
+  else if (!gelu) run(BiasGelu<true, false>{bias});
+  else run(BiasGelu<true, true>{bias});
 }
 
 // The first row of block i when `rows` are split in `blocks` near-equal parts.
@@ -171,24 +166,18 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
     const int64_t r0 = split_at(M, row_tasks, rt), r1 = split_at(M, row_tasks, rt + 1);
     const int64_t p0 = pt * block_panels, p1 = std::min(P, p0 + block_panels);
     const int64_t blocks = (r1 - r0 + GEMM_MR - 1) / GEMM_MR;
-    if (K == 0) {  // no slice: the epilogue on zero sums
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = p0 * kPanel; c < p1 * kPanel; c += Simd<float>::W) {
-          vec_t<float> v = vset<float>(0.f);
-          if (b != nullptr) v += vload(b + c);
-          vstore(C + r * ldc + c, gelu ? vgelu(v) : v);
-        }
-      return;
-    }
-    for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-      const int64_t kc = std::min(GEMM_KC, K - k0);
-      const bool last = k0 + kc == K;
+    // K = 0 runs as one empty slice: the micro-kernel stores the epilogue of zero sums.
+    const int64_t slices = std::max<int64_t>(1, (K + GEMM_KC - 1) / GEMM_KC);
+    for (int64_t s = 0; s < slices; ++s) {
+      const int64_t k0 = s * GEMM_KC, kc = std::min(GEMM_KC, K - k0);
+      const bool last = s + 1 == slices;
       for (int64_t p = p0; p < p1; ++p) {
         const float* B = Bp + (p * K + k0) * kPanel;
         const float* bp = b != nullptr ? b + p * kPanel : nullptr;
         for (int64_t i = 0; i < blocks; ++i) {
           const int64_t ra = r0 + split_at(r1 - r0, blocks, i), rb = r0 + split_at(r1 - r0, blocks, i + 1);
-          slice_tile((int)(rb - ra), kc, k0 > 0, last, bp, gelu, A + ra * K + k0, K, B, C + ra * ldc + p * kPanel, ldc);
+          slice_tile((int)(rb - ra), kc, s > 0, last, bp, gelu, A + ra * K + k0, K, B,
+                     C + ra * ldc + p * kPanel, ldc);
         }
       }
     }

@@ -443,8 +443,8 @@ def forward_plan(q: torch.Tensor, M: int, mix: bool) -> ForwardPlan:
     order (split_count; fp16 / bf16 only, below). Where that cannot reach half of
     FWD_TARGET_PROGRAMS either (few key blocks: tiny calls), the "fwd" row, G = 1, unsplit: the
     shortest programs. Only the table's G or 1: each row is compiled spill-free as it is (a smaller
-    G on the same tiles spilled a few bytes in fp32 on sm_90). Without the mix: the "fwd" row, one head per program, never split
-    (online softmax per row; plenty of programs where it runs, ResT's one-head stage 1)."""
+    G on the same tiles spilled a few bytes in fp32 on sm_90). Without the mix: the "fwd" row, one
+    head per program, never split (online softmax per row: many programs at ResT's one-head stage 1)."""
     B, H, N, _ = q.shape
     BD = pow2(q.shape[-1], 16)
     low = q.dtype != torch.float32
