@@ -120,6 +120,47 @@ def test_linear_float32_inference(benchmark, impl, shape):
     benchmark(fn)
 
 
+# The models' float32 inference depthwise convolution, EMSA's key/value reduction (kernel sr + 1, stride
+# sr), at rest_lite's stage-1 and stage-3 shapes, batch 1 and 16, channels-last: the cpu backend's
+# depthwise_conv2d kernel (rest/packed_conv.py says where the models use it) against oneDNN's
+# convolution on a weight reordered once for the input's shape and F.conv2d.
+@pytest.mark.parametrize("conv", [(1, 64, 56, 8), (1, 256, 14, 2), (16, 64, 56, 8), (16, 256, 14, 2)],
+                         ids=lambda c: f"B{c[0]}-{c[1]}ch-{c[2]}px-sr{c[3]}")
+@pytest.mark.parametrize("impl", ["kernel", "onednn", "aten"])
+def test_depthwise_conv_float32_inference(benchmark, impl, conv):
+    from rest import dense, packed_conv
+    batch, channels, size, sr = conv
+    k, pad = sr + 1, sr // 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(channels, 1, k, k, generator=g) / k, torch.randn(channels, generator=g)
+    if impl == "kernel":
+        reason = rest_kernels.available_backends()["cpu"]
+        if reason is not None:
+            pytest.skip(reason)
+        taps = packed_conv.depthwise_taps(w)
+
+        def fn():
+            return torch.ops.rest_kernels_C.depthwise_conv2d(x, taps, b, [k, k], [sr, sr], [pad, pad])
+    elif impl == "onednn":
+        if dense.onednn_unavailable_reason() is not None:
+            pytest.skip(dense.onednn_unavailable_reason())
+        reordered = packed_conv._reorder(w, tuple(x.shape), (pad, pad), (sr, sr), (1, 1), channels)
+
+        def fn():
+            return torch.ops.mkldnn._convolution_pointwise(x, reordered, b, [pad] * 2, [sr] * 2, [1, 1], channels,
+                                                           "none", [], "")
+    else:
+        def fn():
+            return torch.nn.functional.conv2d(x, w, b, sr, pad, 1, channels)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), sr, pad, 1, channels).float()
+        torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-4)
+    benchmark.group = f"depthwise conv B={batch} {channels}ch {size}px sr {sr} float32 cpu"
+    benchmark.extra_info.update(impl=impl, batch=batch, channels=channels, size=size, sr=sr)
+    benchmark(fn)
+
+
 # The bfloat16 attention forward of each cpu kernel build this CPU can run (avx512bf16: bfloat16
 # products on VDPBF16PS; avx512 / avx2: float32 products on widened inputs), against eager PyTorch in
 # bfloat16, at rest_lite's four stage shapes (batch 16, the model's strided q), without (stage 1) and

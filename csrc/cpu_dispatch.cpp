@@ -1,5 +1,5 @@
 // The extension's CPU ops (rest_kernels_C::emsa_fwd / emsa_bwd / pa_fwd / pa_bwd / add_layer_norm /
-// pack_linear_weight / packed_linear on the CPU key): the argument checks of op_checks.h, then the
+// pack_linear_weight / packed_linear / depthwise_conv2d on the CPU key): the argument checks of op_checks.h, then the
 // kernels of the cpu kernel build chosen for this CPU.
 //
 // The kernels of csrc/cpu are built once per instruction-set level into libraries of their own
@@ -187,6 +187,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const re
                          int64_t out_features, bool gelu) {
   return kernels().packed_linear(x, packed, bias, out_features, gelu);
 }
+at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& taps, const rest_cpu::OptTensor& bias,
+                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  return kernels().depthwise_conv2d(x, taps, bias, kernel_size, stride, padding);
+}
 
 }  // namespace
 
@@ -227,4 +231,5 @@ TORCH_LIBRARY_IMPL(rest_kernels_C, CPU, m) {
   m.impl("add_layer_norm", &rest_checks::checked_add_layer_norm<&rest_cpu_dispatch::add_layer_norm>);
   m.impl("pack_linear_weight", &rest_checks::checked_pack_linear_weight<&rest_cpu_dispatch::pack_linear_weight>);
   m.impl("packed_linear", &rest_checks::checked_packed_linear<&rest_cpu_dispatch::packed_linear>);
+  m.impl("depthwise_conv2d", &rest_checks::checked_depthwise_conv2d<&rest_cpu_dispatch::depthwise_conv2d>);
 }

@@ -249,4 +249,37 @@ at::Tensor checked_packed_linear(const at::Tensor& x, const at::Tensor& packed, 
   return Kernel(x.contiguous(), packed.contiguous(), contiguous(bias), out_features, gelu);
 }
 
+// depthwise_conv2d (csrc/cpu/depthwise_conv.cpp): float32 only, like packed_linear. x (B, C, H, W) in
+// any layout; taps (kh * kw, C); stride >= 1; padding >= 0; the padded input at least one kernel
+// window in each dimension.
+inline void conv_geometry(const at::Tensor& x, int64_t kh, int64_t kw, at::IntArrayRef stride,
+                          at::IntArrayRef padding, const char* op) {
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, op,
+                    ": stride must be two integers >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+                    ": padding must be two integers >= 0, got ", padding);
+  TORCH_CHECK_VALUE(x.size(2) + 2 * padding[0] >= kh && x.size(3) + 2 * padding[1] >= kw, op,
+                    ": x's padded size (", x.size(2) + 2 * padding[0], ", ", x.size(3) + 2 * padding[1],
+                    ") must be at least the kernel's (", kh, ", ", kw, ")");
+}
+
+template <at::Tensor (*Kernel)(const at::Tensor&, const at::Tensor&, const Opt&, at::IntArrayRef, at::IntArrayRef,
+                               at::IntArrayRef)>
+at::Tensor checked_depthwise_conv2d(const at::Tensor& x, const at::Tensor& taps, const Opt& bias,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "depthwise_conv2d";
+  float32_cpu(x, op, "x");
+  float32_cpu(taps, op, "taps");
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be (batch, channels, height, width), got ", x.sizes());
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
+                    ": kernel_size must be two integers >= 1, got ", kernel_size);
+  shape_is(taps, {kernel_size[0] * kernel_size[1], x.size(1)}, op, "taps");
+  conv_geometry(x, kernel_size[0], kernel_size[1], stride, padding, op);
+  if (bias.has_value()) {
+    float32_cpu(*bias, op, "bias");
+    shape_is(*bias, {x.size(1)}, op, "bias");
+  }
+  return Kernel(x, taps.contiguous(), contiguous(bias), kernel_size, stride, padding);
+}
+
 }  // namespace rest_checks

@@ -67,6 +67,10 @@ TORCH_LIBRARY(rest_kernels_C, m) {
   // autograd. packed = the weight as column panels, made once; y = x @ weight^T + bias (GELU'd).
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias, int out_features, bool gelu) -> Tensor");
+  // Their depthwise convolution, EMSA's key/value reduction (csrc/cpu/depthwise_conv.cpp): CPU key
+  // only, no autograd, a channels-last output; taps = the weight (C, 1, kh, kw) as (kh * kw, C).
+  m.def("depthwise_conv2d(Tensor x, Tensor taps, Tensor? bias, int[2] kernel_size, int[2] stride, "
+        "int[2] padding) -> Tensor");
 }
 
 // Test machinery of the CUDA source, outside the ops the backends call: one warp's tensor-core

@@ -241,18 +241,22 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: 3% of ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); rest_base batch 1
 #: 99.0 -> 88.0 ms eager, 92.9 -> 87.6 compiled (docs/cpu_inference_profile.md). On AVX-512 oneDNN
 #: stays: the kernel was not measured against it there (on the Zen 4 EPYC oneDNN's matmul ran 300-410
-#: GFLOP/s at these shapes, module docstring).
+#: GFLOP/s at these shapes, module docstring). The same rule gives EMSA's depthwise reduction the cpu
+#: backend's depthwise_conv2d kernel (rest/packed_conv.py; csrc/cpu/depthwise_conv.cpp has its
+#: measurements, AVX2 only as well).
 PACKED_KERNEL_ON = frozenset({"AVX2"})
 
-#: "0": prepack keeps oneDNN's copy everywhere; "1": the packed_linear kernel wherever the cpu backend's
-#: kernels load, whatever PACKED_KERNEL_ON says (for comparisons and tests; read at prepack time)
+#: "0": prepack keeps oneDNN's copy everywhere; "1": the packed_linear (and depthwise_conv2d) kernel
+#: wherever the cpu backend's kernels load, whatever PACKED_KERNEL_ON says (for comparisons and tests;
+#: read at prepack time)
 PACKED_KERNEL_ENV_VAR = "REST_KERNELS_PACKED_LINEAR"
 
 _packed_kernel_unavailable: list[str | None] = []  # [reason or None], computed once
 
 
 def packed_kernel_unavailable_reason() -> str | None:
-    """None when prepack() gives a float32 layer the packed_linear kernel's panels, else why it keeps
+    """None when prepack() gives a float32 layer the packed_linear kernel's panels (and
+    PackedConv2d.from_conv a depthwise layer the depthwise_conv2d kernel's taps), else why they keep
     oneDNN's copy (the capability rule is computed once and logged once; the switch is read each time)."""
     switch = os.environ.get(PACKED_KERNEL_ENV_VAR, "")
     if switch == "0":
@@ -275,9 +279,12 @@ def packed_kernel_unavailable_reason() -> str | None:
 
 
 def _register_packed_fakes() -> None:
-    """The ops' shape functions, so that torch.library.opcheck and FakeTensor can reason about them."""
+    """The ops' shape functions, so that torch.library.opcheck and FakeTensor can reason about them
+    (the linear ones here, the convolutions' in rest/packed_conv.py)."""
     # the panel width is the kernels' (csrc/cpu/kernels.h kPackedLinearPanel): asked of them once
     panel = torch.ops.rest_kernels_C.pack_linear_weight(torch.zeros(1, 1)).shape[-1]
+    from .packed_conv import register_kernel_fakes  # here, not at import: packed_conv imports this module
+    register_kernel_fakes()
 
     @torch.library.register_fake("rest_kernels_C::pack_linear_weight")
     def _fake_pack(weight):
@@ -288,6 +295,14 @@ def _register_packed_fakes() -> None:
         return x.new_empty((*x.shape[:-1], out_features))
 
 
+def kernel_pack(pack):
+    """Marks `pack` (a PackedWeight pack function) as making the cpu backend kernels' own copy of a
+    weight (PackedWeight.for_kernel), not oneDNN's: the layer then calls the kernel on it."""
+    pack.packs_for_kernel = True
+    return pack
+
+
+@kernel_pack
 def pack_for_kernel(weight: torch.Tensor) -> torch.Tensor:
     """The packed_linear kernel's panels of a (out, in) float32 weight (a PackedWeight pack function)."""
     return torch.ops.rest_kernels_C.pack_linear_weight(weight)
@@ -353,14 +368,21 @@ class PackedWeight:
         # pack: weight -> oneDNN's copy (a picklable callable; default: the linear layers' reorder;
         # rest/packed_conv.py gives the convolutions')
         self._pack = pack
+        self._for_kernel = getattr(pack, "packs_for_kernel", False)  # kernel_pack's mark, read once
         self._source = None  # the weight the copy was made from (a detached alias: same version counter)
         self._version = None
         self._packed = None
 
     @property
     def for_kernel(self) -> bool:
-        """Whether the copy is the packed_linear kernel's panels (else oneDNN's blocked weight)."""
-        return self._pack is pack_for_kernel
+        """Whether the copy is for one of the cpu backend's kernels (packed_linear's panels, or the
+        depthwise convolution's taps: rest/packed_conv.py), else oneDNN's blocked weight."""
+        return self._for_kernel
+
+    @property
+    def pack(self):
+        """The pack function (weight, *hint) -> copy: what a compiled graph traces instead of get()."""
+        return self._pack
 
     def get(self, weight: torch.Tensor, *hint) -> torch.Tensor:
         """The copy for `weight` (made now if it has none or the weight changed). hint: what else the

@@ -9,7 +9,10 @@ The result is for inference only: it has no BatchNorm left to train. Its linear 
 copy of their weight for calls without gradients (rest/dense.py, Linear.prepack, PackedWeight):
 oneDNN's blocked copy (oneDNN otherwise reorders the weight on every call), or, for float32 layers on
 CPUs where the cpu backend's own product is the faster one (rest/dense.py PACKED_KERNEL_ON: AVX2), the
-panels of its packed_linear kernel; the copy follows the weight if it changes.
+panels of its packed_linear kernel; the copy follows the weight if it changes. So do its
+convolutions (rest/packed_conv.py, PackedConv2d): the stem's and patch embeddings' keep oneDNN's
+copy, and on those CPUs EMSA's depthwise key/value reduction `sr` runs the cpu backend's own
+depthwise kernel on its taps.
 
 compile_for_inference is optimize_for_inference followed by torch.compile with inductor's freezing,
 for deployment where the time between the ops matters (batch 1); its docstring says when and why.
@@ -34,10 +37,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from rest_kernels import direct_kernels_in_traces
 
 from .checkpoint import unwrap_model
-from .dense import Linear
+from .dense import PACKED_ATTR, Linear
 from .packed_conv import PackedConv2d
 from .layers import BasicStem, PatchEmbed
 from .layers_v2 import ConvStem
+from .modules import _ReducedAttention
 
 __all__ = ["optimize_for_inference", "compile_for_inference", "CompiledInference"]
 
@@ -76,13 +80,24 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
                 if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
                     _set_submodule(module, conv_name, fuse_conv_bn_eval(module.get_submodule(conv_name), norm))
                     _set_submodule(module, norm_name, nn.Identity())
+    model = model if dtype is None else model.to(dtype)
+    # kept copies of the weights for inference, decided for their final dtype: the convolutions'
+    # (rest/packed_conv.py: the stems' and patch embeddings', EMSA's depthwise reduction) and the
+    # linear layers' (rest/dense.py, Linear.prepack)
+    for module in list(model.modules()):
+        if isinstance(module, tuple(_FOLDS)):
             for name, conv in list(module.named_modules()):
                 if name and isinstance(conv, nn.Conv2d) and conv.groups == 1:
-                    _set_submodule(module, name, PackedConv2d.from_conv(conv))  # rest/packed_conv.py
-    model = model if dtype is None else model.to(dtype)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.prepack()  # a packed weight kept for inference (rest/dense.py, Linear.prepack)
+                    _set_submodule(module, name, PackedConv2d.from_conv(conv))
+        elif isinstance(module, _ReducedAttention) and isinstance(getattr(module, "sr", None), nn.Conv2d):
+            sr = PackedConv2d.from_conv(module.sr)
+            packed = getattr(sr.weight, PACKED_ATTR, None)
+            if packed is not None and packed.for_kernel:
+                module.sr = sr  # on the depthwise kernel; oneDNN's copy of it was not measured
+            elif packed is not None:
+                delattr(sr.weight, PACKED_ATTR)  # sr shares its Parameter: no oneDNN copy left on it
+        elif isinstance(module, Linear):
+            module.prepack()
     return model
 
 

@@ -129,8 +129,9 @@ def test_compiled_model_matches_official_float32(monkeypatch, linear):
         prefix = "rest_kernels_C::" if direct else "rest_kernels::"
         assert {prefix + "emsa_fwd", prefix + "pa_fwd"} <= ops, sorted(ops)
         assert not direct or not {"rest_kernels::emsa_fwd", "rest_kernels::pa_fwd"} & ops, sorted(ops)
-        if linear == "kernel":  # the products on the kernel, the panels made once at compile time
-            assert "rest_kernels_C::packed_linear" in ops and "rest_kernels_C::pack_linear_weight" not in ops, sorted(ops)
+        if linear == "kernel":  # the products and reductions on the kernels, their copies made at compile time
+            assert {"rest_kernels_C::packed_linear", "rest_kernels_C::depthwise_conv2d"} <= ops, sorted(ops)
+            assert "rest_kernels_C::pack_linear_weight" not in ops, sorted(ops)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""rest/packed_conv.py: convolutions that keep oneDNN's blocked weight for inference, against F.conv2d."""
+"""rest/packed_conv.py: convolutions that keep oneDNN's blocked weight for inference, against F.conv2d
+(the cpu backend's own convolution kernels switched off here: tests/test_conv_kernels.py has them)."""
 import copy
 
 import pytest
@@ -11,6 +12,12 @@ from rest.packed_conv import PackedConv2d
 
 pytestmark = pytest.mark.skipif(dense.onednn_unavailable_reason() is not None,
                                 reason=f"oneDNN unavailable: {dense.onednn_unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def _onednn_copies(monkeypatch):
+    """from_conv keeps oneDNN's copy, whatever the CPU (rest/dense.py's switch of its own kernels)."""
+    monkeypatch.setenv(dense.PACKED_KERNEL_ENV_VAR, "0")
 
 
 @pytest.fixture
@@ -93,11 +100,18 @@ def test_copies_and_fx():
             torch.testing.assert_close(other(x), want)
 
 
-def test_traced_graphs_take_the_standard_convolution():
+def test_traced_graphs_take_the_standard_convolution(monkeypatch):
     """torch.export (and torch.compile, ONNX export) record F.conv2d: the copy is an eager detail."""
     conv = PackedConv2d.from_conv(nn.Conv2d(4, 6, 3, stride=2, padding=1).eval())
     x = cl(torch.randn(2, 4, 10, 10))
     program = torch.export.export(nn.Sequential(conv), (x,))
     assert "mkldnn" not in str(program.graph)
+    # nor the cpu backend's depthwise kernel where the layer has its taps
+    monkeypatch.setenv(dense.PACKED_KERNEL_ENV_VAR, "1")
+    if dense.packed_kernel_unavailable_reason() is None:
+        kernel = PackedConv2d.from_conv(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4).eval())
+        assert kernel.weight._rest_onednn_packed.for_kernel
+        graph = str(torch.export.export(nn.Sequential(kernel), (x,)).graph)
+        assert "rest_kernels" not in graph and "mkldnn" not in graph
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), conv(x))

@@ -21,7 +21,8 @@ using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp, packed_linear.cpp); arguments already
+// The kernels (emsa_cpu.cpp, pa_cpu.cpp, layer_norm_cpu.cpp, packed_linear.cpp, depthwise_conv.cpp);
+// arguments already
 // checked by csrc/op_checks.h.
 Tensors4 emsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mix_weight,
                       double scale, double eps);
@@ -40,9 +41,13 @@ constexpr int64_t kPackedLinearPanel = 16;
 at::Tensor pack_linear_weight_cpu(const at::Tensor& weight);
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const OptTensor& bias,
                              int64_t out_features, bool gelu);
+// depthwise_conv.cpp: conv2d with one (kh, kw) filter per channel given as taps (kh * kw, C),
+// channels-last (B, C, Ho, Wo).
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& taps, const OptTensor& bias,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding);
 
 // Bumped whenever the table's layout or a kernel's signature changes.
-constexpr int kKernelTableVersion = 3;
+constexpr int kKernelTableVersion = 4;
 
 struct KernelTable {
   int version;       // kKernelTableVersion of the build
@@ -55,6 +60,7 @@ struct KernelTable {
   decltype(&add_layer_norm_cpu) add_layer_norm;
   decltype(&pack_linear_weight_cpu) pack_linear_weight;
   decltype(&packed_linear_cpu) packed_linear;
+  decltype(&depthwise_conv2d_cpu) depthwise_conv2d;
 };
 
 }  // namespace rest_cpu

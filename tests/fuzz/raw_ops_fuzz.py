@@ -60,9 +60,19 @@ def main(seconds, seed):
     calls = errors = 0
     while time.monotonic() < deadline:
         suffix = rng.choice(["", "_emu"])
-        which = rng.choice(["emsa_fwd", "emsa_bwd", "pa_fwd", "pa_bwd"])
+        which = rng.choice(["emsa_fwd", "emsa_bwd", "pa_fwd", "pa_bwd", "depthwise_conv2d"])
         try:
-            if which == "emsa_fwd":
+            if which == "depthwise_conv2d":  # the cpu backend's only (no _emu twin)
+                x = rand_tensor(rng, 4) if rng.random() < 0.7 else rand_tensor(rng)
+                C = x.shape[1] if x.dim() == 4 else 1
+                k = [rng.choice([-1, 0, 1, 2, 3, 9]) for _ in range(2)]
+                taps = torch.randn(max(k[0] * k[1], 0), C) if rng.random() < 0.6 else rand_tensor(rng)
+                b = torch.randn(C) if rng.random() < 0.5 else (rand_tensor(rng) if rng.random() < 0.5 else None)
+                stride = [rng.choice([-1, 0, 1, 2, 8]) for _ in range(rng.choice([1, 2, 2, 3]))]
+                padding = [rng.choice([-1, 0, 1, 4]) for _ in range(rng.choice([1, 2, 2, 3]))]
+                out = ops.depthwise_conv2d(x, taps, b, k, stride, padding)
+                assert out.dim() == 4 and out.shape[:2] == x.shape[:2], (out.shape, x.shape)
+            elif which == "emsa_fwd":
                 q, k, v, w = emsa_args(rng)
                 out = getattr(ops, which + suffix)(q, k, v, w, 0.5, 1e-5)
                 assert tuple(out[0].shape) == tuple(q.shape), (out[0].shape, q.shape)
