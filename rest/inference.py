@@ -37,8 +37,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from rest_kernels import direct_kernels_in_traces
 
 from .checkpoint import unwrap_model
-from .dense import PACKED_ATTR, Linear
-from .packed_conv import PackedConv2d
+from .dense import Linear
+from .packed_conv import PackedConv2d, depthwise_kernel_takes
 from .layers import BasicStem, PatchEmbed
 from .layers_v2 import ConvStem
 from .modules import _ReducedAttention
@@ -89,13 +89,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
             for name, conv in list(module.named_modules()):
                 if name and isinstance(conv, nn.Conv2d) and conv.groups == 1:
                     _set_submodule(module, name, PackedConv2d.from_conv(conv))
-        elif isinstance(module, _ReducedAttention) and isinstance(getattr(module, "sr", None), nn.Conv2d):
-            sr = PackedConv2d.from_conv(module.sr)
-            packed = getattr(sr.weight, PACKED_ATTR, None)
-            if packed is not None and packed.for_kernel:
-                module.sr = sr  # on the depthwise kernel; oneDNN's copy of it was not measured
-            elif packed is not None:
-                delattr(sr.weight, PACKED_ATTR)  # sr shares its Parameter: no oneDNN copy left on it
+        elif (isinstance(module, _ReducedAttention) and type(getattr(module, "sr", None)) is nn.Conv2d
+              and depthwise_kernel_takes(module.sr)):
+            module.sr = PackedConv2d.from_conv(module.sr)  # elsewhere nn.Conv2d: oneDNN's copy not measured
         elif isinstance(module, Linear):
             module.prepack()
     return model

@@ -59,8 +59,12 @@ def register_kernel_fakes() -> None:
         return x.new_empty((B, Ho, Wo, C)).permute(0, 3, 1, 2)
 
 
-def _is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+def depthwise_kernel_takes(conv: nn.Conv2d) -> bool:
+    """Whether from_conv gives this layer the depthwise kernel's taps (module docstring): one filter per
+    channel, dilation 1, float32, and rest.dense's rule for the cpu backend's own kernels holds now."""
+    return (conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+            and tuple(conv.dilation) == (1, 1) and conv.weight.dtype == torch.float32
+            and packed_kernel_unavailable_reason() is None)
 
 
 def _kernel_path(x: torch.Tensor, weight: torch.Tensor, packed) -> bool:
@@ -130,8 +134,7 @@ class PackedConv2d(nn.Conv2d):
         by the weight's dtype and the process), else oneDNN's."""
         if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             return conv
-        if (_is_depthwise(conv) and conv.weight.dtype == torch.float32 and tuple(conv.dilation) == (1, 1)
-                and packed_kernel_unavailable_reason() is None):
+        if depthwise_kernel_takes(conv):
             pack = depthwise_taps
         else:
             pack = functools.partial(_reorder, padding=tuple(conv.padding), stride=tuple(conv.stride),
