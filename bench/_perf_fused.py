@@ -110,9 +110,12 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
     per input and output head); the mixed backward forms each S_g with one dot per input head
     (head_logits); the rest: scale, max / subtract / exp argument, sums, the norm terms of dS (~14)."""
     bn, bm = c["BN"], c["BM"]
-    if name in ("_stats_kernel", "_stats_range_kernel"):  # a range kernel walks its range's blocks
+    if name == "_stats_kernel":
         g = c["G"]
-        return c.get("blocks_per_split", math.ceil(M / bm)), H, g * (7 + 2 * H), g
+        return math.ceil(M / bm), H, g * (7 + 2 * H), g
+    if name == "_flash_range_kernel":  # _stats_kernel's work and a P V product in one pass over its range
+        g = c["G"]
+        return c["blocks_per_split"], H + g, g * (9 + 2 * H + 3 * c["BD"] / bm), g
     if name == "_attn_range_kernel" or (name == "_attn_kernel" and c["NORM"]):
         g = c["G"]
         return c.get("blocks_per_split", math.ceil(M / bm)), H + g, g * (5 + 2 * H), g
@@ -134,8 +137,8 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
 #: argument positions read / written by each kernel (see the kernels' signatures)
 _IO = {
     "_stats_kernel": ((0, 1), (3, 4)),
-    "_stats_range_kernel": ((0, 1), (3,)),
-    "_merge_stats_kernel": ((0,), (1, 2, 3)),
+    "_flash_range_kernel": ((0, 1, 2), (4, 5, 6)),
+    "_flash_merge_kernel": ((0, 1, 2), (3, 4, 5, 6)),
     "_attn_range_kernel": ((0, 1, 2, 5, 6), (4,)),
     "_key_split_sum_kernel": ((0,), (1,)),
     "_rowsum_kernel": ((0,), (1,)),
@@ -149,7 +152,7 @@ _IO = {
     "_pa_fwd_kernel": ((0, 1), (3,)),
     "_pa_bwd_kernel": ((0, 1, 3), (4, 5)),
 }
-_TILED = ("_stats_kernel", "_attn_kernel", "_stats_range_kernel", "_attn_range_kernel",
+_TILED = ("_stats_kernel", "_attn_kernel", "_flash_range_kernel", "_attn_range_kernel",
           "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel")
 
 
@@ -183,11 +186,11 @@ def triton_kernel(ev, dtype: str) -> Kernel:
             again = (0, 3, 4, 5) if name == "_dkdv_kernel" else (0, 3, 5, 6, 7)
             k.reread = (gx - 1) * sum(nb[i] for i in again)
         else:  # the query-block programs of one key range read 1 / SPLIT of k and v each
-            again = (1,) if name in ("_stats_kernel", "_stats_range_kernel") else (1, 2)
+            again = (1,) if name == "_stats_kernel" else (1, 2)
             k.reread = (gx // c.get("SPLIT", 1) - 1) * sum(nb[i] for i in again)
         if name in ("_dkdv_mixed_kernel", "_dq_mixed_kernel"):  # each output head g of each head
             k.reread += (H * gz - 1) * (nb[0] + nb[1])                # group reads every head of q, k
-        elif name in ("_stats_kernel", "_stats_range_kernel", "_attn_range_kernel") or \
+        elif name in ("_stats_kernel", "_flash_range_kernel", "_attn_range_kernel") or \
                 (name == "_attn_kernel" and c["NORM"]):
             k.reread += (gz - 1) * (nb[0] + nb[1])  # each group of G output heads reads every head of q, k
         k.reuse_set = sum(nb[i] for i in again) / B
@@ -200,9 +203,12 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         k.fp32 = 2.0 * grid * c["BN"] * c["BD"]
     elif name == "_split_sum_kernel":  # one add per partial read (dk's and dv's)
         k.fp32 = (nb[0] + nb[1]) / a[0].element_size()
-    elif name == "_merge_stats_kernel":  # per row and key range: ~16 FLOPs, 2 exponentials
-        elems = nb[0] / a[0].element_size() / 3
-        k.fp32, k.sfu = 16.0 * elems, 2.0 * elems
+    elif name == "_flash_merge_kernel":  # per row and key range ~16 FLOPs and 2 exponentials, for rstd
+        # over every row of its (b, g) in each program (the statistics re-read from L2, not charged
+        # as HBM bytes), then again for its own rows with the output's rescale and sum (4 per element)
+        ranges = nb[0] / a[0].element_size() / 3  # rows x ranges of the whole call
+        own = nb[1] / a[1].element_size()
+        k.fp32, k.sfu = 16.0 * ranges * (gx + 1) + 4.0 * own, 2.0 * ranges * (gx + 1)
     elif name == "_key_split_sum_kernel":  # one add per partial read
         k.fp32 = nb[0] / a[0].element_size()
     else:  # _vbar_kernel, _rowsum_kernel: one add per element read

@@ -32,6 +32,7 @@ from rest_kernels.triton.aot import compiling_for  # noqa: E402
 from rest_kernels.triton.targets import arch_limits  # noqa: E402
 
 KERNELS = {"fwd": ("_stats_kernel", "_attn_kernel"), "fwd_mix": ("_stats_kernel", "_attn_kernel"),
+           "fwd_split": ("_flash_range_kernel",),
            "dkdv": ("_dkdv_kernel",), "dq": ("_dq_kernel",),
            "dkdv_mix": ("_dkdv_mixed_kernel",), "dq_mix": ("_dq_mixed_kernel",)}
 #: head dims probed per padded head dim (a multiple of 16 and, where the class has one, not)
@@ -55,10 +56,21 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
                     out.append(_T(bn, bm, 8, 1, jg))
             jg //= 2
         return out
-    if family == "fwd_mix":  # more output heads per program first (h dots per tile pair serve G heads)
-        tiles = ([(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1)] if precision == "16" else
-                 [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)])
+    if family in T.GROUPED_FAMILIES:  # more output heads per program first (h dots per tile pair serve G heads)
+        if family == "fwd_split":  # 16-bit only; G [BN, BD] accumulators beside G logit tiles: 8 warps
+            tiles = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1), (64, 16, 8, 1)]
+        elif precision == "16":
+            tiles = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1)]
+        else:
+            tiles = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)]
         out, g = [], hp
+        if family == "fwd_split":
+            # wider key tiles before more heads: with G >= 2 the product work per key is already
+            # shared, and a 16-key tile pays the per-block statistics and rescale of [BN, BD] for
+            # 16 keys (the performance model: sm_90 BD 64 G 4 BM 16 modelled slower than G 2 BM
+            # 64 at ResT's detection-size stages 3-4); G = 1 last
+            gs = [hp >> i for i in range(hp.bit_length()) if hp >> i >= 2]
+            return [_T(*t, 0, g) for t in tiles for g in gs] + [_T(*t, 0, 1) for t in tiles]
         while g >= 1:
             out += [_T(*t, 0, g) for t in tiles]
             g //= 2
@@ -78,8 +90,17 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
 def probes(family: str, precision: str, bd: int, hp: int | None):
     """(Shape, dtype name, backward) of the calls that compile this key's kernels."""
     dtypes = ("bf16", "fp16") if precision == "16" else ("fp32",)
-    backward = family not in ("fwd", "fwd_mix")
+    backward = family not in ("fwd", "fwd_mix", "fwd_split")
     out = []
+    if family == "fwd_split":
+        # batch 1 with few query blocks and many key blocks, so that every candidate's grid splits
+        # the key range (emsa_fwd.forward_plan): N and M multiples of 16 and not; both 16-bit
+        # dtypes (sm_90 BD 128 G 2 BM 32: bf16 252 registers, no spill; fp16 28 B spilled)
+        d = {64: 64, 128: 96}[bd]
+        for N, M in ((256, 1024), (200, 1000)):
+            for dt in dtypes:
+                out.append((R.Shape(f"probe h{hp} d{d} N{N} M{M}", "emsa", 1, hp, N, M, d, True), dt, False))
+        return out
     if family == "fwd_mix":
         # ResT's head dim of the class, N and M multiples of 16 and not; batch 256 so that the
         # grid keeps the candidate's G (emsa_fwd.forward_plan); one 16-bit dtype (the two
@@ -121,13 +142,17 @@ def verdict(row: R.KernelResources, bd: int, precision: str) -> str | None:
 def try_candidate(key: str, tiles: T.Tiles, archs, family, precision, bd, hp) -> str | None:
     """None if `tiles` is acceptable for `key` on every arch of `archs` and every probe, else why not."""
     for arch in archs:
+        compiled = 0
         with compiling_for(arch), T.overriding({key: tiles}):
             for shape, dt, backward in probes(family, precision, bd, hp):
                 for launch in R.plan_shape(shape, R.DTYPES[dt], backward):
                     if launch.name in KERNELS[family]:
+                        compiled += 1
                         why = verdict(R.measure(launch, arch, dt), bd, precision)
                         if why:
                             return why
+        if not compiled:  # a probe that stops launching the kernel must not pass a candidate unseen
+            return f"no probe launched {KERNELS[family]} on sm_{arch}"
     return None
 
 

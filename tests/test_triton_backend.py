@@ -176,18 +176,19 @@ def test_mixed_forward_head_groups_give_the_same_bits(dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mixed_forward_key_split(dtype, device, monkeypatch):
     """The mixed forward with its key range split over programs (rest_kernels/triton/emsa_fwd.py
-    forward_plan: partial statistics and P V sums merged in a fixed order) against the same call
-    unsplit: one split per key block vs none, the statistics to fp32 rounding and the output to its
-    dtype's (the ranges' sums are added in another order, nothing else changes); each bitwise
-    repeatable. M = 300 spans 3 of the interpreter's key blocks (5 of a GPU's), the last partial."""
+    forward_plan: one pass per range, _flash_range_kernel, its partial statistics and output sums
+    merged in a fixed order by _flash_merge_kernel) against the same call unsplit (two passes):
+    one split per key block vs none, the statistics to fp32 rounding (the same updates, merged
+    range by range) and the output to its dtype's; each bitwise repeatable. M = 300 spans 3 of the
+    interpreter's key blocks (5 of a GPU's), the last partial."""
     from rest_kernels.triton import emsa_fwd
     q, k, v, w, _ = conformance.emsa_inputs(1, 3, 40, 300, 8, dtype, True, "model", device)
     w = w.reshape(3, 3).float()
     runs = {}
     for target in (1, 10 ** 9):  # FWD_TARGET_PROGRAMS: never split / split as far as the key blocks go
         monkeypatch.setattr(emsa_fwd, "FWD_TARGET_PROGRAMS", target)
-        plan = emsa_fwd.forward_plan(q, 300, True)
-        assert (plan.splits > 1) == (target > 1)
+        plan = emsa_fwd.forward_plan(q, 300, True, one_pass=True)
+        assert (plan.splits > 1) == (target > 1) == plan.one_pass
         if plan.splits > 1:
             assert plan.splits * plan.blocks_per_split >= -(-300 // plan.tiles.BM) > plan.splits - 1
         first, again = (emsa_fwd.emsa_forward(q, k, v, w, 8 ** -0.5, 1e-5) for _ in range(2))
@@ -202,28 +203,66 @@ def test_mixed_forward_key_split(dtype, device, monkeypatch):
         assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_pass_forward_keeps_the_two_pass_accuracy(device, monkeypatch):
+    """The one-pass split forward forms out = rstd (P v - vbar) from fp32 sums instead of
+    multiplying by (P - 1/M) after a statistics pass; rstd (up to eps^-1/2 = 316 for near-uniform
+    maps) amplifies whatever that difference of two sums loses. Near-uniform maps (small logits)
+    and values with a large common mean (v + 10) are the hard case: against the float64 reference
+    the one-pass forward's error is held to 4x the two-pass forward's (measured 0.5-2x under the
+    interpreter, float32; the shift by vref keeps the sums at the size of v's spread), where
+    without the shift it would grow with v's mean times rstd."""
+    from rest_kernels.triton import emsa_fwd
+    torch.manual_seed(0)
+    B, H, N, M, D = 1, 3, 40, 300, 16
+    errs = {}
+    for logit_scale in (0.05, 1.0):
+        q = (torch.randn(B, H, N, D) * logit_scale).to(device)
+        k = torch.randn(B, H, M, D).to(device)
+        v = (torch.randn(B, H, M, D) + 10.0).to(device)
+        w = torch.randn(H, H).to(device)
+        L = torch.einsum("bjnd,bjmd->bjnm", q.double(), k.double()) * D ** -0.5
+        P = torch.einsum("gj,bjnm->bgnm", w.double(), L).softmax(-1)
+        var = P.var((-2, -1), unbiased=False, keepdim=True)
+        ref = (P - P.mean((-2, -1), keepdim=True)) / (var + 1e-5).sqrt() @ v.double()
+        for target in (1, 10 ** 9):
+            monkeypatch.setattr(emsa_fwd, "FWD_TARGET_PROGRAMS", target)
+            assert emsa_fwd.forward_plan(q, M, True, one_pass=True).one_pass == (target > 1)
+            out = emsa_fwd.emsa_forward(q, k, v, w, D ** -0.5, 1e-5)[0]
+            errs[logit_scale, target] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    for logit_scale in (0.05, 1.0):
+        two_pass, one_pass = errs[logit_scale, 1], errs[logit_scale, 10 ** 9]
+        assert one_pass <= 4 * max(two_pass, torch.finfo(torch.float32).eps), (logit_scale, one_pass, two_pass)
+
+
 def test_forward_plan_fills_the_gpu_at_detection_size(monkeypatch):
     """On the sm_90 table (also under the interpreter): ResT-Base stages 3-4 at 800 x 1216, batch 1
-    (4 / 8 heads of dim 64, N = 3800 / 950, M = 950) keep the table's output-head groups and split the
-    key range to one wave of programs (between half of FWD_TARGET_PROGRAMS and all of it) instead of
-    one output head per program; a 224 px batch-64 call is not split; a one-key-block call at
-    batch 1 gives up the group (more programs)."""
+    (4 / 8 heads of dim 64, N = 3800 / 950, M = 950) keep output-head groups and fill one wave of
+    programs (between half of FWD_TARGET_PROGRAMS and all of it) instead of one output head per
+    program: the forward's own call (one_pass) on the "fwd_split" row, split where its groups
+    leave fewer programs (stage 4; stage 3 fills the wave unsplit), the backward's rebuild of O on
+    the "fwd_mix" row, split; a 224 px batch-64 call is not split; a one-key-block call at batch 1
+    gives up the group (more programs)."""
     from rest_kernels.triton import emsa_fwd, tiles
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's rule, not the interpreter's
     monkeypatch.setattr(tiles, "target_arch", lambda: 90)
     for h, N, M in ((4, 3800, 950), (8, 950, 950)):
-        t = tiles.tiles_for("fwd_mix", True, 64, arch=90, hp=h)
         q = torch.empty(1, h, N, 64, dtype=torch.bfloat16, device="meta")
-        plan = emsa_fwd.forward_plan(q, M, True)
-        assert plan.G == t.G > 1 and plan.tiles == t
-        grid = plan.grid(q)
-        programs = grid[0] * grid[1] * grid[2]
-        assert emsa_fwd.FWD_TARGET_PROGRAMS // 2 <= programs <= emsa_fwd.FWD_TARGET_PROGRAMS and plan.splits > 1
-        assert (plan.splits - 1) * plan.blocks_per_split < -(-M // t.BM), "no empty key range"
+        for one_pass, family in ((False, "fwd_mix"), (True, "fwd_split")):
+            t = tiles.tiles_for(family, True, 64, arch=90, hp=h)
+            plan = emsa_fwd.forward_plan(q, M, True, one_pass=one_pass)
+            assert plan.G == t.G > 1 and plan.tiles == t and plan.one_pass == one_pass
+            grid = plan.grid(q)
+            programs = grid[0] * grid[1] * grid[2]
+            assert emsa_fwd.FWD_TARGET_PROGRAMS // 2 <= programs <= emsa_fwd.FWD_TARGET_PROGRAMS
+            assert one_pass or plan.splits > 1
+            assert (plan.splits - 1) * plan.blocks_per_split < -(-M // t.BM), "no empty key range"
     q = torch.empty(64, 8, 49, 64, dtype=torch.bfloat16, device="meta")
-    assert emsa_fwd.forward_plan(q, 49, True).splits == 1
+    assert emsa_fwd.forward_plan(q, 49, True, one_pass=True).splits == 1
+    assert not emsa_fwd.forward_plan(q, 49, True, one_pass=True).one_pass
     q = torch.empty(1, 8, 49, 64, dtype=torch.bfloat16, device="meta")
-    assert emsa_fwd.forward_plan(q, 49, True) == emsa_fwd.ForwardPlan(tiles.tiles_for("fwd", True, 64, arch=90), 1)
+    for one_pass in (False, True):
+        assert emsa_fwd.forward_plan(q, 49, True, one_pass) == emsa_fwd.ForwardPlan(tiles.tiles_for("fwd", True, 64, arch=90), 1)
 
 
 # --------------------------------------------------------------------------- memory

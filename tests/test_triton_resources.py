@@ -78,11 +78,11 @@ def _assert_within_budget(rows, budget):
 
 KERNELS = {"_stats_kernel", "_rowsum_kernel", "_attn_kernel", "_row_terms_kernel", "_vbar_kernel", "_split_sum_kernel",
            "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel", "_pa_fwd_kernel",
-           "_pa_bwd_kernel", "_stats_range_kernel", "_merge_stats_kernel", "_attn_range_kernel",
+           "_pa_bwd_kernel", "_flash_range_kernel", "_flash_merge_kernel", "_attn_range_kernel",
            "_key_split_sum_kernel"}
 #: the EMSA kernels whose products are dots (on tensor cores for fp16 / bf16)
 DOT_KERNELS = {"_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel",
-               "_dq_mixed_kernel", "_stats_range_kernel", "_attn_range_kernel"}
+               "_dq_mixed_kernel", "_flash_range_kernel", "_attn_range_kernel"}
 
 
 #: kernels held to zero spill bytes: all of them (the tiles are chosen by compiling,
@@ -153,8 +153,10 @@ def test_tile_table_has_every_key_for_every_arch_class():
                 assert 1 <= jg <= hp and hp % jg == 0 and g == 0, (cls, key)
                 if " 16 " in key:
                     assert (bn if key.startswith("dkdv_mix") else bm) == 64, (cls, key)
-            elif key.startswith("fwd_mix"):
+            elif key.startswith(("fwd_mix", "fwd_split")):
                 assert jg == 0 and 1 <= g <= hp and hp % g == 0, (cls, key)
+                if key.startswith("fwd_split"):  # 16-bit only; on tensor cores: 64 query rows
+                    assert " 16 " in key and bn == 64, (cls, key)
             else:
                 assert jg == 0 and g == 0, (cls, key)
 

@@ -28,11 +28,8 @@ Grouping divides the work but not a program's own time per key block: where quer
 head groups leave less than a wave of programs (batch 1 at 800 x 1216, stages 3-4: 60 and 15 query
 blocks), fp16 / bf16 calls split the key range over SPLIT programs per (query block, b, group),
 each walking a range of whole key blocks (`forward_plan`; grid axis 0 = query blocks x SPLIT), in
-the range kernels below. The statistics pass writes each range's (m, l, c), which
-`_merge_stats_kernel` merges in a fixed order; the output pass writes each range's share of
-rstd * sum_m (P - 1/M) v_m in fp32, which `_key_split_sum_kernel` adds in a fixed order, rounding
-once. P is final on every tile (lse is known before the output pass), so the shares need no
-rescaling: unlike flash-decoding's split, only a sum.
+one pass (`_flash_range_kernel`: each range's statistics and unnormalised output together), merged
+by `_flash_merge_kernel` in a fixed order (see "Why one pass where the key range is split" below).
 Only [BN, BM] tiles exist: the N x M map never reaches global memory. BD = next_pow2(d) >= 16,
 masked, so d = 3, 5, 96 work; d <= 256, h <= 8 with the mix. On a GPU every call is first compiled
 for the device's arch and its launches held against the arch's limits
@@ -53,9 +50,10 @@ Three kernels with the mix, all with fixed block order (deterministic, no atomic
    product, so no cancellation of two large terms, and no separate vbar) and writes
    out = rstd * (Y v) once, in the output dtype. Without the mix the same kernel runs classic
    online softmax (rescaled accumulator) and stores lse.
-With the key range split, four: `_stats_range_kernel` (1. over one range, storing its (m, l, c)),
-`_merge_stats_kernel` (the ranges merged in order with the same update, then lse, rsq and, as 2.,
-rstd), `_attn_range_kernel` (3. over one range, its fp32 share) and `_key_split_sum_kernel`.
+With the key range split, two: `_flash_range_kernel` (1. and 3. in one pass over one range:
+its (m, l, c) per row and its share sum_m e_m (v_m - vref) in fp32, e in the scale of the range's
+own max) and `_flash_merge_kernel` (the ranges merged in order with the same update, then lse,
+rsq, 2.'s rstd and out = rstd (P v - vbar)).
 
 Why the normalisation is exact
 ------------------------------
@@ -72,6 +70,23 @@ P v - vbar unnormalised and rescale it in place (reads + writes out again: 2 x |
 roundings in fp16/bf16), or (b) first run the cheap statistics pass (reads q and k: |q| + |k|
 bytes, no v, no PV dot) and then write out once. |q| = |out|, so (b) moves fewer bytes and rounds
 once; it recomputes QK^T, which is cheap at ResT's sizes. We chose (b).
+
+Why one pass where the key range is split
+-----------------------------------------
+At batch 1 and detection size (stages 3-4) the grid is small and each launch costs about as much
+as the work (docs/performance_model.md: ~4 us a launch against 4-8 us of tensor-core work). Until
+2026-12-07 the split forward was the two passes above over each range plus a merge of the
+statistics and a sum of the output shares: four launches, with a merge of one program per (b, g).
+A single pass has no lse when it meets a key, so it keeps flash-attention's unnormalised sum
+rescaled by the running max and its merge subtracts vbar at the end: (a) above, for the calls
+where launches, not bytes, set the time; the merge forms every statistic from the ranges'
+partials, so there are two launches and the second one is spread over about a wave of programs.
+What (a) costs in accuracy is kept to (b)'s: the tensor-core product takes the deviations of e
+from their key block's mean, not e (the centred dev of Chan's update; the block's mean times the
+sum of v is added in fp32), and v is shifted by vref, the mean of its first key block, so that
+the fp32 difference P v - vbar is of two sums of the size of v's spread, not of its mean
+(`_flash_range_kernel` has the argument; tests/test_triton_backend.py holds it to the unsplit
+forward).
 
 What it costs on paper (bytes, FLOPs, per GPU) is bench/perf_model.py's job, which reads these
 launches (docs/performance_model.md has the table).
@@ -145,116 +160,199 @@ def _stats_kernel(q_ptr, k_ptr, w_ptr, lse_ptr, rsq_ptr,
         store_row_stat(rsq_ptr, c_i[gl] / (l_i[gl] * l_i[gl]), b, g, r0, H, N, BN)
 
 
-# The key-range kernels (_stats_range_kernel, _attn_range_kernel) are the grouped forward's two
-# passes over one range of key blocks. They are kept apart from _stats_kernel and _attn_kernel on
-# purpose: with the range as runtime arguments in those kernels, ptxas allocated registers
-# differently for calls that never split, and 10-16 of the tuned configurations spilled 4-32 B
-# (sm_80-90, fp32 and 16-bit; 2026-12-06). Apart, the unsplit kernels compile exactly as measured in
-# the resource budget, and the range kernels only at the shapes that split.
+# The key-range kernels (_flash_range_kernel, _attn_range_kernel) walk one range of key blocks.
+# They are kept apart from _stats_kernel and _attn_kernel on purpose: with the range as runtime
+# arguments in those kernels, ptxas allocated registers differently for calls that never split, and
+# 10-16 of the tuned configurations spilled 4-32 B (sm_80-90, fp32 and 16-bit; 2026-12-06). Apart,
+# the unsplit kernels compile exactly as measured in the resource budget, and the range kernels
+# only at the shapes that split.
 # SPLIT and blocks_per_split are runtime arguments (as in the backward's split): a constexpr split
 # count would compile one kernel per count.
 @triton.jit(do_not_specialize=["SPLIT", "blocks_per_split"])
-def _stats_range_kernel(q_ptr, k_ptr, w_ptr, part_ptr,
-                        sqb, sqh, sqn, sqd, skb, skh, skm, skd,
+def _flash_range_kernel(q_ptr, k_ptr, v_ptr, w_ptr, po_ptr, ps_ptr, pv_ptr,
+                        sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                         H, N, M, D, scale, blocks_per_split, SPLIT, sps, sstat,
                         BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
                         DTYPE: tl.constexpr, DOT: tl.constexpr):
-    """_stats_kernel over key blocks split * blocks_per_split ... of the grid's (query block, range)
-    pid: stores the range's (m, l, c) per row into the (3, SPLIT, B, H, N) partials."""
+    """One pass over the key blocks split * blocks_per_split ... of the grid's (query block, range)
+    pid, for G output heads: the range's online statistics (m, l, c) per row, as _stats_kernel's,
+    into ps (3, SPLIT, B, H, N), and in the same pass its unnormalised output
+    sum_m e_m (v_m - vref), e = exp(S - m), into po (SPLIT, B, H, N, D) fp32, and (query block 0
+    only) sum_m (v_m - vref) into pv (SPLIT, B, H, D): _flash_merge_kernel makes out from them.
+
+    Why e (v - vref) is summed as dev . v + mean_b vsum_b: with e_m = mean_b + dev_m over a key
+    block (mean_b its mean, the centred dev of Chan's update below, whose sum over the block is 0),
+    sum_m e_m (v_m - vref) = dev . v + mean_b sum_m (v_m - vref). Only dev is rounded to 16 bits
+    for the tensor-core product: like the unsplit forward's P - 1/M, a deviation, so the rounding is
+    relative to the small part of a near-uniform row (e rounded whole, as flash-attention's P, would
+    put a 16-bit error of the order of P itself into P v - vbar, which rstd then amplifies up to
+    eps^-1/2 = 316 fold). vref (the mean of v over key block 0, the same bits in every program of a
+    (b, g)) keeps the fp32 sums of v near the size of v's spread, not of its mean: out is formed as
+    rstd (P v - vbar), a difference of two sums of v.
+    Emulated on the CPU (torch: the product's operands rounded to 16 bits, fp32 sums; 256 rows, M
+    = 950, d = 64, 64-key blocks; error of rstd sum_m (P - 1/M) v_m relative to its largest
+    float64 value), near-uniform rows (logits x 0.02, rstd 316), v of mean 0 / 3: bf16 (P - 1/M)
+    rounded (the unsplit forward) 1.6e-3 / 4.6e-3, e rounded 5.8e-2 / 1.5e-1, dev rounded (here)
+    1.4e-3 / 4.9e-3; fp16 8.5e-4 / 2.2e-3, 7.6e-3 / 1.7e-2, 2.2e-4 / 6.1e-4. With sharper rows
+    (logits x 3, rstd 79) all three are within 2x of each other."""
     pid = tl.program_id(0)
-    n0 = (pid // SPLIT) * BN
+    qblock = pid // SPLIT
+    n0 = qblock * BN
     split = pid % SPLIT
     m_lo = split * blocks_per_split * BM
     m_hi = m_lo + tl.minimum(M - m_lo, blocks_per_split * BM)
     b = tl.program_id(1)
     g0 = tl.program_id(2) * G  # output heads g0 .. g0 + G - 1
+    keys = tl.arange(0, BM)
     m_i = ()
     l_i = ()
     c_i = ()  # per head: sum (e - l/n)^2 over the keys seen, e = exp(S - m_i)
+    acc = ()  # per head: sum e (v - vref) over the keys seen, [BN, BD] fp32
+    vs = ()   # per head: sum (v - vref) over the keys seen, [BD] fp32
+    vref = ()
     for gl in tl.static_range(G):
+        v0 = load_2d(v_ptr, svb, svh, svm, svd, b, tl.minimum(g0 + gl, H - 1), 0, M, D, BM, BD)
+        vref = vref + (tl.sum(v0.to(tl.float32), axis=0) / tl.minimum(M, BM),)
         m_i = m_i + (tl.full((BN,), float("-inf"), tl.float32),)
         l_i = l_i + (tl.zeros((BN,), tl.float32),)
         c_i = c_i + (tl.zeros((BN,), tl.float32),)
-    cols = tl.arange(0, BM)[None, :]
+        acc = acc + (tl.zeros((BN, BD), tl.float32),)
+        vs = vs + (tl.zeros((BD,), tl.float32),)
     for m0 in range(m_lo, m_hi, BM):
         s = group_logits(q_ptr, k_ptr, w_ptr, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
                          b, g0, n0, m0, H, N, M, D, scale, BN, BM, BD, G, DTYPE, DOT)
-        valid = m0 + cols < M
+        valid = m0 + keys < M
         n_a = (m0 - m_lo) * 1.0  # keys of this range seen so far
         n_b = tl.minimum((M - m0) * 1.0, BM * 1.0)
         new_m = ()
         new_l = ()
         new_c = ()
+        new_acc = ()
+        new_vs = ()
         for gl in tl.static_range(G):  # the update of _stats_kernel
-            sg = tl.where(valid, s[gl], float("-inf"))
-            m_new = tl.maximum(m_i[gl], tl.max(sg, axis=1))
+            sg = tl.where(valid[None, :], s[gl], float("-inf"))
+            m_new = tl.maximum(m_i[gl], tl.max(sg, axis=1))  # finite: every key block holds a valid key
             alpha = tl.exp(m_i[gl] - m_new)
             p = tl.exp(sg - m_new[:, None])
             l_b = tl.sum(p, axis=1)
             mean_b = l_b / n_b
-            dev = tl.where(valid, p - mean_b[:, None], 0.0)
+            dev = tl.where(valid[None, :], p - mean_b[:, None], 0.0)
             l_a = l_i[gl] * alpha
             delta = mean_b - l_a / tl.maximum(n_a, 1.0)
             new_c = new_c + (c_i[gl] * (alpha * alpha) + tl.sum(dev * dev, axis=1)
                              + delta * delta * (n_a * n_b / (n_a + n_b)),)
             new_l = new_l + (l_a + l_b,)
             new_m = new_m + (m_new,)
+            v = load_2d(v_ptr, svb, svh, svm, svd, b, tl.minimum(g0 + gl, H - 1), m0, M, D, BM, BD)
+            vsum_b = tl.sum(tl.where(valid[:, None], v.to(tl.float32) - vref[gl][None, :], 0.0), axis=0)
+            # "x + dot" last: the JIT accumulates the product into x's registers (a separate
+            # [BN, BD] product tile spilled on sm_90)
+            rescaled = acc[gl] * alpha[:, None] + mean_b[:, None] * vsum_b[None, :]
+            new_acc = new_acc + (rescaled + dot(dev, v, DTYPE, DOT),)
+            new_vs = new_vs + (vs[gl] + vsum_b,)
         m_i = new_m
         l_i = new_l
         c_i = new_c
-    part = part_ptr + split.to(tl.int64) * sps
+        acc = new_acc
+        vs = new_vs
+    part = ps_ptr + split.to(tl.int64) * sps
+    po_ptr += split.to(tl.int64) * (tl.num_programs(1).to(tl.int64) * H * N * D)
+    dd = tl.arange(0, BD)
     for gl in tl.static_range(G):
         g = tl.minimum(g0 + gl, H - 1)
         r0 = tl.where(g0 + gl < H, n0, N)  # a padded head's rows start past N: nothing stored
         store_row_stat(part, m_i[gl], b, g, r0, H, N, BN)
         store_row_stat(part + sstat, l_i[gl], b, g, r0, H, N, BN)
         store_row_stat(part + 2 * sstat, c_i[gl], b, g, r0, H, N, BN)
+        store_2d(po_ptr, acc[gl], H * N * D, N * D, D, 1, b, g, n0, N * (g0 + gl < H), D, BN, BD)
+        vdst = pv_ptr + ((split.to(tl.int64) * tl.num_programs(1) + b) * H + g) * D + dd
+        tl.store(vdst, vs[gl], mask=(dd < D) & (qblock == 0) & (g0 + gl < H))
 
 
-@triton.jit(do_not_specialize=["SPLIT", "keys_per_split"])
-def _merge_stats_kernel(part_ptr, lse_ptr, rsq_ptr, rstd_ptr, N, M, SPLIT, keys_per_split, sps, sstat,
-                        count, eps, BR: tl.constexpr):
-    """One program per (b, g), rows in blocks of BR: each row's (m, l, c) of the SPLIT key ranges
-    merged in order s = 0, 1, ... (the update of _stats_kernel, range by range), then
+@triton.jit
+def _merge_range(m, l, c, n, m_s, l_s, c_s, n_s):
+    """A row's statistics (m, l, c) over n keys merged with one key range's (m_s, l_s, c_s) over n_s
+    keys: the update of _stats_kernel, range by range. Also returns the factors alpha, beta that
+    bring each side's sums to the new max."""
+    m_new = tl.maximum(m, m_s)  # m_s finite: every range holds a valid key
+    alpha = tl.exp(m - m_new)
+    beta = tl.exp(m_s - m_new)
+    l_a = l * alpha
+    l_b = l_s * beta
+    delta = l_b / n_s - l_a / tl.maximum(n, 1.0)
+    c = c * (alpha * alpha) + c_s * (beta * beta) + delta * delta * (n * n_s / (n + n_s))
+    return m_new, l_a + l_b, c, alpha, beta
+
+
+@triton.jit(do_not_specialize=["SPLIT", "keys_per_split", "rows"])
+def _flash_merge_kernel(ps_ptr, po_ptr, pv_ptr, o_ptr, lse_ptr, rsq_ptr, rstd_ptr,
+                        sob, soh, son, sod, H, N, M, D, SPLIT, keys_per_split, sps, sstat, rows,
+                        count, eps, BRS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """out, lse, rsq of rows program_id(0) * rows ... (+ rows) of (b, g), and rstd of (b, g), from
+    _flash_range_kernel's partials, every sum over the key ranges in order s = 0, 1, ...:
         lse = m + log(l / M)    log-mean-exp (rest_kernels/backends/stats.py): l / M is near 1 for
                                 near-uniform rows, so its log keeps full precision where a
                                 log-sum-exp would round at the size of log M
         rsq = c / l^2           = sum_m (P - 1/M)^2, the centred row sum
-    and over the rows, in a fixed order, rstd = (sum rsq / (N M) + eps)^-1/2, as _rowsum_kernel's
-    RSTD epilogue forms it for the unsplit forward."""
-    p = tl.program_id(0).to(tl.int64)  # = b * H + g: the (B, H, N) statistics are contiguous
-    acc = tl.zeros((BR,), tl.float32)
-    for r0 in range(0, N, BR):
+        rstd = (sum rsq / (N M) + eps)^-1/2, over every row of (b, g) in a fixed order: each
+                                program forms it from all rows' partials (the same bits in every
+                                program; ~12 B per row and range, read again from L2: cheaper than
+                                a launch of its own)
+        out = rstd (P v - vbar) = rstd (sum_s e_s (v - vref) / l - sum_s (v - vref) / M)."""
+    b = tl.program_id(1)
+    g = tl.program_id(2)
+    p = (tl.zeros((), tl.int64) + b) * H + g  # the (B, H, N) statistics are contiguous
+    acc = tl.zeros((BRS,), tl.float32)
+    for r0 in range(0, N, BRS):
+        rr = r0 + tl.arange(0, BRS)
+        inside = rr < N
+        m = tl.full((BRS,), float("-inf"), tl.float32)
+        l = tl.zeros((BRS,), tl.float32)
+        c = tl.zeros((BRS,), tl.float32)
+        n = 0.0
+        src = ps_ptr + p * N + rr
+        for s in range(SPLIT):  # pointers step by sps: no split x size product in 32 bits
+            n_s = tl.minimum(M - s * keys_per_split, keys_per_split) * 1.0
+            m, l, c, alpha, beta = _merge_range(m, l, c, n, tl.load(src, mask=inside, other=0.0),
+                                                tl.load(src + sstat, mask=inside, other=1.0),
+                                                tl.load(src + 2 * sstat, mask=inside, other=0.0), n_s)
+            n += n_s
+            src += sps
+        acc += tl.where(inside, c / (l * l), 0.0)
+    # correctly rounded sqrt and division: the same bits on every GPU
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=0) / count + eps))
+    if tl.program_id(0) == 0:
+        tl.store(rstd_ptr + p, rstd)
+    dd = tl.arange(0, BD)
+    vbar = tl.zeros((BD,), tl.float32)  # mean of v - vref over the keys
+    src_v = pv_ptr + p * D + dd
+    for s in range(SPLIT):
+        vbar += tl.load(src_v, mask=dd < D, other=0.0)
+        src_v += (sps // N) * D
+    vbar = vbar / M
+    r_lo = tl.program_id(0) * rows
+    for r0 in range(r_lo, tl.minimum(r_lo + rows, N), BR):
         rr = r0 + tl.arange(0, BR)
         inside = rr < N
         m = tl.full((BR,), float("-inf"), tl.float32)
         l = tl.zeros((BR,), tl.float32)
         c = tl.zeros((BR,), tl.float32)
+        o = tl.zeros((BR, BD), tl.float32)
         n = 0.0
-        src = part_ptr + p * N + rr
-        for s in range(SPLIT):  # pointers step by sps: no split x size product in 32 bits
-            m_s = tl.load(src, mask=inside, other=0.0)
-            l_s = tl.load(src + sstat, mask=inside, other=1.0)
-            c_s = tl.load(src + 2 * sstat, mask=inside, other=0.0)
+        src = ps_ptr + p * N + rr
+        src_o = po_ptr
+        for s in range(SPLIT):
             n_s = tl.minimum(M - s * keys_per_split, keys_per_split) * 1.0
-            m_new = tl.maximum(m, m_s)  # m_s finite: every range holds a valid key
-            alpha = tl.exp(m - m_new)
-            beta = tl.exp(m_s - m_new)
-            l_a = l * alpha
-            l_b = l_s * beta
-            delta = l_b / n_s - l_a / tl.maximum(n, 1.0)
-            c = c * (alpha * alpha) + c_s * (beta * beta) + delta * delta * (n * n_s / (n + n_s))
-            l = l_a + l_b
-            m = m_new
+            m, l, c, alpha, beta = _merge_range(m, l, c, n, tl.load(src, mask=inside, other=0.0),
+                                                tl.load(src + sstat, mask=inside, other=1.0),
+                                                tl.load(src + 2 * sstat, mask=inside, other=0.0), n_s)
+            o = o * alpha[:, None] + load_2d(src_o, H * N * D, N * D, D, 1, b, g, r0, N, D, BR, BD) * beta[:, None]
             n += n_s
             src += sps
-        rsq = c / (l * l)
+            src_o += sps * D
         tl.store(lse_ptr + p * N + rr, m + tl.log(l / M), mask=inside)
-        tl.store(rsq_ptr + p * N + rr, rsq, mask=inside)
-        acc += tl.where(inside, rsq, 0.0)
-    total = tl.sum(acc, axis=0)
-    # correctly rounded sqrt and division: the same bits on every GPU
-    tl.store(rstd_ptr + p, tl.math.div_rn(1.0, tl.sqrt_rn(total / count + eps)))
+        tl.store(rsq_ptr + p * N + rr, c / (l * l), mask=inside)
+        store_2d(o_ptr, (o / l[:, None] - vbar[None, :]) * rstd, sob, soh, son, sod, b, g, r0, N, D, BR, BD)
 
 
 #: what _rowsum_kernel writes for each row's sum s (EPILOGUE): s itself; s / count (a mean); or
@@ -418,18 +516,19 @@ FWD_TARGET_PROGRAMS = 128
 class ForwardPlan:
     """How a forward call is tiled: the tile row, G output heads per program (mixed forward), and
     the key range split over `splits` programs of `blocks_per_split` key blocks each (splits > 1:
-    the range kernels)."""
+    the range kernels; one_pass: the one-pass range kernel, also with one range)."""
     tiles: Tiles
     G: int
     splits: int = 1
     blocks_per_split: int = 0
+    one_pass: bool = False  # _flash_range_kernel + _flash_merge_kernel (the forward's own split call)
 
     def grid(self, q: torch.Tensor) -> tuple[int, int, int]:
         B, H, N, _ = q.shape
         return triton.cdiv(N, self.tiles.BN) * self.splits, B, triton.cdiv(H, self.G)
 
 
-def forward_plan(q: torch.Tensor, M: int, mix: bool) -> ForwardPlan:
+def forward_plan(q: torch.Tensor, M: int, mix: bool, one_pass: bool = False) -> ForwardPlan:
     """The tiling of a forward call with M keys.
 
     With the mix: the "fwd_mix" row for (BD, padded heads), G = its output heads per program, where
@@ -439,8 +538,11 @@ def forward_plan(q: torch.Tensor, M: int, mix: bool) -> ForwardPlan:
     per key block does not shrink with G. Where the grouped grid is smaller (batch 1 at 800 x 1216,
     stages 3-4: 60 and 15 query blocks), the key range is split over as many programs as keep the
     grid within FWD_TARGET_PROGRAMS (one wave: more would start a second for a few programs), each
-    walking a range of whole key blocks, their partial statistics and P V sums merged in a fixed
-    order (split_count; fp16 / bf16 only, below). Where that cannot reach half of
+    walking a range of whole key blocks, their partials merged in a fixed order (split_count;
+    fp16 / bf16 only, below). `one_pass`: the forward's own call, whose split runs
+    _flash_range_kernel on the "fwd_split" row (that kernel holds more per head than the two-pass
+    kernels: its own G); otherwise (the backward's rebuild of O, lse and rstd known) the split runs
+    _attn_range_kernel on the "fwd_mix" row. Where a split cannot reach half of
     FWD_TARGET_PROGRAMS either (few key blocks: tiny calls), the "fwd" row, G = 1, unsplit: the
     shortest programs. Only the table's G or 1: each row is compiled spill-free as it is (a smaller
     G on the same tiles spilled a few bytes in fp32 on sm_90). Without the mix: the "fwd" row, one
@@ -454,16 +556,22 @@ def forward_plan(q: torch.Tensor, M: int, mix: bool) -> ForwardPlan:
             programs = triton.cdiv(N, t.BN) * B * triton.cdiv(H, t.G)
             if programs >= FWD_TARGET_PROGRAMS:
                 return ForwardPlan(t, t.G)
-            splits, per_split = split_count(programs, triton.cdiv(M, t.BM), FWD_TARGET_PROGRAMS, at_most=True)
-            # the interpreter has no GPU to fill: the table's G, so that the tests run the grouped
-            # path, split where the key blocks allow (in every dtype: the same kernels as 16-bit)
-            if interpreting():
-                return ForwardPlan(t, t.G, splits, per_split) if splits > 1 else ForwardPlan(t, t.G)
-            # 16-bit only: the fp32 range kernels spilled on the tiles tuned for the unsplit ones
-            # (sm_80 _attn_range_kernel BD 64 G 4: 56 B; sm_86 / 89 _stats_range_kernel BD 128
-            # G 4: 8 B), and fp32 at these shapes is slower than eager anyway ("auto" sends it there)
-            if low and splits > 1 and programs * splits >= FWD_TARGET_PROGRAMS // 2:
-                return ForwardPlan(t, t.G, splits, per_split)
+            ts = tiles_for("fwd_split", low, BD, hp=pow2(H)) if one_pass else t
+            if ts is not None:
+                programs = triton.cdiv(N, ts.BN) * B * triton.cdiv(H, ts.G)
+                splits, per_split = split_count(programs, triton.cdiv(M, ts.BM), FWD_TARGET_PROGRAMS, at_most=True)
+                # the interpreter has no GPU to fill: the table's G, so that the tests run the
+                # grouped path, split where the key blocks allow (in every dtype: the same kernels
+                # as 16-bit), else unsplit
+                if interpreting():
+                    return ForwardPlan(ts, ts.G, splits, per_split, one_pass) if splits > 1 else ForwardPlan(t, t.G)
+                # 16-bit only: the fp32 range kernels spilled on the tiles tuned for the unsplit
+                # ones (sm_80 _attn_range_kernel BD 64 G 4: 56 B; sm_86 / 89 the two-pass statistics
+                # kernel BD 128 G 4: 8 B), and fp32 at these shapes is slower than eager anyway
+                # ("auto" sends it there). The one-pass kernel also where its own G fills the grid
+                # unsplit (ResT's stage 3 at 800 x 1216: two launches instead of three or four).
+                if low and (splits > 1 or one_pass) and programs * splits >= FWD_TARGET_PROGRAMS // 2:
+                    return ForwardPlan(ts, ts.G, splits, per_split, one_pass)
     return ForwardPlan(tiles_for("fwd", low, BD), 1)
 
 
@@ -506,24 +614,32 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
         attention_output(q, k, v, mix_weight, lse, rstd, scale, out)
         return out, lse, rsq, rstd
     BD, DTYPE, DOT = _config(q)
-    plan = forward_plan(q, M, True)
+    plan = forward_plan(q, M, True, one_pass=True)
     t = plan.tiles
     w = mix_weight.contiguous()
     rsq = torch.empty(B, H, N, dtype=torch.float32, device=dev)
-    if plan.splits == 1:
+    if not plan.one_pass:
         launch(_stats_kernel, plan.grid(q), q, k, w, lse, rsq, *q.stride(), *k.stride(), H, N, M, D, float(scale),
                BN=t.BN, BM=t.BM, BD=BD, G=plan.G, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
         rstd = rowsum(rsq, RSTD, N * M, eps)  # (sum / (N M) + eps)^-1/2 per (b, g)
-    else:
-        rstd = torch.empty(B, H, dtype=torch.float32, device=dev)
-        part = torch.empty(3, plan.splits, B, H, N, dtype=torch.float32, device=dev)  # (m, l, c) per range
-        launch(_stats_range_kernel, plan.grid(q), q, k, w, part, *q.stride(), *k.stride(), H, N, M, D,
-               float(scale), blocks_per_split=plan.blocks_per_split, SPLIT=plan.splits, sps=B * H * N,
-               sstat=plan.splits * B * H * N, BN=t.BN, BM=t.BM, BD=BD, G=plan.G, DTYPE=DTYPE, DOT=DOT,
-               **t.launch_options())
-        # lse, rsq and rstd = (sum rsq / (N M) + eps)^-1/2 per (b, g), fixed order
-        launch(_merge_stats_kernel, (B * H,), part, lse, rsq, rstd, N, M, SPLIT=plan.splits,
-               keys_per_split=plan.blocks_per_split * t.BM, sps=B * H * N, sstat=plan.splits * B * H * N,
-               count=float(N * M), eps=float(eps), BR=min(1024, pow2(N, 16)))
-    attention_output(q, k, v, mix_weight, lse, rstd, scale, out)
+        attention_output(q, k, v, mix_weight, lse, rstd, scale, out)
+        return out, lse, rsq, rstd
+    # one pass over each key range (statistics and unnormalised output together), then one merge
+    # that forms every statistic and the output: two launches (three unsplit, four split before)
+    S = plan.splits
+    rstd = torch.empty(B, H, dtype=torch.float32, device=dev)
+    part_s = torch.empty(3, S, B, H, N, dtype=torch.float32, device=dev)  # (m, l, c) per range
+    part_o = torch.empty(S, B, H, N, D, dtype=torch.float32, device=dev)
+    part_v = torch.empty(S, B, H, D, dtype=torch.float32, device=dev)
+    launch(_flash_range_kernel, plan.grid(q), q, k, v, w, part_o, part_s, part_v,
+           *q.stride(), *k.stride(), *v.stride(), H, N, M, D, float(scale),
+           blocks_per_split=plan.blocks_per_split, SPLIT=S, sps=B * H * N, sstat=S * B * H * N,
+           BN=t.BN, BM=t.BM, BD=BD, G=plan.G, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
+    BR = max(16, 2048 // BD)  # [BR, BD] fp32 tiles of 2048 elements: 16 registers a thread
+    blocks = triton.cdiv(N, BR)
+    rows = BR * triton.cdiv(blocks * B * H, FWD_TARGET_PROGRAMS)  # about a wave of merge programs
+    launch(_flash_merge_kernel, (triton.cdiv(N, rows), B, H), part_s, part_o, part_v, out, lse, rsq, rstd,
+           *out.stride(), H, N, M, D, SPLIT=S, keys_per_split=plan.blocks_per_split * t.BM, sps=B * H * N,
+           sstat=S * B * H * N, rows=rows, count=float(N * M), eps=float(eps),
+           BRS=min(1024, pow2(N, 16)), BR=BR, BD=BD)
     return out, lse, rsq, rstd

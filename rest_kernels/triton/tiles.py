@@ -29,6 +29,9 @@ Why the candidates look as they do:
   serves the logit tiles of G output heads, held together (G [BN, BM] fp32 logit tiles and G
   [BN, BD] accumulators): the logit products shrink by G for G tiles' worth of registers; tuned
   from the largest G down. Rows of the other families have no sixth entry (G = 0).
+- "fwd_split" (16-bit only): the same groups for the forward's one-pass range kernel
+  (emsa_fwd._flash_range_kernel: G [BN, BD] accumulators besides G logit tiles, so a G of its
+  own), tuned wider key tiles first, then the largest G >= 2, G = 1 last.
 - Shared memory: the staged operands (num_stages copies of the k and v tiles) plus the layout
   conversions; sm_86 / sm_89 allow 99 KiB per block, sm_80 163 KiB, sm_90 227 KiB.
 - fp32 ("ieee" dots on CUDA cores): no tensor-core shape constraint, twice the bytes per operand.
@@ -52,11 +55,14 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "t
 #: the arch classes a table is kept for: 80 (A100: 163 KiB shared), 86 (sm_86 / sm_89: 99 KiB),
 #: 90 (227 KiB, wgmma); and the archs compiled for each
 ARCH_CLASSES = {80: (80,), 86: (86, 89), 90: (90,)}
-FAMILIES = ("fwd", "fwd_mix", "dkdv", "dq", "dkdv_mix", "dq_mix")
+FAMILIES = ("fwd", "fwd_mix", "fwd_split", "dkdv", "dq", "dkdv_mix", "dq_mix")
 MIXED_FAMILIES = ("dkdv_mix", "dq_mix")
 #: the mixed forward's tiles with output-head groups (G), tuned for the padded head dims of ResT's
-#: mixed stages only (head dims 64 and 96); other head dims run the "fwd" tiles, G = 1
+#: mixed stages only (head dims 64 and 96); other head dims run the "fwd" tiles, G = 1. "fwd_split":
+#: the same forward with its key range split (one pass per range, emsa_fwd._flash_range_kernel,
+#: which holds each head's statistics and output sum together: its own G), 16-bit only
 FWD_MIX_BDS = (64, 128)
+GROUPED_FAMILIES = ("fwd_mix", "fwd_split")
 #: padded head dims the backend can ask for (head dims 1..256), and with the mix (up to 128)
 BDS = (16, 32, 64, 128, 256)
 MIX_BDS = (16, 32, 64, 128)
@@ -89,6 +95,9 @@ def table_keys() -> list[str]:
         for precision in ("16", "32"):
             if family in MIXED_FAMILIES:
                 keys += [key_name(family, precision, bd, hp) for bd in MIX_BDS for hp in HPS]
+            elif family == "fwd_split":  # 16-bit only (fp32 at these shapes goes to eager, forward_plan)
+                keys += [key_name(family, precision, bd, hp) for bd in FWD_MIX_BDS for hp in HPS
+                         if precision == "16"]
             elif family == "fwd_mix":
                 keys += [key_name(family, precision, bd, hp) for bd in FWD_MIX_BDS for hp in HPS]
             else:
@@ -140,15 +149,18 @@ _INTERPRETER = Tiles(64, 128, 4, 1)
 def tiles_for(family: str, low_precision: bool, bd: int, arch: int | None = None,
               hp: int | None = None) -> Tiles | None:
     """The configuration of `family` for the target arch (default: what Triton compiles for now);
-    `hp`: the padded head count, for the mixed families ("fwd_mix", "dkdv_mix", "dq_mix").
-    "fwd_mix" answers None for head dims outside FWD_MIX_BDS (the caller runs "fwd", G = 1)."""
+    `hp`: the padded head count, for the mixed families ("fwd_mix", "fwd_split", "dkdv_mix", "dq_mix").
+    "fwd_mix" and "fwd_split" answer None for head dims outside FWD_MIX_BDS (the caller runs "fwd",
+    G = 1), "fwd_split" also for fp32 on a GPU (not tuned: the forward does not split fp32 there)."""
     key = key_name(family, "16" if low_precision else "32", bd, hp)
     rows = getattr(_override, "rows", None)
     if rows and key in rows:
         return rows[key]
     if interpreting():  # the mixed kernels in head groups of half their heads: both paths tested
         return dataclasses.replace(_INTERPRETER, JG=max(1, hp // 2), G=max(1, hp // 2)) if hp else _INTERPRETER
-    if family == "fwd_mix" and bd not in FWD_MIX_BDS:
+    if family in GROUPED_FAMILIES and bd not in FWD_MIX_BDS:
+        return None
+    if family == "fwd_split" and not low_precision:
         return None
     arch = target_arch() if arch is None else arch
     return _table()[arch_class(arch)][key]
