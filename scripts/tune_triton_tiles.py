@@ -63,7 +63,6 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
             tiles = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1)]
         else:
             tiles = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 1)]
-        out, g = [], hp
         if family == "fwd_split":
             # wider key tiles before more heads: with G >= 2 the product work per key is already
             # shared, and a 16-key tile pays the per-block statistics and rescale of [BN, BD] for
@@ -71,6 +70,7 @@ def candidates(family: str, precision: str, bd: int, hp: int | None) -> list[T.T
             # 64 at ResT's detection-size stages 3-4); G = 1 last
             gs = [hp >> i for i in range(hp.bit_length()) if hp >> i >= 2]
             return [_T(*t, 0, g) for t in tiles for g in gs] + [_T(*t, 0, 1) for t in tiles]
+        out, g = [], hp
         while g >= 1:
             out += [_T(*t, 0, g) for t in tiles]
             g //= 2
