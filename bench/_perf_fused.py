@@ -140,7 +140,7 @@ _IO = {
     "_flash_range_kernel": ((0, 1, 2), (4, 5, 6)),
     "_flash_merge_kernel": ((0, 1, 2), (3, 4, 5, 6)),
     "_attn_range_kernel": ((0, 1, 2, 5, 6), (4,)),
-    "_key_split_sum_kernel": ((0,), (1,)),
+    "_key_split_row_terms_kernel": ((0, 1), (2,)),
     "_rowsum_kernel": ((0,), (1,)),
     "_split_sum_kernel": ((0, 1), (2, 3)),
     "_vbar_kernel": ((0,), (1,)),
@@ -209,8 +209,8 @@ def triton_kernel(ev, dtype: str) -> Kernel:
         ranges = nb[0] / a[0].element_size() / 3  # rows x ranges of the whole call
         own = nb[1] / a[1].element_size()
         k.fp32, k.sfu = 16.0 * ranges * (gx + 1) + 4.0 * own, 2.0 * ranges * (gx + 1)
-    elif name == "_key_split_sum_kernel":  # one add per partial read
-        k.fp32 = nb[0] / a[0].element_size()
+    elif name == "_key_split_row_terms_kernel":  # one add per partial read, a multiply-add per dO element
+        k.fp32 = nb[0] / a[0].element_size() + 2.0 * a[1].numel()
     else:  # _vbar_kernel, _rowsum_kernel: one add per element read
         k.fp32 = nb[0] / a[0].element_size()
     return k

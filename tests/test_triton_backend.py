@@ -233,6 +233,39 @@ def test_one_pass_forward_keeps_the_two_pass_accuracy(device, monkeypatch):
         assert one_pass <= 4 * max(two_pass, torch.finfo(torch.float32).eps), (logit_scale, one_pass, two_pass)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_backward_row_terms_from_split_key_range(device, monkeypatch):
+    """bf16: where the forward plan splits the key range, the backward's fp32 rebuild of O goes
+    straight into the row terms (emsa_fwd.output_row_terms: the ranges' partials summed and dotted
+    with dO in one kernel, no O buffer); unsplit, O is rebuilt into an fp32 buffer and then
+    dotted. The two differ only in the order of delta's fp32 sums: the bf16 gradients to one
+    rounding of their own (under the interpreter they are equal), dW (fp32) to a few fp32
+    roundings of its size (measured 3.3e-7); each path is bitwise repeatable."""
+    from rest_kernels.triton import emsa_bwd, emsa_fwd
+    dtype = torch.bfloat16
+    q, k, v, w, _ = conformance.emsa_inputs(1, 3, 40, 300, 8, dtype, True, "model", device)
+    w = w.reshape(3, 3).float()
+    scale, eps = 8 ** -0.5, 1e-5
+    out, lse, rsq, rstd = emsa_fwd.emsa_forward(q, k, v, w, scale, eps)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    took = []
+    real = emsa_bwd.output_row_terms
+    monkeypatch.setattr(emsa_bwd, "output_row_terms", lambda *a: took.append(real(*a)) or took[-1])
+    grads = {}
+    for target in (1, 10 ** 9):  # FWD_TARGET_PROGRAMS: never split / split as far as the key blocks go
+        monkeypatch.setattr(emsa_fwd, "FWD_TARGET_PROGRAMS", target)
+        first, again = (emsa_bwd.emsa_backward(dout, q, k, v, w, out, lse, rsq, rstd, scale, eps)
+                        for _ in range(2))
+        for a, c in zip(first, again):
+            assert torch.equal(a, c), "bitwise repeatable"
+        grads[target] = first
+    assert took == [False, False, True, True], "unsplit, then split, each twice"
+    for name, a, c in zip(("dq", "dk", "dv", "dW"), grads[1], grads[10 ** 9]):
+        tol = torch.finfo(dtype).eps if name != "dW" else 1e-5
+        err = ((a.float() - c.float()).abs().max() / c.float().abs().max()).item()
+        assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
+
+
 def test_forward_plan_fills_the_gpu_at_detection_size(monkeypatch):
     """On the sm_90 table (also under the interpreter): ResT-Base stages 3-4 at 800 x 1216, batch 1
     (4 / 8 heads of dim 64, N = 3800 / 950, M = 950) keep output-head groups and fill one wave of

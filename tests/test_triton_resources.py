@@ -79,7 +79,7 @@ def _assert_within_budget(rows, budget):
 KERNELS = {"_stats_kernel", "_rowsum_kernel", "_attn_kernel", "_row_terms_kernel", "_vbar_kernel", "_split_sum_kernel",
            "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel", "_dq_mixed_kernel", "_pa_fwd_kernel",
            "_pa_bwd_kernel", "_flash_range_kernel", "_flash_merge_kernel", "_attn_range_kernel",
-           "_key_split_sum_kernel"}
+           "_key_split_row_terms_kernel"}
 #: the EMSA kernels whose products are dots (on tensor cores for fp16 / bf16)
 DOT_KERNELS = {"_stats_kernel", "_attn_kernel", "_dkdv_kernel", "_dq_kernel", "_dkdv_mixed_kernel",
                "_dq_mixed_kernel", "_flash_range_kernel", "_attn_range_kernel"}

@@ -22,10 +22,13 @@ output heads g in turn, recomputing S_g as the forward does (one dot per input h
 accumulators are a tuple of one [BD, width] fp32 tile per input head j (transposed, so that BD is
 the M side of the dots and the width can be as narrow as the registers need; JG heads per program,
 the others on grid axis z, where HP tiles do not fit):
-1. `_vbar_kernel`, grid (B, h): vbar = mean over keys of v, fp32.
+1. `_vbar_kernel`, grid (B, h, d / 16): vbar = mean over keys of v, fp32, a strip of 16 columns
+   per program.
 2. `_row_terms_kernel`: delta_i = dO_i . O_i. For fp16 / bf16, O is first recomputed into a
    transient fp32 buffer by the forward's `_attn_kernel` (16-bit operands, fp32 accumulation):
-   rstd (up to eps^-1/2) amplifies the rounding of the stored 16-bit O in the norm terms. A
+   rstd (up to eps^-1/2) amplifies the rounding of the stored 16-bit O in the norm terms. Where
+   the forward plan splits the key range, `_attn_range_kernel`'s fp32 partials are summed and
+   dotted with dO by `_key_split_row_terms_kernel` instead (no O buffer, no row-terms launch). A
    fixed-order rowsum gives c = mean(dY * Y) = sum_i delta_i / (N M) per (b, g).
 3. `_dkdv_mixed_kernel`, grid (key blocks x SPLIT, B, head groups): per output head g and query
    block, S_g, P = exp(S - lse) / M (lse the row's log-mean-exp), Y = (P - 1/M) rstd and
@@ -55,18 +58,32 @@ import triton.language as tl
 from .launch import launch
 from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, split_count,
                       store_2d, store_row_stat, trans2)
-from .emsa_fwd import MEAN, attention_output, rowsum
+from .emsa_fwd import MEAN, attention_output, output_row_terms, rowsum
 from .tiles import tiles_for
+
+#: columns of v per _vbar_kernel program: 16 are 32 B of a 16-bit row (one DRAM sector) and 64 B of
+#: an fp32 one, so the strips cost no wasted sectors, and a head of d = 64 / 96 gives 4 / 6 programs
+VBAR_COLUMNS = 16
 
 
 @triton.jit
 def _vbar_kernel(v_ptr, vbar_ptr, svb, svh, svm, svd, H, M, D, BM: tl.constexpr, BD: tl.constexpr):
+    """vbar = mean over the keys of v, fp32, for BD of head g's columns (program_id(2)): a column
+    strip per program, so that a call at batch 1 still has B h ceil(d / BD) programs (one per
+    (b, g) left 8 programs for a detection-sized stage 4 on a GPU of 132 SMs)."""
     b = tl.program_id(0)
     g = tl.program_id(1)
+    d0 = tl.program_id(2) * BD
+    rows = tl.arange(0, BM)[:, None]
+    dd = d0 + tl.arange(0, BD)
+    cols = dd[None, :]
+    base = v_ptr + (tl.zeros((), tl.int64) + b) * svb + (tl.zeros((), tl.int64) + g) * svh
     acc = tl.zeros((BD,), tl.float32)
     for m0 in range(0, M, BM):
-        acc += tl.sum(load_2d(v_ptr, svb, svh, svm, svd, b, g, m0, M, D, BM, BD).to(tl.float32), axis=0)
-    dd = tl.arange(0, BD)
+        rr = m0 + rows
+        tile = tl.load(base + rr.to(tl.int64) * svm + cols.to(tl.int64) * svd, mask=(rr < M) & (cols < D),
+                       other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
     tl.store(vbar_ptr + (b.to(tl.int64) * H + g) * D + dd, acc / M, mask=dd < D)
 
 
@@ -398,16 +415,19 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
     w = mix_weight.contiguous()
 
     delta = torch.empty(B, H, N, **f32)
-    if low:
-        # delta_i = dO_i . O_i enters dS through the InstanceNorm terms, where rstd (up to eps^-1/2)
-        # amplifies the fp16 / bf16 rounding of the stored O: recompute O into an fp32 buffer that
-        # autograd never saves (the forward's kernel: 16-bit operands, fp32 accumulation).
-        out = torch.empty(B, N, H, D, **f32).transpose(1, 2)
-        attention_output(q, k, v, w, lse, rstd, scale, out)
-    _row_terms(out, dout, delta, BD)
+    # delta_i = dO_i . O_i enters dS through the InstanceNorm terms, where rstd (up to eps^-1/2)
+    # amplifies the fp16 / bf16 rounding of the stored O: for those dtypes O is recomputed in fp32
+    # (the forward's kernels: 16-bit operands, fp32 accumulation), straight into the row terms
+    # where the key range is split, else into an fp32 buffer that autograd never saves.
+    if not (low and output_row_terms(q, k, v, w, lse, rstd, scale, dout, delta)):
+        if low:
+            out = torch.empty(B, N, H, D, **f32).transpose(1, 2)
+            attention_output(q, k, v, w, lse, rstd, scale, out)
+        _row_terms(out, dout, delta, BD)
     vbar = torch.empty(B, H, D, **f32)
-    # [BM, BD] fp32 tiles of 2048 elements: 16 registers per thread at 4 warps (64 x 128 spilled)
-    launch(_vbar_kernel, (B, H), v, vbar, *v.stride(), H, M, D, BM=max(16, 2048 // BD), BD=BD)
+    # strips of VBAR_COLUMNS columns ([128, 16] tiles: 16 registers per thread at 4 warps)
+    bdv = min(BD, VBAR_COLUMNS)
+    launch(_vbar_kernel, (B, H, triton.cdiv(D, bdv)), v, vbar, *v.stride(), H, M, D, BM=2048 // bdv, BD=bdv)
     c = rowsum(delta, MEAN, N * M)  # mean(dY * Y) per (b, g), fixed-order sum
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     stats = (lse, delta, rsq, vbar, rstd, c)

@@ -106,6 +106,27 @@ from .tiles import Tiles, tiles_for
 
 
 @triton.jit
+def _online_update(m, l, c, s, valid, n_a, n_b):
+    """One key block's logits s [BN, BM] (valid: [1, BM], the keys inside M) folded into a row's
+    running statistics over the n_a keys seen before: max m, l = sum e and c = sum (e - l/n)^2
+    with e = exp(S - m). Chan's pairwise update of a centred sum of squares: the block's own
+    (centred at its mean) plus the running one, both in the scale of the new max (c scales with
+    alpha^2). Returns the new (m, l, c) and, for a caller that also sums e v, the factor alpha
+    that brings the old sums to the new max, the block's mean of e and its centred e (dev)."""
+    sg = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sg, axis=1))  # finite: every key block holds a valid key
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sg - m_new[:, None])
+    l_b = tl.sum(p, axis=1)
+    mean_b = l_b / n_b
+    dev = tl.where(valid, p - mean_b[:, None], 0.0)
+    l_a = l * alpha
+    delta = mean_b - l_a / tl.maximum(n_a, 1.0)
+    c = c * (alpha * alpha) + tl.sum(dev * dev, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+    return m_new, l_a + l_b, c, alpha, mean_b, dev
+
+
+@triton.jit
 def _stats_kernel(q_ptr, k_ptr, w_ptr, lse_ptr, rsq_ptr,
                   sqb, sqh, sqn, sqd, skb, skh, skm, skd,
                   H, N, M, D, scale,
@@ -132,21 +153,10 @@ def _stats_kernel(q_ptr, k_ptr, w_ptr, lse_ptr, rsq_ptr,
         new_l = ()
         new_c = ()
         for gl in tl.static_range(G):
-            sg = tl.where(valid, s[gl], float("-inf"))
-            m_new = tl.maximum(m_i[gl], tl.max(sg, axis=1))  # finite: every key block holds a valid key
-            alpha = tl.exp(m_i[gl] - m_new)
-            p = tl.exp(sg - m_new[:, None])
-            # Chan's pairwise update of a centred sum of squares: this block's own (centred at its
-            # mean) plus the running one, both in the scale of the new max (c scales with alpha^2)
-            l_b = tl.sum(p, axis=1)
-            mean_b = l_b / n_b
-            dev = tl.where(valid, p - mean_b[:, None], 0.0)
-            l_a = l_i[gl] * alpha
-            delta = mean_b - l_a / tl.maximum(n_a, 1.0)
-            new_c = new_c + (c_i[gl] * (alpha * alpha) + tl.sum(dev * dev, axis=1)
-                             + delta * delta * (n_a * n_b / (n_a + n_b)),)
-            new_l = new_l + (l_a + l_b,)
-            new_m = new_m + (m_new,)
+            m_g, l_g, c_g, _, _, _ = _online_update(m_i[gl], l_i[gl], c_i[gl], s[gl], valid, n_a, n_b)
+            new_m = new_m + (m_g,)
+            new_l = new_l + (l_g,)
+            new_c = new_c + (c_g,)
         m_i = new_m
         l_i = new_l
         c_i = new_c
@@ -230,19 +240,11 @@ def _flash_range_kernel(q_ptr, k_ptr, v_ptr, w_ptr, po_ptr, ps_ptr, pv_ptr,
         new_acc = ()
         new_vs = ()
         for gl in tl.static_range(G):  # the update of _stats_kernel
-            sg = tl.where(valid[None, :], s[gl], float("-inf"))
-            m_new = tl.maximum(m_i[gl], tl.max(sg, axis=1))  # finite: every key block holds a valid key
-            alpha = tl.exp(m_i[gl] - m_new)
-            p = tl.exp(sg - m_new[:, None])
-            l_b = tl.sum(p, axis=1)
-            mean_b = l_b / n_b
-            dev = tl.where(valid[None, :], p - mean_b[:, None], 0.0)
-            l_a = l_i[gl] * alpha
-            delta = mean_b - l_a / tl.maximum(n_a, 1.0)
-            new_c = new_c + (c_i[gl] * (alpha * alpha) + tl.sum(dev * dev, axis=1)
-                             + delta * delta * (n_a * n_b / (n_a + n_b)),)
-            new_l = new_l + (l_a + l_b,)
-            new_m = new_m + (m_new,)
+            m_g, l_g, c_g, alpha, mean_b, dev = _online_update(m_i[gl], l_i[gl], c_i[gl], s[gl],
+                                                               valid[None, :], n_a, n_b)
+            new_m = new_m + (m_g,)
+            new_l = new_l + (l_g,)
+            new_c = new_c + (c_g,)
             v = load_2d(v_ptr, svb, svh, svm, svd, b, tl.minimum(g0 + gl, H - 1), m0, M, D, BM, BD)
             vsum_b = tl.sum(tl.where(valid[:, None], v.to(tl.float32) - vref[gl][None, :], 0.0), axis=0)
             # "x + dot" last: the JIT accumulates the product into x's registers (a separate
@@ -286,7 +288,7 @@ def _merge_range(m, l, c, n, m_s, l_s, c_s, n_s):
 
 @triton.jit(do_not_specialize=["SPLIT", "keys_per_split", "rows"])
 def _flash_merge_kernel(ps_ptr, po_ptr, pv_ptr, o_ptr, lse_ptr, rsq_ptr, rstd_ptr,
-                        sob, soh, son, sod, H, N, M, D, SPLIT, keys_per_split, sps, sstat, rows,
+                        sob, soh, son, sod, H, N, M, D, SPLIT, keys_per_split, sps, sstat, spv, rows,
                         count, eps, BRS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """out, lse, rsq of rows program_id(0) * rows ... (+ rows) of (b, g), and rstd of (b, g), from
     _flash_range_kernel's partials, every sum over the key ranges in order s = 0, 1, ...:
@@ -298,7 +300,9 @@ def _flash_merge_kernel(ps_ptr, po_ptr, pv_ptr, o_ptr, lse_ptr, rsq_ptr, rstd_pt
                                 program forms it from all rows' partials (the same bits in every
                                 program; ~12 B per row and range, read again from L2: cheaper than
                                 a launch of its own)
-        out = rstd (P v - vbar) = rstd (sum_s e_s (v - vref) / l - sum_s (v - vref) / M)."""
+        out = rstd (P v - vbar) = rstd (sum_s e_s (v - vref) / l - sum_s (v - vref) / M).
+    Strides of one key range: sps in each of ps's three statistics (sstat apart), sps D in po, spv
+    in pv."""
     b = tl.program_id(1)
     g = tl.program_id(2)
     p = (tl.zeros((), tl.int64) + b) * H + g  # the (B, H, N) statistics are contiguous
@@ -328,7 +332,7 @@ def _flash_merge_kernel(ps_ptr, po_ptr, pv_ptr, o_ptr, lse_ptr, rsq_ptr, rstd_pt
     src_v = pv_ptr + p * D + dd
     for s in range(SPLIT):
         vbar += tl.load(src_v, mask=dd < D, other=0.0)
-        src_v += (sps // N) * D
+        src_v += spv
     vbar = vbar / M
     r_lo = tl.program_id(0) * rows
     for r0 in range(r_lo, tl.minimum(r_lo + rows, N), BR):
@@ -454,8 +458,8 @@ def _attn_range_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
                        DTYPE: tl.constexpr, DOT: tl.constexpr):
     """_attn_kernel's mixed branch over one range of key blocks: the range's share of
     rstd * sum_m (P - 1/M) v_m into o, the (SPLIT, B, H, N, D) fp32 partials (contiguous), which
-    _key_split_sum_kernel adds up. P is final on every tile (lse is known): the shares add without
-    rescaling."""
+    _key_split_row_terms_kernel adds up. P is final on every tile (lse is known): the shares add
+    without rescaling."""
     pid = tl.program_id(0)
     n0 = (pid // SPLIT) * BN
     split = pid % SPLIT
@@ -487,19 +491,22 @@ def _attn_range_kernel(q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, lse_ptr, rstd_ptr,
 
 
 @triton.jit(do_not_specialize=["SPLIT"])
-def _key_split_sum_kernel(part_ptr, o_ptr, sob, soh, son, sod, H, N, D, SPLIT, sps,
-                          BR: tl.constexpr, BD: tl.constexpr):
-    """o[b, g, rows] = sum_s part[s, b, g, rows] over the key ranges in order s = 0, 1, ..., rounded
-    once into o (its own strides and dtype); part: (SPLIT, B, H, N, D) fp32, contiguous."""
+def _key_split_row_terms_kernel(part_ptr, do_ptr, delta_ptr, sdb, sdh, sdn, sdd, H, N, D, SPLIT, sps,
+                                BR: tl.constexpr, BD: tl.constexpr):
+    """delta[b, g, rows] = dO . O per row, O = sum_s part[s, b, g, rows] over the key ranges in
+    order s = 0, 1, ... in fp32 (part: (SPLIT, B, H, N, D) fp32, contiguous): the backward's row
+    terms with O never stored (a launch and an fp32 O buffer fewer than summing O, then the row
+    terms)."""
     n0 = tl.program_id(0) * BR
     b = tl.program_id(1)
     g = tl.program_id(2)
-    acc = tl.zeros((BR, BD), tl.float32)
+    o = tl.zeros((BR, BD), tl.float32)
     src = part_ptr
     for _ in range(SPLIT):  # pointers step by sps: no split x size product in 32 bits
-        acc += load_2d(src, H * N * D, N * D, D, 1, b, g, n0, N, D, BR, BD)
+        o += load_2d(src, H * N * D, N * D, D, 1, b, g, n0, N, D, BR, BD)
         src += sps
-    store_2d(o_ptr, acc, sob, soh, son, sod, b, g, n0, N, D, BR, BD)
+    do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BR, BD).to(tl.float32)
+    store_row_stat(delta_ptr, tl.sum(do * o, axis=1), b, g, n0, H, N, BR)
 
 
 def _config(q: torch.Tensor):
@@ -577,29 +584,45 @@ def forward_plan(q: torch.Tensor, M: int, mix: bool, one_pass: bool = False) -> 
 
 def attention_output(q, k, v, mix_weight, lse, rstd, scale, out):
     """Run `_attn_kernel` into `out` (any (B,h,N,d) strides and float dtype: the backward asks for
-    an fp32 copy of O). With the mix, lse and rstd are inputs; without it lse is written. A split
-    key range (forward_plan) runs `_attn_range_kernel` into fp32 partials, which
-    `_key_split_sum_kernel` adds into `out`."""
+    an fp32 copy of O). With the mix, lse and rstd are inputs; without it lse is written. Unsplit
+    plans only: the forward's own split call runs the one-pass kernels, and the backward's rebuild
+    of O where the plan splits goes straight into the row terms (output_row_terms)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     BD, DTYPE, DOT = _config(q)
     mix = mix_weight is not None
     plan = forward_plan(q, M, mix)
+    assert plan.splits == 1, "a split plan's O is rebuilt by output_row_terms"
     t = plan.tiles
     w = mix_weight.contiguous() if mix else q  # unused pointer without the mix
+    launch(_attn_kernel, plan.grid(q),
+           q, k, v, w, out, lse, rstd, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+           H, N, M, D, float(scale), BN=t.BN, BM=t.BM, BD=BD, G=plan.G, NORM=mix, DTYPE=DTYPE, DOT=DOT,
+           **t.launch_options())
+
+
+def output_row_terms(q, k, v, mix_weight, lse, rstd, scale, dout, delta) -> bool:
+    """delta = dO . O per row (B, h, N), with the mixed forward's O rebuilt in fp32 from q, k, v and
+    its statistics, where the forward plan splits the key range: `_attn_range_kernel`'s fp32
+    partials, then `_key_split_row_terms_kernel` sums them and dots them with dO (O never stored).
+    Returns False, launching nothing, where the plan does not split: the caller rebuilds O with
+    attention_output and forms the row terms from it."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    plan = forward_plan(q, M, True)
     if plan.splits == 1:
-        launch(_attn_kernel, plan.grid(q),
-               q, k, v, w, out, lse, rstd, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-               H, N, M, D, float(scale), BN=t.BN, BM=t.BM, BD=BD, G=plan.G, NORM=mix, DTYPE=DTYPE, DOT=DOT,
-               **t.launch_options())
-        return
+        return False
+    BD, DTYPE, DOT = _config(q)
+    t = plan.tiles
     part = torch.empty(plan.splits, B, H, N, D, dtype=torch.float32, device=q.device)
-    launch(_attn_range_kernel, plan.grid(q), q, k, v, w, part, lse, rstd, *q.stride(), *k.stride(), *v.stride(),
-           H, N, M, D, float(scale), blocks_per_split=plan.blocks_per_split, SPLIT=plan.splits,
+    launch(_attn_range_kernel, plan.grid(q), q, k, v, mix_weight.contiguous(), part, lse, rstd,
+           *q.stride(), *k.stride(), *v.stride(), H, N, M, D, float(scale),
+           blocks_per_split=plan.blocks_per_split, SPLIT=plan.splits,
            BN=t.BN, BM=t.BM, BD=BD, G=plan.G, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
     BR = max(16, 2048 // BD)  # [BR, BD] fp32 tiles of 2048 elements: 16 registers a thread
-    launch(_key_split_sum_kernel, (triton.cdiv(N, BR), B, H), part, out, *out.stride(), H, N, D,
-           SPLIT=plan.splits, sps=B * H * N * D, BR=BR, BD=BD)
+    launch(_key_split_row_terms_kernel, (triton.cdiv(N, BR), B, H), part, dout, delta, *dout.stride(),
+           H, N, D, SPLIT=plan.splits, sps=B * H * N * D, BR=BR, BD=BD)
+    return True
 
 
 def emsa_forward(q, k, v, mix_weight, scale, eps):
@@ -640,6 +663,6 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     rows = BR * triton.cdiv(blocks * B * H, FWD_TARGET_PROGRAMS)  # about a wave of merge programs
     launch(_flash_merge_kernel, (triton.cdiv(N, rows), B, H), part_s, part_o, part_v, out, lse, rsq, rstd,
            *out.stride(), H, N, M, D, SPLIT=S, keys_per_split=plan.blocks_per_split * t.BM, sps=B * H * N,
-           sstat=S * B * H * N, rows=rows, count=float(N * M), eps=float(eps),
+           sstat=S * B * H * N, spv=B * H * D, rows=rows, count=float(N * M), eps=float(eps),
            BRS=min(1024, pow2(N, 16)), BR=BR, BD=BD)
     return out, lse, rsq, rstd
