@@ -248,9 +248,9 @@ def test_mixed_backward_row_terms_from_split_key_range(device, monkeypatch):
     scale, eps = 8 ** -0.5, 1e-5
     out, lse, rsq, rstd = emsa_fwd.emsa_forward(q, k, v, w, scale, eps)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    took = []
+    took = []  # the target of each call that went through output_row_terms
     real = emsa_bwd.output_row_terms
-    monkeypatch.setattr(emsa_bwd, "output_row_terms", lambda *a: took.append(real(*a)) or took[-1])
+    monkeypatch.setattr(emsa_bwd, "output_row_terms", lambda *a: took.append(emsa_fwd.FWD_TARGET_PROGRAMS) or real(*a))
     grads = {}
     for target in (1, 10 ** 9):  # FWD_TARGET_PROGRAMS: never split / split as far as the key blocks go
         monkeypatch.setattr(emsa_fwd, "FWD_TARGET_PROGRAMS", target)
@@ -259,11 +259,38 @@ def test_mixed_backward_row_terms_from_split_key_range(device, monkeypatch):
         for a, c in zip(first, again):
             assert torch.equal(a, c), "bitwise repeatable"
         grads[target] = first
-    assert took == [False, False, True, True], "unsplit, then split, each twice"
+    assert took == [10 ** 9, 10 ** 9], "the split backward, twice, and only it, went through output_row_terms"
     for name, a, c in zip(("dq", "dk", "dv", "dW"), grads[1], grads[10 ** 9]):
         tol = torch.finfo(dtype).eps if name != "dW" else 1e-5
         err = ((a.float() - c.float()).abs().max() / c.float().abs().max()).item()
         assert err <= tol, f"{name}: {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("arch", [80, 86, 90])
+def test_forward_plan_splits_only_in_one_pass(arch, monkeypatch):
+    """emsa_forward runs its two-pass branch (statistics, then attention_output on the same plan)
+    wherever forward_plan(one_pass=True) does not return a one-pass plan; attention_output runs
+    unsplit plans only. So that plan is one-pass or unsplit at every shape, also where the
+    "fwd_split" row falls back to the unsplit "fwd" row and the "fwd_mix" row (the backward's
+    rebuild, one_pass=False) would split: e.g. sm_86 bf16, d = 96, h = 3, N = 71, M = 484 (the
+    first version of the split row terms recomputed the plan in attention_output, which got the
+    split one there)."""
+    from rest_kernels.triton import emsa_fwd, tiles
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's rule, not the interpreter's
+    monkeypatch.setattr(tiles, "target_arch", lambda: arch)
+    seen_split_rebuild_with_unsplit_forward = False
+    for d in (64, 96):
+        for h in (2, 3, 8):
+            for N in (1, 50, 71, 200, 950):
+                for M in (1, 49, 300, 484, 950):
+                    q = torch.empty(1, h, N, d, dtype=torch.bfloat16, device="meta")
+                    fwd = emsa_fwd.forward_plan(q, M, True, one_pass=True)
+                    assert fwd.one_pass or fwd.splits == 1, (d, h, N, M, fwd)
+                    rebuild = emsa_fwd.forward_plan(q, M, True)
+                    assert not rebuild.one_pass
+                    seen_split_rebuild_with_unsplit_forward |= not fwd.one_pass and rebuild.splits > 1
+    if arch == 86:
+        assert seen_split_rebuild_with_unsplit_forward, "the case this test is about occurs in the sweep"
 
 
 def test_forward_plan_fills_the_gpu_at_detection_size(monkeypatch):

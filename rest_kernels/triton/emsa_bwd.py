@@ -58,7 +58,7 @@ import triton.language as tl
 from .launch import launch
 from ._common import (TORCH_TO_TL, dot, dot_mode, head_logits, load_2d, load_row_stat, pow2, split_count,
                       store_2d, store_row_stat, trans2)
-from .emsa_fwd import MEAN, attention_output, output_row_terms, rowsum
+from .emsa_fwd import MEAN, attention_output, forward_plan, output_row_terms, rowsum
 from .tiles import tiles_for
 
 #: columns of v per _vbar_kernel program: 16 are 32 B of a 16-bit row (one DRAM sector) and 64 B of
@@ -419,10 +419,13 @@ def _mixed_backward(dout, q, k, v, mix_weight, out, lse, rsq, rstd, scale):
     # amplifies the fp16 / bf16 rounding of the stored O: for those dtypes O is recomputed in fp32
     # (the forward's kernels: 16-bit operands, fp32 accumulation), straight into the row terms
     # where the key range is split, else into an fp32 buffer that autograd never saves.
-    if not (low and output_row_terms(q, k, v, w, lse, rstd, scale, dout, delta)):
-        if low:
+    rebuild = forward_plan(q, M, True) if low else None  # lse and rstd known: no one-pass kernels
+    if rebuild is not None and rebuild.splits > 1:
+        output_row_terms(q, k, v, w, lse, rstd, scale, dout, delta, rebuild)
+    else:
+        if rebuild is not None:
             out = torch.empty(B, N, H, D, **f32).transpose(1, 2)
-            attention_output(q, k, v, w, lse, rstd, scale, out)
+            attention_output(q, k, v, w, lse, rstd, scale, out, rebuild)
         _row_terms(out, dout, delta, BD)
     vbar = torch.empty(B, H, D, **f32)
     # strips of VBAR_COLUMNS columns ([128, 16] tiles: 16 registers per thread at 4 warps)

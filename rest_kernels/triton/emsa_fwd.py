@@ -582,17 +582,19 @@ def forward_plan(q: torch.Tensor, M: int, mix: bool, one_pass: bool = False) -> 
     return ForwardPlan(tiles_for("fwd", low, BD), 1)
 
 
-def attention_output(q, k, v, mix_weight, lse, rstd, scale, out):
-    """Run `_attn_kernel` into `out` (any (B,h,N,d) strides and float dtype: the backward asks for
-    an fp32 copy of O). With the mix, lse and rstd are inputs; without it lse is written. Unsplit
-    plans only: the forward's own split call runs the one-pass kernels, and the backward's rebuild
-    of O where the plan splits goes straight into the row terms (output_row_terms)."""
+def attention_output(q, k, v, mix_weight, lse, rstd, scale, out, plan: ForwardPlan):
+    """Run `_attn_kernel` on an unsplit plan into `out` (any (B,h,N,d) strides and float dtype: the
+    backward asks for an fp32 copy of O). With the mix, lse and rstd are inputs; without it lse is
+    written. The plan is the caller's: the forward's own (its two-pass branch runs unsplit plans
+    only) or the backward's rebuild of O where forward_plan does not split it (a split rebuild goes
+    straight into the row terms, output_row_terms). Recomputing a plan here could differ from the
+    caller's: forward_plan(one_pass=True) may fall back to the unsplit "fwd" row where the "fwd_mix"
+    row of forward_plan(one_pass=False) splits (sm_86 bf16, d = 96, h = 3, N = 71, M = 484)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     BD, DTYPE, DOT = _config(q)
     mix = mix_weight is not None
-    plan = forward_plan(q, M, mix)
-    assert plan.splits == 1, "a split plan's O is rebuilt by output_row_terms"
+    assert plan.splits == 1 and not plan.one_pass, f"attention_output runs unsplit plans only, not {plan}"
     t = plan.tiles
     w = mix_weight.contiguous() if mix else q  # unused pointer without the mix
     launch(_attn_kernel, plan.grid(q),
@@ -601,17 +603,13 @@ def attention_output(q, k, v, mix_weight, lse, rstd, scale, out):
            **t.launch_options())
 
 
-def output_row_terms(q, k, v, mix_weight, lse, rstd, scale, dout, delta) -> bool:
+def output_row_terms(q, k, v, mix_weight, lse, rstd, scale, dout, delta, plan: ForwardPlan):
     """delta = dO . O per row (B, h, N), with the mixed forward's O rebuilt in fp32 from q, k, v and
-    its statistics, where the forward plan splits the key range: `_attn_range_kernel`'s fp32
-    partials, then `_key_split_row_terms_kernel` sums them and dots them with dO (O never stored).
-    Returns False, launching nothing, where the plan does not split: the caller rebuilds O with
-    attention_output and forms the row terms from it."""
+    its statistics on a split plan (forward_plan(q, M, True)): `_attn_range_kernel`'s fp32 partials,
+    then `_key_split_row_terms_kernel` sums them and dots them with dO (O never stored)."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    plan = forward_plan(q, M, True)
-    if plan.splits == 1:
-        return False
+    assert plan.splits > 1 and not plan.one_pass, f"output_row_terms runs split plans only, not {plan}"
     BD, DTYPE, DOT = _config(q)
     t = plan.tiles
     part = torch.empty(plan.splits, B, H, N, D, dtype=torch.float32, device=q.device)
@@ -622,7 +620,6 @@ def output_row_terms(q, k, v, mix_weight, lse, rstd, scale, dout, delta) -> bool
     BR = max(16, 2048 // BD)  # [BR, BD] fp32 tiles of 2048 elements: 16 registers a thread
     launch(_key_split_row_terms_kernel, (triton.cdiv(N, BR), B, H), part, dout, delta, *dout.stride(),
            H, N, D, SPLIT=plan.splits, sps=B * H * N * D, BR=BR, BD=BD)
-    return True
 
 
 def emsa_forward(q, k, v, mix_weight, scale, eps):
@@ -634,7 +631,7 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
     if mix_weight is None:  # no InstanceNorm: no rsq, no rstd (rest_kernels/backends/stats.py)
         rsq = torch.empty(0, dtype=torch.float32, device=dev)
         rstd = torch.empty(0, dtype=torch.float32, device=dev)
-        attention_output(q, k, v, mix_weight, lse, rstd, scale, out)
+        attention_output(q, k, v, mix_weight, lse, rstd, scale, out, forward_plan(q, M, False))
         return out, lse, rsq, rstd
     BD, DTYPE, DOT = _config(q)
     plan = forward_plan(q, M, True, one_pass=True)
@@ -645,7 +642,7 @@ def emsa_forward(q, k, v, mix_weight, scale, eps):
         launch(_stats_kernel, plan.grid(q), q, k, w, lse, rsq, *q.stride(), *k.stride(), H, N, M, D, float(scale),
                BN=t.BN, BM=t.BM, BD=BD, G=plan.G, DTYPE=DTYPE, DOT=DOT, **t.launch_options())
         rstd = rowsum(rsq, RSTD, N * M, eps)  # (sum / (N M) + eps)^-1/2 per (b, g)
-        attention_output(q, k, v, mix_weight, lse, rstd, scale, out)
+        attention_output(q, k, v, mix_weight, lse, rstd, scale, out, plan)  # the statistics' own plan
         return out, lse, rsq, rstd
     # one pass over each key range (statistics and unnormalised output together), then one merge
     # that forms every statistic and the output: two launches (three unsplit, four split before)
