@@ -129,8 +129,9 @@ def _tile_work(name: str, c: dict, H: int, N: int, M: int) -> tuple[int, float, 
     if name == "_dkdv_mixed_kernel":  # every output head, its split's query blocks: S_g, dP, dv, dk_j x JG
         loop = H * math.ceil(math.ceil(N / bn) / c["SPLIT"])
         return loop, H + 2 + jg, 14 + 2 * H + 2 * jg * c["BD"] / bn, 1  # + the dW products (BD BM per j)
-    if name == "_dq_mixed_kernel":  # every output head, every key block: S_g^T, dP^T, dq_j x JG
-        return H * math.ceil(M / bm), H + 1 + jg, 14 + 2 * H, 1
+    if name == "_dq_mixed_kernel":  # every key block, every output head: S_g^T, dP^T, dL_j^T += W dS_g^T
+        # (2 FLOPs per input head j of the group); per key block one dq_j product per input head
+        return H * math.ceil(M / bm), H + 1 + jg / H, 14 + 2 * H + 2 * jg, 1
     raise KeyError(name)
 
 

@@ -38,12 +38,16 @@ the others on grid axis z, where HP tiles do not fit):
    difference of two large numbers is formed: it is exactly 0 when M = 1), dS = P (dP - D_i);
    accumulates dv_g^T = dO_g^T Y_g, dk_j^T += W[g, j] q_j^T dS_g for the group's heads j, and
    dW[g, j] = scale sum (q_j^T dS_g) . k_j^T (= sum dS_g . L_j with L_j = scale q_j k_j^T).
-4. `_dq_mixed_kernel`, grid (query blocks, B, head groups), on transposed tiles [BM, BN]: per
-   output head g and key block, S_g^T and dS_g^T; dq_j^T += W[g, j] k_j^T dS_g^T.
+4. `_dq_mixed_kernel`, grid (query blocks, B, head groups), on transposed tiles [BM, BN]: per key
+   block, every output head g's S_g^T and dS_g^T, added into dL_j^T = sum_g W[g, j] dS_g^T for the
+   group's input heads j (fp32 tiles, CUDA cores); then one product dq_j^T += k_j^T dL_j^T per input
+   head (dq_j = scale dL_j k_j).
 The dk / dv split partials are summed over the splits by `_split_sum_kernel`, the dW partials
 (h, h, programs) by the rowsum kernel, both in a fixed order. The price of 2-D tiles: S_g costs h
 dots per output head (h^2 per tile pair instead of h dots and an h x h contraction on the CUDA
-cores), once per head group; the performance model (bench/perf_model.py) counts it. The forward's
+cores), once per head group, and so do the dk products (a key-block program walks the output
+heads outermost, one dv accumulator at a time, so dk_j takes one product per g; dq sums over g
+first); the performance model (bench/perf_model.py) counts it. The forward's
 output-head groups (one product q_j k_j^T for G heads) were tried here too and do not fit: with the
 G heads' centred v tiles, dv accumulators and logit tiles beside the JG dk accumulators, G = 2
 spilled at every 16-bit dk / dv tile of sm_80 / 86 / 90 and fit the dq kernel only on sm_86
@@ -210,11 +214,18 @@ def _dq_mixed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq
                      JG: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                      DTYPE: tl.constexpr, DOT: tl.constexpr):
     """One query block of one batch element, every head (input heads in groups of JG over grid axis
-    z, as in _dkdv_mixed_kernel), in the transposed orientation (tiles
-    [BM, BN]: the key side BM = 64 is the M side of the logit dots, so the query block BN can be as
-    narrow as the HP accumulators dq_j^T [BD, BN] need): for each output head g, over the key
-    blocks, recompute S_g^T (one 2-D dot per input head), dS_g^T, and for every input head j
-    accumulate dq_j^T += W[g, j] k_j^T dS_g^T."""
+    z, as in _dkdv_mixed_kernel), in the transposed orientation (tiles [BM, BN]: the key side
+    BM = 64 is the M side of the logit dots, so the query block BN can be as narrow as the JG
+    accumulators dq_j^T [BD, BN] need).
+
+    dq_j = scale sum_g W[g, j] dS_g k_j = scale dL_j k_j with dL_j = sum_g W[g, j] dS_g (the
+    gradient of the unmixed logits L_j = q_j k_j^T): per key block, each output head g's S_g^T and
+    dS_g^T are recomputed and added into the JG tiles dL_j^T [BM, BN] (fp32, on the CUDA cores),
+    then one product dq_j^T += k_j^T dL_j^T per input head. Summing over g before the product,
+    instead of one product k_j^T dS_g^T per output head as well, takes h - 1 of every h of those
+    products away (h + 1 + JG / h products per output head and key block instead of h + 1 + JG).
+    With 16-bit operands dL_j^T is rounded once, where each dS_g^T was rounded before: the rounded
+    sum is within |sum| 2^-9 (bf16), the sum of rounded terms within sum |terms| 2^-9."""
     n0 = tl.program_id(0) * BN
     b = tl.program_id(1)
     j0 = tl.program_id(2) * JG
@@ -224,29 +235,34 @@ def _dq_mixed_kernel(q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, lse_ptr, delta_ptr, rsq
     dq = ()
     for jl in tl.static_range(JG):
         dq = dq + (tl.zeros((BD, BN), tl.float32),)
-    for g in range(H):
-        do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BN, BD)
-        lse = load_row_stat(lse_ptr, b, g, n0, H, N, BN, 0.0)
-        delta = load_row_stat(delta_ptr, b, g, n0, H, N, BN, 0.0)
-        r = load_row_stat(rsq_ptr, b, g, n0, H, N, BN, 0.0)
-        rstd = tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
-        c = tl.load(c_ptr + (tl.zeros((), tl.int64) + b) * H + g)
-        for m0 in range(0, M, BM):
+    for m0 in range(0, M, BM):
+        valid = (m0 + rows_m < M) & (cols < N)
+        dl = ()
+        for jl in tl.static_range(JG):
+            dl = dl + (tl.zeros((BM, BN), tl.float32),)
+        for g in range(H):
+            do = load_2d(do_ptr, sdb, sdh, sdn, sdd, b, g, n0, N, D, BN, BD)
+            lse = load_row_stat(lse_ptr, b, g, n0, H, N, BN, 0.0)
+            delta = load_row_stat(delta_ptr, b, g, n0, H, N, BN, 0.0)
+            r = load_row_stat(rsq_ptr, b, g, n0, H, N, BN, 0.0)
+            rstd = tl.load(rstd_ptr + (tl.zeros((), tl.int64) + b) * H + g)
+            c = tl.load(c_ptr + (tl.zeros((), tl.int64) + b) * H + g)
             st = head_logits(k_ptr, q_ptr, w_ptr, skb, skh, skm, skd, sqb, sqh, sqn, sqd, k_ptr,
                              b, g, m0, n0, H, M, N, D, scale, BM, BN, BD, True, DTYPE, DOT)
             vc = _centred_v(v_ptr, vbar_ptr, svb, svh, svm, svd, b, g, m0, H, M, D, BM, BD)
-            valid = (m0 + rows_m < M) & (cols < N)
             dst, _ = _mixed_ds(st, dot(vc, trans2(do, DOT), DTYPE, DOT), lse[None, :], delta[None, :],
                                r[None, :], rstd, c, inv_m, valid)
             new = ()
             for jl in tl.static_range(JG):
                 j = j0 + jl
-                jj = tl.minimum(j, H - 1)
-                on = (j < H).to(tl.float32)
-                kj = load_2d(k_ptr, skb, skh, skm, skd, b, jj, m0, M, D, BM, BD)
-                u = dot(trans2(kj, DOT), dst, DTYPE, DOT)  # k_j^T dS_g^T, [BD, BN]
-                new = new + (dq[jl] + (tl.load(w_ptr + g * H + jj) * on) * u,)
-            dq = new
+                on = (j < H).to(tl.float32)  # padded heads (HP > H) read row H - 1 of W, weighted 0
+                new = new + (dl[jl] + (tl.load(w_ptr + g * H + tl.minimum(j, H - 1)) * on) * dst,)
+            dl = new
+        new = ()
+        for jl in tl.static_range(JG):
+            kj = load_2d(k_ptr, skb, skh, skm, skd, b, tl.minimum(j0 + jl, H - 1), m0, M, D, BM, BD)
+            new = new + (dq[jl] + dot(trans2(kj, DOT), dl[jl], DTYPE, DOT),)  # k_j^T dL_j^T, [BD, BN]
+        dq = new
     for jl in tl.static_range(JG):
         j = j0 + jl
         store_2d(dq_ptr, trans2(dq[jl], DOT) * scale, H * N * D, N * D, D, 1, b, tl.minimum(j, H - 1), n0,
