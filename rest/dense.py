@@ -240,13 +240,13 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: starts on a quiet process (as a model's products do; level to 25% faster back to back), and within
 #: 3% of ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); rest_base batch 1
 #: 99.0 -> 88.0 ms eager, 92.9 -> 87.6 compiled (docs/cpu_inference_profile.md). On AVX-512 oneDNN
-#: stays, measured 2026-12-07 on a 2-core AMD EPYC Zen 4 with AVX-512, 2 threads, back to back
+#: stays, measured 2026-12-07 on a 2-core Intel Xeon (Emerald Rapids) with AVX-512, 2 threads, back to back
 #: (`python -m pytest bench/test_bench_ops.py -k linear_float32`, medians, us): oneDNN 713 / 711 /
 #: 710 / 834 against the kernel's 1088 / 1119 / 1126 / 1190 at (3136, 96, 384), (784, 768, 192),
 #: (196, 384, 1536), (49, 3072, 768), the kernel 1.4-1.6x slower (its 6-row x 16-column micro-kernel
 #: keeps 6 of AVX-512's 32 vector registers as accumulators, sized for AVX2's 16). The same rule gives
 #: EMSA's depthwise reduction the cpu backend's depthwise_conv2d kernel (rest/packed_conv.py;
-#: csrc/cpu/depthwise_conv.cpp has its AVX2 measurements). On that AVX-512 EPYC, same run (`-k
+#: csrc/cpu/depthwise_conv.cpp has its AVX2 measurements). On that AVX-512 Xeon, same run (`-k
 #: depthwise_conv_float32`, us, kernel against oneDNN): batch 1 12.6 / 37.3 (256 channels, 14 px, sr 2)
 #: and 16.2 / 40.4 (64 channels, 56 px, sr 8), batch 16 115 / 103 and 261 / 293: about 0.25 ms of a
 #: 26-30 ms rest_lite batch-1 call, not split into a rule of its own.

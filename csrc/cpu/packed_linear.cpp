@@ -13,7 +13,7 @@
 //   (49, 3072, 768)         1.87          2.31          1.81
 //   (49, 768, 3072)         2.12          2.37          2.18
 // (docs/cpu_inference_profile.md has the whole-model effect). On AVX-512 oneDNN's matmul is not
-// replaced (rest/dense.py PACKED_KERNEL_ON): on a Zen 4 EPYC (2026-12-07, pytest-benchmark back to
+// replaced (rest/dense.py PACKED_KERNEL_ON): on an Intel Xeon (Emerald Rapids; 2026-12-07, pytest-benchmark back to
 // back, `-k linear_float32`) it ran these shapes in 710-834 us against this kernel's 1088-1190 us.
 //
 // Layout: the weight (N, K) becomes panels of kPanel = 16 output columns, panel p holding
