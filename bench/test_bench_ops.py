@@ -82,11 +82,12 @@ def test_add_layer_norm(benchmark, impl, tokens, channels, dtype):
     benchmark(fn)
 
 
-# The models' float32 inference linear products at rest_base's batch-1 shapes (rows, in, out): the
-# cpu backend's packed_linear kernel (rest/dense.py PACKED_KERNEL_ON says where the models use it)
-# against oneDNN's matmul on its once-reordered weight (the models' choice elsewhere) and F.linear
-# (MKL's sgemm: nn.Linear).
-@pytest.mark.parametrize("shape", [(3136, 96, 384), (784, 768, 192), (196, 384, 1536), (49, 3072, 768)],
+# The models' float32 inference linear products at rest_base's batch-1 shapes (rows, in, out) and two of
+# rest_lite's at batch 16: the cpu backend's packed_linear kernel (rest/dense.py PACKED_KERNEL_ON says
+# where the models use it) against oneDNN's matmul on its once-reordered weight (the models' choice
+# elsewhere) and F.linear (MKL's sgemm: nn.Linear).
+@pytest.mark.parametrize("shape", [(3136, 96, 384), (784, 768, 192), (196, 384, 1536), (49, 3072, 768),
+                                   (50176, 256, 64), (12544, 128, 512)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["kernel", "onednn", "aten"])
 def test_linear_float32_inference(benchmark, impl, shape):

@@ -240,13 +240,22 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: starts on a quiet process (as a model's products do; level to 25% faster back to back), and within
 #: 3% of ONNX Runtime's MLAS or faster (csrc/cpu/packed_linear.cpp has the table); rest_base batch 1
 #: 99.0 -> 88.0 ms eager, 92.9 -> 87.6 compiled (docs/cpu_inference_profile.md). On AVX-512 oneDNN
-#: stays, measured 2026-12-07 on a 2-core Intel Xeon (Emerald Rapids) with AVX-512, 2 threads, back to back
-#: (`python -m pytest bench/test_bench_ops.py -k linear_float32`, medians, us): oneDNN 713 / 711 /
-#: 710 / 834 against the kernel's 1088 / 1119 / 1126 / 1190 at (3136, 96, 384), (784, 768, 192),
-#: (196, 384, 1536), (49, 3072, 768), the kernel 1.4-1.6x slower (its 6-row x 16-column micro-kernel
-#: keeps 6 of AVX-512's 32 vector registers as accumulators, sized for AVX2's 16). The same rule gives
+#: stays: there the kernel is level with it, not faster. `python -m pytest bench/test_bench_ops.py -k
+#: "linear_float32 and not aten"` (2 threads, back to back, medians, us, kernel / oneDNN, at (3136,
+#: 96, 384), (784, 768, 192), (196, 384, 1536), (49, 3072, 768)): with one-panel tiles (6 of the 32
+#: vector registers as accumulators, sized for AVX2's 16) 1088 / 713, 1119 / 711, 1126 / 710, 1190 /
+#: 834 on a 2-core Intel Xeon (Emerald Rapids), 797 / 530, 758 / 531, 824 / 529, 821 / 539 on a 2-core
+#: AMD EPYC (Zen 5, family 26), both 2026-12-07; with four-panel tiles (csrc/cpu/packed_linear.cpp
+#: kTilePanels), same Zen 5 machine and day: 521 / 545, 547 / 517, 518 / 520, 534 / 560, and at two of
+#: rest_lite's batch-16 products, (50176, 256, 64) and (12544, 128, 512), 5924 / 5083 and 4049 / 3765,
+#: oneDNN 8-17% ahead. The compiled rest_lite and rest_base (224 px, 2 threads; an ad-hoc script, two
+#: compiled copies of each model built with REST_KERNELS_PACKED_LINEAR at 0 and 1, calls interleaved,
+#: medians, ms, oneDNN / kernel), two runs of 11 and 15 calls on that Zen 5: batch 1 17.7 / 16.1 and
+#: 18.9 / 19.2 (rest_lite), 62.1 / 56.6 and 41.2 / 40.0 (rest_base); batch 16 177 / 182 and 194 / 201,
+#: 489 / 501 and 470 / 483, each within its run's IQR (4-66 ms; the machine had other load): no gain
+#: to switch for. The same rule gives
 #: EMSA's depthwise reduction the cpu backend's depthwise_conv2d kernel (rest/packed_conv.py;
-#: csrc/cpu/depthwise_conv.cpp has its AVX2 measurements). On that AVX-512 Xeon, same run (`-k
+#: csrc/cpu/depthwise_conv.cpp has its AVX2 measurements). On the AVX-512 Xeon above (`-k
 #: depthwise_conv_float32`, us, kernel against oneDNN): batch 1 12.6 / 37.3 (256 channels, 14 px, sr 2)
 #: and 16.2 / 40.4 (64 channels, 56 px, sr 8), batch 16 115 / 103 and 261 / 293: about 0.25 ms of a
 #: 26-30 ms rest_lite batch-1 call, not split into a rule of its own.

@@ -91,6 +91,30 @@ def test_matches_float64_within_the_dot_product_bound_on_every_build(lead, K, N,
         _extension.select_cpu_kernels(status["selected"])
 
 
+@pytest.mark.parametrize("N", [64, 72, 96, 100], ids=["4-panels", "4+1-ragged", "4+2", "4+3-ragged"])
+def test_multi_panel_tiles_on_every_build(N):
+    """On AVX-512 a micro-kernel tile holds up to four 16-column panels, each one vector, the panels
+    K * 16 floats apart in the packed weight (csrc/cpu/packed_linear.cpp kTilePanels): a block of
+    4, 5, 6 and 7 panels runs tiles of 4 then 1, 2 or 3 panels, the last panel's columns partly past N.
+    One thread and 300 rows (5 row tasks, at least kTasksPerThread) keep the block's panels whole, so
+    every tile width runs; two K slices (300 > 256) take the accumulate-then-epilogue path."""
+    x, w, b = problem((300,), 300, N)
+    y64 = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    bound = gelu_bound(F.linear(x.double(), w.double(), b.double()), error_bound(x, w, b))
+    status = _extension.cpu_kernels_status()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for isa in _extension.runnable_cpu_builds():
+            _extension.select_cpu_kernels(isa)
+            y = packed_linear(x, pack(w), b, N, True)
+            assert bool(((y.double() - y64).abs() <= bound).all()), \
+                f"{isa}: error {(y.double() - y64).abs().max().item():.3e} over the bound"
+    finally:
+        torch.set_num_threads(threads)
+        _extension.select_cpu_kernels(status["selected"])
+
+
 def test_panels_layout():
     """Panel p holds weight[16 p + j, k] at [p, k, j], zero past the last output column."""
     w = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)

@@ -13,14 +13,15 @@
 //   (49, 3072, 768)         1.87          2.31          1.81
 //   (49, 768, 3072)         2.12          2.37          2.18
 // (docs/cpu_inference_profile.md has the whole-model effect). On AVX-512 oneDNN's matmul is not
-// replaced (rest/dense.py PACKED_KERNEL_ON): on an Intel Xeon (Emerald Rapids; 2026-12-07, pytest-benchmark back to
-// back, `-k linear_float32`) it ran these shapes in 710-834 us against this kernel's 1088-1190 us.
+// replaced (rest/dense.py PACKED_KERNEL_ON has the measurements): with tiles of four panels
+// (kTilePanels below) this kernel runs ResT's products level with it, not faster.
 //
 // Layout: the weight (N, K) becomes panels of kPanel = 16 output columns, panel p holding
 // weight[p*16 + j, k] at [p][k][j] (zero columns past N): the micro-kernel of tile_gemm.h streams a
 // panel's rows as vectors while the input's rows are broadcast scalar by scalar, 6 rows x 16 columns
 // of accumulators (12 of AVX2's 16 registers). The panel width is fixed, not the build's vector width,
-// so a packed weight means the same on every CPU (AVX-512 runs it as one 16-lane vector per row).
+// so a packed weight means the same on every CPU (AVX-512 runs it as one 16-lane vector per row, and
+// four panels side by side per tile: 6 rows x 64 columns).
 //
 // Blocking: a task is a block of rows x a block of panels; within it K goes in slices of GEMM_KC
 // (a panel slice of 16 KB stays in L1 while every row block passes over it), the C block (at most
@@ -45,6 +46,12 @@ namespace {
 constexpr int64_t kPanel = kPackedLinearPanel;
 constexpr int kPanelVecs = kPanel / Simd<float>::W;  // 2 with AVX2, 1 with AVX-512, 4 generic
 static_assert(kPanel % Simd<float>::W == 0, "the panel must be whole vectors");
+// Panels per micro-kernel tile. With AVX2 a panel is two vectors, so a 6-row tile holds 12
+// accumulators (of 16 registers): one panel. With AVX-512 a panel is one vector, and a one-panel tile
+// would hold 6 accumulators, fewer than the FMAs in flight that two FMA pipes of latency 4 need (8),
+// with one B load per 6 FMAs; four panels give 6 x 4 = 24 of the 32 registers, as tile_gemm.h's
+// GEMM_NV. The tile's vectors are then one per panel, each panel K * kPanel floats further on.
+constexpr int kTilePanels = kPanelVecs == 1 ? 4 : 1;
 // A task: at most kBlockRows rows (split evenly) x at most kMaxBlockPanels panels, fewer panels when
 // that leaves under kTasksPerThread tasks per thread (batch 1 has 49-row products). Wide tasks keep
 // the input rows' block read once from memory for 384 columns; measured on the AVX2 EPYC, 2 threads
@@ -88,25 +95,41 @@ struct BiasGelu {
   }
 };
 
-template <bool ACC, typename Epi = NoEpilogue>
-inline void micro_rows(int r, int64_t kc, const float* A, int64_t lda, const float* B, float* C, int64_t ldc,
-                       const Epi& epi = Epi()) {
+template <bool ACC, int NP, typename Epi>
+inline void micro_rows(int r, int64_t kc, const float* A, int64_t lda, const float* B, int64_t ps, float* C,
+                       int64_t ldc, const Epi& epi) {
+  constexpr int V = NP * kPanelVecs;
   switch (r) {
-    case 6: micro<float, 6, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
-    case 5: micro<float, 5, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
-    case 4: micro<float, 4, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
-    case 3: micro<float, 3, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
-    case 2: micro<float, 2, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
-    default: micro<float, 1, kPanelVecs, ACC>(kc, A, lda, 1, B, kPanel, C, ldc, epi); break;
+    case 6: micro<float, 6, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
+    case 5: micro<float, 5, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
+    case 4: micro<float, 4, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
+    case 3: micro<float, 3, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
+    case 2: micro<float, 2, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
+    default: micro<float, 1, V, ACC, Epi, kPanelVecs>(kc, A, lda, 1, B, kPanel, C, ldc, epi, ps); break;
   }
 }
 
+// A tile of r rows x np panels (np <= kTilePanels), the panels ps floats apart.
+template <bool ACC, typename Epi>
+inline void micro_tile(int r, int np, int64_t kc, const float* A, int64_t lda, const float* B, int64_t ps,
+                       float* C, int64_t ldc, const Epi& epi) {
+  if constexpr (kTilePanels == 4) {
+    switch (np) {
+      case 4: return micro_rows<ACC, 4>(r, kc, A, lda, B, ps, C, ldc, epi);
+      case 3: return micro_rows<ACC, 3>(r, kc, A, lda, B, ps, C, ldc, epi);
+      case 2: return micro_rows<ACC, 2>(r, kc, A, lda, B, ps, C, ldc, epi);
+      default: break;
+    }
+  }
+  micro_rows<ACC, 1>(r, kc, A, lda, B, ps, C, ldc, epi);
+}
+
 // One tile's K slice: accumulate or not, and on the last slice the epilogue (bias may be null).
-inline void slice_tile(int r, int64_t kc, bool accumulate, bool last, const float* bias, bool gelu,
-                       const float* A, int64_t lda, const float* B, float* C, int64_t ldc) {
+inline void slice_tile(int r, int np, int64_t kc, bool accumulate, bool last, const float* bias, bool gelu,
+                       const float* A, int64_t lda, const float* B, int64_t ps, float* C, int64_t ldc) {
   auto run = [&](const auto& epi) {
-    if (accumulate) micro_rows<true>(r, kc, A, lda, B, C, ldc, epi);
-    else micro_rows<false>(r, kc, A, lda, B, C, ldc, epi);
+    if (accumulate) micro_tile<true>(r, np, kc, A, lda, B, ps, C, ldc, epi);
+    else micro_tile<false>(r, np, kc, A, lda, B, ps, C, ldc, epi);
   };
   if (!last || (bias == nullptr && !gelu)) run(NoEpilogue());
   else if (bias == nullptr) run(BiasGelu<false, true>{nullptr});
@@ -172,12 +195,13 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, cons
     for (int64_t s = 0; s < slices; ++s) {
       const int64_t k0 = s * GEMM_KC, kc = std::min(GEMM_KC, K - k0);
       const bool last = s + 1 == slices;
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p = p0; p < p1; p += kTilePanels) {
+        const int np = (int)std::min<int64_t>(kTilePanels, p1 - p);
         const float* B = Bp + (p * K + k0) * kPanel;
         const float* bp = b != nullptr ? b + p * kPanel : nullptr;
         for (int64_t i = 0; i < blocks; ++i) {
           const int64_t ra = r0 + split_at(r1 - r0, blocks, i), rb = r0 + split_at(r1 - r0, blocks, i + 1);
-          slice_tile((int)(rb - ra), kc, s > 0, last, bp, gelu, A + ra * K + k0, K, B,
+          slice_tile((int)(rb - ra), np, kc, s > 0, last, bp, gelu, A + ra * K + k0, K, B, K * kPanel,
                      C + ra * ldc + p * kPanel, ldc);
         }
       }

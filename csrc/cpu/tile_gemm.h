@@ -31,9 +31,12 @@ struct NoEpilogue {
   Vec operator()(Vec x, int) const { return x; }
 };
 
-template <typename T, int R, int V, bool ACC, typename Epi = NoEpilogue>
+// B's V vectors of a row k: groups of VPP vectors side by side (B + k * ldb + 0:VPP*W), the groups ps
+// elements apart. The default (VPP = V) is one row of V vectors; packed_linear.cpp runs several of
+// its 16-column weight panels (ps apart in the packed weight) as one tile on AVX-512.
+template <typename T, int R, int V, bool ACC, typename Epi = NoEpilogue, int VPP = V>
 inline void micro(int64_t K, const T* __restrict A, int64_t ars, int64_t aks, const T* __restrict B,
-                  int64_t ldb, T* __restrict C, int64_t ldc, const Epi& epi = Epi()) {
+                  int64_t ldb, T* __restrict C, int64_t ldc, const Epi& epi = Epi(), int64_t ps = 0) {
   constexpr int W = Simd<T>::W;
   vec_t<T> acc[R][V];
 #pragma GCC unroll 8
@@ -43,7 +46,7 @@ inline void micro(int64_t K, const T* __restrict A, int64_t ars, int64_t aks, co
   for (int64_t k = 0; k < K; ++k) {
     vec_t<T> b[V];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) b[v] = vload(B + k * ldb + v * W);
+    for (int v = 0; v < V; ++v) b[v] = vload(B + (v / VPP) * ps + k * ldb + (v % VPP) * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const T a = A[r * ars + k * aks];
