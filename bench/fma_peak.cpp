@@ -2,7 +2,9 @@
 // thread runs 12 independent chains of vector FMAs (enough to cover the FMA latency on two pipes) at
 // the width the cpu backend's kernels use (csrc/cpu/simd.h: 64 bytes with AVX-512, 32 with AVX2).
 //
-//   g++ -O2 -march=native -pthread bench/fma_peak.cpp -o /tmp/fma_peak && /tmp/fma_peak 2
+//   g++ -O2 -march=native -pthread -I"$(python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')" \
+//       bench/fma_peak.cpp -o /tmp/fma_peak && /tmp/fma_peak 2
+// (torch's include path: csrc/cpu/simd.h includes c10's BFloat16).
 //
 // Prints GFLOP/s (an FMA counts as 2 FLOPs) summed over the threads.
 #include <chrono>
