@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import rest
 from rest import dense, packed_conv
 from rest.packed_conv import PackedConv2d
-from rest_kernels import _extension
 from conftest import require_backend
+from support.cpu_builds import every_build
 from support.module_copies import deep_and_pickled_copies
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -44,17 +44,6 @@ def conv_bound(x, w, b, stride, padding, groups=1):
     mag = F.conv2d(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), stride, padding,
                    groups=groups)
     return gamma * mag
-
-
-def every_build(fn):
-    """fn() on every kernel build this CPU can run (AVX-512, AVX2, generic), the selection restored."""
-    status = _extension.cpu_kernels_status()
-    try:
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            fn(isa)
-    finally:
-        _extension.select_cpu_kernels(status["selected"])
 
 
 DEPTHWISE_CASES = {

@@ -17,6 +17,7 @@ import torch
 
 import rest_kernels
 from rest_kernels import _extension
+from support.cpu_builds import every_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -114,14 +115,13 @@ def test_every_runnable_build_computes_the_same_results(status, dtype):
     want = (rest_kernels.emsa_attention(q, k, v, w, b, backend="reference"),
             rest_kernels.pa_gate(x, pw, pb, backend="reference"))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    try:
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            got = (rest_kernels.emsa_attention(q, k, v, w, b, backend="cpu"), rest_kernels.pa_gate(x, pw, pb, backend="cpu"))
-            for a, e in zip(got, want):
-                torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), msg=lambda m: f"{isa}: {m}")
-    finally:
-        _extension.select_cpu_kernels(status["selected"])
+
+    def check(isa):
+        got = (rest_kernels.emsa_attention(q, k, v, w, b, backend="cpu"), rest_kernels.pa_gate(x, pw, pb, backend="cpu"))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), msg=lambda m: f"{isa}: {m}")
+
+    every_build(check)
 
 
 def _instructions(path: str) -> str:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import rest
 import rest_kernels
 from rest import norms
-from rest_kernels import _extension
 from conftest import require_backend
+from support.cpu_builds import every_build
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -125,16 +125,14 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_every_runnable_build_meets_the_same_bound():
-    status = _extension.cpu_kernels_status()
     x, r, w, b = inputs((5, 37, 100), torch.float32)
     ref = float64_layer_norm(x + r, w, b, 1e-6)
-    try:
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            out, _ = op(x, r, w, b, 1e-6)
-            assert max_err(out, ref) <= 1e-5 * ref.abs().max().item(), isa
-    finally:
-        _extension.select_cpu_kernels(status["selected"])
+
+    def check(isa):
+        out, _ = op(x, r, w, b, 1e-6)
+        assert max_err(out, ref) <= 1e-5 * ref.abs().max().item(), isa
+
+    every_build(check)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import rest
 from rest import dense
-from rest_kernels import _extension
 from conftest import require_backend
+from support.cpu_builds import every_build
 from support.module_copies import deep_and_pickled_copies
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -79,16 +79,13 @@ def test_matches_float64_within_the_dot_product_bound_on_every_build(lead, K, N,
     bound = error_bound(x, w, b)
     if gelu:
         bound, y64 = gelu_bound(y64, bound), F.gelu(y64)
-    status = _extension.cpu_kernels_status()
-    try:
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            y = packed_linear(x, pack(w), b, N, gelu)
-            assert y.shape == (*lead, N) and y.dtype == torch.float32 and y.is_contiguous()
-            assert bool(((y.double() - y64).abs() <= bound).all()), \
-                f"{isa}: error {(y.double() - y64).abs().max().item():.3e} over the bound"
-    finally:
-        _extension.select_cpu_kernels(status["selected"])
+    def check(isa):
+        y = packed_linear(x, pack(w), b, N, gelu)
+        assert y.shape == (*lead, N) and y.dtype == torch.float32 and y.is_contiguous()
+        assert bool(((y.double() - y64).abs() <= bound).all()), \
+            f"{isa}: error {(y.double() - y64).abs().max().item():.3e} over the bound"
+
+    every_build(check)
 
 
 @pytest.mark.parametrize("N", [64, 72, 96, 100], ids=["4-panels", "4+1-ragged", "4+2", "4+3-ragged"])
@@ -99,20 +96,20 @@ def test_multi_panel_tiles_on_every_build(N):
     One thread and 300 rows (5 row tasks, at least kTasksPerThread) keep the block's panels whole, so
     every tile width runs; two K slices (300 > 256) take the accumulate-then-epilogue path."""
     x, w, b = problem((300,), 300, N)
-    y64 = F.gelu(F.linear(x.double(), w.double(), b.double()))
-    bound = gelu_bound(F.linear(x.double(), w.double(), b.double()), error_bound(x, w, b))
-    status = _extension.cpu_kernels_status()
+    linear64 = F.linear(x.double(), w.double(), b.double())
+    y64, bound = F.gelu(linear64), gelu_bound(linear64, error_bound(x, w, b))
+
+    def check(isa):
+        y = packed_linear(x, pack(w), b, N, True)
+        assert bool(((y.double() - y64).abs() <= bound).all()), \
+            f"{isa}: error {(y.double() - y64).abs().max().item():.3e} over the bound"
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            y = packed_linear(x, pack(w), b, N, True)
-            assert bool(((y.double() - y64).abs() <= bound).all()), \
-                f"{isa}: error {(y.double() - y64).abs().max().item():.3e} over the bound"
+        every_build(check)
     finally:
         torch.set_num_threads(threads)
-        _extension.select_cpu_kernels(status["selected"])
 
 
 def test_panels_layout():
@@ -159,13 +156,10 @@ def test_bias_is_added_once_to_the_finished_sum_on_every_build(lead, K, N):
     columns of a panel that N does not fill."""
     x, w, b = problem(lead, K, N)
     panels = pack(w)
-    status = _extension.cpu_kernels_status()
-    try:
-        for isa in _extension.runnable_cpu_builds():
-            _extension.select_cpu_kernels(isa)
-            assert torch.equal(packed_linear(x, panels, b, N), packed_linear(x, panels, None, N) + b), isa
-    finally:
-        _extension.select_cpu_kernels(status["selected"])
+    def check(isa):
+        assert torch.equal(packed_linear(x, panels, b, N), packed_linear(x, panels, None, N) + b), isa
+
+    every_build(check)
 
 
 @pytest.mark.parametrize("gelu", [False, True])
